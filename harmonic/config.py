@@ -1,0 +1,145 @@
+"""Loss configuration: every choice the paper leaves open, named once, with its default.
+
+This is the one place where the open decisions of "Reconcile Prediction Consistency for
+Balanced Object Detection" (ICCV 2021) are written down. The README's "Loss options" section
+mirrors this docstring.
+
+kind
+    ``standard``: the detector's own torchvision loss, bit for bit (the baseline arm).
+    ``harmonic``: Eq. 2-3 (+ the Task-Contrastive loss, Eq. 8, when ``tc``), on the
+    detector's own localisation loss (+ an IoU term when ``iou_term`` is set).
+    ``harmonicdet``: Eq. 11-13, i.e. ``harmonic`` with the HIoU term inside L_loc.
+alpha (1.5)
+    Weight of the IoU term inside L_loc (Eq. 11). The paper's best value (Table 5).
+gamma (0.8)
+    HIoU focusing parameter (Eq. 10). Must lie in [0, 1]: the loss is only monotonic in IoU
+    for gamma <= 1, and gamma < 0 would down-weight accurate boxes.
+margin (0.2)
+    Task-Contrastive margin (Eq. 8); must be >= 0.
+tc (True)
+    Add the Task-Contrastive loss (Table 4 ablates it).
+iou_term (None -> ``hiou`` for harmonicdet, ``none`` otherwise)
+    The IoU part of L_loc: ``none`` (Harmonic loss only), ``iou`` (1 - IoU, Eq. 9, Table 3's
+    "+IoU loss") or ``hiou`` (Eq. 10).
+detach_factors (False)
+    Open in the paper; the default follows its Eq. 4-7, which differentiate *through*
+    beta_c = exp(-CE) (so dL/dp = L_loc - (1 + e^-L_loc)/p for softmax CE). ``True`` treats
+    beta_r and beta_c as constant weights.
+tc_weight (1.0)
+    Weight of the TC term; Eq. 12 adds it with weight 1.
+detach_tc_weight (True)
+    Open in the paper: whether the entropy weight 1/(1 + beta_e) of Eq. 8 carries gradient.
+    Default: no, it is a per-sample weight (a gradient through it would push the classifier to
+    raise its entropy just to shrink the TC term).
+tc_detach_iou (True)
+    Open in the paper: whether the TC term pulls the IoU towards the score as well as the score
+    towards the IoU. Default: only the score moves (pulling the IoU of a confident, badly
+    localised box down would fight the localisation loss).
+sigmoid_cls (``focal``)
+    Open in the paper, which only writes softmax CE: which classification loss of a
+    sigmoid/focal head (RetinaNet, FCOS) is coupled as CE in Eq. 2/12. ``focal``: the head's own
+    focal loss of the positive anchor (summed over classes), so the baseline's hard-example
+    weighting is kept; ``bce``: binary CE of the ground-truth class only.
+    The score p of such a head is the sigmoid of its ground-truth class, and the distribution
+    whose entropy weights TC is the per-class sigmoid scores normalised to sum to one.
+normalization (``detector``)
+    Open in the paper: ``detector`` keeps each head's own normaliser (torchvision's: RetinaNet
+    and FCOS divide by the number of foreground anchors, Faster R-CNN's box head by the number
+    of sampled RoIs, SSD by the number of positives), so the loss scale and the learning rate of
+    the baseline recipe still fit. ``num_pos`` divides every positive term by the number of
+    positives as Eq. 13 writes it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Literal
+
+LossKind = Literal["standard", "harmonic", "harmonicdet"]
+IoUTerm = Literal["none", "iou", "hiou"]
+
+_KINDS = ("standard", "harmonic", "harmonicdet")
+_IOU_TERMS = ("none", "iou", "hiou")
+
+
+class LossConfigError(ValueError):
+    """A loss option is out of range; the message names the option."""
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """Options of the Harmonic / HarmonicDet loss; see the module docstring for each default."""
+
+    kind: LossKind = "harmonicdet"
+    alpha: float = 1.5
+    gamma: float = 0.8
+    margin: float = 0.2
+    tc: bool = True
+    iou_term: IoUTerm | None = None
+    detach_factors: bool = False
+    tc_weight: float = 1.0
+    detach_tc_weight: bool = True
+    tc_detach_iou: bool = True
+    sigmoid_cls: Literal["focal", "bce"] = "focal"
+    normalization: Literal["detector", "num_pos"] = "detector"
+
+    def __post_init__(self) -> None:
+        if self.kind not in _KINDS:
+            raise LossConfigError(f"loss.kind: {self.kind!r} is not one of {', '.join(_KINDS)}")
+        if self.iou_term is not None and self.iou_term not in _IOU_TERMS:
+            raise LossConfigError(f"loss.iou_term: {self.iou_term!r} is not one of {', '.join(_IOU_TERMS)}")
+        for name in ("alpha", "gamma", "margin", "tc_weight"):
+            value = getattr(self, name)
+            if not isinstance(value, int | float) or isinstance(value, bool) or not math.isfinite(value):
+                raise LossConfigError(f"loss.{name}: must be a finite number, got {value!r}")
+        if not 0.0 <= self.gamma <= 1.0:
+            raise LossConfigError(
+                f"loss.gamma: {self.gamma} is outside [0, 1]; the HIoU loss (Eq. 10) is only monotonic "
+                "in IoU for 0 <= gamma <= 1"
+            )
+        if self.alpha < 0:
+            raise LossConfigError(f"loss.alpha: must be >= 0, got {self.alpha}")
+        if self.margin < 0:
+            raise LossConfigError(f"loss.margin: must be >= 0, got {self.margin}")
+        if self.tc_weight < 0:
+            raise LossConfigError(f"loss.tc_weight: must be >= 0, got {self.tc_weight}")
+        if self.sigmoid_cls not in ("focal", "bce"):
+            raise LossConfigError(f"loss.sigmoid_cls: {self.sigmoid_cls!r} is not one of focal, bce")
+        if self.normalization not in ("detector", "num_pos"):
+            raise LossConfigError(f"loss.normalization: {self.normalization!r} is not one of detector, num_pos")
+
+    @property
+    def resolved_iou_term(self) -> IoUTerm:
+        """The IoU term in effect: the explicit one, else ``hiou`` for harmonicdet, else ``none``."""
+        if self.iou_term is not None:
+            return self.iou_term
+        return "hiou" if self.kind == "harmonicdet" else "none"
+
+    @property
+    def is_standard(self) -> bool:
+        return self.kind == "standard"
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["iou_term"] = self.resolved_iou_term
+        return d
+
+    @classmethod
+    def from_any(cls, value: LossConfig | dict[str, Any] | str | None) -> LossConfig:
+        """Build from a ``LossConfig``, a dict (e.g. a spec's ``loss`` section), a kind name or None."""
+        if value is None:
+            return cls()
+        if isinstance(value, cls):
+            return value
+        if isinstance(value, str):
+            return cls(kind=value)  # type: ignore[arg-type]
+        if isinstance(value, dict):
+            known = {f.name for f in fields(cls)}
+            unknown = sorted(set(value) - known)
+            if unknown:
+                raise LossConfigError(f"loss: unknown option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+            return cls(**value)
+        if hasattr(value, "model_dump"):  # a pydantic model from the spec
+            return cls.from_any(value.model_dump())
+        raise LossConfigError(f"loss: expected a LossConfig, dict or kind name, got {type(value).__name__}")

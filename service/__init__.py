@@ -1,0 +1,1 @@
+"""FastAPI front end: accepts experiment specs and submits them as Ray jobs."""

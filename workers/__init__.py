@@ -1,0 +1,1 @@
+"""Ray Train / Ray Tune workers and MLflow tracking for HarmonicDet experiments."""

@@ -1,0 +1,56 @@
+"""``hdet``: the command line of HarmonicDet.
+
+Each sub-command lives in the module that owns the feature and exposes ``main(argv)``; this file
+only routes, and imports a feature's module (and so torch, Ray or MLflow) only when it is used.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+# command words -> (module, function, one-line help)
+COMMANDS: dict[tuple[str, ...], tuple[str, str, str]] = {
+    ("run",): ("workers.run", "main", "train a spec end to end on Ray (one run or a Tune search)"),
+    ("predict",): ("workers.predict", "main", "draw a run's or checkpoint's detections on images"),
+    ("report",): ("workers.report", "main", "render an experiment's evidence report from MLflow"),
+    ("spec", "schema"): ("workers.spec", "schema_main", "print the experiment spec's JSON Schema"),
+    ("spec", "check"): ("workers.spec", "check_main", "validate a spec file"),
+    ("data", "synth"): ("harmonic.data.synth", "main", "write a synthetic COCO-format dataset"),
+    ("data", "check"): ("harmonic.data.check", "main", "validate a dataset before training"),
+    ("eval",): ("harmonic.eval.cli", "main", "evaluate a COCO results file against ground truth"),
+    ("bench", "loss"): ("harmonic.bench", "loss_main", "step time with harmonicdet / with standard loss"),
+    ("bench", "eval"): ("harmonic.eval.bench", "main", "evaluation time of this project / pycocotools"),
+    ("bench", "train"): ("workers.bench", "train_main", "images/s of a Ray Train worker / a plain loop"),
+    ("bench", "search"): ("workers.bench", "search_main", "ASHA+TPE vs grid search, and trial start cost"),
+}
+
+
+def _usage() -> str:
+    lines = ["usage: hdet COMMAND [ARGS...]", "", "commands:"]
+    for words, (_, _, help_) in COMMANDS.items():
+        lines.append(f"  {' '.join(words):<14} {help_}")
+    lines.append("")
+    lines.append("Run 'hdet COMMAND --help' for a command's options.")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] in ("-h", "--help", "help"):
+        print(_usage())
+        return 0
+    for n in (2, 1):
+        words = tuple(args[:n])
+        if words in COMMANDS:
+            module_name, func_name, _ = COMMANDS[words]
+            func = getattr(importlib.import_module(module_name), func_name)
+            rc = func(args[n:])
+            return int(rc or 0)
+    print(f"hdet: unknown command {' '.join(args[:2])!r}\n", file=sys.stderr)
+    print(_usage(), file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
