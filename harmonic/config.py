@@ -107,7 +107,9 @@ class LossConfig:
         if self.sigmoid_cls not in ("focal", "bce"):
             raise LossConfigError(f"loss.sigmoid_cls: {self.sigmoid_cls!r} is not one of focal, bce")
         if self.normalization not in ("detector", "num_pos"):
-            raise LossConfigError(f"loss.normalization: {self.normalization!r} is not one of detector, num_pos")
+            raise LossConfigError(
+                f"loss.normalization: {self.normalization!r} is not one of detector, num_pos"
+            )
 
     @property
     def resolved_iou_term(self) -> IoUTerm:
@@ -138,7 +140,9 @@ class LossConfig:
             known = {f.name for f in fields(cls)}
             unknown = sorted(set(value) - known)
             if unknown:
-                raise LossConfigError(f"loss: unknown option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+                raise LossConfigError(
+                    f"loss: unknown option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}"
+                )
             return cls(**value)
         if hasattr(value, "model_dump"):  # a pydantic model from the spec
             return cls.from_any(value.model_dump())

@@ -42,7 +42,9 @@ def _check_gamma(gamma: float) -> None:
         )
 
 
-def harmonic_loss(cls_loss: Tensor, loc_loss: Tensor, *, detach_factors: bool = False, reduction: str = "none") -> Tensor:
+def harmonic_loss(
+    cls_loss: Tensor, loc_loss: Tensor, *, detach_factors: bool = False, reduction: str = "none"
+) -> Tensor:
     """Harmonic loss of each positive sample, Eq. 2-3.
 
     ``L_har = (1 + beta_r) * CE + (1 + beta_c) * L_loc`` with ``beta_r = exp(-L_loc)`` and
