@@ -10,7 +10,6 @@ if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && [ -x .venv/bin/python ]
 fi
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 echo "bootstrap: installing HarmonicDet and its dependencies into .venv (first run takes a few minutes)" >&2
-.venv/bin/python -m pip install -q --upgrade pip >&2
 # torch/torchvision first and alone, so pip takes the pinned builds rather than resolving a newer one.
 .venv/bin/python -m pip install -q "torch==2.14.1" "torchvision==0.29.1" >&2
 .venv/bin/python -m pip install -q -e ".[service,test]" >&2
