@@ -1,0 +1,161 @@
+"""Training-time consistency curves from the per-positive diagnostics (paper Fig. 3a and 4).
+
+The detector adapters' ``pop_diagnostics()`` return, per step, the score, IoU and harmonic
+factors ``beta_r = exp(-L_loc)`` and ``beta_c = exp(-CE)`` of every positive sample.
+:class:`TrainingDiagnostics` folds them into running sums, so an epoch of any length costs a
+few numbers of memory (plus an optional bounded sample for scatter plots).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import numpy as np
+import torch
+from numpy.typing import NDArray
+
+__all__ = ["IOU_BINS", "TrainingDiagnostics"]
+
+IOU_BINS = 10  # histogram bins over [0, 1] (paper Fig. 3a)
+_FIELDS = ("score", "iou", "beta_r", "beta_c")
+
+
+def _as_numpy(x: Any) -> NDArray[np.float64]:
+    if isinstance(x, torch.Tensor):
+        x = x.detach().to("cpu", torch.float64).numpy()
+    return np.asarray(x, dtype=np.float64).reshape(-1)
+
+
+class TrainingDiagnostics:
+    """Accumulates per-positive diagnostics over an epoch.
+
+    Memory is bounded: running sums, a 10-bin IoU histogram and, when ``sample_size > 0``, a
+    uniform reservoir sample of at most ``sample_size`` (score, IoU) pairs for density plots.
+
+    Several data-parallel ranks combine exactly: each rank's :meth:`epoch_summary` carries its
+    sums (``n_pos``, ``sum_abs_gap``, ``sum_one_plus_beta_r``, ``sum_one_plus_beta_c``,
+    ``iou_hist``), so after gathering them, ``TrainingDiagnostics.combine(summaries)`` (or
+    ``acc.merge(summary)`` for each) gives the same numbers as one process that saw all
+    positives. The reservoir samples are concatenated and cut to ``sample_size``.
+
+    Args:
+        sample_size: size of the (score, IoU) reservoir; 0 keeps none.
+        seed: seed of the reservoir's random choices (deterministic runs).
+    """
+
+    def __init__(self, sample_size: int = 0, seed: int = 0) -> None:
+        if sample_size < 0:
+            raise ValueError(f"sample_size must be >= 0, got {sample_size}")
+        self.sample_size = sample_size
+        self._rng = np.random.default_rng(seed)
+        self.reset()
+
+    def reset(self) -> None:
+        """Start a new epoch."""
+        self.n_pos = 0
+        self.sum_abs_gap = 0.0
+        self.sum_one_plus_beta_r = 0.0
+        self.sum_one_plus_beta_c = 0.0
+        self.iou_hist = np.zeros(IOU_BINS, dtype=np.int64)
+        self._seen = 0  # samples offered to the reservoir
+        self._sample = np.zeros((0, 2), dtype=np.float64)
+
+    def update(self, diag: Mapping[str, Any]) -> None:
+        """Add one step's diagnostics: 1-D ``score``, ``iou``, ``beta_r``, ``beta_c`` of equal length.
+
+        Raises:
+            ValueError: a field is missing or the lengths differ.
+        """
+        missing = [k for k in _FIELDS if k not in diag]
+        if missing:
+            raise ValueError(f"diagnostics lack {missing} (need {list(_FIELDS)})")
+        score, iou, br, bc = (_as_numpy(diag[k]) for k in _FIELDS)
+        if not (len(score) == len(iou) == len(br) == len(bc)):
+            raise ValueError(
+                f"diagnostics differ in length: score {len(score)}, iou {len(iou)}, beta_r {len(br)}, beta_c {len(bc)}"
+            )
+        n = len(score)
+        if n == 0:
+            return
+        self.n_pos += n
+        self.sum_abs_gap += float(np.abs(score - iou).sum())
+        self.sum_one_plus_beta_r += float((1.0 + br).sum())
+        self.sum_one_plus_beta_c += float((1.0 + bc).sum())
+        self.iou_hist += np.histogram(np.clip(iou, 0.0, 1.0), bins=IOU_BINS, range=(0.0, 1.0))[0]
+        if self.sample_size:
+            self._offer(np.stack([score, iou], axis=1))
+
+    def _offer(self, pairs: NDArray[np.float64]) -> None:
+        # Reservoir sampling (Algorithm R), vectorised per batch: item number s (0-based) replaces
+        # a random slot with probability sample_size / (s + 1).
+        room = self.sample_size - len(self._sample)
+        if room > 0:
+            self._sample = np.concatenate([self._sample, pairs[:room]])
+            self._seen += min(room, len(pairs))
+            pairs = pairs[room:]
+        if len(pairs) == 0:
+            return
+        seen = self._seen + np.arange(len(pairs))
+        slot = (self._rng.random(len(pairs)) * (seen + 1)).astype(np.int64)
+        hit = slot < self.sample_size
+        # Later items of the batch win a slot they share, as in the sequential algorithm.
+        self._sample[slot[hit]] = pairs[hit]
+        self._seen += len(pairs)
+
+    @property
+    def sample(self) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
+        """The reservoir's ``(scores, ious)``."""
+        return self._sample[:, 0].copy(), self._sample[:, 1].copy()
+
+    def epoch_summary(self) -> dict[str, Any]:
+        """This epoch's numbers.
+
+        Returns:
+            ``aic`` (mean |score - IoU|), ``mean_one_plus_beta_r``, ``mean_one_plus_beta_c``
+            (NaN without positives), ``n_pos``, ``iou_hist`` (10 counts over [0, 1], list),
+            the sums that :meth:`combine` needs, and ``sample`` (list of [score, IoU] pairs).
+        """
+        n = self.n_pos
+        nan = float("nan")
+        return {
+            "aic": self.sum_abs_gap / n if n else nan,
+            "mean_one_plus_beta_r": self.sum_one_plus_beta_r / n if n else nan,
+            "mean_one_plus_beta_c": self.sum_one_plus_beta_c / n if n else nan,
+            "n_pos": n,
+            "iou_hist": self.iou_hist.tolist(),
+            "sum_abs_gap": self.sum_abs_gap,
+            "sum_one_plus_beta_r": self.sum_one_plus_beta_r,
+            "sum_one_plus_beta_c": self.sum_one_plus_beta_c,
+            "sample": self._sample.tolist(),
+        }
+
+    def merge(self, summary: Mapping[str, Any]) -> None:
+        """Fold another accumulator's :meth:`epoch_summary` (e.g. another rank's) into this one."""
+        for k in ("n_pos", "sum_abs_gap", "sum_one_plus_beta_r", "sum_one_plus_beta_c", "iou_hist"):
+            if k not in summary:
+                raise ValueError(f"summary lacks {k!r}: pass the dict epoch_summary() returned")
+        hist = np.asarray(summary["iou_hist"], dtype=np.int64)
+        if hist.shape != (IOU_BINS,):
+            raise ValueError(f"iou_hist must have {IOU_BINS} bins, got {hist.shape}")
+        self.n_pos += int(summary["n_pos"])
+        self.sum_abs_gap += float(summary["sum_abs_gap"])
+        self.sum_one_plus_beta_r += float(summary["sum_one_plus_beta_r"])
+        self.sum_one_plus_beta_c += float(summary["sum_one_plus_beta_c"])
+        self.iou_hist += hist
+        other = np.asarray(summary.get("sample", []), dtype=np.float64).reshape(-1, 2)
+        if self.sample_size and len(other):
+            # Keep the combined sample bounded; each part is already a uniform sample of its rank.
+            both = np.concatenate([self._sample, other])
+            if len(both) > self.sample_size:
+                both = both[self._rng.choice(len(both), self.sample_size, replace=False)]
+            self._sample = both
+            self._seen += len(other)
+
+    @classmethod
+    def combine(cls, summaries: Iterable[Mapping[str, Any]], sample_size: int = 0) -> dict[str, Any]:
+        """One summary from several ranks' :meth:`epoch_summary` dicts (exact for all sums)."""
+        acc = cls(sample_size=sample_size)
+        for s in summaries:
+            acc.merge(s)
+        return acc.epoch_summary()
