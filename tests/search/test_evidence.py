@@ -1,0 +1,151 @@
+"""Paired statistics and sensitivity on hand-built numbers."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from workers.evidence import (
+    EvidenceError,
+    aggregate_seeds,
+    compare_metrics,
+    paired_comparison,
+    sensitivity,
+    wilcoxon_min_p,
+)
+
+
+def test_mean_difference_and_per_seed_pairs_by_seed_not_by_order():
+    treatment = {2: 31.0, 0: 30.0, 1: 32.0}
+    baseline = {0: 29.0, 1: 30.5, 2: 30.0}
+    r = paired_comparison(treatment, baseline, n_boot=2000)
+    assert r["n_pairs"] == 3
+    assert r["per_seed"][2]["diff"] == pytest.approx(1.0)
+    assert r["mean_diff"] == pytest.approx((1.0 + 1.5 + 1.0) / 3)
+    assert r["wins"] == 3
+    assert r["ci95_low"] <= r["mean_diff"] <= r["ci95_high"]
+    assert r["t_ci95_low"] < r["mean_diff"] < r["t_ci95_high"]
+
+
+def test_three_seeds_use_t_test_and_say_wilcoxon_cannot_reach_significance():
+    # a large, consistent effect: t says significant, exact Wilcoxon cannot go below 0.25
+    r = paired_comparison({0: 10.0, 1: 11.0, 2: 12.0}, {0: 5.0, 1: 5.9, 2: 7.1})
+    assert r["test"] == "t"
+    assert r["wilcoxon_p"] == pytest.approx(0.25)
+    assert r["wilcoxon_min_p"] == pytest.approx(0.25)
+    assert r["p_value"] == r["t_p"] < 0.01
+    assert "0.25" in r["note"] and "t-test" in r["note"]
+
+
+def test_six_seeds_use_wilcoxon():
+    t = {s: 10.0 + s for s in range(6)}
+    b = {s: 9.0 + s - 0.1 * s for s in range(6)}
+    r = paired_comparison(t, b)
+    assert r["test"] == "wilcoxon"
+    assert r["p_value"] == pytest.approx(2 / 2**6)
+    assert wilcoxon_min_p(6) == pytest.approx(0.03125)
+
+
+def test_direction_of_the_difference():
+    worse = paired_comparison({0: 1.0, 1: 2.0, 2: 3.0, 3: 2.5}, {0: 2.0, 1: 3.5, 2: 3.2, 3: 3.0})
+    assert worse["mean_diff"] < 0 and worse["ci95_high"] < 0 and worse["wins"] == 0
+    comp = compare_metrics(
+        {s: {"AP": 40.0 + s, "aic": 0.20} for s in range(4)},
+        {s: {"AP": 38.0 + s + 0.1 * s, "aic": 0.30 + 0.01 * s} for s in range(4)},
+        metrics=("AP", "aic", "AP90"),
+    )
+    assert comp["AP"]["better"] == "treatment"
+    assert comp["aic"]["higher_is_better"] is False and comp["aic"]["better"] == "treatment"
+    assert "AP90" not in comp  # missing metric is left out, not an error
+
+
+def test_no_effect_gives_large_p_and_interval_around_zero():
+    rng = np.random.default_rng(3)
+    b = {s: float(v) for s, v in enumerate(rng.normal(30, 1, size=8))}
+    t = {s: v + float(e) for (s, v), e in zip(b.items(), [0.2, -0.1, 0.15, -0.2, 0.05, -0.05, 0.1, -0.15])}
+    r = paired_comparison(t, b)
+    assert r["test"] == "wilcoxon"
+    assert r["p_value"] > 0.5
+    assert r["ci95_low"] < 0 < r["ci95_high"]
+
+
+def test_t_interval_coverage_is_nominal_and_bootstrap_is_close():
+    # 300 simulated experiments with 10 seeds and true effect 1.0 (seed noise sd 2)
+    rng = np.random.default_rng(0)
+    cover_t = cover_b = 0
+    n_exp = 300
+    for i in range(n_exp):
+        base = rng.normal(30, 3, size=10)
+        treat = base + 1.0 + rng.normal(0, 2, size=10)
+        r = paired_comparison(dict(enumerate(treat)), dict(enumerate(base)), n_boot=1000, seed=i)
+        cover_t += r["t_ci95_low"] <= 1.0 <= r["t_ci95_high"]
+        cover_b += r["ci95_low"] <= 1.0 <= r["ci95_high"]
+    assert 0.91 <= cover_t / n_exp <= 0.985
+    assert 0.85 <= cover_b / n_exp <= 0.98  # percentile bootstrap under-covers slightly at n=10
+
+
+def test_bootstrap_is_deterministic_for_a_seed():
+    t, b = {0: 1.0, 1: 2.0, 2: 4.0}, {0: 0.5, 1: 0.0, 2: 3.0}
+    assert paired_comparison(t, b, seed=5)["ci95_low"] == paired_comparison(t, b, seed=5)["ci95_low"]
+
+
+def test_unpaired_and_non_finite_seeds_are_dropped():
+    r = paired_comparison({0: 1.0, 1: float("nan"), 2: 3.0, 3: 1.0}, {0: 0.0, 1: 1.0, 2: 1.0})
+    assert r["n_pairs"] == 2
+    assert r["unpaired_seeds"] == ["1", "3"]
+
+
+def test_single_pair_has_no_interval():
+    r = paired_comparison({0: 2.0}, {0: 1.0})
+    assert r["mean_diff"] == 1.0 and math.isnan(r["p_value"]) and math.isnan(r["ci95_low"])
+
+
+def test_identical_differences_are_handled():
+    r = paired_comparison({0: 2.0, 1: 3.0, 2: 4.0}, {0: 2.0, 1: 3.0, 2: 4.0})
+    assert r["mean_diff"] == 0 and r["p_value"] == 1.0 and r["wilcoxon_p"] == 1.0
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"treatment": {0: 1.0}, "baseline": {1: 1.0}}, "no seed has a value in both arms"),
+        ({"treatment": {0: float("nan")}, "baseline": {0: 1.0}}, "treatment: no finite values"),
+        ({"treatment": {0: 1.0}, "baseline": {0: 1.0}, "n_boot": 0}, "n_boot"),
+        ({"treatment": {0: 1.0}, "baseline": {0: 1.0}, "confidence": 1.5}, "confidence"),
+    ],
+)
+def test_bad_inputs_name_the_problem(kwargs, message):
+    with pytest.raises(EvidenceError, match=message):
+        paired_comparison(**kwargs)
+
+
+def test_aggregate_seeds_mean_and_sample_std():
+    agg = aggregate_seeds({0: {"AP": 10.0, "done": True, "name": "x"}, 1: {"AP": 12.0}, 2: {"AP": 14.0}})
+    assert agg["AP"] == {"mean": 12.0, "std": 2.0, "n": 3.0}
+    assert "done" not in agg and "name" not in agg
+    assert aggregate_seeds({0: {"AP": 3.0}})["AP"]["std"] == 0.0
+
+
+def test_sensitivity_share_within_and_correlation():
+    configs = [
+        {"params": {"loss.alpha": 0.5, "loss.gamma": 0.1, "loss.margin": 0.2}, "objective": 30.0},
+        {"params": {"loss.alpha": 1.0, "loss.gamma": 0.5, "loss.margin": 0.2}, "objective": 31.0},
+        {"params": {"loss.alpha": 1.5, "loss.gamma": 0.9, "loss.margin": 0.2}, "objective": 31.8},
+        {"params": {"loss.alpha": 2.0, "loss.gamma": 0.3, "loss.margin": 0.2}, "objective": 32.0},
+        {"params": {"loss.alpha": 2.5, "loss.gamma": 0.7, "loss.margin": 0.2}, "objective": None},
+    ]
+    s = sensitivity(configs, tolerance=0.5)
+    assert s["best"] == 32.0 and s["n_configs"] == 4 and s["n_failed"] == 1
+    assert s["n_within"] == 2 and s["share_within"] == pytest.approx(0.5)
+    assert s["params"]["alpha"]["spearman"] == pytest.approx(1.0)
+    assert s["params"]["alpha"]["values"] == [0.5, 1.0, 1.5, 2.0]
+    assert math.isnan(s["params"]["margin"]["spearman"])  # constant parameter
+
+
+def test_sensitivity_of_nothing():
+    s = sensitivity([{"params": {"alpha": 1.0}, "objective": float("nan")}])
+    assert s["n_configs"] == 0 and s["n_failed"] == 1 and math.isnan(s["share_within"])
+    with pytest.raises(EvidenceError, match="tolerance"):
+        sensitivity([], tolerance=-1)

@@ -1,0 +1,156 @@
+"""The experiment spec: bad input is refused with a message naming the field, before anything starts."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import fields
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from harmonic.config import LossConfig
+from workers.spec import LossSpec, Spec, SpecError, resolve_param_path
+from workers.tracking import flatten_params
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+BASE: dict[str, Any] = {"name": "t", "dataset": {"format": "synthetic"}}
+
+
+def _with(**sections: Any) -> dict[str, Any]:
+    return {**BASE, **sections}
+
+
+def _error(data: dict[str, Any]) -> SpecError:
+    with pytest.raises(SpecError) as info:
+        Spec.parse(data)
+    return info.value
+
+
+@pytest.mark.parametrize(
+    "data, path, words",
+    [
+        (_with(colour="red"), "colour", "unknown key"),
+        (_with(loss={"gamma": 1.5}), "loss.gamma", "[0, 1]"),
+        (_with(loss={"margin": -0.1}), "loss.margin", ">= 0"),
+        (_with(loss={"alpha": 1.0, "temperature": 2}), "loss.temperature", "unknown key"),
+        (_with(scaling={"num_workers": 0}), "scaling.num_workers", "greater than or equal to 1"),
+        (_with(dataset={"format": "coco", "root": "/does/not/exist"}), "dataset.root", "does not exist"),
+        (_with(train={"epochs": 2, "lr_steps": [3]}), "train.lr_steps", "outside"),
+        (
+            _with(search={"space": {"alpha": {"uniform": [2.0, 1.0]}}}),
+            "search.space.alpha.uniform",
+            "lo must be < hi",
+        ),
+        (_with(search={"space": {"colour": {"choice": [1]}}}), "search.space.colour", "not a field"),
+        (_with(search={"space": {"lr": {"loguniform": [0.0, 1.0]}}}), "search.space.lr.loguniform", "> 0"),
+        (
+            _with(search={"space": {"alpha": {"uniform": [0.5, 2]}}, "algorithm": "grid"}),
+            "search.algorithm",
+            "grid",
+        ),
+    ],
+)
+def test_bad_spec_names_the_field(data: dict[str, Any], path: str, words: str) -> None:
+    err = _error(data)
+    paths = [p for p, _ in err.problems]
+    assert path in paths, err
+    msg = dict(err.problems)[path]
+    assert words in msg, err
+    assert f"{path}: " in str(err)
+
+
+def test_missing_dataset_path_of_a_split_is_named(tmp_path: Path) -> None:
+    err = _error(_with(dataset={"format": "coco", "root": str(tmp_path), "train": "train2017"}))
+    assert "instances_train2017.json" in dict(err.problems)["dataset.train"]
+    assert "does not exist" in dict(err.problems)["dataset.train"]
+    err = _error(
+        _with(dataset={"format": "coco", "root": str(tmp_path), "val": {"images": ".", "ann": "v.json"}})
+    )
+    assert "v.json" in dict(err.problems)["dataset.val"]
+
+
+@pytest.mark.parametrize(
+    "dataset, path",
+    [
+        ({"format": "synthetic", "train": "train2017"}, "dataset.train"),
+        ({"format": "synthetic", "synth": {"wobble": 1}}, "dataset.synth"),
+        ({"format": "synthetic", "synth": {"occlusion": 2.0}}, "dataset.synth"),
+        ({"format": "coco", "root": "/", "image_size": 64}, "dataset.image_size"),
+    ],
+)
+def test_synthetic_options_are_checked(dataset: dict[str, Any], path: str) -> None:
+    assert path in dict(_error(_with(dataset=dataset)).problems)
+
+
+def test_paths_can_be_left_unchecked_for_a_remote_cluster() -> None:
+    spec = Spec.parse(_with(dataset={"format": "coco", "root": "/cluster/coco"}), check_paths=False)
+    assert spec.dataset.root == "/cluster/coco"
+
+
+def test_loss_section_mirrors_loss_config() -> None:
+    assert set(LossSpec.model_fields) == {f.name for f in fields(LossConfig)}
+    spec = Spec.parse(_with(loss={"kind": "harmonic", "alpha": 0.7, "tc": False}))
+    cfg = spec.loss_config()
+    assert (cfg.kind, cfg.alpha, cfg.tc, cfg.gamma) == ("harmonic", 0.7, False, LossConfig().gamma)
+
+
+def test_overrides_take_dotted_and_bare_names_and_revalidate() -> None:
+    spec = Spec.parse(BASE)
+    trial = spec.with_overrides({"alpha": 1.2, "loss.margin": 0.3, "lr": 0.05, "train.seed": 4})
+    assert (trial.loss.alpha, trial.loss.margin, trial.train.lr, trial.train.seed) == (1.2, 0.3, 0.05, 4)
+    assert spec.loss.alpha == LossConfig().alpha  # the original is untouched
+    with pytest.raises(SpecError, match=r"loss\.gamma"):
+        spec.with_overrides({"gamma": 2.0})
+    assert resolve_param_path("gamma") == "loss.gamma"
+    assert resolve_param_path("train.warmup.iters") == "train.warmup.iters"
+    with pytest.raises(KeyError):
+        resolve_param_path("train.nothing")
+
+
+def test_yaml_and_json_files_load_the_same(tmp_path: Path) -> None:
+    data = _with(loss={"alpha": 1.1}, train={"epochs": 3})
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(data))
+    (tmp_path / "s.json").write_text(json.dumps(data))
+    assert Spec.from_file(tmp_path / "s.yaml") == Spec.from_file(tmp_path / "s.json")
+    (tmp_path / "bad.yaml").write_text("name: [unclosed\n")
+    with pytest.raises(SpecError, match="cannot parse"):
+        Spec.from_file(tmp_path / "bad.yaml")
+
+
+def test_schema_exports_every_section() -> None:
+    schema = Spec.model_json_schema()
+    assert set(schema["properties"]) == {
+        "name",
+        "dataset",
+        "detector",
+        "loss",
+        "train",
+        "scaling",
+        "search",
+        "tracking",
+    }
+    assert schema["additionalProperties"] is False
+
+
+@pytest.mark.parametrize("name", ["tiny.yaml", "cpu-demo.yaml"])
+def test_shipped_configs_are_valid(name: str) -> None:
+    spec = Spec.from_file(CONFIGS / name)
+    assert spec.search is None
+
+
+def test_flatten_params_keeps_what_the_spec_said() -> None:
+    params = flatten_params(Spec.parse(_with(train={"lr_steps": [1, 2], "epochs": 3})).to_dict())
+    assert params["loss.alpha"] == "1.5"
+    assert params["train.lr_steps"] == "[1, 2]"
+    assert params["train.warmup.iters"] == "100"
+    assert params["search"] == "null"
+
+
+def test_spec_check_cli_reports_the_field(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from workers.spec import check_main
+
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(_with(loss={"gamma": 1.5})))
+    assert check_main([str(tmp_path / "s.yaml")]) == 1
+    assert "loss.gamma:" in capsys.readouterr().err

@@ -1,0 +1,316 @@
+"""Benchmarks of the Ray layer.
+
+``hdet bench train``: training images/s of one Ray Train worker (the real per-worker loop of
+:mod:`workers.train`: DDP preparation, diagnostics, loss bookkeeping, per-epoch report and
+checkpoint) / images/s of a plain PyTorch loop, on the same model, data, batch size, sampler and
+thread count, measured in one run. Each side trains two epochs and the second one is timed (the
+first pays for allocator warm-up); the plain loop runs before and after the Ray run and its two
+measurements are averaged, so drift of a shared machine hits both sides alike. Target: >= 0.95.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+__all__ = ["train_main", "plain_loop_images_per_s", "bench_spec", "search_main"]
+
+
+def bench_spec(args: argparse.Namespace, root: Path) -> dict[str, Any]:
+    """The spec both sides train: synthetic data, one worker, no warm-up or decay."""
+    return {
+        "name": "bench-train",
+        "dataset": {"format": "synthetic", "root": str(root / "data"), "train": args.images, "val": 4,
+                    "image_size": args.image_size, "seed": 0},
+        "detector": {"arch": args.arch, "backbone": args.backbone, "image_size": args.image_size},
+        "loss": {"kind": args.loss},
+        "train": {"epochs": 2, "batch_size": args.batch_size, "lr": 0.005, "schedule": "constant",
+                  "warmup": {"iters": 0}, "seed": 0},
+        "scaling": {"num_workers": 1, "use_gpu": False, "cpus_per_worker": args.threads, "max_failures": 0},
+        "tracking": {"experiment": "bench-train"},
+    }  # fmt: skip
+
+
+def plain_loop_images_per_s(spec_dict: dict[str, Any], threads: int) -> tuple[float, float]:
+    """Images/s of the second of two epochs of a plain PyTorch training loop (no Ray): over the
+    whole epoch, and from the median step time (batch size / median step)."""
+    import torch
+    from torch.utils.data import DataLoader, DistributedSampler
+
+    from harmonic.data import build_dataset
+    from harmonic.data.sampler import GroupedBatchSampler, collate_fn, create_aspect_ratio_groups
+    from harmonic.data.transforms import build_transforms
+    from harmonic.detectors import build_detector
+    from workers.spec import Spec
+
+    spec = Spec.parse(spec_dict)
+    t, det = spec.train, spec.detector
+    torch.set_num_threads(threads)
+    torch.manual_seed(t.seed)
+    ds: Any = build_dataset(
+        spec.dataset.build_config(), "train", transforms=build_transforms(det.arch, det.image_size, True)
+    )
+    model = build_detector(
+        det.arch,
+        ds.num_classes + 1,
+        loss=spec.loss_config(),
+        backbone=det.backbone,
+        image_size=det.image_size,
+    )
+    model.train()
+    # The same sampler stack as a worker (a one-replica DistributedSampler under the grouping).
+    sampler: DistributedSampler[Any] = DistributedSampler(
+        ds, num_replicas=1, rank=0, shuffle=True, seed=t.seed
+    )
+    batches = GroupedBatchSampler(
+        sampler, create_aspect_ratio_groups(ds.aspect_ratios(), k=t.aspect_ratio_groups), t.batch_size
+    )
+    loader = DataLoader(ds, batch_sampler=batches, num_workers=t.data_workers, collate_fn=collate_fn)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=t.lr, momentum=t.momentum,
+                          weight_decay=t.weight_decay)  # fmt: skip
+    rate, median = float("nan"), float("nan")
+    for epoch in (1, 2):
+        sampler.set_epoch(epoch)
+        images, t0 = 0, time.perf_counter()
+        step_times, t_step = [], t0
+        for imgs, targets in loader:
+            loss = sum(model(list(imgs), list(targets)).values())
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            images += len(imgs)
+            now = time.perf_counter()
+            step_times.append(now - t_step)
+            t_step = now
+        rate = images / (time.perf_counter() - t0)
+        median = statistics.median(step_times)
+    return rate, t.batch_size / median
+
+
+def _ray_worker_images_per_s(spec_dict: dict[str, Any], root: Path) -> tuple[float, float, Any]:
+    from workers.spec import Spec
+    from workers.tracking import open_parent_run
+    from workers.train import make_trainer
+
+    spec = Spec.parse(spec_dict)
+    ctx = open_parent_run(spec, f"sqlite:///{root / 'mlflow.db'}")
+    trainer = make_trainer(
+        spec, run_name=f"bench-{int(time.time())}", storage_path=str(root / "storage"), tracking=ctx
+    )
+    result = trainer.fit()
+    summary = result.return_value or {}
+    history = summary.get("history") or []
+    last = history[-1]
+    batch = spec.train.batch_size
+    return float(last["images_per_s"]), batch / float(last["step_time_s"]), summary.get("torch_threads")
+
+
+def train_main(argv: list[str]) -> int:
+    """``hdet bench train``: print images/s of a Ray Train worker, of a plain loop, and their ratio."""
+    p = argparse.ArgumentParser(prog="hdet bench train", description=__doc__.split("\n\n")[1])
+    p.add_argument("--arch", default="retinanet")
+    p.add_argument("--backbone", default="resnet18_fpn")
+    p.add_argument("--loss", default="harmonicdet")
+    p.add_argument("--images", type=int, default=64, help="training images (default 64)")
+    p.add_argument("--image-size", type=int, default=128)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="CPU threads of each side")
+    args = p.parse_args(argv)
+
+    import ray
+
+    from harmonic.data import build_dataset
+    from workers.env import init_local_ray
+    from workers.spec import Spec
+
+    with tempfile.TemporaryDirectory(prefix="hdet-bench-") as tmp:
+        root = Path(tmp)
+        spec = bench_spec(args, root)
+        # Generate the data outside the timings.
+        build_dataset(Spec.parse(spec).dataset.build_config(), "train")
+        print(f"bench train: {args.arch}/{args.backbone}, {args.images} images of {args.image_size}px, "
+              f"batch {args.batch_size}, {args.threads} thread(s), loss {args.loss}", flush=True)  # fmt: skip
+        plain_a = plain_loop_images_per_s(spec, args.threads)
+        print(
+            f"  plain loop (before): {plain_a[0]:.2f} img/s, {plain_a[1]:.2f} img/s at the median step",
+            flush=True,
+        )
+        started = not ray.is_initialized()
+        init_local_ray(num_cpus=args.threads)
+        try:
+            ray_rate, ray_median, worker_threads = _ray_worker_images_per_s(spec, root)
+        finally:
+            if started:
+                ray.shutdown()
+        print(
+            f"  Ray Train worker:    {ray_rate:.2f} img/s, {ray_median:.2f} img/s at the median step "
+            f"(torch threads in the worker: {worker_threads})",
+            flush=True,
+        )
+        plain_b = plain_loop_images_per_s(spec, args.threads)
+        print(
+            f"  plain loop (after):  {plain_b[0]:.2f} img/s, {plain_b[1]:.2f} img/s at the median step",
+            flush=True,
+        )
+    ratio = ray_rate / ((plain_a[0] + plain_b[0]) / 2)
+    ratio_median = ray_median / ((plain_a[1] + plain_b[1]) / 2)
+    print(f"Ray Train worker / plain loop: {ratio:.3f} over the epoch, {ratio_median:.3f} at the median step "
+          "(target >= 0.95)")  # fmt: skip
+    return 0
+
+
+# --------------------------------------------------------------------------- hdet bench search
+
+
+def _search_bench_spec(
+    args: argparse.Namespace, root: Path, name: str, search: dict[str, Any]
+) -> dict[str, Any]:
+    return {
+        "name": name,
+        "dataset": {"format": "synthetic", "root": str(root / "data"), "train": args.images, "val": args.val_images,
+                    "image_size": args.image_size, "seed": 0},
+        "detector": {"arch": args.arch, "backbone": args.backbone, "image_size": args.image_size},
+        "loss": {"kind": "harmonicdet"},
+        "train": {"epochs": args.epochs, "batch_size": args.batch_size, "optimizer": "adamw", "lr": 0.001,
+                  "schedule": "cosine", "warmup": {"iters": 5, "factor": 0.1}, "clip_grad_norm": 10.0},
+        "scaling": {"num_workers": 1, "use_gpu": False, "cpus_per_worker": args.cpus_per_trainer, "max_failures": 0},
+        "search": {"seeds": args.seeds, "baseline": False, "max_concurrent": args.max_concurrent, **search},
+        "tracking": {"experiment": name},
+    }  # fmt: skip
+
+
+def _bench_one_search(spec_dict: dict[str, Any], root: Path) -> Any:
+    from workers.search import run_search
+    from workers.spec import Spec
+    from workers.tracking import open_parent_run
+
+    spec = Spec.parse(spec_dict)
+    ctx = open_parent_run(spec, f"sqlite:///{root / 'mlflow.db'}")
+    return run_search(spec, ctx, str(root / "storage"), verbose=0, print_table=False)
+
+
+def _median(values: list[float]) -> float:
+    import statistics
+
+    vals = [v for v in values if v == v]
+    return statistics.median(vals) if vals else float("nan")
+
+
+def search_main(argv: list[str]) -> int:
+    """``hdet bench search``: ASHA + TPE against grid search for the same number of configurations,
+    and the fixed cost of a trial (its start to its first training step).
+
+    Grid search trains every configuration of a ``side x side`` grid over alpha and gamma for the
+    full schedule (FIFO); ASHA + TPE (Optuna) samples as many configurations from the ranges that
+    hold the grid and stops the weak ones early. Printed: the best AP each reached (seed mean),
+    the epochs each trained, their ratios, and the per-trial start cost of every trial (median).
+    ``--ray-defaults`` runs a third, one-epoch search with Ray Train's own controller settings
+    instead of :data:`workers.search.TRAIN_ENV_DEFAULTS`, to show what those save.
+    """
+    p = argparse.ArgumentParser(
+        prog="hdet bench search", description="ASHA + TPE against grid search, and the fixed cost of a trial."
+    )
+    p.add_argument("--arch", default="retinanet")
+    p.add_argument("--backbone", default="resnet18_fpn")
+    p.add_argument("--images", type=int, default=32, help="training images (default 32)")
+    p.add_argument("--val-images", type=int, default=16)
+    p.add_argument("--image-size", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--side", type=int, default=2, help="grid side: side x side configurations (default 2)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0])
+    p.add_argument("--max-concurrent", type=int, default=2)
+    p.add_argument("--cpus-per-trainer", type=float, default=1.0)
+    p.add_argument(
+        "--ray-defaults", action="store_true", help="also time a search with Ray Train's default settings"
+    )
+    p.add_argument("--json", help="write the numbers to this JSON file too")
+    args = p.parse_args(argv)
+
+    import json
+
+    import numpy as np
+    import ray
+
+    from harmonic.data import build_dataset
+    from workers.env import init_local_ray
+    from workers.search import TRAIN_ENV_DEFAULTS
+    from workers.spec import Spec
+
+    alphas = [round(float(a), 3) for a in np.linspace(0.5, 2.5, args.side)]
+    gammas = [round(float(g), 3) for g in np.linspace(0.2, 1.0, args.side)]
+    n_configs = args.side * args.side
+    out: dict[str, Any] = {"configs": n_configs, "epochs": args.epochs, "seeds": args.seeds}
+    with tempfile.TemporaryDirectory(prefix="hdet-bench-search-") as tmp:
+        root = Path(tmp)
+        grid = _search_bench_spec(args, root, "bench-grid", {
+            "space": {"alpha": {"grid": alphas}, "gamma": {"grid": gammas}}, "algorithm": "grid", "scheduler": "fifo",
+        })  # fmt: skip
+        tpe = _search_bench_spec(args, root, "bench-asha-tpe", {
+            "space": {"alpha": {"uniform": [alphas[0], alphas[-1]]}, "gamma": {"uniform": [gammas[0], gammas[-1]]}},
+            "algorithm": "optuna", "scheduler": "asha", "num_samples": n_configs,
+        })  # fmt: skip
+        build_dataset(Spec.parse(grid).dataset.build_config(), "train")  # generated outside the timings
+        print(f"bench search: {n_configs} configurations x {len(args.seeds)} seed(s), {args.epochs} epochs, "
+              f"{args.arch}/{args.backbone} on {args.images} images of {args.image_size}px", flush=True)  # fmt: skip
+        started = not ray.is_initialized()
+        need = args.max_concurrent * len(args.seeds) * args.cpus_per_trainer
+        init_local_ray(num_cpus=max(os.cpu_count() or 1, int(np.ceil(need))))
+        try:
+            runs = {}
+            for label, spec in (("grid", grid), ("asha_tpe", tpe)):
+                t0 = time.time()
+                summary = _bench_one_search(spec, root)
+                best = summary.best
+                runs[label] = {
+                    "best_AP": best.objective if best else float("nan"),
+                    "epochs_used": sum(t.epochs_run for t in summary.trials),
+                    "wall_s": time.time() - t0,
+                    "trial_start_s": [t.first_step_s for t in summary.trials],
+                    "statuses": [t.status for t in summary.trials],
+                }
+                r = runs[label]
+                print(f"  {label:<9} best AP {100 * r['best_AP']:.2f}  epochs {r['epochs_used']}  "
+                      f"wall {r['wall_s']:.0f} s  trial start (median) {_median(r['trial_start_s']):.1f} s  "
+                      f"{r['statuses']}", flush=True)  # fmt: skip
+            if args.ray_defaults:
+                saved = {k: os.environ.get(k) for k in TRAIN_ENV_DEFAULTS}
+                os.environ.update({"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "2.0",
+                                   "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "60"})  # fmt: skip
+                try:
+                    one = dict(grid, name="bench-ray-defaults", train={**grid["train"], "epochs": 1})
+                    one["tracking"] = {"experiment": "bench-ray-defaults"}
+                    summary = _bench_one_search(one, root)
+                finally:
+                    for k, v in saved.items():
+                        if v is None:
+                            os.environ.pop(k, None)
+                        else:
+                            os.environ[k] = v
+                runs["ray_defaults"] = {"trial_start_s": [t.first_step_s for t in summary.trials]}
+                print(f"  with Ray Train's default settings: trial start (median) "
+                      f"{_median(runs['ray_defaults']['trial_start_s']):.1f} s", flush=True)  # fmt: skip
+        finally:
+            if started:
+                ray.shutdown()
+    out.update(runs)
+    g, a = runs["grid"], runs["asha_tpe"]
+    starts = g["trial_start_s"] + a["trial_start_s"]
+    out["trial_start_median_s"] = _median(starts)
+    print(f"best AP, ASHA+TPE / grid: {a['best_AP'] / g['best_AP'] if g['best_AP'] else float('nan'):.3f}  "
+          f"(epochs used: {a['epochs_used']} / {g['epochs_used']} = {a['epochs_used'] / max(1, g['epochs_used']):.2f})")  # fmt: skip
+    print(f"fixed cost of a trial (start to first training step), median of {len(starts)}: "
+          f"{out['trial_start_median_s']:.1f} s (target <= 10 s)")  # fmt: skip
+    if args.json:
+        Path(args.json).write_text(json.dumps(out, indent=2, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(train_main(sys.argv[1:]))

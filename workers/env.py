@@ -1,0 +1,135 @@
+"""Local defaults of a HarmonicDet installation and a description of the machine a run uses.
+
+Everything a local run writes lives under one data directory, ``$HDET_HOME`` (default
+``./.hdet`` under the current directory): generated datasets, the MLflow sqlite store and
+artifacts, and Ray's run storage. A deployed run overrides each piece (``--tracking-uri``,
+``RAY_ADDRESS``, the dataset's ``root``) and never needs this directory.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import socket
+import subprocess
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+
+def hdet_home() -> Path:
+    """The data directory: ``$HDET_HOME``, else ``./.hdet`` under the current directory (absolute)."""
+    return Path(os.environ.get("HDET_HOME") or Path.cwd() / ".hdet").expanduser().resolve()
+
+
+def data_dir() -> Path:
+    """Where generated datasets go."""
+    return hdet_home() / "data"
+
+
+def storage_dir() -> Path:
+    """Ray Train / Tune storage (checkpoints, run state) of local runs."""
+    return hdet_home() / "ray_results"
+
+
+def mlflow_dir() -> Path:
+    return hdet_home() / "mlflow"
+
+
+def default_tracking_uri() -> str:
+    """The local MLflow store: a sqlite database under the data directory.
+
+    mlflow 3 refuses the old ``./mlruns`` file store, so the local default is a database.
+    """
+    return f"sqlite:///{mlflow_dir() / 'mlflow.db'}"
+
+
+@lru_cache(maxsize=1)
+def git_commit() -> str:
+    """The commit of the source tree this package runs from, or ``unknown`` outside a checkout."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        out = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=True,
+        )
+        commit = out.stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+        ).stdout.strip()
+        return commit + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def package_version() -> str:
+    import harmonic
+
+    return harmonic.__version__
+
+
+def environment(device: str | None = None) -> dict[str, Any]:
+    """What a run needs written down to be reproduced: versions, commit, host, device."""
+    import torch
+    import torchvision
+
+    env: dict[str, Any] = {
+        "harmonicdet": package_version(),
+        "git_commit": git_commit(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "hostname": socket.gethostname(),
+        "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+        "cuda": torch.version.cuda,
+        "cuda_available": torch.cuda.is_available(),
+    }
+    try:
+        import ray
+
+        env["ray"] = ray.__version__
+    except ImportError:  # pragma: no cover - ray is a dependency
+        pass
+    try:
+        import mlflow
+
+        env["mlflow"] = mlflow.__version__
+    except ImportError:  # pragma: no cover
+        pass
+    if device is not None:
+        env["device"] = device
+        if device.startswith("cuda") and torch.cuda.is_available():
+            env["gpu"] = torch.cuda.get_device_name(torch.device(device))
+    return env
+
+
+def init_local_ray(num_cpus: int | None = None, num_gpus: int | None = None, dashboard: bool = False) -> None:
+    """Join ``RAY_ADDRESS`` if set, else start a local Ray bound to 127.0.0.1.
+
+    The dashboard is off unless asked: it costs a few seconds and a few hundred MB on a small
+    machine, and a one-off local run does not need the Jobs API.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address)
+        return
+    ray.init(
+        num_cpus=num_cpus,
+        num_gpus=num_gpus,
+        include_dashboard=dashboard,
+        _node_ip_address="127.0.0.1",
+        configure_logging=True,
+        logging_level=logging.WARNING,
+    )

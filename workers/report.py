@@ -1,0 +1,338 @@
+"""``hdet report EXPERIMENT``: a search's evidence report (Markdown or HTML) from MLflow alone.
+
+The report is rebuilt from the tracking server only: the parent run (its params, tags and
+``evidence/`` artifacts) and its child runs (one per trial and seed, with their metrics and
+tags), so it works for a search that ran on any cluster, and for one that was interrupted
+(``complete: false``; what finished so far is shown). The plots are drawn again from the same
+numbers into the output folder next to the report.
+"""
+
+from __future__ import annotations
+
+import argparse
+import html
+import json
+import math
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
+
+    from workers.search import SearchSummary, TrialRecord
+
+__all__ = ["main", "render_markdown", "render_html", "build_report", "find_search_run"]
+
+Block = tuple[Any, ...]
+
+
+def _pts(v: float | None, scale: float = 100.0, digits: int = 1, sign: bool = False) -> str:
+    if v is None or not math.isfinite(v):
+        return "-"
+    return f"{scale * v:{'+' if sign else ''}.{digits}f}"
+
+
+def _scale(metric: str) -> tuple[float, int]:
+    return (100.0, 1) if metric.startswith("AP") or metric.startswith("ap_iou") else (1.0, 3)
+
+
+def _mean_sd(rec: TrialRecord, metric: str) -> str:
+    from workers.evidence import aggregate_seeds
+
+    vals = {s: {metric: m[metric]} for s, m in rec.per_seed.items() if metric in m}
+    if not vals:
+        return "-"
+    a = aggregate_seeds(vals)[metric]
+    scale, digits = _scale(metric)
+    return f"{_pts(a['mean'], scale, digits)} ± {_pts(a['std'], scale, digits)}"
+
+
+def _blocks(summary: SearchSummary, plots: Mapping[str, str]) -> list[Block]:
+    """The report as a list of blocks: ("h", level, text), ("p", text), ("table", head, rows),
+    ("img", alt, path), ("pre", text)."""
+    b: list[Block] = []
+    b.append(("h", 1, f"HarmonicDet search report: {summary.experiment}"))
+    state = "complete" if summary.complete else "INTERRUPTED (resume with `hdet run SPEC --resume`)"
+    wall = f", {summary.wall_s / 60:.1f} min" if math.isfinite(summary.wall_s) else ""
+    b.append(
+        (
+            "p",
+            f"Parent run `{summary.parent_run_id}`: {state}. {len(summary.trials)} configurations, "
+            f"{summary.algorithm} search with {summary.scheduler} scheduling, {summary.epochs} epochs, "
+            f"seeds {summary.seeds}{wall}. AP is COCO AP@[.5:.95] of the last epoch, in points.",
+        )
+    )
+    best, base = summary.best, summary.baseline
+
+    b.append(("h", 2, "Best configuration"))
+    if best is None:
+        b.append(("p", "No configuration completed the full schedule."))
+    else:
+        rows = [[k, _value(v)] for k, v in best.params.items()]
+        rows.append(["AP (mean ± sd over seeds)", _mean_sd(best, "AP")])
+        rows.append(["trial", best.trial_id])
+        b.append(("table", ["parameter", "value"], rows))
+
+    if summary.comparison and best is not None and base is not None:
+        b.append(("h", 2, "Best configuration vs the standard loss, paired over seeds"))
+        rows = []
+        for metric, comp in summary.comparison.items():
+            scale, digits = _scale(metric)
+            rows.append(
+                [
+                    metric,
+                    _mean_sd(best, metric),
+                    _mean_sd(base, metric),
+                    _pts(comp["mean_diff"], scale, digits, sign=True),
+                    f"[{_pts(comp['ci95_low'], scale, digits, True)}, {_pts(comp['ci95_high'], scale, digits, True)}]",
+                    f"[{_pts(comp['t_ci95_low'], scale, digits, True)}, {_pts(comp['t_ci95_high'], scale, digits, True)}]",
+                    f"{comp['p_value']:.3g}" if math.isfinite(comp["p_value"]) else "-",
+                    comp["test"],
+                    f"{comp['wins']}/{comp['n_pairs']}",
+                    comp.get("better", ""),
+                ]
+            )
+        b.append(
+            (
+                "table",
+                ["metric", "best", "baseline", "diff", "95% CI (bootstrap)", "95% CI (t)", "p", "test",
+                 "seeds better", "verdict"],
+                rows,
+            )
+        )  # fmt: skip
+        note = next(iter(summary.comparison.values())).get("note")
+        if note:
+            b.append(("p", f"Test: {note}"))
+        b.append(
+            (
+                "p",
+                "AIC is the average inconsistency |score - IoU| of the detections (lower is better); "
+                "spearman is the rank correlation of score and IoU (higher is better). 'verdict' "
+                "names an arm only when the bootstrap interval excludes zero.",
+            )
+        )
+        b.append(("h", 3, "Per seed"))
+        metrics = [m for m in ("AP", "AP50", "AP75", "AP90", "aic") if m in summary.comparison]
+        rows = []
+        for seed in summary.seeds:
+            row = [str(seed)]
+            for m in metrics:
+                scale, digits = _scale(m)
+                bv = best.per_seed.get(seed, {}).get(m)
+                av = base.per_seed.get(seed, {}).get(m)
+                row.append(f"{_pts(bv, scale, digits)} / {_pts(av, scale, digits)}")
+            rows.append(row)
+        b.append(("table", ["seed", *[f"{m} best / baseline" for m in metrics]], rows))
+        if "paired_differences" in plots:
+            b.append(("img", "paired differences per seed", plots["paired_differences"]))
+    elif base is not None and base.status == "failed":
+        b.append(("p", f"The baseline failed: {base.error}"))
+
+    if summary.ap_vs_iou:
+        b.append(("h", 2, "AP at each IoU threshold"))
+        labels = list(summary.ap_vs_iou)
+        thresholds = sorted({t for c in summary.ap_vs_iou.values() for t in c})
+        rows = []
+        for t in thresholds:
+            vals = [summary.ap_vs_iou[label].get(t) for label in labels]
+            row = [f"{t:.2f}", *[_pts(v) for v in vals]]
+            if len(labels) == 2 and None not in vals:
+                row.append(_pts(vals[0] - vals[1], sign=True))  # type: ignore[operator]
+            rows.append(row)
+        head = ["IoU", *labels] + (["difference"] if len(labels) == 2 else [])
+        b.append(("table", head, rows))
+        if "ap_vs_iou" in plots:
+            b.append(("img", "AP vs IoU threshold", plots["ap_vs_iou"]))
+
+    sens = summary.sensitivity
+    if sens.get("n_configs"):
+        b.append(("h", 2, "Sensitivity"))
+        b.append(
+            (
+                "p",
+                f"{sens['n_within']} of {sens['n_configs']} configurations that trained the full schedule "
+                f"({100 * sens['share_within']:.0f}%) are within {100 * sens['tolerance']:.1f} AP of the best"
+                + (f"; {sens['n_failed']} failed" if sens.get("n_failed") else "")
+                + ".",
+            )
+        )
+        rows = [[name, f"{p['spearman']:+.2f}" if math.isfinite(p["spearman"]) else "-", str(len(p["values"]))]
+                for name, p in sens.get("params", {}).items()]  # fmt: skip
+        b.append(("table", ["parameter", "Spearman rho with AP", "configurations"], rows))
+        if "sensitivity" in plots:
+            b.append(("img", "sensitivity of AP to each parameter", plots["sensitivity"]))
+
+    b.append(("h", 2, "Trials"))
+    rows = []
+    records: list[TrialRecord] = [*summary.trials, *([base] if base is not None else [])]
+    for rec in records:
+        rows.append(
+            [
+                rec.trial_id,
+                rec.status,
+                ", ".join(f"{k}={_value(v)}" for k, v in rec.params.items()),
+                _pts(rec.objective)
+                + (f" ± {_pts(rec.objective_std)}" if rec.objective_std is not None else ""),
+                str(rec.epochs),
+                str(rec.epochs_run),
+                _num(rec.wall_s),
+                _num(rec.cpu_s),
+                _num(rec.gpu_s),
+                _num(rec.first_step_s, 1),
+                (rec.error or "")[:200],
+            ]
+        )
+    b.append(
+        (
+            "table",
+            ["trial", "status", "configuration", "AP", "epochs", "epochs run (all seeds)", "wall s", "CPU s",
+             "GPU s", "start s", "error"],
+            rows,
+        )
+    )  # fmt: skip
+    b.append(
+        (
+            "p",
+            "wall s: the trial's wall time; CPU s / GPU s: resources allocated to its trainers x their "
+            "wall time; start s: from the trial's start to its first training step.",
+        )
+    )
+    return b
+
+
+def _value(v: Any) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def _num(v: float, digits: int = 0) -> str:
+    return f"{v:.{digits}f}" if v is not None and math.isfinite(v) else "-"
+
+
+def render_markdown(summary: SearchSummary, plots: Mapping[str, str] | None = None) -> str:
+    """The report as Markdown; ``plots`` maps plot name (``ap_vs_iou``, ``sensitivity``,
+    ``paired_differences``) to an image path relative to the report."""
+    out: list[str] = []
+    for block in _blocks(summary, plots or {}):
+        kind = block[0]
+        if kind == "h":
+            out.append("#" * block[1] + " " + block[2])
+        elif kind == "p":
+            out.append(block[1])
+        elif kind == "table":
+            head, rows = block[1], block[2]
+            out.append("| " + " | ".join(head) + " |")
+            out.append("|" + "|".join("---" for _ in head) + "|")
+            for row in rows:
+                out.append("| " + " | ".join(str(c).replace("|", "\\|") for c in row) + " |")
+        elif kind == "img":
+            out.append(f"![{block[1]}]({block[2]})")
+        out.append("")
+    return "\n".join(out)
+
+
+def render_html(summary: SearchSummary, plots: Mapping[str, str] | None = None) -> str:
+    """The report as a standalone HTML page (images referenced next to it)."""
+    e = html.escape
+    out = [
+        "<!doctype html><html><head><meta charset='utf-8'>",
+        f"<title>{e(summary.experiment)}: HarmonicDet search report</title>",
+        "<style>body{font-family:sans-serif;max-width:1100px;margin:2em auto}"
+        "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:3px 8px;"
+        "text-align:right}th{background:#f3f3f3}img{max-width:100%}</style></head><body>",
+    ]
+    for block in _blocks(summary, plots or {}):
+        kind = block[0]
+        if kind == "h":
+            out.append(f"<h{block[1]}>{e(block[2])}</h{block[1]}>")
+        elif kind == "p":
+            out.append(f"<p>{e(block[1])}</p>")
+        elif kind == "table":
+            out.append("<table><tr>" + "".join(f"<th>{e(h)}</th>" for h in block[1]) + "</tr>")
+            for row in block[2]:
+                out.append("<tr>" + "".join(f"<td>{e(str(c))}</td>" for c in row) + "</tr>")
+            out.append("</table>")
+        elif kind == "img":
+            out.append(f"<p><img alt='{e(block[1])}' src='{e(block[2])}'></p>")
+    out.append("</body></html>")
+    return "\n".join(out)
+
+
+def find_search_run(c: MlflowClient, experiment: str, run_id: str | None = None) -> tuple[str, str]:
+    """The experiment id and the parent run of its latest search (or ``run_id``).
+
+    Raises:
+        LookupError: no such experiment, run, or search parent run; the message says which.
+    """
+    exp = c.get_experiment_by_name(experiment)
+    if exp is None:
+        names = sorted(x.name for x in c.search_experiments())
+        raise LookupError(f"no MLflow experiment {experiment!r} (experiments: {', '.join(names) or 'none'})")
+    if run_id:
+        run = c.get_run(run_id)
+        if run.info.experiment_id != exp.experiment_id:
+            raise LookupError(f"run {run_id} is not in experiment {experiment!r}")
+        return str(exp.experiment_id), run_id
+    runs = c.search_runs(
+        [exp.experiment_id],
+        filter_string="tags.`hdet.role` = 'parent' and tags.`hdet.search_complete` != ''",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
+    if not runs:
+        raise LookupError(
+            f"experiment {experiment!r} has no search run (a parent run of a spec with a search section)"
+        )
+    return str(exp.experiment_id), str(runs[0].info.run_id)
+
+
+def build_report(
+    c: MlflowClient, experiment: str, out_dir: Path, *, fmt: str = "md", run_id: str | None = None
+) -> Path:
+    """Write ``report.md`` (or ``report.html``) and its plots into ``out_dir``; returns the report file."""
+    from workers.search import collect_summary, draw_plots
+
+    exp_id, parent = find_search_run(c, experiment, run_id)
+    summary = collect_summary(c, exp_id, parent, experiment=experiment)
+    wall = c.get_run(parent).data.metrics.get("search_wall_s")
+    if wall is not None:
+        summary.wall_s = wall
+    out_dir.mkdir(parents=True, exist_ok=True)
+    plots = draw_plots(summary, out_dir)
+    rel = {k: v.name for k, v in plots.items()}
+    (out_dir / "summary.json").write_text(json.dumps(summary.to_dict(), indent=2))
+    path = out_dir / f"report.{fmt}"
+    path.write_text(render_markdown(summary, rel) if fmt == "md" else render_html(summary, rel))
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``hdet report EXPERIMENT [--tracking-uri URI] [--run RUN_ID] [--format md|html] [--out DIR]``."""
+    p = argparse.ArgumentParser(
+        prog="hdet report", description="Render a search's evidence report from MLflow (Markdown or HTML)."
+    )
+    p.add_argument("experiment", help="MLflow experiment name (the spec's tracking.experiment)")
+    p.add_argument(
+        "--tracking-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else the local store)"
+    )
+    p.add_argument("--run", help="parent run id (default: the experiment's latest search)")
+    p.add_argument("--format", choices=("md", "html"), default="md")
+    p.add_argument("--out", help="output folder (default: ./report-EXPERIMENT)")
+    args = p.parse_args(sys.argv[1:] if argv is None else argv)
+
+    from workers.tracking import client, resolve_tracking_uri
+
+    uri = resolve_tracking_uri(None, args.tracking_uri)
+    out = Path(args.out or f"report-{args.experiment}")
+    try:
+        path = build_report(client(uri), args.experiment, out, fmt=args.format, run_id=args.run)
+    except LookupError as e:
+        print(f"hdet report: {e.args[0]}", file=sys.stderr)
+        return 2
+    print(f"report: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

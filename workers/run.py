@@ -1,0 +1,228 @@
+"""``python -m workers.run SPEC`` (= ``hdet run SPEC``): train a spec end to end on Ray, tracked in MLflow.
+
+The one entrypoint used by the service, by ``ray job submit`` and by the local CLI. In order:
+
+1. validate the spec (a clear error naming the field before anything starts);
+2. check the dataset (generate the synthetic one first): a broken dataset is refused with the
+   check's report, unless ``dataset.skip_bad`` is set, in which case the skipped annotations are
+   counted and logged;
+3. join Ray (``--address`` or ``RAY_ADDRESS``) or start a local one on 127.0.0.1;
+4. open the MLflow parent run (``--tracking-uri``, else the spec's, else ``MLFLOW_TRACKING_URI``,
+   else the local sqlite store under ``$HDET_HOME``);
+5. train once (no ``search`` section) or run the Tune search (:mod:`workers.search`);
+6. print the final table and the command that opens the MLflow UI.
+
+``--resume`` continues the latest run of the spec's name: the same parent and child runs, from
+the last checkpoint.
+
+Exit codes: 0 done, 1 training failed, 2 bad spec or dataset.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from workers.spec import Spec, SpecError
+
+__all__ = ["main", "check_dataset", "format_table", "single_run"]
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="hdet run", description="Train a HarmonicDet experiment spec on Ray.")
+    p.add_argument("spec", help="experiment spec (YAML or JSON)")
+    p.add_argument(
+        "--tracking-uri", help="MLflow tracking URI (default: the spec's, else a local sqlite store)"
+    )
+    p.add_argument("--address", help="Ray address (default: RAY_ADDRESS, else a local Ray)")
+    p.add_argument(
+        "--resume", action="store_true", help="continue the latest run of this spec from its checkpoint"
+    )
+    p.add_argument("--storage-path", help="Ray Train/Tune storage (default: $HDET_HOME/ray_results)")
+    p.add_argument("--dashboard", action="store_true", help="start the Ray dashboard with a local Ray")
+    return p
+
+
+def check_dataset(spec: Spec) -> dict[str, int]:
+    """Generate the synthetic set if needed and load both splits' annotations once.
+
+    Returns:
+        ``{"train": n, "val": n}`` annotations skipped (``dataset.skip_bad``).
+
+    Raises:
+        harmonic.data.DatasetError: the dataset has problems and ``skip_bad`` is off (the message
+            is the check's report), or it cannot be used at all.
+    """
+    from harmonic.data import build_dataset
+    from workers.train import dataset_config
+
+    cfg = dataset_config(spec)
+    skipped = {}
+    for split in ("train", "val"):
+        ds: Any = build_dataset(cfg, split, skip_bad=spec.dataset.skip_bad)
+        skipped[split] = int(getattr(ds, "skipped", 0) or 0)
+        if len(ds) == 0:
+            from harmonic.data import DatasetError
+
+            raise DatasetError(f"dataset {split} split has no images")
+    return skipped
+
+
+def _start_ray(spec: Spec, address: str | None, dashboard: bool) -> bool:
+    """Join or start Ray; returns True when this process started a local Ray (and must stop it)."""
+    import ray
+
+    from workers.env import init_local_ray
+
+    if ray.is_initialized():
+        return False
+    if address or os.environ.get("RAY_ADDRESS"):
+        ray.init(address=address or os.environ["RAY_ADDRESS"])
+        return False
+    s = spec.scaling
+    concurrent = spec.search.max_concurrent if spec.search else 1
+    # Logical CPUs: at least what the spec asks for, so a small machine runs it (oversubscribed)
+    # rather than waiting forever for resources it does not have.
+    needed = math.ceil(s.num_workers * s.cpus_per_worker * concurrent)
+    init_local_ray(num_cpus=max(os.cpu_count() or 1, needed), dashboard=dashboard)
+    return True
+
+
+def format_table(history: list[dict[str, Any]], best: dict[str, Any] | None = None) -> str:
+    """The per-epoch table printed at the end of a run."""
+    cols = [
+        ("epoch", "{:>5}", "epoch"),
+        ("loss", "{:>7.3f}", "loss"),
+        ("AP", "{:>6.1f}", "AP"),
+        ("AP50", "{:>6.1f}", "AP50"),
+        ("AP75", "{:>6.1f}", "AP75"),
+        ("AP90", "{:>6.1f}", "AP90"),
+        ("aic", "{:>6.3f}", "AIC"),
+        ("train_aic", "{:>9.3f}", "train_AIC"),
+        ("images_per_s", "{:>7.1f}", "img/s"),
+    ]
+    widths = [max(len(h), len(f.format(1.0 if k != "epoch" else 1))) for k, f, h in cols]
+    head = "  ".join(h.rjust(w) for (_, _, h), w in zip(cols, widths))
+    lines = [head, "-" * len(head)]
+    for row in history:
+        cells = []
+        for (k, f, _), w in zip(cols, widths):
+            v = row.get(k)
+            if v is None or (isinstance(v, float) and not math.isfinite(v)):
+                cells.append("-".rjust(w))
+                continue
+            if k in ("AP", "AP50", "AP75", "AP90"):
+                v = v * 100
+            cells.append(f.format(int(v) if k == "epoch" else v).rjust(w))
+        lines.append("  ".join(cells))
+    if best and best.get("epoch"):
+        lines.append(f"best: epoch {best['epoch']}, AP {100 * best['AP']:.1f}")
+    return "\n".join(lines)
+
+
+def single_run(spec: Spec, ctx: Any, storage_path: str, *, resume: bool) -> dict[str, Any]:
+    """Train ``spec`` once under the parent run ``ctx``; returns the run's summary (rank 0's return)."""
+    from workers.tracking import client
+    from workers.train import make_trainer
+
+    c = client(ctx.tracking_uri)
+    parent = c.get_run(ctx.parent_run_id)
+    run_name = parent.data.tags.get("hdet.run_name") if resume else None
+    if not run_name:
+        # A fresh name: Ray Train resumes a run whose name already has checkpoints in storage.
+        run_name = f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+        c.set_tag(ctx.parent_run_id, "hdet.run_name", run_name)
+    trainer = make_trainer(spec, run_name=run_name, storage_path=storage_path, tracking=ctx)
+    print(f"training {run_name}: MLflow run {trainer.mlflow_run_id} (parent {ctx.parent_run_id})", flush=True)
+    result = trainer.fit()
+    summary = dict(result.return_value or {})
+    summary.setdefault("run_id", trainer.mlflow_run_id)
+    best = summary.get("best") or {}
+    # The parent run carries the outcome too, so an experiment list shows it without opening children.
+    from workers.tracking import log_metrics
+
+    history = summary.get("history") or []
+    if history:
+        by_epoch = {int(h["epoch"]): h for h in history}
+        best_row = by_epoch.get(int(best.get("epoch", 0)), history[-1])
+        log_metrics(c, ctx.parent_run_id, {f"best_{k}": v for k, v in best_row.items()}, step=0)
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        spec = Spec.from_file(args.spec)
+    except SpecError as e:
+        print(f"hdet run: {e}", file=sys.stderr)
+        return 2
+
+    from harmonic.data import DatasetError
+
+    try:
+        skipped = check_dataset(spec)
+    except DatasetError as e:
+        print(f"hdet run: dataset refused:\n{e}", file=sys.stderr)
+        return 2
+    if any(skipped.values()):
+        print(
+            f"dataset: skipped bad annotations (dataset.skip_bad): train {skipped['train']}, val {skipped['val']}"
+        )
+
+    from workers.env import storage_dir
+    from workers.tracking import client, log_metrics, open_parent_run, resolve_tracking_uri
+
+    tracking_uri = resolve_tracking_uri(spec.tracking.tracking_uri, args.tracking_uri)
+    storage_path = args.storage_path or os.environ.get("HDET_STORAGE_PATH") or str(storage_dir())
+    if "://" not in storage_path:
+        Path(storage_path).mkdir(parents=True, exist_ok=True)
+
+    started = _start_ray(spec, args.address, args.dashboard)
+    ctx = open_parent_run(spec, tracking_uri, resume=args.resume)
+    c = client(tracking_uri)
+    if any(skipped.values()):
+        log_metrics(c, ctx.parent_run_id, {f"dataset_skipped_{k}": v for k, v in skipped.items()}, step=0)
+    print(
+        f"experiment {spec.tracking.experiment!r}: parent run {ctx.parent_run_id} ({tracking_uri})",
+        flush=True,
+    )
+    status, rc = "FINISHED", 0
+    try:
+        if spec.search is None:
+            summary = single_run(spec, ctx, storage_path, resume=args.resume)
+            print()
+            print(format_table(summary.get("history") or [], summary.get("best")))
+        else:
+            from workers.search import run_search  # written alongside the Tune search
+
+            run_search(spec, ctx, storage_path, resume=args.resume)
+    except Exception as e:
+        from ray.train import TrainingFailedError
+
+        from workers.train import is_deterministic_error
+
+        if not (isinstance(e, TrainingFailedError) or is_deterministic_error(e)):
+            c.set_terminated(ctx.parent_run_id, status="FAILED")
+            raise
+        print(f"hdet run: training failed: {e}", file=sys.stderr)
+        status, rc = "FAILED", 1
+    finally:
+        if started:
+            import ray
+
+            ray.shutdown()
+    c.set_terminated(ctx.parent_run_id, status=status)
+    if tracking_uri.startswith("sqlite:"):
+        print(f"\nMLflow UI: mlflow ui --backend-store-uri {tracking_uri}")
+    else:
+        print(f"\nMLflow: {tracking_uri} (experiment {spec.tracking.experiment!r})")
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,574 @@
+"""The experiment spec: one schema for the REST API, the CLI and the Ray entrypoint.
+
+A spec is a YAML or JSON document with the sections ``name``, ``dataset``, ``detector``,
+``loss``, ``train``, ``scaling``, ``search`` (optional) and ``tracking``. Unknown keys are
+errors everywhere, and every error names the field it is about, e.g.
+``loss.gamma: 1.5 is outside [0, 1] ...``.
+
+The ``loss`` section has exactly the options of :class:`harmonic.config.LossConfig` and is
+validated by it, so the ranges live in one place.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import hashlib
+import json
+import math
+import os
+import sys
+from dataclasses import fields as dc_fields
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+from harmonic.config import LossConfig, LossConfigError
+
+__all__ = [
+    "Spec",
+    "SpecError",
+    "DatasetSpec",
+    "DetectorSpec",
+    "LossSpec",
+    "TrainSpec",
+    "ScalingSpec",
+    "SearchSpec",
+    "TrackingSpec",
+    "DebugSpec",
+    "resolve_param_path",
+]
+
+_STRICT = ConfigDict(extra="forbid", validate_default=True)
+_DEFAULT_LOSS = LossConfig()
+
+
+class SpecError(ValueError):
+    """A spec is invalid. ``problems`` lists ``(field path, message)`` pairs."""
+
+    def __init__(self, problems: list[tuple[str, str]], source: str | None = None):
+        self.problems = problems
+        self.source = source
+        head = f"invalid spec {source}" if source else "invalid spec"
+        lines = [f"  {path}: {msg}" if path else f"  {msg}" for path, msg in problems]
+        super().__init__(head + ":\n" + "\n".join(lines))
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (self.__class__, (self.problems, self.source))
+
+
+def _check_paths(info: ValidationInfo) -> bool:
+    # The service validates specs for a cluster whose storage it may not see: it passes
+    # context={"check_paths": False}. Everything else checks that paths exist.
+    ctx = info.context or {}
+    return bool(ctx.get("check_paths", True))
+
+
+def _expand(path: str) -> str:
+    return os.path.expanduser(os.path.expandvars(path))
+
+
+SplitRef = str | int | dict[str, str] | list[list[str | int]]
+
+
+class DatasetSpec(BaseModel):
+    """Where the data is, in the conventions of :func:`harmonic.data.build_dataset`.
+
+    ``coco``: ``train``/``val`` name a split (images in ``root/NAME/``, annotations in
+    ``root/annotations/instances_NAME.json``) or give ``{images: DIR, ann: FILE}``.
+    ``voc``: ``root`` is the VOCdevkit, splits like ``"2007-trainval+2012-trainval"``.
+    ``synthetic``: generated into ``root`` (default: under ``$HDET_HOME/data``) on first use;
+    ``train``/``val`` are image counts, ``image_size``/``seed`` and ``synth`` (any other argument of
+    :func:`harmonic.data.synth.generate`) shape the set.
+    """
+
+    model_config = _STRICT
+
+    format: Literal["coco", "voc", "synthetic"] = Field(description="dataset layout")
+    root: str | None = Field(default=None, description="dataset root (synthetic: where it is generated)")
+    train: SplitRef | None = Field(default=None, description="training split (synthetic: number of images)")
+    val: SplitRef | None = Field(default=None, description="validation split (synthetic: number of images)")
+    skip_bad: bool = Field(
+        default=False, description="skip broken images/annotations instead of refusing the dataset"
+    )
+    keep_difficult: bool = Field(default=False, description="voc: keep objects marked difficult")
+    image_size: int | None = Field(
+        default=None, ge=32, le=4096, description="synthetic: image side in pixels"
+    )
+    seed: int | None = Field(default=None, ge=0, description="synthetic: generator seed")
+    synth: dict[str, Any] = Field(default_factory=dict, description="synthetic: other generator parameters")
+
+    @model_validator(mode="after")
+    def _consistent(self, info: ValidationInfo) -> DatasetSpec:
+        if self.format == "synthetic":
+            for split in ("train", "val"):
+                v = getattr(self, split)
+                if v is not None and (not isinstance(v, int) or v < 1):
+                    raise ValueError(f"{split}: for format synthetic, the number of images (>= 1), got {v!r}")
+            self._check_synth()
+            return self
+        for name in ("image_size", "seed"):
+            if getattr(self, name) is not None:
+                raise ValueError(f"{name}: only for format synthetic")
+        if self.synth:
+            raise ValueError("synth: only for format synthetic")
+        if self.root is None:
+            raise ValueError(f"root: required for format {self.format!r}")
+        if not _check_paths(info):
+            return self
+        root = Path(_expand(self.root))
+        if not root.exists():
+            raise ValueError(f"root: path {self.root!r} does not exist")
+        if self.format == "coco":
+            for split in ("train", "val"):
+                for what, p in self._coco_paths(root, getattr(self, split)):
+                    if not p.exists():
+                        raise ValueError(f"{split}: {what} {str(p)!r} does not exist")
+        return self
+
+    @staticmethod
+    def _coco_paths(root: Path, ref: Any) -> list[tuple[str, Path]]:
+        def under(p: str) -> Path:
+            q = Path(_expand(p))
+            return q if q.is_absolute() else root / q
+
+        if isinstance(ref, str):
+            return [
+                ("annotation file", root / "annotations" / f"instances_{ref}.json"),
+                ("image folder", root / ref),
+            ]
+        if isinstance(ref, dict):
+            return [(f"{k} path", under(v)) for k, v in ref.items() if k in ("images", "ann")]
+        return []
+
+    def _check_synth(self) -> None:
+        from harmonic.data.synth import SynthParams
+
+        known = set(SynthParams.__dataclass_fields__) - {"train", "val", "image_size", "seed", "version"}
+        unknown = sorted(set(self.synth) - known)
+        if unknown:
+            raise ValueError(
+                f"synth: unknown parameter(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}"
+            )
+        try:
+            kwargs: dict[str, Any] = {
+                k: tuple(v) if k == "aspect_ratios" else v for k, v in self.synth_params().items()
+            }
+            SynthParams(**kwargs).validate()
+        except (TypeError, ValueError) as e:
+            raise ValueError(str(e)) from None
+
+    def synth_params(self) -> dict[str, Any]:
+        """The generator's keyword arguments that this spec sets."""
+        given = {"train": self.train, "val": self.val, "image_size": self.image_size, "seed": self.seed}
+        return {**{k: v for k, v in given.items() if v is not None}, **self.synth}
+
+    def resolved_root(self) -> str:
+        """The root with ``~``/variables expanded; for synthetic, a default folder named by its parameters."""
+        if self.root is not None:
+            return str(Path(_expand(self.root)).resolve())
+        from workers.env import data_dir
+
+        params = json.dumps(self.synth_params(), sort_keys=True)
+        digest = hashlib.sha1(params.encode()).hexdigest()[:8]
+        return str(data_dir() / f"synthetic-{digest}")
+
+    def build_config(self) -> dict[str, Any]:
+        """The ``dataset_cfg`` of :func:`harmonic.data.build_dataset` (root resolved)."""
+        cfg: dict[str, Any] = {"format": self.format, "root": self.resolved_root()}
+        if self.format == "synthetic":
+            return {**cfg, **self.synth_params()}
+        for split in ("train", "val"):
+            if getattr(self, split) is not None:
+                cfg[split] = getattr(self, split)
+        if self.format == "voc":
+            cfg["keep_difficult"] = self.keep_difficult
+        return cfg
+
+
+class DetectorSpec(BaseModel):
+    model_config = _STRICT
+
+    arch: Literal["retinanet", "faster_rcnn", "mask_rcnn", "ssd", "ssdlite", "fcos"] = "retinanet"
+    backbone: str | None = Field(default=None, description="e.g. resnet18_fpn; default: the arch's own")
+    image_size: int = Field(default=256, ge=32, le=4096, description="shorter/target image side")
+    pretrained_backbone: str | None = Field(default=None, description="path to backbone weights, or null")
+
+    @field_validator("pretrained_backbone")
+    @classmethod
+    def _weights_exist(cls, v: str | None, info: ValidationInfo) -> str | None:
+        if v is not None and _check_paths(info) and not Path(_expand(v)).exists():
+            raise ValueError(f"path {v!r} does not exist")
+        return v
+
+
+class LossSpec(BaseModel):
+    """The loss options; same names, defaults and ranges as :class:`harmonic.config.LossConfig`."""
+
+    model_config = _STRICT
+
+    kind: Literal["standard", "harmonic", "harmonicdet"] = _DEFAULT_LOSS.kind
+    alpha: float = _DEFAULT_LOSS.alpha
+    gamma: float = _DEFAULT_LOSS.gamma
+    margin: float = _DEFAULT_LOSS.margin
+    tc: bool = _DEFAULT_LOSS.tc
+    iou_term: Literal["none", "iou", "hiou"] | None = _DEFAULT_LOSS.iou_term
+    detach_factors: bool = _DEFAULT_LOSS.detach_factors
+    tc_weight: float = _DEFAULT_LOSS.tc_weight
+    detach_tc_weight: bool = _DEFAULT_LOSS.detach_tc_weight
+    tc_detach_iou: bool = _DEFAULT_LOSS.tc_detach_iou
+    sigmoid_cls: Literal["focal", "bce"] = _DEFAULT_LOSS.sigmoid_cls
+    normalization: Literal["detector", "num_pos"] = _DEFAULT_LOSS.normalization
+
+    @model_validator(mode="after")
+    def _through_loss_config(self) -> LossSpec:
+        try:
+            self.to_config()
+        except LossConfigError as e:
+            raise ValueError(str(e)) from None
+        return self
+
+    def to_config(self) -> LossConfig:
+        return LossConfig(**self.model_dump())
+
+
+class WarmupSpec(BaseModel):
+    model_config = _STRICT
+
+    iters: int = Field(default=100, ge=0, description="linear warm-up length in iterations (0: none)")
+    factor: float = Field(default=0.001, gt=0, le=1, description="lr multiplier at iteration 0")
+
+
+class DebugSpec(BaseModel):
+    """Fault injection, for the tests of recovery only."""
+
+    model_config = _STRICT
+
+    crash_rank: int | None = Field(
+        default=None,
+        ge=0,
+        description="this rank exits its process once, at the first step after epoch crash_after_epoch's checkpoint",
+    )
+    crash_after_epoch: int = Field(default=1, ge=1, description="1-based epoch")
+    crash_marker: str | None = Field(default=None, description="file recording that the crash happened")
+    nonfinite_step: int | None = Field(
+        default=None, ge=0, description="the first loss term is made infinite at this global step"
+    )
+
+    @model_validator(mode="after")
+    def _marker_with_rank(self) -> DebugSpec:
+        if self.crash_rank is not None and not self.crash_marker:
+            raise ValueError("crash_marker: required with crash_rank (the crash must happen only once)")
+        return self
+
+
+class TrainSpec(BaseModel):
+    """The recipe, after torchvision's detection reference scripts."""
+
+    model_config = _STRICT
+
+    epochs: int = Field(default=12, ge=1)
+    batch_size: int = Field(default=8, ge=1, description="images per worker per step")
+    lr: float = Field(
+        default=0.01, gt=0, description="learning rate of one step (batch_size x num_workers images)"
+    )
+    optimizer: Literal["sgd", "adamw"] = "sgd"
+    momentum: float = Field(default=0.9, ge=0, lt=1)
+    weight_decay: float = Field(default=1e-4, ge=0)
+    schedule: Literal["multistep", "cosine", "constant"] = "multistep"
+    lr_steps: list[int] | None = Field(
+        default=None, description="multistep: epochs at which lr is multiplied by lr_gamma (default 2/3, 8/9)"
+    )
+    lr_gamma: float = Field(default=0.1, gt=0, le=1)
+    warmup: WarmupSpec = Field(default_factory=WarmupSpec)
+    clip_grad_norm: float | None = Field(
+        default=None, gt=0, description="max gradient norm (null: no clipping)"
+    )
+    seed: int = Field(default=0, ge=0, description="each worker seeds with seed + rank")
+    amp: Literal["auto"] | bool = Field(default="auto", description="mixed precision; auto = on GPU only")
+    data_workers: int = Field(default=0, ge=0, description="DataLoader processes per worker")
+    aspect_ratio_groups: int = Field(default=3, ge=0, description="aspect-ratio grouping bins (0: off)")
+    nms_iou: float = Field(default=0.5, gt=0, le=1, description="IoU of the NMS audit")
+    debug: DebugSpec = Field(default_factory=DebugSpec)
+
+    @model_validator(mode="after")
+    def _steps_in_range(self) -> TrainSpec:
+        if self.lr_steps is not None:
+            bad = [s for s in self.lr_steps if not 0 < s < self.epochs]
+            if bad:
+                raise ValueError(f"lr_steps: {bad} outside 1..epochs-1 ({self.epochs - 1})")
+            if sorted(self.lr_steps) != self.lr_steps:
+                raise ValueError(f"lr_steps: must be increasing, got {self.lr_steps}")
+        return self
+
+    def resolved_lr_steps(self) -> list[int]:
+        if self.lr_steps is not None:
+            return list(self.lr_steps)
+        # torchvision's 26-epoch recipe decays at 16 and 22, i.e. ~2/3 and ~8/9 of the run.
+        steps = sorted({round(self.epochs * 2 / 3), round(self.epochs * 8 / 9)})
+        return [s for s in steps if 0 < s < self.epochs]
+
+
+class ScalingSpec(BaseModel):
+    model_config = _STRICT
+
+    num_workers: int = Field(default=1, ge=1, description="Ray Train workers (DDP ranks) per training run")
+    use_gpu: Literal["auto"] | bool = Field(default="auto", description="auto: GPUs if the cluster has any")
+    gpus_per_worker: float = Field(default=1, gt=0)
+    cpus_per_worker: float = Field(default=1, gt=0)
+    accelerator_type: str | None = Field(default=None, description="e.g. H100, A10G: run only on those nodes")
+    max_failures: int = Field(
+        default=2, ge=-1, description="worker failures a run recovers from (-1: forever)"
+    )
+
+
+SpaceEntry = dict[str, list[Any]]
+
+
+class SearchSpec(BaseModel):
+    model_config = _STRICT
+
+    space: dict[str, SpaceEntry] = Field(
+        description="param -> {uniform|loguniform: [lo, hi]} | {choice: [...]} | {grid: [...]}"
+    )
+    algorithm: Literal["random", "grid", "optuna"] = "random"
+    scheduler: Literal["fifo", "asha"] = "fifo"
+    num_samples: int = Field(default=8, ge=1)
+    max_concurrent: int = Field(default=1, ge=1)
+    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
+    baseline: bool = False
+
+    @field_validator("space")
+    @classmethod
+    def _entries(cls, space: dict[str, SpaceEntry]) -> dict[str, SpaceEntry]:
+        if not space:
+            raise ValueError("must name at least one parameter")
+        for param, entry in space.items():
+            try:
+                resolve_param_path(param)
+            except KeyError as e:
+                raise ValueError(f"{param}: {e.args[0]}") from None
+            if not isinstance(entry, dict) or len(entry) != 1:
+                raise ValueError(f"{param}: must have exactly one of uniform, loguniform, choice, grid")
+            ((kind, values),) = entry.items()
+            if kind in ("uniform", "loguniform"):
+                if len(values) != 2 or not all(
+                    isinstance(v, int | float) and math.isfinite(v) for v in values
+                ):
+                    raise ValueError(f"{param}.{kind}: must be [lo, hi] numbers, got {values}")
+                lo, hi = values
+                if not lo < hi:
+                    raise ValueError(f"{param}.{kind}: lo must be < hi, got [{lo}, {hi}]")
+                if kind == "loguniform" and lo <= 0:
+                    raise ValueError(f"{param}.loguniform: lo must be > 0, got {lo}")
+            elif kind in ("choice", "grid"):
+                if not values:
+                    raise ValueError(f"{param}.{kind}: must list at least one value")
+            else:
+                raise ValueError(f"{param}: unknown entry {kind!r}; use uniform, loguniform, choice or grid")
+        return space
+
+    @field_validator("seeds")
+    @classmethod
+    def _unique_seeds(cls, seeds: list[int]) -> list[int]:
+        if len(set(seeds)) != len(seeds):
+            raise ValueError(f"must be distinct, got {seeds}")
+        return seeds
+
+    @model_validator(mode="after")
+    def _grid_needs_grid(self) -> SearchSpec:
+        if self.algorithm == "grid":
+            sampled = [p for p, e in self.space.items() if next(iter(e)) in ("uniform", "loguniform")]
+            if sampled:
+                raise ValueError(
+                    f"algorithm: grid cannot sample {', '.join(sampled)}; use grid/choice entries"
+                )
+        return self
+
+
+class TrackingSpec(BaseModel):
+    model_config = _STRICT
+
+    experiment: str = Field(default="harmonicdet", min_length=1, description="MLflow experiment name")
+    tracking_uri: str | None = Field(
+        default=None, description="MLflow tracking URI (default: local sqlite store)"
+    )
+
+
+class Spec(BaseModel):
+    """An experiment: one training run, or a Tune search when ``search`` is present."""
+
+    model_config = _STRICT
+
+    name: str = Field(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    dataset: DatasetSpec
+    detector: DetectorSpec = Field(default_factory=DetectorSpec)
+    loss: LossSpec = Field(default_factory=LossSpec)
+    train: TrainSpec = Field(default_factory=TrainSpec)
+    scaling: ScalingSpec = Field(default_factory=ScalingSpec)
+    search: SearchSpec | None = None
+    tracking: TrackingSpec = Field(default_factory=TrackingSpec)
+
+    @classmethod
+    def parse(cls, data: dict[str, Any], *, source: str | None = None, check_paths: bool = True) -> Spec:
+        """Validate a spec dict; raises :class:`SpecError` naming each bad field."""
+        if not isinstance(data, dict):
+            raise SpecError([("", f"a spec must be a mapping, got {type(data).__name__}")], source)
+        try:
+            return cls.model_validate(data, context={"check_paths": check_paths})
+        except ValidationError as e:
+            raise SpecError(_problems(e), source) from None
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike[str], *, check_paths: bool = True) -> Spec:
+        """Load and validate a YAML (``.yaml``/``.yml``) or JSON spec file."""
+        p = Path(path)
+        if not p.is_file():
+            raise SpecError([("", f"spec file {str(p)!r} does not exist")], str(p))
+        text = p.read_text()
+        try:
+            if p.suffix == ".json":
+                data = json.loads(text)
+            else:
+                import yaml
+
+                data = yaml.safe_load(text)
+        except Exception as e:  # yaml/json parse errors: report them as spec errors
+            raise SpecError([("", f"cannot parse: {e}")], str(p)) from None
+        return cls.parse(data, source=str(p), check_paths=check_paths)
+
+    def with_overrides(self, overrides: dict[str, Any], *, check_paths: bool = True) -> Spec:
+        """A copy with dotted-path values replaced (``{"loss.alpha": 1.2, "train.seed": 1}``), re-validated.
+
+        Bare names (``alpha``, ``lr``) are resolved with :func:`resolve_param_path`.
+        """
+        data = copy.deepcopy(self.model_dump(mode="json"))
+        for key, value in overrides.items():
+            path = resolve_param_path(key).split(".")
+            node = data
+            for part in path[:-1]:
+                if not isinstance(node.get(part), dict):
+                    node[part] = {}
+                node = node[part]
+            node[path[-1]] = value
+        return Spec.parse(data, source="overrides " + ", ".join(map(str, overrides)), check_paths=check_paths)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The resolved spec (every default filled in), JSON-serialisable."""
+        return self.model_dump(mode="json")
+
+    def loss_config(self) -> LossConfig:
+        return self.loss.to_config()
+
+
+# Spec sections whose fields a bare search-space name may refer to, in lookup order.
+_BARE_SECTIONS: tuple[tuple[str, type[BaseModel]], ...] = (
+    ("loss", LossSpec),
+    ("train", TrainSpec),
+    ("detector", DetectorSpec),
+)
+
+
+def resolve_param_path(name: str) -> str:
+    """The dotted spec path of a search parameter: ``alpha`` -> ``loss.alpha``, ``lr`` -> ``train.lr``.
+
+    Dotted names are checked against the spec's sections. Raises ``KeyError`` with a message for
+    a name that is no spec field.
+    """
+    if "." in name:
+        parts = name.split(".")
+        model: type[BaseModel] = Spec
+        for i, part in enumerate(parts):
+            field = model.model_fields.get(part)
+            if field is None:
+                raise KeyError(f"{'.'.join(parts[: i + 1])} is not a spec field")
+            ann = field.annotation
+            sub = next(
+                (
+                    a
+                    for a in getattr(ann, "__args__", (ann,))
+                    if isinstance(a, type) and issubclass(a, BaseModel)
+                ),
+                None,
+            )
+            if i < len(parts) - 1:
+                if sub is None:
+                    raise KeyError(f"{'.'.join(parts[: i + 1])} has no sub-fields")
+                model = sub
+        return name
+    for section, model in _BARE_SECTIONS:
+        if name in model.model_fields:
+            return f"{section}.{name}"
+    raise KeyError(f"{name!r} is not a field of loss, train or detector; use a dotted path such as train.lr")
+
+
+def _problems(e: ValidationError) -> list[tuple[str, str]]:
+    problems: list[tuple[str, str]] = []
+    for err in e.errors():
+        loc = [str(p) for p in err["loc"]]
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key"
+        elif msg.startswith("Value error, "):
+            msg = msg[len("Value error, ") :]
+        path = ".".join(loc)
+        # Validators of a section write "field: message" (and LossConfig "loss.field: message");
+        # fold that field into the path so every message starts with the full field path.
+        head, sep, rest = msg.partition(": ")
+        if sep and head and " " not in head and not head.startswith("["):
+            if head.startswith(path + ".") or head == path:
+                path, msg = head, rest
+            elif path and not head.startswith(loc[0] + "."):
+                path, msg = f"{path}.{head}", rest
+            elif not path:
+                path, msg = head, rest
+        problems.append((path, msg))
+    return problems
+
+
+def schema_main(argv: list[str]) -> int:
+    """``hdet spec schema``: print the spec's JSON Schema."""
+    parser = argparse.ArgumentParser(
+        prog="hdet spec schema", description="Print the experiment spec's JSON Schema."
+    )
+    parser.add_argument("--indent", type=int, default=2)
+    args = parser.parse_args(argv)
+    print(json.dumps(Spec.model_json_schema(), indent=args.indent))
+    return 0
+
+
+def check_main(argv: list[str]) -> int:
+    """``hdet spec check SPEC...``: validate spec files; exit 1 naming each bad field."""
+    parser = argparse.ArgumentParser(prog="hdet spec check", description="Validate experiment spec files.")
+    parser.add_argument("specs", nargs="+", metavar="SPEC")
+    parser.add_argument("--no-paths", action="store_true", help="do not check that dataset paths exist")
+    parser.add_argument("--print", action="store_true", help="print the resolved spec")
+    args = parser.parse_args(argv)
+    rc = 0
+    for path in args.specs:
+        try:
+            spec = Spec.from_file(path, check_paths=not args.no_paths)
+        except SpecError as e:
+            print(e, file=sys.stderr)
+            rc = 1
+            continue
+        print(
+            f"{path}: ok ({'search' if spec.search else 'single run'}, {spec.detector.arch}, loss {spec.loss.kind})"
+        )
+        if args.print:
+            print(json.dumps(spec.to_dict(), indent=2))
+    return rc
+
+
+def _loss_fields_match() -> bool:
+    """True when :class:`LossSpec` mirrors :class:`LossConfig` field for field (checked by the tests)."""
+    return set(LossSpec.model_fields) == {f.name for f in dc_fields(LossConfig)}

@@ -1,0 +1,259 @@
+"""MLflow tracking of HarmonicDet experiments: a parent run per experiment, a child run per training run.
+
+Everything goes through :class:`mlflow.MlflowClient` with explicit run ids, never through the
+fluent "active run" API: Tune trials can share a process, and a global active run would mix
+their metrics. A child run carries a ``hdet.run_key`` tag (the trial id, or the run name of a
+single run) so a retried or resumed training run finds its own run again instead of opening a
+second one.
+
+Tags written on every run (so the MLflow UI can filter on them): ``loss`` (the loss kind, e.g.
+``tags.loss = 'harmonicdet'``), ``arch``, ``git_commit``, ``harmonicdet_version``,
+``hdet.spec_name`` and ``hdet.role`` (``parent`` or ``child``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
+
+    from workers.spec import Spec
+
+__all__ = [
+    "TrackingContext",
+    "open_parent_run",
+    "find_or_create_child_run",
+    "flatten_params",
+    "run_tags",
+    "log_metrics",
+    "logged_steps",
+    "log_dict_artifact",
+    "client",
+    "log_params",
+    "resolve_tracking_uri",
+    "RUN_KEY_TAG",
+]
+
+PARENT_ROLE = "parent"
+CHILD_ROLE = "child"
+RUN_KEY_TAG = "hdet.run_key"
+
+
+@dataclass(frozen=True)
+class TrackingContext:
+    """Where a training run logs: picklable, so it travels to Ray workers and Tune trials.
+
+    Attributes:
+        tracking_uri: MLflow tracking URI (a sqlite URI locally, an http URI for a server).
+        experiment: MLflow experiment name.
+        experiment_id: its id.
+        parent_run_id: the experiment's parent run; child runs hang below it.
+    """
+
+    tracking_uri: str
+    experiment: str
+    experiment_id: str
+    parent_run_id: str
+
+
+def client(tracking_uri: str) -> MlflowClient:
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=tracking_uri)
+
+
+def resolve_tracking_uri(spec_uri: str | None = None, cli_uri: str | None = None) -> str:
+    """CLI flag, else the spec's ``tracking.tracking_uri``, else ``MLFLOW_TRACKING_URI``, else the local store."""
+    from workers.env import default_tracking_uri
+
+    uri = cli_uri or spec_uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri()
+    if uri.startswith("sqlite:///"):
+        Path(uri[len("sqlite:///") :]).parent.mkdir(parents=True, exist_ok=True)
+    return uri
+
+
+def flatten_params(spec_dict: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    """Flatten a nested spec dict to MLflow params: ``{"loss": {"alpha": 1.5}}`` -> ``{"loss.alpha": "1.5"}``.
+
+    Lists and ``None`` become their JSON text, so a param shows what the spec said.
+    """
+    out: dict[str, str] = {}
+    for key, value in spec_dict.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            if value:
+                out.update(flatten_params(value, prefix=name + "."))
+            else:
+                out[name] = "{}"
+        elif isinstance(value, str):
+            out[name] = value
+        else:
+            out[name] = json.dumps(value)
+    return out
+
+
+def run_tags(spec: Spec, role: str) -> dict[str, str]:
+    """Tags that make runs filterable in the MLflow UI."""
+    from workers.env import git_commit, package_version
+
+    return {
+        "loss": spec.loss.kind,
+        "arch": spec.detector.arch,
+        "git_commit": git_commit(),
+        "harmonicdet_version": package_version(),
+        "hdet.spec_name": spec.name,
+        "hdet.role": role,
+        "dataset": spec.dataset.format,
+    }
+
+
+def _get_or_create_experiment(c: MlflowClient, name: str, tracking_uri: str) -> str:
+    exp = c.get_experiment_by_name(name)
+    if exp is not None:
+        if exp.lifecycle_stage == "deleted":
+            c.restore_experiment(exp.experiment_id)
+        return str(exp.experiment_id)
+    artifact_location = None
+    if tracking_uri.startswith("sqlite:///"):
+        # Keep artifacts next to the local database rather than in ./mlartifacts of the cwd.
+        db = Path(tracking_uri[len("sqlite:///") :])
+        artifact_location = (db.parent / "artifacts" / name).resolve().as_uri()
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return str(c.create_experiment(name, artifact_location=artifact_location))
+    except MlflowException:
+        # Another process created it between our lookup and our create.
+        exp = c.get_experiment_by_name(name)
+        if exp is None:
+            raise
+        return str(exp.experiment_id)
+
+
+def log_params(c: MlflowClient, run_id: str, params: Mapping[str, str]) -> None:
+    """Log params in batches (MLflow takes at most 100 per call); values cut to MLflow's limit."""
+    from mlflow.entities import Param
+
+    items = [Param(k, str(v)[:6000]) for k, v in params.items()]
+    for i in range(0, len(items), 100):
+        c.log_batch(run_id, params=items[i : i + 100])
+
+
+def open_parent_run(spec: Spec, tracking_uri: str, resume: bool = False) -> TrackingContext:
+    """Create (or, with ``resume``, re-open the latest) parent run of ``spec``'s experiment.
+
+    The parent run gets the flattened spec as params, the resolved spec and the environment as
+    artifacts, and the filter tags of :func:`run_tags`.
+    """
+    from workers.env import environment
+
+    c = client(tracking_uri)
+    exp_id = _get_or_create_experiment(c, spec.tracking.experiment, tracking_uri)
+    run_id: str | None = None
+    if resume:
+        runs = c.search_runs(
+            [exp_id],
+            filter_string=f"tags.`hdet.role` = '{PARENT_ROLE}' and tags.`hdet.spec_name` = '{spec.name}'",
+            order_by=["attributes.start_time DESC"],
+            max_results=1,
+        )
+        if runs:
+            run_id = runs[0].info.run_id
+            c.update_run(run_id, status="RUNNING")
+    if run_id is None:
+        run = c.create_run(exp_id, run_name=spec.name, tags=run_tags(spec, PARENT_ROLE))
+        run_id = run.info.run_id
+        log_params(c, run_id, flatten_params(spec.to_dict()))
+        log_dict_artifact(c, run_id, spec.to_dict(), "spec.json")
+        log_dict_artifact(c, run_id, environment(), "environment.json")
+    return TrackingContext(tracking_uri, spec.tracking.experiment, exp_id, run_id)
+
+
+def find_or_create_child_run(
+    ctx: TrackingContext, run_key: str, run_name: str, tags: Mapping[str, str] | None = None
+) -> str:
+    """The child run of ``ctx``'s parent tagged ``hdet.run_key = run_key``; created when missing.
+
+    Args:
+        ctx: the experiment's tracking context.
+        run_key: a key unique within the parent run (a Tune trial id, or a single run's name);
+            a retried or resumed run with the same key gets the same MLflow run back.
+        run_name: the run's display name.
+        tags: extra tags for a newly created run.
+
+    Returns:
+        The MLflow run id.
+    """
+    from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+
+    c = client(ctx.tracking_uri)
+    key = run_key.replace("'", "")
+    found = c.search_runs(
+        [ctx.experiment_id],
+        filter_string=f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{ctx.parent_run_id}' and tags.`{RUN_KEY_TAG}` = '{key}'",
+        max_results=1,
+    )
+    if found:
+        run_id = found[0].info.run_id
+        if found[0].info.status != "RUNNING":
+            c.update_run(run_id, status="RUNNING")
+        return str(run_id)
+    all_tags = {
+        **(tags or {}),
+        MLFLOW_PARENT_RUN_ID: ctx.parent_run_id,
+        RUN_KEY_TAG: key,
+        "hdet.role": CHILD_ROLE,
+    }
+    run = c.create_run(ctx.experiment_id, run_name=run_name, tags=all_tags)
+    return str(run.info.run_id)
+
+
+def logged_steps(c: MlflowClient, run_id: str, key: str = "epoch") -> set[int]:
+    """Steps at which ``key`` was logged: the epochs a run already has in MLflow."""
+    return {int(m.step) for m in c.get_metric_history(run_id, key)}
+
+
+def log_metrics(c: MlflowClient, run_id: str, metrics: Mapping[str, Any], step: int) -> None:
+    """Log the finite numeric entries of ``metrics`` at ``step`` in one call."""
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    items = []
+    for k, v in metrics.items():
+        if isinstance(v, bool) or not isinstance(v, int | float):
+            continue
+        if not math.isfinite(float(v)):
+            continue
+        items.append(Metric(_metric_key(k), float(v), now, step))
+    for i in range(0, len(items), 1000):
+        c.log_batch(run_id, metrics=items[i : i + 1000])
+
+
+def _metric_key(key: str) -> str:
+    # MLflow allows letters, digits, and _-./ and space; anything else becomes "_".
+    return "".join(ch if ch.isalnum() or ch in "_-./ " else "_" for ch in key)
+
+
+def log_dict_artifact(c: MlflowClient, run_id: str, data: Any, artifact_file: str) -> None:
+    """Write ``data`` as JSON (``.json``) or YAML (``.yaml``) to the run's artifacts."""
+    path = Path(artifact_file)
+    with tempfile.TemporaryDirectory() as tmp:
+        local = Path(tmp) / path.name
+        if path.suffix in (".yaml", ".yml"):
+            import yaml
+
+            local.write_text(yaml.safe_dump(data, sort_keys=False))
+        else:
+            local.write_text(json.dumps(data, indent=2, default=str))
+        c.log_artifact(
+            run_id, str(local), artifact_path=str(path.parent) if str(path.parent) != "." else None
+        )
