@@ -11,4 +11,4 @@ hdet run "$spec" "$@"
 home=${HDET_HOME:-$PWD/.hdet}
 echo
 echo "Open the results in the MLflow UI:"
-echo "  .venv/bin/mlflow ui --backend-store-uri sqlite:///$home/mlflow.db --host 127.0.0.1 --port 5000"
+echo "  .venv/bin/mlflow ui --backend-store-uri sqlite:///$home/mlflow/mlflow.db --host 127.0.0.1 --port 5000"

@@ -43,6 +43,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--resume", action="store_true", help="continue the latest run of this spec from its checkpoint"
     )
+    p.add_argument(
+        "--retry-failed", action="store_true", help="with --resume: run a search's failed trials again"
+    )
     p.add_argument("--storage-path", help="Ray Train/Tune storage (default: $HDET_HOME/ray_results)")
     p.add_argument("--dashboard", action="store_true", help="start the Ray dashboard with a local Ray")
     return p
@@ -84,11 +87,12 @@ def _start_ray(spec: Spec, address: str | None, dashboard: bool) -> bool:
     if address or os.environ.get("RAY_ADDRESS"):
         ray.init(address=address or os.environ["RAY_ADDRESS"])
         return False
-    s = spec.scaling
-    concurrent = spec.search.max_concurrent if spec.search else 1
-    # Logical CPUs: at least what the spec asks for, so a small machine runs it (oversubscribed)
-    # rather than waiting forever for resources it does not have.
-    needed = math.ceil(s.num_workers * s.cpus_per_worker * concurrent)
+    from workers.search import required_cpus
+
+    # Logical CPUs: at least what the spec runs at once (every seed's and the baseline's trainers
+    # of a search), so a small machine runs it oversubscribed rather than waiting forever for
+    # resources it does not have.
+    needed = math.ceil(required_cpus(spec))
     init_local_ray(num_cpus=max(os.cpu_count() or 1, needed), dashboard=dashboard)
     return True
 
@@ -200,7 +204,12 @@ def main(argv: list[str] | None = None) -> int:
         else:
             from workers.search import run_search  # written alongside the Tune search
 
-            run_search(spec, ctx, storage_path, resume=args.resume)
+            search_summary = run_search(
+                spec, ctx, storage_path, resume=args.resume, retry_failed=args.retry_failed
+            )  # prints its own table
+            if not search_summary.complete:
+                print("hdet run: the search was interrupted; continue it with --resume", file=sys.stderr)
+                status, rc = "KILLED", 1
     except Exception as e:
         from ray.train import TrainingFailedError
 

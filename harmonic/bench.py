@@ -1,0 +1,169 @@
+"""``hdet bench loss``: training-step time with the HarmonicDet loss / with the standard loss.
+
+For each arch, two models with identical weights (one ``standard``, one ``harmonicdet``) train on
+the same generated batch; after a warm-up their steps (forward + backward + optimizer step) are
+measured interleaved, one of each in turn, so that machine load affects both alike. The table gives
+the median milliseconds of each and their ratio; the JSON has every sample.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from harmonic.detectors import ARCHS, build_detector
+
+__all__ = ["loss_main", "bench_arch"]
+
+_SMALL_BACKBONE = {"ssd": "vgg16", "ssdlite": "mobilenet_v3"}
+
+
+def _batch(
+    n: int, size: int, num_classes: int, seed: int = 0
+) -> tuple[list[Tensor], list[dict[str, Tensor]]]:
+    g = torch.Generator().manual_seed(seed)
+    images, targets = [], []
+    for _ in range(n):
+        img = torch.rand(3, size, size, generator=g) * 0.3
+        boxes, labels, masks = [], [], []
+        for _ in range(3):
+            w, h = (int(v) for v in torch.randint(size // 6, size // 2, (2,), generator=g))
+            x1 = int(torch.randint(0, size - w, (1,), generator=g))
+            y1 = int(torch.randint(0, size - h, (1,), generator=g))
+            c = int(torch.randint(1, num_classes, (1,), generator=g))
+            img[(c - 1) % 3, y1 : y1 + h, x1 : x1 + w] = 1.0
+            boxes.append([x1, y1, x1 + w, y1 + h])
+            labels.append(c)
+            m = torch.zeros(size, size, dtype=torch.uint8)
+            m[y1 : y1 + h, x1 : x1 + w] = 1
+            masks.append(m)
+        images.append(img)
+        targets.append(
+            {
+                "boxes": torch.tensor(boxes, dtype=torch.float32),
+                "labels": torch.tensor(labels),
+                "masks": torch.stack(masks),
+            }
+        )
+    return images, targets
+
+
+def _step(
+    model: nn.Module, opt: torch.optim.Optimizer, images: list[Tensor], targets: list[dict[str, Tensor]]
+) -> float:
+    t0 = time.perf_counter()
+    losses = model(images, targets)
+    loss = sum(losses.values())
+    opt.zero_grad(set_to_none=True)
+    loss.backward()  # type: ignore[union-attr]
+    opt.step()
+    return (time.perf_counter() - t0) * 1000.0
+
+
+def bench_arch(
+    arch: str,
+    *,
+    backbone: str | None,
+    image_size: int,
+    batch: int,
+    steps: int,
+    warmup: int,
+    num_classes: int = 4,
+) -> dict[str, Any]:
+    """Median step time (ms) of ``standard`` and ``harmonicdet`` on one arch, measured interleaved."""
+    size = max(image_size, 268) if arch == "ssd" else image_size
+    models = {}
+    for kind in ("standard", "harmonicdet"):
+        torch.manual_seed(0)  # identical initial weights
+        models[kind] = build_detector(arch, num_classes, loss=kind, backbone=backbone, image_size=size)
+    # lr 0: the weights stay identical, so both models do the same work at every step
+    opts = {k: torch.optim.SGD(m.parameters(), lr=0.0, momentum=0.9) for k, m in models.items()}
+    images, targets = _batch(batch, size, num_classes)
+    times: dict[str, list[float]] = {k: [] for k in models}
+    for i in range(warmup + steps):
+        order = ("standard", "harmonicdet") if i % 2 == 0 else ("harmonicdet", "standard")
+        for kind in order:
+            torch.manual_seed(i)  # same proposal/anchor sampling for both
+            ms = _step(models[kind], opts[kind], images, targets)
+            if i >= warmup:
+                times[kind].append(ms)
+    std, hdet = statistics.median(times["standard"]), statistics.median(times["harmonicdet"])
+    return {
+        "arch": arch,
+        "backbone": backbone,
+        "image_size": size,
+        "batch": batch,
+        "steps": steps,
+        "standard_ms": std,
+        "harmonicdet_ms": hdet,
+        "ratio": hdet / std,
+        "samples_ms": times,
+    }
+
+
+def loss_main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="hdet bench loss",
+        description="training-step time with the harmonicdet loss / with the standard loss",
+    )
+    parser.add_argument("--archs", nargs="+", default=list(ARCHS), choices=ARCHS)
+    parser.add_argument("--backbone", default=None, help="backbone for the FPN archs (default resnet18_fpn)")
+    parser.add_argument("--image-size", type=int, default=128, help="input size (SSD300 VGG16: at least 268)")
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=10, help="measured steps per loss kind")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--json", default=None, help="write the results here")
+    args = parser.parse_args(argv)
+    if args.steps < 1 or args.batch < 1:
+        parser.error("--steps and --batch must be >= 1")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    rows = []
+    header = (
+        f"{'arch':<12} {'backbone':<14} {'size':>4} {'standard ms':>12} {'harmonicdet ms':>15} {'ratio':>7}"
+    )
+    print(header)
+    print("-" * len(header))
+    for arch in args.archs:
+        backbone = _SMALL_BACKBONE.get(arch, args.backbone or "resnet18_fpn")
+        r = bench_arch(
+            arch,
+            backbone=backbone,
+            image_size=args.image_size,
+            batch=args.batch,
+            steps=args.steps,
+            warmup=args.warmup,
+        )
+        rows.append(r)
+        print(
+            f"{arch:<12} {backbone:<14} {r['image_size']:>4} {r['standard_ms']:>12.1f} "
+            f"{r['harmonicdet_ms']:>15.1f} {r['ratio']:>7.3f}",
+            flush=True,
+        )
+    result = {
+        "device": "cpu",
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "batch": args.batch,
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "results": rows,
+    }
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+        print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(loss_main())

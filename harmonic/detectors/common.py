@@ -1,0 +1,239 @@
+"""What every detector adapter shares: the coupling of the per-positive terms, diagnostics, NMS-off.
+
+Each adapter (:mod:`.rcnn`, :mod:`.retinanet`, :mod:`.ssd`, :mod:`.fcos`) gathers, for the positive
+samples of one training step, the quantities of Eq. 11-12:
+
+* ``cls_loss``: the head's classification loss of the positive (softmax CE, or the sigmoid head's
+  focal/BCE loss, see ``LossConfig.sigmoid_cls``),
+* ``loc_loss``: the head's *own* regression loss of the positive, summed over its 4 coordinates
+  (it plays the part of the smooth L1 term of Eq. 2/11, see each adapter's docstring),
+* ``iou``: IoU of the box decoded from the predicted offsets (with the head's box coder) with the
+  matched ground-truth box,
+* ``score``/``probs``: the probability of the ground-truth class and the class distribution whose
+  entropy weights the Task-Contrastive loss,
+
+and hands them to :meth:`HarmonicPart._couple`, which applies :func:`harmonic.losses.harmonic_det_terms`
+and records the diagnostics. Negatives keep the head's own classification loss (Eq. 13).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchvision.ops import complete_box_iou_loss, distance_box_iou_loss, generalized_box_iou_loss
+
+from harmonic.config import LossConfig
+from harmonic.losses import HarmonicTerms, harmonic_det_terms
+
+__all__ = [
+    "HarmonicPart",
+    "paired_iou",
+    "per_sample_box_loss",
+    "pop_diagnostics",
+    "pre_nms_predictions",
+    "unwrap",
+]
+
+DIAGNOSTIC_KEYS = ("score", "iou", "beta_r", "beta_c")
+
+
+def paired_iou(boxes1: Tensor, boxes2: Tensor, eps: float = 1e-7) -> Tensor:
+    """IoU of each box with the box at the same index, ``[N, 4] x [N, 4] -> [N]`` (x1, y1, x2, y2).
+
+    Unlike :func:`torchvision.ops.box_iou` (all pairs) this is the element-wise IoU; it carries
+    gradient to both inputs and lies in [0, 1] (degenerate boxes give 0, never NaN).
+    """
+    lt = torch.max(boxes1[:, :2], boxes2[:, :2])
+    rb = torch.min(boxes1[:, 2:], boxes2[:, 2:])
+    wh = (rb - lt).clamp(min=0)
+    inter = wh[:, 0] * wh[:, 1]
+    area1 = (boxes1[:, 2] - boxes1[:, 0]).clamp(min=0) * (boxes1[:, 3] - boxes1[:, 1]).clamp(min=0)
+    area2 = (boxes2[:, 2] - boxes2[:, 0]).clamp(min=0) * (boxes2[:, 3] - boxes2[:, 1]).clamp(min=0)
+    return (inter / (area1 + area2 - inter + eps)).clamp(0.0, 1.0)
+
+
+def per_sample_box_loss(
+    loss_type: str,
+    box_coder: Any,
+    anchors: Tensor,
+    matched_gt_boxes: Tensor,
+    bbox_regression: Tensor,
+    pred_boxes: Tensor,
+    beta: float = 1.0,
+) -> Tensor:
+    """torchvision's ``_box_loss`` of one image, one value per positive (no reduction).
+
+    Summing the result gives exactly what the head's own regression loss sums, so the "smooth L1"
+    term of Eq. 2/11 is the head's regression loss, per sample, summed over the 4 coordinates.
+
+    Args:
+        loss_type: ``l1`` | ``smooth_l1`` | ``giou`` | ``diou`` | ``ciou`` (the head's ``_loss_type``).
+        box_coder: the head's box coder (``encode_single`` for the offset losses).
+        anchors: anchors of the positives, ``[N, 4]``.
+        matched_gt_boxes: their ground-truth boxes, ``[N, 4]``.
+        bbox_regression: predicted offsets, ``[N, 4]``.
+        pred_boxes: boxes decoded from ``bbox_regression`` (for the IoU-type losses), ``[N, 4]``.
+        beta: smooth L1 transition point.
+
+    Returns:
+        ``[N]`` tensor.
+    """
+    if loss_type in ("l1", "smooth_l1"):
+        target = box_coder.encode_single(matched_gt_boxes, anchors)
+        if loss_type == "l1":
+            return F.l1_loss(bbox_regression, target, reduction="none").sum(dim=1)
+        return F.smooth_l1_loss(bbox_regression, target, reduction="none", beta=beta).sum(dim=1)
+    if loss_type == "giou":
+        return generalized_box_iou_loss(pred_boxes, matched_gt_boxes, reduction="none")
+    if loss_type == "diou":
+        return distance_box_iou_loss(pred_boxes, matched_gt_boxes, reduction="none")
+    if loss_type == "ciou":
+        return complete_box_iou_loss(pred_boxes, matched_gt_boxes, reduction="none")
+    raise ValueError(f"unsupported regression loss {loss_type!r}; expected l1, smooth_l1, giou, diou or ciou")
+
+
+def sigmoid_class_probs(probs_sigmoid: Tensor) -> Tensor:
+    """Per-class sigmoid scores normalised to sum to one (the TC entropy of a sigmoid head)."""
+    return probs_sigmoid / probs_sigmoid.sum(dim=-1, keepdim=True).clamp(min=1e-12)
+
+
+class HarmonicPart:
+    """Mixin of the torchvision part that computes a detector's loss.
+
+    It holds the :class:`~harmonic.config.LossConfig` and the diagnostics of the last training step.
+    It adds no parameters or buffers, so the state dict stays torchvision's.
+    """
+
+    loss_config: LossConfig
+    _diagnostics: dict[str, Tensor] | None
+
+    def _init_harmonic(self, loss_config: LossConfig) -> None:
+        self.loss_config = loss_config
+        self._diagnostics = None
+
+    def _record(self, score: Tensor, iou: Tensor, beta_r: Tensor, beta_c: Tensor) -> None:
+        # Kept on the device: the copy to the CPU (a sync on GPUs) happens only when someone pops them.
+        self._diagnostics = {
+            "score": score.detach().float(),
+            "iou": iou.detach().float(),
+            "beta_r": beta_r.detach().float(),
+            "beta_c": beta_c.detach().float(),
+        }
+
+    def _couple(
+        self, cls_loss: Tensor, loc_loss: Tensor, iou: Tensor, score: Tensor, probs: Tensor
+    ) -> HarmonicTerms:
+        """The harmonic terms of the positives (Eq. 11-12 per ``loss_config``); records diagnostics."""
+        cfg = self.loss_config
+        terms = harmonic_det_terms(
+            cls_loss,
+            loc_loss,
+            iou,
+            score,
+            probs,
+            alpha=cfg.alpha,
+            gamma=cfg.gamma,
+            margin=cfg.margin,
+            use_tc=cfg.tc,
+            iou_term=cfg.resolved_iou_term,
+            detach_factors=cfg.detach_factors,
+            tc_weight=cfg.tc_weight,
+            detach_tc_weight=cfg.detach_tc_weight,
+            tc_detach_iou=cfg.tc_detach_iou,
+        )
+        self._record(score, iou, terms.beta_r, terms.beta_c)
+        return terms
+
+    def _record_standard(self, cls_loss: Tensor, loc_loss: Tensor, iou: Tensor, score: Tensor) -> None:
+        """Diagnostics of the baseline: beta_r = exp(-L_loc), beta_c = exp(-CE) of the head's own losses."""
+        with torch.no_grad():
+            self._record(score, iou, torch.exp(-loc_loss), torch.exp(-cls_loss))
+
+    @property
+    def uses_tc(self) -> bool:
+        return self.loss_config.tc and self.loss_config.tc_weight > 0
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The detector inside a DDP/DataParallel wrapper or a ``torch.compile`` module."""
+    while True:
+        if isinstance(model, nn.parallel.DistributedDataParallel | nn.DataParallel):
+            model = model.module
+        elif hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def pop_diagnostics(model: nn.Module) -> dict[str, Tensor]:
+    """Return and clear the per-positive diagnostics of the last training forward.
+
+    Args:
+        model: a detector from :func:`harmonic.detectors.build_detector` (DDP-wrapped is fine).
+
+    Returns:
+        ``{"score", "iou", "beta_r", "beta_c"}`` -> 1-D detached float CPU tensors over the positives
+        of that step (``score``: probability of the ground-truth class; ``iou``: decoded box vs its
+        ground truth; ``beta_r = exp(-L_loc)``, ``beta_c = exp(-CE)``), or ``{}`` if nothing was
+        recorded since the last call.
+    """
+    parts: list[dict[str, Tensor]] = []
+    for module in unwrap(model).modules():
+        if isinstance(module, HarmonicPart) and module._diagnostics is not None:
+            parts.append(module._diagnostics)
+            module._diagnostics = None
+    if not parts:
+        return {}
+    return {k: torch.cat([p[k] for p in parts]).cpu() for k in DIAGNOSTIC_KEYS}
+
+
+def _nms_holder(model: nn.Module) -> nn.Module:
+    # R-CNNs do their final NMS in the RoI heads; the one-stage detectors in the model itself.
+    roi_heads = getattr(model, "roi_heads", None)
+    return roi_heads if roi_heads is not None else model
+
+
+@contextmanager
+def nms_disabled(model: nn.Module, max_detections: int = 100_000) -> Iterator[None]:
+    """Turn the detector's final NMS off: IoU threshold 1.0 (nothing is suppressed) and a large
+    detections-per-image cap; the previous values are restored on exit, even on error."""
+    holder = _nms_holder(unwrap(model))
+    saved = (holder.nms_thresh, holder.detections_per_img)
+    setattr(holder, "nms_thresh", 1.0)  # noqa: B010 (mypy: nn.Module attributes are Tensor | Module)
+    setattr(holder, "detections_per_img", max_detections)  # noqa: B010
+    try:
+        yield
+    finally:
+        setattr(holder, "nms_thresh", saved[0])  # noqa: B010
+        setattr(holder, "detections_per_img", saved[1])  # noqa: B010
+
+
+@torch.no_grad()
+def pre_nms_predictions(model: nn.Module, images: list[Tensor]) -> list[dict[str, Tensor]]:
+    """Eval-mode predictions with the final NMS turned off, for the NMS audit of the analyses.
+
+    What still applies: the detector's score threshold (``score_thresh``), its per-level top-k
+    candidates (``topk_candidates``, one-stage detectors), the removal of tiny boxes (R-CNN), and for
+    Faster/Mask R-CNN the RPN's own proposal NMS (the proposals are the R-CNN's samples, not
+    detections). Only the last, per-class NMS and the detections-per-image cap are lifted.
+
+    Args:
+        model: a detector (plain torchvision or from ``build_detector``; DDP-wrapped is fine).
+        images: list of ``[3, H, W]`` tensors in 0-1.
+
+    Returns:
+        One ``{"boxes", "scores", "labels"}`` dict per image (masks too for Mask R-CNN).
+    """
+    inner = unwrap(model)
+    was_training = inner.training
+    inner.eval()
+    try:
+        with nms_disabled(inner):
+            return inner(images)
+    finally:
+        inner.train(was_training)

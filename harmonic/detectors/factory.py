@@ -1,0 +1,307 @@
+"""Build torchvision detectors, plain or trained with the Harmonic / HarmonicDet loss.
+
+:func:`build_torchvision_detector` builds the plain torchvision model; :func:`build_detector`
+builds the same model and installs the loss adapter on the part that computes the loss (the
+RoI heads of Faster/Mask R-CNN, the RetinaNet and FCOS heads, the SSD model itself) by turning that
+instance into the adapter subclass. Nothing else changes: the state dict is torchvision's (a
+checkpoint loads strictly into the plain model), inference is torchvision's, and no torchvision
+module-level function is ever patched, so several models with different losses can share a process.
+
+Defaults (torchvision's recipe where it has one):
+
+* backbones: ``resnet50_fpn`` for Faster/Mask R-CNN, RetinaNet and FCOS (the paper's ResNet-50-FPN),
+  ``vgg16`` for ``ssd`` (SSD300 VGG16, the only one it takes) and ``mobilenet_v3`` for ``ssdlite``
+  (the only one it takes);
+* input size: ``image_size`` is the transform's ``min_size = max_size`` (``size`` for SSD), for
+  training and inference alike;
+* anchors: torchvision's anchor sizes are meant for 800-pixel images; they are scaled by
+  ``image_size / 800`` (R-CNN, RetinaNet; FCOS's "anchors" are its strides and SSD's default boxes
+  are relative to the image, so those stay). ``anchor_generator``/``rpn_anchor_generator`` in
+  ``detector_kwargs`` override them;
+* ``detector_kwargs`` go to the torchvision model class (e.g. ``rpn_post_nms_top_n_train``,
+  ``box_batch_size_per_image``, ``topk_candidates``, ``score_thresh``), except
+  ``trainable_backbone_layers`` (only with a pretrained backbone; torchvision's default otherwise).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from torch import nn
+from torchvision.models.detection import FCOS, FasterRCNN, MaskRCNN, RetinaNet
+from torchvision.models.detection import _utils as det_utils
+from torchvision.models.detection.anchor_utils import AnchorGenerator, DefaultBoxGenerator
+from torchvision.models.detection.ssd import SSD, SSDFeatureExtractorVGG, SSDHead
+from torchvision.models.detection.ssdlite import SSDLiteHead, _mobilenet_extractor, _normal_init
+from torchvision.ops.feature_pyramid_network import LastLevelP6P7
+
+from harmonic.config import LossConfig
+
+from .backbones import (
+    BACKBONES,
+    RESNETS,
+    group_norm,
+    mobilenet_fpn,
+    mobilenet_v3_body,
+    resnet_fpn,
+    vgg16_features,
+)
+from .fcos import HarmonicFCOSHead
+from .rcnn import HarmonicRoIHeads
+from .retinanet import HarmonicRetinaNetHead
+from .ssd import HarmonicSSD
+
+__all__ = ["ARCHS", "BACKBONES", "build_detector", "build_torchvision_detector", "valid_backbones"]
+
+ARCHS: tuple[str, ...] = ("faster_rcnn", "mask_rcnn", "retinanet", "ssd", "ssdlite", "fcos")
+
+_DEFAULT_BACKBONE = {
+    "faster_rcnn": "resnet50_fpn",
+    "mask_rcnn": "resnet50_fpn",
+    "retinanet": "resnet50_fpn",
+    "fcos": "resnet50_fpn",
+    "ssd": "vgg16",
+    "ssdlite": "mobilenet_v3",
+}
+_FPN_BACKBONES = (*RESNETS, "mobilenet_v3")
+
+
+def valid_backbones(arch: str) -> tuple[str, ...]:
+    """The backbones ``arch`` can be built with."""
+    if arch == "ssd":
+        return ("vgg16",)
+    if arch == "ssdlite":
+        return ("mobilenet_v3",)
+    return _FPN_BACKBONES
+
+
+def _check(arch: str, num_classes: int, backbone: str | None, image_size: int) -> str:
+    if arch not in ARCHS:
+        raise ValueError(f"arch: {arch!r} is not one of {', '.join(ARCHS)}")
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
+        raise ValueError(
+            f"num_classes: {num_classes!r} must be an int >= 2 (it includes the background, as in torchvision)"
+        )
+    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 32:
+        raise ValueError(f"image_size: {image_size!r} must be an int >= 32")
+    name = _DEFAULT_BACKBONE[arch] if backbone is None else backbone
+    valid = valid_backbones(arch)
+    if name not in valid:
+        known = "" if name in BACKBONES else f" (known backbones: {', '.join(BACKBONES)})"
+        raise ValueError(f"backbone: {name!r} cannot be used with {arch}; valid: {', '.join(valid)}{known}")
+    if arch == "ssd" and image_size < 268:
+        raise ValueError(
+            f"image_size: SSD300 VGG16 needs image_size >= 268 (its last two extra layers are 3x3 "
+            f"convolutions without padding), got {image_size}"
+        )
+    return name
+
+
+def _scaled(sizes: tuple[float, ...], image_size: int) -> tuple[int, ...]:
+    return tuple(max(2, round(s * image_size / 800)) for s in sizes)
+
+
+def _retinanet_anchors(num_levels: int, image_size: int) -> AnchorGenerator:
+    # torchvision: 3 scales per octave at each of P3-P7 (base 32 ... 512); fewer levels drop the finest.
+    bases = (32, 64, 128, 256, 512)[-num_levels:]
+    sizes = tuple(_scaled((b, b * 2 ** (1 / 3), b * 2 ** (2 / 3)), image_size) for b in bases)
+    return AnchorGenerator(sizes, ((0.5, 1.0, 2.0),) * num_levels)
+
+
+def _build_rcnn(
+    arch: str, num_classes: int, backbone: str, image_size: int, pretrained: Any, kwargs: dict[str, Any]
+) -> nn.Module:
+    layers = kwargs.pop("trainable_backbone_layers", None)
+    if backbone == "mobilenet_v3":
+        body = mobilenet_fpn(pretrained, trainable_layers=layers)
+        # torchvision's fasterrcnn_mobilenet_v3_large_fpn: every size at each of its 3 levels
+        anchors = AnchorGenerator((_scaled((32, 64, 128, 256, 512), image_size),) * 3, ((0.5, 1.0, 2.0),) * 3)
+    else:
+        body = resnet_fpn(backbone, pretrained, trainable_layers=layers)
+        anchors = AnchorGenerator(
+            tuple((s,) for s in _scaled((32, 64, 128, 256, 512), image_size)), ((0.5, 1.0, 2.0),) * 5
+        )
+    kwargs.setdefault("rpn_anchor_generator", anchors)
+    cls = MaskRCNN if arch == "mask_rcnn" else FasterRCNN
+    return cls(body, num_classes, min_size=image_size, max_size=image_size, **kwargs)
+
+
+def _build_one_stage(
+    arch: str, num_classes: int, backbone: str, image_size: int, pretrained: Any, kwargs: dict[str, Any]
+) -> nn.Module:
+    layers = kwargs.pop("trainable_backbone_layers", None)
+    extra = LastLevelP6P7(256, 256)
+    if backbone == "mobilenet_v3":
+        body = mobilenet_fpn(pretrained, extra_blocks=extra, trainable_layers=layers)
+        strides: tuple[int, ...] = (16, 32, 64, 128)
+    else:
+        body = resnet_fpn(
+            backbone, pretrained, returned_layers=[2, 3, 4], extra_blocks=extra, trainable_layers=layers
+        )
+        strides = (8, 16, 32, 64, 128)
+    if arch == "retinanet":
+        kwargs.setdefault("anchor_generator", _retinanet_anchors(len(strides), image_size))
+        return RetinaNet(body, num_classes, min_size=image_size, max_size=image_size, **kwargs)
+    # FCOS: one "anchor" per location whose size is the level's stride (its matching relies on it)
+    kwargs.setdefault(
+        "anchor_generator", AnchorGenerator(tuple((s,) for s in strides), ((1.0,),) * len(strides))
+    )
+    return FCOS(body, num_classes, min_size=image_size, max_size=image_size, **kwargs)
+
+
+def _build_ssd(num_classes: int, image_size: int, pretrained: Any, kwargs: dict[str, Any]) -> nn.Module:
+    layers = kwargs.pop("trainable_backbone_layers", None)
+    features = vgg16_features(pretrained)
+    if pretrained:
+        # torchvision's ssd300_vgg16 trains the last 4 of the 5 VGG stages
+        stages = [0] + [i for i, m in enumerate(features) if isinstance(m, nn.MaxPool2d)][:-1]
+        keep = 4 if layers is None else layers
+        for module in features[: stages[len(stages) - keep]] if keep < len(stages) else []:
+            for p in module.parameters():
+                p.requires_grad_(False)
+    body = SSDFeatureExtractorVGG(features, highres=False)
+    anchors = DefaultBoxGenerator(
+        [[2], [2, 3], [2, 3], [2, 3], [2], [2]],
+        scales=[0.07, 0.15, 0.33, 0.51, 0.69, 0.87, 1.05],
+        # torchvision's steps are those of a 300-pixel input; other sizes use the feature-map grid
+        steps=[8, 16, 32, 64, 100, 300] if image_size == 300 else None,
+    )
+    kwargs.setdefault(
+        "head", SSDHead([512, 1024, 512, 256, 256, 256], anchors.num_anchors_per_location(), num_classes)
+    )
+    # torchvision's VGG16 weights expect 0-255 inputs minus the mean
+    kwargs.setdefault("image_mean", [0.48235, 0.45882, 0.40784])
+    kwargs.setdefault("image_std", [1.0 / 255.0, 1.0 / 255.0, 1.0 / 255.0])
+    return SSD(body, anchors, (image_size, image_size), num_classes, **kwargs)
+
+
+def _build_ssdlite(num_classes: int, image_size: int, pretrained: Any, kwargs: dict[str, Any]) -> nn.Module:
+    layers = kwargs.pop("trainable_backbone_layers", None)
+    norm = (lambda c: nn.BatchNorm2d(c, eps=0.001, momentum=0.03)) if pretrained else group_norm
+    # torchvision's ssdlite320_mobilenet_v3_large: reduced tail without ImageNet weights (MobileNetV3 Table 6)
+    body_cls = mobilenet_v3_body(pretrained, reduced_tail=not pretrained)
+    if not pretrained:
+        _normal_init(body_cls)
+    body = _mobilenet_extractor(body_cls, 6 if layers is None else layers, norm)
+    size = (image_size, image_size)
+    anchors = DefaultBoxGenerator([[2, 3] for _ in range(6)], min_ratio=0.2, max_ratio=0.95)
+    out_channels = det_utils.retrieve_out_channels(body, size)
+    if "head" not in kwargs:
+        kwargs["head"] = SSDLiteHead(out_channels, anchors.num_anchors_per_location(), num_classes, norm)
+    defaults = {
+        "score_thresh": 0.001,
+        "nms_thresh": 0.55,
+        "detections_per_img": 300,
+        "topk_candidates": 300,
+        "image_mean": [0.5, 0.5, 0.5],
+        "image_std": [0.5, 0.5, 0.5],
+    }
+    return SSD(body, anchors, size, num_classes, **{**defaults, **kwargs})
+
+
+def build_torchvision_detector(
+    arch: str,
+    num_classes: int,
+    *,
+    backbone: str | None = None,
+    image_size: int = 256,
+    pretrained_backbone: str | os.PathLike[str] | None = None,
+    **detector_kwargs: Any,
+) -> nn.Module:
+    """The plain torchvision detector (no loss adapter), built as :func:`build_detector` builds it.
+
+    Args:
+        arch: one of :data:`ARCHS`.
+        num_classes: number of classes *including* the background (torchvision's convention).
+        backbone: one of :func:`valid_backbones` for ``arch``; None picks the default (module docstring).
+        image_size: input size (``min_size = max_size``; SSD's square ``size``).
+        pretrained_backbone: local ImageNet ``state_dict`` file of the backbone body (never downloaded).
+        **detector_kwargs: passed to the torchvision model class.
+
+    Returns:
+        A ``FasterRCNN``, ``MaskRCNN``, ``RetinaNet``, ``SSD`` or ``FCOS`` in training mode.
+    """
+    name = _check(arch, num_classes, backbone, image_size)
+    kwargs = dict(detector_kwargs)
+    if arch in ("faster_rcnn", "mask_rcnn"):
+        return _build_rcnn(arch, num_classes, name, image_size, pretrained_backbone, kwargs)
+    if arch in ("retinanet", "fcos"):
+        return _build_one_stage(arch, num_classes, name, image_size, pretrained_backbone, kwargs)
+    if arch == "ssd":
+        return _build_ssd(num_classes, image_size, pretrained_backbone, kwargs)
+    return _build_ssdlite(num_classes, image_size, pretrained_backbone, kwargs)
+
+
+def install_loss(model: nn.Module, loss: LossConfig | dict[str, Any] | str | None) -> nn.Module:
+    """Turn the loss-computing part of a torchvision detector into its Harmonic adapter, in place.
+
+    The part keeps its parameters, buffers and settings; only its class becomes the adapter subclass
+    (which adds no parameters), so the state dict and inference are unchanged.
+    """
+    cfg = LossConfig.from_any(loss)
+    part: nn.Module
+    adapter: type
+    if isinstance(model, FasterRCNN):  # MaskRCNN is a FasterRCNN
+        part, adapter = model.roi_heads, HarmonicRoIHeads
+    elif isinstance(model, RetinaNet):
+        part, adapter = model.head, HarmonicRetinaNetHead
+    elif isinstance(model, FCOS):
+        part, adapter = model.head, HarmonicFCOSHead
+    elif isinstance(model, SSD):
+        part, adapter = model, HarmonicSSD
+    else:
+        raise TypeError(f"no Harmonic loss adapter for {type(model).__name__}")
+    if not isinstance(part, adapter):
+        if type(part) not in adapter.__mro__:
+            raise TypeError(
+                f"{type(part).__name__} is a custom subclass; cannot install {adapter.__name__} on it"
+            )
+        part.__class__ = adapter
+    part._init_harmonic(cfg)  # type: ignore[operator]
+    return model
+
+
+def build_detector(
+    arch: str,
+    num_classes: int,
+    *,
+    loss: LossConfig | dict[str, Any] | str | None = None,
+    backbone: str | None = None,
+    image_size: int = 256,
+    pretrained_backbone: str | os.PathLike[str] | None = None,
+    **detector_kwargs: Any,
+) -> nn.Module:
+    """A torchvision detector trained with the configured loss.
+
+    Args:
+        arch: one of :data:`ARCHS` (``faster_rcnn``, ``mask_rcnn``, ``retinanet``, ``ssd``,
+            ``ssdlite``, ``fcos``).
+        num_classes: number of classes *including* the background (K foreground classes -> K + 1).
+        loss: a :class:`~harmonic.config.LossConfig`, a dict of its options, a kind name
+            (``standard`` | ``harmonic`` | ``harmonicdet``) or None (the HarmonicDet defaults).
+        backbone: ``resnet18_fpn`` ... ``resnext101_32x8d_fpn``, ``mobilenet_v3``, ``vgg16`` (SSD);
+            None picks the arch's default (see the module docstring).
+        image_size: input size for training and inference.
+        pretrained_backbone: local ImageNet ``state_dict`` file of the backbone body; None trains
+            from scratch (GroupNorm, every layer trainable).
+        **detector_kwargs: passed to the torchvision model class.
+
+    Returns:
+        The torchvision model, whose training forward returns the loss dict of the configured loss
+        and records the diagnostics read by :func:`~harmonic.detectors.pop_diagnostics`.
+
+    Raises:
+        ValueError: unknown arch/backbone, bad sizes, or a bad loss option
+            (:class:`~harmonic.config.LossConfigError` names the option).
+    """
+    cfg = LossConfig.from_any(loss)  # validate before spending time on the model
+    model = build_torchvision_detector(
+        arch,
+        num_classes,
+        backbone=backbone,
+        image_size=image_size,
+        pretrained_backbone=pretrained_backbone,
+        **detector_kwargs,
+    )
+    return install_loss(model, cfg)

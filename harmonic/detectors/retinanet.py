@@ -1,0 +1,131 @@
+"""RetinaNet: the HarmonicDet loss on ``RetinaNetHead`` (sigmoid focal classification, L1 regression).
+
+What is coupled, per positive anchor (matched to a ground-truth box):
+
+* CE (``LossConfig.sigmoid_cls``): ``focal`` (default) the head's sigmoid focal loss of the anchor
+  summed over the classes; ``bce`` the binary CE of the ground-truth class only (the other classes
+  of that anchor keep their focal loss, as negatives of those classes),
+* L (the "smooth L1" of Eq. 2/11): the head's own regression loss per anchor (``_loss_type``; L1 of
+  the encoded offsets by default in torchvision's RetinaNet), summed over the 4 coordinates,
+* IoU: the box decoded by the head's ``BoxCoder`` (weights 1, 1, 1, 1) vs the matched ground truth;
+  score p: sigmoid of the ground-truth class logit; TC entropy over the per-class sigmoid scores
+  normalised to sum to one.
+
+Negative anchors keep their focal loss (Eq. 13); anchors between the IoU thresholds stay ignored.
+``normalization: detector`` keeps torchvision's normaliser (each image divided by its number of
+positives, then averaged over the images); ``num_pos`` divides the positive terms by the number of
+positives of the whole batch. Keys: ``classification``, ``bbox_regression``, ``tc`` (when TC is on).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torchvision.models.detection.retinanet import RetinaNetHead
+from torchvision.ops import sigmoid_focal_loss
+
+from .common import HarmonicPart, paired_iou, per_sample_box_loss, sigmoid_class_probs
+
+__all__ = ["HarmonicRetinaNetHead"]
+
+
+class HarmonicRetinaNetHead(HarmonicPart, RetinaNetHead):
+    """``RetinaNetHead`` whose ``compute_loss`` is the configured Harmonic/HarmonicDet loss."""
+
+    def compute_loss(  # type: ignore[override]
+        self,
+        targets: list[dict[str, Tensor]],
+        head_outputs: dict[str, Tensor],
+        anchors: list[Tensor],
+        matched_idxs: list[Tensor],
+    ) -> dict[str, Tensor]:
+        cfg = self.loss_config
+        if cfg.is_standard:
+            losses = RetinaNetHead.compute_loss(self, targets, head_outputs, anchors, matched_idxs)
+            with torch.no_grad():
+                cls_pos, loc, iou, score, _, _, _ = self._positives(
+                    targets, head_outputs, anchors, matched_idxs, False
+                )
+            self._record_standard(cls_pos, loc, iou, score)
+            return losses
+
+        cls_pos, loc, iou, score, probs, counts, neg_sums = self._positives(
+            targets, head_outputs, anchors, matched_idxs, True
+        )
+        terms = self._couple(cls_pos, loc, iou, score, probs)
+        num_images = max(1, len(targets))
+        per_image = counts.clamp(min=1).to(loc.dtype)
+        negatives = (neg_sums / per_image).sum() / num_images
+        if cfg.normalization == "detector":
+            # each positive weighs 1 / (positives of its image) / images, as in torchvision
+            weight = torch.repeat_interleave(1.0 / (per_image * num_images), counts)
+        else:
+            weight = loc.new_full(loc.shape, 1.0 / max(1, int(loc.numel())))
+        out = {
+            "classification": negatives + (terms.cls * weight).sum(),
+            "bbox_regression": (terms.loc * weight).sum(),
+        }
+        if self.uses_tc:
+            out["tc"] = (terms.tc * weight).sum()
+        return out
+
+    def _positives(
+        self,
+        targets: list[dict[str, Tensor]],
+        head_outputs: dict[str, Tensor],
+        anchors: list[Tensor],
+        matched_idxs: list[Tensor],
+        with_negatives: bool,
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """Per-positive CE, L, IoU, score, probs over the batch, positives per image, negatives' sums."""
+        bce = self.loss_config.sigmoid_cls == "bce"
+        reg_head = self.regression_head
+        cls_l, loc_l, iou_l, score_l, probs_l, counts, neg_l = [], [], [], [], [], [], []
+        for tgt, logits, regression, anchors_i, matched in zip(
+            targets, head_outputs["cls_logits"], head_outputs["bbox_regression"], anchors, matched_idxs
+        ):
+            fg = torch.where(matched >= 0)[0]
+            labels = tgt["labels"][matched[fg]]
+            gt = tgt["boxes"][matched[fg]]
+            logits_fg = logits[fg]
+            onehot = torch.zeros_like(logits_fg)
+            onehot[torch.arange(fg.numel(), device=fg.device), labels] = 1.0
+            focal = sigmoid_focal_loss(logits_fg, onehot, reduction="none")
+            gt_logit = logits_fg.gather(1, labels[:, None])[:, 0]
+            if bce:
+                cls_pos = F.binary_cross_entropy_with_logits(
+                    gt_logit, torch.ones_like(gt_logit), reduction="none"
+                )
+            else:
+                cls_pos = focal.sum(dim=1)
+            offsets = regression[fg]
+            anchors_fg = anchors_i[fg]
+            pred = reg_head.box_coder.decode_single(offsets, anchors_fg)
+            loc_l.append(
+                per_sample_box_loss(reg_head._loss_type, reg_head.box_coder, anchors_fg, gt, offsets, pred)
+            )
+            iou_l.append(paired_iou(pred, gt))
+            sig = torch.sigmoid(logits_fg)
+            score_l.append(sig.gather(1, labels[:, None])[:, 0])
+            probs_l.append(sigmoid_class_probs(sig))
+            cls_l.append(cls_pos)
+            counts.append(fg.numel())
+            if with_negatives:
+                # Matcher: -1 below the low threshold (negative), -2 between the thresholds (ignored)
+                bg = matched == -1
+                neg = sigmoid_focal_loss(logits[bg], torch.zeros_like(logits[bg]), reduction="sum")
+                if bce:
+                    # the non-ground-truth classes of a positive anchor are negatives of those classes
+                    neg = neg + focal.sum() - focal.gather(1, labels[:, None]).sum()
+                neg_l.append(neg)
+        device = head_outputs["cls_logits"].device
+        return (
+            torch.cat(cls_l),
+            torch.cat(loc_l),
+            torch.cat(iou_l),
+            torch.cat(score_l),
+            torch.cat(probs_l),
+            torch.tensor(counts, device=device),
+            torch.stack(neg_l) if neg_l else torch.zeros(0, device=device),
+        )
