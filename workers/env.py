@@ -111,6 +111,10 @@ def environment(device: str | None = None) -> dict[str, Any]:
     return env
 
 
+# Marks a local Ray started without its dashboard (and so without the state API).
+NO_STATE_API_ENV = "HDET_RAY_NO_STATE_API"
+
+
 def init_local_ray(num_cpus: int | None = None, num_gpus: int | None = None, dashboard: bool = False) -> None:
     """Join ``RAY_ADDRESS`` if set, else start a local Ray bound to 127.0.0.1.
 
@@ -125,6 +129,10 @@ def init_local_ray(num_cpus: int | None = None, num_gpus: int | None = None, das
     if address:
         ray.init(address=address)
         return
+    if not dashboard:
+        # Set before the local Ray starts so that its worker processes (Tune trials, Train
+        # controllers) inherit it: they cannot tell on their own that no state API is served.
+        os.environ[NO_STATE_API_ENV] = "1"
     ray.init(
         num_cpus=num_cpus,
         num_gpus=num_gpus,

@@ -207,6 +207,16 @@ def _eval_mode(model: Any) -> Iterator[None]:
 # --------------------------------------------------------------------------- worker loop
 
 
+def _quiet_ray_report_log() -> None:
+    """Ray Train logs every report's full metrics dict at INFO from a logger named after its file,
+    which ``LoggingConfig`` does not reach; our own per-epoch line says the same, readably."""
+    import logging
+
+    from ray.train.v2._internal.execution import context as train_context
+
+    logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
     """The training function each Ray Train worker runs (see the module docstring).
 
@@ -220,6 +230,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
     import torch
     from torch.utils.data import DataLoader, DistributedSampler, Subset
 
+    _quiet_ray_report_log()
     from harmonic.data import build_dataset
     from harmonic.data.sampler import GroupedBatchSampler, collate_fn, create_aspect_ratio_groups
     from harmonic.data.transforms import build_transforms
@@ -706,8 +717,10 @@ class HarmonicTrainer(TorchTrainer):
         from ray._private.worker import get_dashboard_url
         from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
 
+        from workers.env import NO_STATE_API_ENV
+
         callbacks = super()._create_default_callbacks()
-        if not get_dashboard_url():
+        if os.environ.get(NO_STATE_API_ENV) == "1" or not get_dashboard_url():
             # The placement-group cleaner polls the state API, which the dashboard serves: without a
             # dashboard (a local Ray started without one) it can only log a warning every 2 s.
             callbacks = [cb for cb in callbacks if not isinstance(cb, PlacementGroupCleanerCallback)]
