@@ -24,11 +24,12 @@ __all__ = ["plot_ap_vs_iou", "plot_iou_histogram", "plot_score_iou_density", "pl
 PathLike = str | os.PathLike[str]
 
 
-def _save(fig: Figure, path: PathLike) -> Path:
+def save_figure(fig: Figure, path: PathLike, *, dpi: int = 120) -> Path:
+    """Write ``fig`` as a PNG at ``path`` (folders created) through the Agg canvas, no pyplot."""
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     FigureCanvasAgg(fig)
-    fig.savefig(out, format="png", dpi=120)
+    fig.savefig(out, format="png", dpi=dpi)
     return out
 
 
@@ -99,7 +100,7 @@ def plot_ap_vs_iou(
     else:
         ax.set_xlabel("IoU threshold")
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_score_iou_density(
@@ -152,7 +153,7 @@ def plot_score_iou_density(
     ax.set_ylabel("classification score")
     ax.set_title(f"{title}\n{s.size} detections, {inside:.0%} in the harmonious region" if s.size else title)
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_training_consistency(
@@ -220,7 +221,7 @@ def plot_training_consistency(
     ax_a.grid(alpha=0.3)
     ax_a.legend(fontsize=8, title="run")
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_iou_histogram(
@@ -279,4 +280,4 @@ def plot_iou_histogram(
     ax.grid(axis="y", alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)

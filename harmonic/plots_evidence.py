@@ -12,18 +12,11 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from harmonic.plots import save_figure
+
 PathLike = str | os.PathLike[str]
-
-
-def _save(fig: Figure, path: PathLike) -> Path:
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    FigureCanvasAgg(fig)
-    fig.savefig(out, dpi=110)
-    return out
 
 
 def plot_sensitivity(
@@ -81,7 +74,7 @@ def plot_sensitivity(
     suffix = f" - {100 * share:.0f}% within {100 * tol:.1f} AP of the best" if math.isfinite(share) else ""
     fig.suptitle(title + suffix)
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path, dpi=110)
 
 
 def plot_paired_differences(
@@ -132,4 +125,4 @@ def plot_paired_differences(
     if shown:
         ax.legend(fontsize=8)
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path, dpi=110)
