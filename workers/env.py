@@ -45,9 +45,18 @@ def default_tracking_uri() -> str:
     return f"sqlite:///{mlflow_dir() / 'mlflow.db'}"
 
 
+GIT_COMMIT_ENV = "HDET_GIT_COMMIT"
+
+
 @lru_cache(maxsize=1)
 def git_commit() -> str:
-    """The commit of the source tree this package runs from, or ``unknown`` outside a checkout."""
+    """The commit of the source tree this package runs from, or ``unknown`` outside a checkout.
+
+    ``HDET_GIT_COMMIT`` wins when set: the local Ray sets it for its worker processes, which would
+    otherwise each run git once.
+    """
+    if os.environ.get(GIT_COMMIT_ENV):
+        return os.environ[GIT_COMMIT_ENV]
     root = Path(__file__).resolve().parent.parent
     try:
         out = subprocess.run(
@@ -133,6 +142,10 @@ def init_local_ray(num_cpus: int | None = None, num_gpus: int | None = None, das
         # Set before the local Ray starts so that its worker processes (Tune trials, Train
         # controllers) inherit it: they cannot tell on their own that no state API is served.
         os.environ[NO_STATE_API_ENV] = "1"
+    os.environ.setdefault(GIT_COMMIT_ENV, git_commit())
+    # Ray Train's preemption watcher (one more actor process per training run) follows node
+    # drains on a cluster; a one-machine Ray has no node to drain.
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     ray.init(
         num_cpus=num_cpus,
         num_gpus=num_gpus,

@@ -29,7 +29,6 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
-from scipy import stats
 
 #: smallest number of pairs for which the exact two-sided Wilcoxon test can reach p < 0.05.
 WILCOXON_MIN_PAIRS = 6
@@ -149,6 +148,8 @@ def paired_comparison(
     boot_means = diffs[idx].mean(axis=1)
     result["ci95_low"] = float(np.quantile(boot_means, alpha / 2))
     result["ci95_high"] = float(np.quantile(boot_means, 1 - alpha / 2))
+
+    from scipy import stats  # (0.7 s to import: not at module import, which Tune trials pay)
 
     sem = float(diffs.std(ddof=1)) / math.sqrt(n)
     if sem > 0:
@@ -313,6 +314,8 @@ def sensitivity(
             continue
         rho = float("nan")
         if len(xs) >= 3 and len(set(xs)) > 1 and len(set(ys)) > 1:
+            from scipy import stats
+
             rho = float(stats.spearmanr(xs, ys).statistic)
         result["params"][name] = {"values": xs, "objective": ys, "spearman": rho}
     return result

@@ -213,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:
         from ray.train import TrainingFailedError
 
-        from workers.train import is_deterministic_error
+        from workers.controller_hooks import is_deterministic_error
 
         if not (isinstance(e, TrainingFailedError) or is_deterministic_error(e)):
             c.set_terminated(ctx.parent_run_id, status="FAILED")

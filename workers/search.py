@@ -10,7 +10,7 @@ How a search runs (``run_search``):
   and it trains that configuration on every seed of ``search.seeds``: one Ray Train
   ``TorchTrainer`` per seed, all started at once from inside the trial (Train V2 pattern: the
   trial is a Tune function that builds and fits trainers). Each trainer's per-epoch report reaches
-  the trial through a :class:`SeedReportCallback` (a ``ray.train.UserCallback``, like Tune's own
+  the trial through a :class:`~workers.controller_hooks.SeedReportCallback` (a ``ray.train.UserCallback``, like Tune's own
   ``TuneReportCallback``, which forwards one trainer's metrics as they are); when every seed has
   finished epoch ``k`` the trial reports the **seed mean** of the metrics for epoch ``k`` to Tune.
   So ASHA and TPE rank configurations by the seed-averaged AP, never by a lucky seed, and
@@ -60,6 +60,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from workers import timeline
 from workers.evidence import aggregate_seeds, compare_metrics, sensitivity
 from workers.spec import Spec, SpecError, resolve_param_path
 
@@ -257,36 +258,26 @@ def num_trials(spec: Spec) -> int:
     return 1 if spec.search.algorithm == "grid" else spec.search.num_samples
 
 
+#: What a trial itself reserves: it only drives its trainers, which request the real resources;
+#: Tune needs a non-empty request, and a tiny one lets the trainers have the whole CPU.
+TRIAL_CPUS = 0.01
+
+
 def required_cpus(spec: Spec) -> float:
     """CPUs that let every concurrently running trainer start at once: (``max_concurrent`` + the
-    baseline) configurations x seeds x workers x CPUs per worker. With fewer, trainers queue for
-    resources (correct, but ASHA then sees each trial's seed mean later)."""
+    baseline) configurations x seeds x workers x CPUs per worker, plus what the running trials
+    reserve themselves (:data:`TRIAL_CPUS` each). With fewer, trainers queue for resources
+    (correct, but a queued trainer's trial start then includes the wait, and ASHA sees each
+    trial's seed mean later)."""
     s = spec.scaling
     per_trainer = s.num_workers * s.cpus_per_worker
     if spec.search is None:
         return per_trainer
     configs = spec.search.max_concurrent + (1 if spec.search.baseline else 0)
-    return configs * len(spec.search.seeds) * per_trainer
+    return configs * len(spec.search.seeds) * per_trainer + spec.search.max_concurrent * TRIAL_CPUS
 
 
 # --------------------------------------------------------------------------- one configuration
-
-
-def _user_callback_base() -> type:
-    from ray.train import UserCallback
-
-    return UserCallback
-
-
-class SeedReportCallback(_user_callback_base()):  # type: ignore[misc]
-    """Forwards one seed's per-epoch reports from its Train controller to the trial (a Ray queue)."""
-
-    def __init__(self, queue: Any, seed: int):
-        self._queue = queue
-        self._seed = seed
-
-    def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
-        self._queue.put(("report", self._seed, dict(metrics[0]), time.time()))
 
 
 class TrialFailure(RuntimeError):
@@ -298,16 +289,9 @@ def _run_key(trial_id: str, seed: int) -> str:
 
 
 def _find_child(c: MlflowClient, ctx: TrackingContext, run_key: str) -> Any | None:
-    from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+    from workers.tracking import find_child_run
 
-    from workers.tracking import RUN_KEY_TAG
-
-    found = c.search_runs(
-        [ctx.experiment_id],
-        filter_string=f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{ctx.parent_run_id}' and tags.`{RUN_KEY_TAG}` = '{run_key}'",
-        max_results=1,
-    )
-    return found[0] if found else None
+    return find_child_run(c, ctx, run_key)
 
 
 def _history_from_mlflow(c: MlflowClient, run_id: str) -> dict[int, dict[str, float]]:
@@ -333,6 +317,8 @@ def run_configuration(
     ctx: TrackingContext,
     storage_path: str,
     report: Callable[[dict[str, Any]], None] | None = None,
+    t_start: float | None = None,
+    replay: bool = True,
 ) -> dict[str, Any]:
     """Train one configuration on every seed of ``spec.search.seeds`` at once; report seed means.
 
@@ -345,6 +331,9 @@ def run_configuration(
         ctx: the experiment's tracking context.
         storage_path: Ray Train storage.
         report: called once per epoch with the seed means (``tune.report`` in a trial).
+        t_start: when the trial started (default: now); ``first_step_s`` counts from it.
+        replay: look for seeds that finished before an interruption (a resumed search) and
+            replay them from MLflow instead of training them; False skips that query.
 
     Returns:
         dict: ``epochs`` (per-seed history ``{seed: {epoch: metrics}}``) and the compute used
@@ -354,28 +343,21 @@ def run_configuration(
         TrialFailure: a seed's spec is invalid or its training failed; the message says which
             and why. The seeds' child runs are marked failed with the reason.
     """
-    from ray.util.queue import Queue
-
-    from workers.tracking import client, find_or_create_child_run, run_tags
-    from workers.train import make_trainer, resolve_use_gpu
+    t_start = time.time() if t_start is None else t_start
+    events = _event_queue()  # first: its actor starts while the rest is set up
+    from workers.controller_hooks import SeedReportCallback
+    from workers.tracking import client, find_or_create_child_run, log_metrics, logged_steps, run_tags
+    from workers.train import make_trainer, prepare_child_run, resolve_use_gpu
 
     assert spec.search is not None
     for k, v in TRAIN_ENV_DEFAULTS.items():
         os.environ.setdefault(k, v)
-    t_start = time.time()
     seeds = list(spec.search.seeds)
-    c = client(ctx.tracking_uri)
     config_json = json.dumps(dict(overrides), sort_keys=True, default=str)
     base = spec.model_copy(update={"search": None})
 
-    def tags_for(seed: int, seed_spec: Spec) -> dict[str, str]:
-        return {
-            **run_tags(seed_spec, "child"),
-            TRIAL_TAG: trial_id,
-            SEED_TAG: str(seed),
-            ARM_TAG: arm,
-            CONFIG_TAG: config_json[:5000],
-        }
+    def tags_for(seed: int) -> dict[str, str]:
+        return {TRIAL_TAG: trial_id, SEED_TAG: str(seed), ARM_TAG: arm, CONFIG_TAG: config_json[:5000]}
 
     seed_specs: dict[int, Spec] = {}
     for seed in seeds:
@@ -383,13 +365,13 @@ def run_configuration(
             seed_specs[seed] = base.with_overrides({**overrides, "train.seed": seed}, check_paths=False)
         except SpecError as e:
             reason = f"invalid configuration {config_json}: " + "; ".join(f"{p}: {m}" for p, m in e.problems)
+            mc = client(ctx.tracking_uri)
             for s in seeds:
-                run_id = find_or_create_child_run(
-                    ctx, _run_key(trial_id, s), _run_key(trial_id, s), tags_for(s, base)
-                )
-                c.set_tag(run_id, STATUS_TAG, "failed")
-                c.set_tag(run_id, ERROR_TAG, reason[:4000])
-                c.set_terminated(run_id, status="FAILED")
+                tags = {**run_tags(base, "child"), **tags_for(s)}
+                run_id = find_or_create_child_run(ctx, _run_key(trial_id, s), _run_key(trial_id, s), tags)
+                mc.set_tag(run_id, STATUS_TAG, "failed")
+                mc.set_tag(run_id, ERROR_TAG, reason[:4000])
+                mc.set_terminated(run_id, status="FAILED")
             raise TrialFailure(reason) from None
 
     sc = spec.scaling
@@ -397,27 +379,37 @@ def run_configuration(
     per_trainer_cpus = sc.num_workers * sc.cpus_per_worker
     per_trainer_gpus = sc.num_workers * sc.gpus_per_worker if use_gpu else 0.0
 
-    events: Any = Queue(actor_options={"num_cpus": 0})
     history: dict[int, dict[int, dict[str, float]]] = {seed: {} for seed in seeds}
     started: dict[int, float] = {}
     ended: dict[int, float] = {}
     first_step: dict[int, float] = {}
     threads: list[threading.Thread] = []
     run_ids: dict[int, str] = {}
+    keys = {_run_key(trial_id, seed): seed for seed in seeds}
+    trainers: dict[int, Any] = {}
+    lock = threading.Lock()
+    stopping = threading.Event()
+
+    rc: Any = client(ctx.tracking_uri) if replay else None
+
+    def run_id_of(seed: int) -> str:
+        """The seed's child run: its trainer's rank-0 worker creates it (``defer_run``)."""
+        if seed not in run_ids:
+            run_ids[seed] = trainers[seed].child_run_id() if seed in trainers else prepare_child_run(
+                ctx, seed_specs[seed], run_key=_run_key(trial_id, seed), run_name=_run_key(trial_id, seed),
+                tags={**tags_for(seed), STATUS_TAG: "running"},
+            )  # fmt: skip
+        return run_ids[seed]
 
     for seed in seeds:
         key = _run_key(trial_id, seed)
-        existing = _find_child(c, ctx, key)
+        existing = _find_child(rc, ctx, key) if replay else None
         if existing is not None and existing.info.status == "FINISHED":
             # Finished before an interruption: replay it from MLflow instead of training again.
             run_ids[seed] = existing.info.run_id
-            history[seed] = _history_from_mlflow(c, existing.info.run_id)
+            history[seed] = _history_from_mlflow(rc, existing.info.run_id)
             started[seed] = ended[seed] = time.time()
             continue
-        run_ids[seed] = find_or_create_child_run(ctx, key, key, tags_for(seed, seed_specs[seed]))
-        for tag, value in tags_for(seed, seed_specs[seed]).items():
-            c.set_tag(run_ids[seed], tag, value)
-        c.set_tag(run_ids[seed], STATUS_TAG, "running")
 
         def fit(seed: int = seed, key: str = key) -> None:
             started[seed] = time.time()
@@ -426,13 +418,20 @@ def run_configuration(
                 name = f"{spec.name}-{ctx.parent_run_id[:8]}-{key}"
                 trainer = make_trainer(
                     seed_specs[seed], run_name=name, storage_path=storage_path, tracking=ctx,
-                    callbacks=[SeedReportCallback(events, seed)], run_key=key,
+                    callbacks=[SeedReportCallback(events, key)], run_key=key,
+                    tags={**tags_for(seed), STATUS_TAG: "running"}, defer_run=True,
                 )  # fmt: skip
+                with lock:
+                    if stopping.is_set():
+                        trainer.close_mlflow_run("KILLED")
+                        raise RuntimeError("the trial was stopped before this seed started")
+                    trainers[seed] = trainer
+                timeline.mark("trainer_fit", key=key)
                 trainer.fit()
             except BaseException as e:  # reported to the trial, which fails the configuration
-                events.put(("failed", seed, _short_reason(e), time.time()))
+                events.put(("failed", key, _short_reason(e), time.time()))
             else:
-                events.put(("done", seed, None, time.time()))
+                events.put(("done", key, None, time.time()))
 
         threads.append(threading.Thread(target=fit, name=f"hdet-{key}", daemon=True))
     for th in threads:
@@ -471,60 +470,115 @@ def run_configuration(
             row.update(compute(time.time()))
             row["epoch"] = next_epoch  # (no "done" key: Tune would end the trial on it)
             if report is not None:
-                report(row)
+                report(row)  # raises SystemExit when the scheduler stops the trial
             next_epoch += 1
 
-    flush()  # every seed replayed from MLflow
-    while pending:
-        kind, seed, payload, at = events.get()
-        if kind == "report":
-            epoch = int(payload["epoch"])
-            history[seed][epoch] = {k: float(v) for k, v in payload.items() if _is_number(v)}
-            if seed not in first_step and "epoch_time_s" in payload:
-                # the first epoch started epoch_time_s before its report (an upper bound on the
-                # start of the first step: the report reaches us one controller poll later)
-                first_step[seed] = at - float(payload["epoch_time_s"])
-            flush()
-        else:
-            ended[seed] = at
-            pending.discard(seed)
-            if kind == "failed":
-                failure = f"seed {seed}: {payload}"
-                break
-    used = compute(time.time())
-    for seed, run_id in run_ids.items():
-        metrics = {f"trial_{k}" if not k.startswith("trial_") else k: v for k, v in used.items()}
-        metrics["trainer_wall_s"] = ended.get(seed, time.time()) - started.get(seed, t_start)
-        from workers.tracking import log_metrics
+    def stop_trainers() -> None:
+        """Abort the trainers still running and give their child runs the epochs they reported."""
+        with lock:
+            stopping.set()
+            running = [trainers[sd] for sd in pending if sd in trainers]
+        refs = [r for r in (t.abort_async() for t in running) if r is not None]
+        if refs:
+            import ray
 
-        log_metrics(c, run_id, metrics, step=0)
-        if failure is not None:
-            c.set_tag(run_id, STATUS_TAG, "failed")
-            c.set_tag(run_id, ERROR_TAG, failure[:4000])
-            if c.get_run(run_id).info.status == "RUNNING":
-                c.set_terminated(run_id, status="FAILED" if f"seed {seed}:" in failure else "KILLED")
+            ray.wait(refs, num_returns=len(refs), timeout=30.0)
+        c = client(ctx.tracking_uri)
+        for sd in pending:
+            # A worker logs an epoch to MLflow just after reporting it; the abort may have come
+            # in between. The trial has the report: log what the child run lacks.
+            have = logged_steps(c, run_id_of(sd))
+            for epoch, m in sorted(history[sd].items()):
+                if epoch not in have:
+                    log_metrics(c, run_id_of(sd), m, step=epoch)
+
+    def record_compute(failure: str | None) -> None:
+        used = compute(time.time())
+        c = client(ctx.tracking_uri)
+        for seed in seeds:
+            run_id = run_id_of(seed)
+            metrics = {f"trial_{k}" if not k.startswith("trial_") else k: v for k, v in used.items()}
+            metrics["trainer_wall_s"] = ended.get(seed, time.time()) - started.get(seed, t_start)
+            log_metrics(c, run_id, metrics, step=0)
+            if failure is not None:
+                c.set_tag(run_id, STATUS_TAG, "failed")
+                c.set_tag(run_id, ERROR_TAG, failure[:4000])
+                if c.get_run(run_id).info.status == "RUNNING":
+                    c.set_terminated(run_id, status="FAILED" if f"seed {seed}:" in failure else "KILLED")
+
+    try:
+        flush()  # every seed replayed from MLflow
+        while pending:
+            kind, key, payload, at = events.get()
+            seed = keys.get(key, -1)
+            if seed not in pending:
+                continue  # an event of an earlier trial of this process
+            if kind == "report":
+                epoch = int(payload["epoch"])
+                history[seed][epoch] = {k: float(v) for k, v in payload.items() if _is_number(v)}
+                if seed not in first_step and "epoch_time_s" in payload:
+                    # the first epoch started epoch_time_s before its report (an upper bound on the
+                    # start of the first step: the report reaches us one controller poll later)
+                    first_step[seed] = at - float(payload["epoch_time_s"])
+                flush()
+            else:
+                ended[seed] = at
+                pending.discard(seed)
+                if kind == "failed":
+                    failure = f"seed {seed}: {payload}"
+                    break
+    except BaseException:
+        # Stopped by the scheduler (tune.report raised SystemExit) or torn down: the trainers must
+        # not train on in this process, which Tune may reuse for the next trial.
+        stop_trainers()
+        record_compute(None)
+        raise
     if failure is not None:
+        stop_trainers()  # the configuration failed: its other seeds would only waste compute
+        record_compute(failure)
         raise TrialFailure(failure)
+    record_compute(None)
     flush()
-    return {"history": history, **used}
+    return {"history": history, **compute(time.time())}
+
+
+#: The trial process's event queue (one actor, reused by the trials Tune runs in this process).
+_EVENTS: Any = None
+
+
+def _event_queue() -> Any:
+    global _EVENTS
+    from ray.util.queue import Queue
+
+    if _EVENTS is None:
+        _EVENTS = Queue(actor_options={"num_cpus": 0})
+    return _EVENTS
 
 
 def _is_number(v: Any) -> bool:
     return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(float(v))
 
 
-def _search_trial(config: dict[str, Any], *, spec_data: dict[str, Any], ctx: Any, storage_path: str) -> None:
+def _search_trial(
+    config: dict[str, Any], *, spec_data: dict[str, Any], ctx: Any, storage_path: str, resumed: bool = False
+) -> None:
     """The Tune function of one trial: one configuration on all seeds (see the module docstring)."""
+    t_start = time.time()
     from ray import tune
 
+    # A stopped trial aborts its trainers before it returns; Tune reuses this process for the next
+    # trial only if that takes less than this (2 s by default).
+    os.environ.setdefault("TUNE_FUNCTION_THREAD_TIMEOUT_S", "30")
     spec = Spec.parse(spec_data, check_paths=False)
     trial_id = tune.get_context().get_trial_id()
+    timeline.mark("trial_fn", key=trial_id, t=t_start)
     run_configuration(
-        spec, config, trial_id=trial_id, arm="search", ctx=ctx, storage_path=storage_path, report=tune.report
-    )
+        spec, config, trial_id=trial_id, arm="search", ctx=ctx, storage_path=storage_path, report=tune.report,
+        t_start=t_start, replay=resumed,
+    )  # fmt: skip
 
 
-def _baseline_task(spec_data: dict[str, Any], ctx: Any, storage_path: str) -> dict[str, Any]:
+def _baseline_task(spec_data: dict[str, Any], ctx: Any, storage_path: str, resumed: bool) -> dict[str, Any]:
     """The baseline arm (a Ray task): the standard loss on the same seeds, never stopped early."""
     spec = Spec.parse(spec_data, check_paths=False)
     try:
@@ -535,6 +589,7 @@ def _baseline_task(spec_data: dict[str, Any], ctx: Any, storage_path: str) -> di
             arm="baseline",
             ctx=ctx,
             storage_path=storage_path,
+            replay=resumed,
         )
     except TrialFailure as e:
         return {"status": "failed", "error": str(e)}
@@ -1048,6 +1103,36 @@ def _mark_trials(c: MlflowClient, ctx: TrackingContext, spec: Spec, outcomes: Ma
                                         if k in last}, step=0)  # fmt: skip
 
 
+def _timeline_callbacks() -> list[Any]:
+    """A Tune callback that marks each trial's start in the timeline, when one is kept."""
+    if not os.environ.get(timeline.ENV):
+        return []
+    from ray import tune
+
+    class TrialStartMarks(tune.Callback):  # type: ignore[misc]
+        def on_trial_start(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
+            timeline.mark("trial_start", key=trial.trial_id)
+
+    return [TrialStartMarks()]
+
+
+def _start_train_coordinator() -> None:
+    """Start Ray Train's autoscaling coordinator now rather than in the first trial's start.
+
+    Every Train V2 run asks a cluster-wide coordinator (a detached actor, created by the first run
+    that needs it) for its resources; creating it here lets its process start while Tune starts
+    the trials. Ray-internal: if its place changes, the first run creates it as before.
+    """
+    try:
+        from ray.data._internal.cluster_autoscaler.default_autoscaling_coordinator import (
+            get_or_create_autoscaling_coordinator,
+        )
+
+        get_or_create_autoscaling_coordinator()
+    except Exception:  # pragma: no cover - depends on Ray's internals
+        pass
+
+
 def run_search(
     spec: Spec,
     ctx: TrackingContext,
@@ -1093,10 +1178,10 @@ def run_search(
     # Drop the search section for the trials: they need the training recipe and the seeds only.
     spec_data = spec.to_dict()
     trainable = tune.with_resources(
-        tune.with_parameters(_search_trial, spec_data=spec_data, ctx=ctx, storage_path=storage_path),
-        # The trial only drives its trainers, which request the real resources; Tune needs a
-        # non-empty request, and a tiny one lets the trainers have the whole CPU.
-        {"CPU": 0.01},
+        tune.with_parameters(
+            _search_trial, spec_data=spec_data, ctx=ctx, storage_path=storage_path, resumed=resume
+        ),
+        {"CPU": TRIAL_CPUS},
     )
     name = f"{spec.name}-search-{ctx.parent_run_id[:8]}"
     exp_path = f"{storage_path.rstrip('/')}/{name}"
@@ -1117,13 +1202,16 @@ def run_search(
                 num_samples=num_trials(spec),
                 reuse_actors=True,
             ),  # fmt: skip
-            run_config=tune.RunConfig(name=name, storage_path=storage_path, verbose=verbose),
+            run_config=tune.RunConfig(
+                name=name, storage_path=storage_path, verbose=verbose, callbacks=_timeline_callbacks()
+            ),
         )
 
+    _start_train_coordinator()
     baseline_ref = None
     if spec.search.baseline:
         task = ray.remote(num_cpus=0, max_retries=0)(_baseline_task)
-        baseline_ref = task.remote(spec_data, ctx, storage_path)
+        baseline_ref = task.remote(spec_data, ctx, storage_path, resume)
     try:
         results = tuner.fit()
     except BaseException:

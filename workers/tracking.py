@@ -32,6 +32,7 @@ __all__ = [
     "TrackingContext",
     "open_parent_run",
     "find_or_create_child_run",
+    "find_child_run",
     "flatten_params",
     "run_tags",
     "log_metrics",
@@ -197,14 +198,10 @@ def find_or_create_child_run(
 
     c = client(ctx.tracking_uri)
     key = run_key.replace("'", "")
-    found = c.search_runs(
-        [ctx.experiment_id],
-        filter_string=f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{ctx.parent_run_id}' and tags.`{RUN_KEY_TAG}` = '{key}'",
-        max_results=1,
-    )
-    if found:
-        run_id = found[0].info.run_id
-        if found[0].info.status != "RUNNING":
+    found = find_child_run(c, ctx, key)
+    if found is not None:
+        run_id = found.info.run_id
+        if found.info.status != "RUNNING":
             c.update_run(run_id, status="RUNNING")
         return str(run_id)
     all_tags = {
@@ -215,6 +212,19 @@ def find_or_create_child_run(
     }
     run = c.create_run(ctx.experiment_id, run_name=run_name, tags=all_tags)
     return str(run.info.run_id)
+
+
+def find_child_run(c: MlflowClient, ctx: TrackingContext, run_key: str) -> Any | None:
+    """The child run of ``ctx``'s parent tagged ``hdet.run_key = run_key``, or None."""
+    from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+
+    key = run_key.replace("'", "")
+    found = c.search_runs(
+        [ctx.experiment_id],
+        filter_string=f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{ctx.parent_run_id}' and tags.`{RUN_KEY_TAG}` = '{key}'",
+        max_results=1,
+    )
+    return found[0] if found else None
 
 
 def logged_steps(c: MlflowClient, run_id: str, key: str = "epoch") -> set[int]:

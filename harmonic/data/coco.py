@@ -40,12 +40,27 @@ def load_image(path: str | os.PathLike[str]) -> Tensor:
 
 
 def coco_from_dict(data: dict[str, Any]) -> COCO:
-    """A pycocotools ``COCO`` object over an in-memory dict (pycocotools prints while indexing)."""
+    """A pycocotools ``COCO`` object over an in-memory dict, without pycocotools' prints.
+
+    pycocotools prints while indexing. Redirecting stdout does not silence it inside a Ray Train
+    worker, whose ``print`` is patched to go to the log; shadowing ``print`` in pycocotools' module
+    for the call does.
+    """
+    import pycocotools.coco as coco_module
+
     coco = COCO()
     coco.dataset = data
-    with contextlib.redirect_stdout(io.StringIO()):
-        coco.createIndex()
+    coco_module.print = _no_print  # type: ignore[attr-defined]
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            coco.createIndex()
+    finally:
+        coco_module.__dict__.pop("print", None)
     return coco
+
+
+def _no_print(*args: Any, **kwargs: Any) -> None:
+    pass
 
 
 def empty_target(image_id: int, height: int, width: int, with_masks: bool) -> Target:

@@ -13,6 +13,7 @@ from ray.tune.search.optuna import OptunaSearch
 from ray.tune.search.sample import Categorical, Float, LogUniform
 
 from workers.search import (
+    TRIAL_CPUS,
     SearchSpaceError,
     make_scheduler,
     make_search_alg,
@@ -103,7 +104,8 @@ def test_searchers_schedulers_and_budget():
     assert isinstance(make_search_alg(rnd), BasicVariantGenerator)
     assert num_trials(rnd) == 5
     assert isinstance(make_scheduler(rnd), FIFOScheduler)
-    assert required_cpus(rnd) == (3 + 1) * 3 * 1.0
+    # every trainer of the running trials and of the baseline, plus the trials themselves
+    assert required_cpus(rnd) == pytest.approx((3 + 1) * 3 * 1.0 + 3 * TRIAL_CPUS)
     opt = _spec({"alpha": {"uniform": [0.5, 1.0]}}, algorithm="optuna", scheduler="asha", max_concurrent=2)
     alg = make_search_alg(opt)
     assert isinstance(alg, ConcurrencyLimiter) and isinstance(alg.searcher, OptunaSearch)

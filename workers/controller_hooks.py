@@ -1,0 +1,250 @@
+"""What a Ray Train controller process loads of this package: kept light on purpose.
+
+Every training run (and so every seed of every Tune trial) gets a fresh Train controller process,
+which unpickles the trainer's failure policy and its callbacks before it can start the worker
+group. Whatever module they live in is imported there, on the critical path of the trial's
+start. So they live here, in a module that imports Ray Train's own controller-side names and
+nothing else of this package: no torch, MLflow, SciPy or pydantic (``workers.train`` costs
+about 1.6 s to import, ``workers.search`` 0.7 s, this module nothing beyond Ray).
+
+* :class:`NoRetryOnDeterministic`: Ray Train's default failure policy, except that errors a
+  retry would only repeat (a non-finite loss, an invalid spec, dataset or loss option) fail the
+  run at once. The check goes by class names (:data:`DETERMINISTIC_ERRORS`), so it imports none
+  of those classes' modules.
+* :class:`SeedReportCallback`: forwards a trainer's per-epoch reports to the Tune trial that
+  started it (see :mod:`workers.search`).
+* :class:`TorchBackendConfig`: what ``TorchTrainer``'s ``TorchConfig`` is to the controller, without
+  importing torch there (``ray.train.torch.config`` imports torch: 1.7 s of a controller's start).
+  The controller only orchestrates the process group: it runs Ray Train's own worker-side
+  functions (``_setup_torch_process_group`` and friends) on the workers, which import torch anyway.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = [
+    "DETERMINISTIC_ERRORS",
+    "TorchBackendConfig",
+    "NoRetryOnDeterministic",
+    "SeedReportCallback",
+    "deterministic_cause",
+    "is_deterministic_error",
+]
+
+#: Errors that a restart from the last checkpoint would only repeat (module-qualified class
+#: names; subclasses count too).
+DETERMINISTIC_ERRORS = frozenset(
+    {
+        "workers.errors.DeterministicTrainingError",  # NonFiniteLossError and friends
+        "workers.spec.SpecError",
+        "harmonic.data.check.DatasetError",
+        "harmonic.config.LossConfigError",
+    }
+)
+
+
+def is_deterministic_error(e: BaseException) -> bool:
+    """True if ``e`` is (a subclass of) one of :data:`DETERMINISTIC_ERRORS`."""
+    return any(f"{c.__module__}.{c.__qualname__}" in DETERMINISTIC_ERRORS for c in type(e).__mro__)
+
+
+def deterministic_cause(e: BaseException) -> BaseException | None:
+    """``e`` itself, or the first worker's error inside a ``WorkerGroupError``, if it is deterministic."""
+    if is_deterministic_error(e):
+        return e
+    failures = getattr(e, "worker_failures", None) or {}
+    for rank in sorted(failures):
+        if is_deterministic_error(failures[rank]):
+            return failures[rank]
+    return None
+
+
+def _failure_policy_base() -> type:
+    from ray.train.v2._internal.execution.failure_handling import DefaultFailurePolicy
+
+    return DefaultFailurePolicy
+
+
+class NoRetryOnDeterministic(_failure_policy_base()):  # type: ignore[misc]
+    """Ray Train's default failure policy, except that deterministic errors are never retried."""
+
+    def make_decision(self, training_failed_error: Any) -> Any:
+        from ray.train.v2._internal.execution.failure_handling import FailureDecision
+
+        if deterministic_cause(training_failed_error) is not None:
+            return FailureDecision.RAISE
+        return super().make_decision(training_failed_error)
+
+
+def _user_callback_base() -> type:
+    from ray.train import UserCallback
+
+    return UserCallback
+
+
+class SeedReportCallback(_user_callback_base()):  # type: ignore[misc]
+    """Forwards one trainer's per-epoch reports from its Train controller to the trial (a Ray queue).
+
+    Events are ``("report", key, metrics, time)``; ``key`` names the trainer (its MLflow run
+    key), so a queue that outlives one trial (Tune reuses trial processes) never mixes trials.
+    """
+
+    def __init__(self, queue: Any, key: str):
+        self._queue = queue
+        self._key = key
+
+    def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
+        self._queue.put(("report", self._key, dict(metrics[0]), time.time()))
+
+
+# --------------------------------------------------------------------------- torch process group
+
+
+def _backend_config_base() -> type:
+    from ray.train.backend import BackendConfig
+
+    return BackendConfig
+
+
+def _backend_base() -> type:
+    from ray.train.backend import Backend
+
+    return Backend
+
+
+@dataclass
+class TorchBackendConfig(_backend_config_base()):  # type: ignore[misc]
+    """``ray.train.torch.TorchConfig`` (same fields, same process group), importable without torch.
+
+    :class:`workers.train.HarmonicTrainer` puts it in place of the ``TorchConfig`` that
+    ``TorchTrainer`` made, so that the Train controller, which unpickles the backend config to set
+    up the workers' process group, does not import torch for it.
+    """
+
+    backend: str | None = None
+    init_method: str = "env"
+    timeout_s: int = 1800
+
+    @classmethod
+    def of(cls, torch_config: Any) -> TorchBackendConfig:
+        return cls(
+            backend=torch_config.backend,
+            init_method=torch_config.init_method,
+            timeout_s=torch_config.timeout_s,
+        )
+
+    @property
+    def backend_cls(self) -> type:
+        return _TorchProcessGroupBackend
+
+    @property
+    def train_func_context(self) -> Any:
+        # Used where the trainer is built (which imports torch anyway) and pickled by reference
+        # into the training function, which only workers unpickle.
+        from ray.train.torch.config import TorchConfigContextManager
+
+        return TorchConfigContextManager
+
+    @property
+    def framework(self) -> Any:
+        from ray.train.v2._internal.util import TrainingFramework
+
+        return TrainingFramework.TORCH
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"backend": self.backend, "init_method": self.init_method, "timeout_s": self.timeout_s}
+
+
+class _TorchProcessGroupBackend(_backend_base()):  # type: ignore[misc]
+    """Ray Train's torch backend (``_TorchBackend``) for GPUs and CPUs, driven from the controller
+    without importing torch: every torch call happens on the workers (see the functions below)."""
+
+    share_cuda_visible_devices: bool = True
+
+    def on_start(self, worker_group: Any, backend_config: TorchBackendConfig) -> None:
+        import ray
+        from ray._common.network_utils import build_address
+
+        backend = backend_config.backend
+        if backend is None:
+            backend = "nccl" if worker_group.get_resources_per_worker().get("GPU", 0) > 0 else "gloo"
+        addr, port = worker_group.execute_single(0, _address_and_port)
+        if backend_config.init_method == "env":
+            worker_group.execute(_set_master_env, addr=addr, port=port)
+            url = "env://"
+        elif backend_config.init_method == "tcp":
+            url = f"tcp://{build_address(addr, port)}"
+        else:
+            raise ValueError(f"init_method must be 'env' or 'tcp', not {backend_config.init_method!r}")
+        # LOCAL_RANK, RANK, WORLD_SIZE... before init_process_group, as torch expects.
+        worker_group.execute(_set_distributed_env_vars)
+        n = len(worker_group)
+        ray.get(
+            [
+                worker_group.execute_single_async(
+                    rank,
+                    _setup_process_group,
+                    backend=backend,
+                    world_rank=rank,
+                    world_size=n,
+                    init_method=url,
+                    timeout_s=backend_config.timeout_s,
+                )  # fmt: skip
+                for rank in range(n)
+            ]
+        )
+
+    def on_shutdown(self, worker_group: Any, backend_config: TorchBackendConfig) -> None:
+        import ray
+        from ray.exceptions import GetTimeoutError
+        from ray.train.constants import DEFAULT_TORCH_PROCESS_GROUP_SHUTDOWN_TIMEOUT_S
+
+        futures = worker_group.execute_async(_shutdown_process_group, destroy=len(worker_group) > 1)
+        timeout_s = float(
+            os.environ.get(
+                "TORCH_PROCESS_GROUP_SHUTDOWN_TIMEOUT_S", DEFAULT_TORCH_PROCESS_GROUP_SHUTDOWN_TIMEOUT_S
+            )
+        )
+        try:
+            ray.get(futures, timeout=timeout_s)
+        except GetTimeoutError:
+            logging.getLogger(__name__).warning(
+                "torch process group shutdown timed out after %s s", timeout_s
+            )
+
+
+# Run on the workers (pickled by reference to this module; they import torch there).
+
+
+def _address_and_port() -> tuple[str, int]:
+    from ray.train._internal.utils import get_address_and_port
+
+    return get_address_and_port()
+
+
+def _set_master_env(addr: str, port: int) -> None:
+    os.environ["MASTER_ADDR"] = addr
+    os.environ["MASTER_PORT"] = str(port)
+
+
+def _set_distributed_env_vars() -> None:
+    from ray.train.torch.config import _set_torch_distributed_env_vars
+
+    _set_torch_distributed_env_vars()
+
+
+def _setup_process_group(**kwargs: Any) -> None:
+    from ray.train.torch.config import _setup_torch_process_group
+
+    _setup_torch_process_group(**kwargs)
+
+
+def _shutdown_process_group(destroy: bool) -> None:
+    from ray.train.torch.config import _shutdown_torch
+
+    _shutdown_torch(destroy_process_group=destroy)
