@@ -174,12 +174,16 @@ def _search_bench_spec(
 ) -> dict[str, Any]:
     return {
         "name": name,
+        # the demo's data and recipe (configs/demo.yaml), smaller: enough for AP to tell configurations apart
         "dataset": {"format": "synthetic", "root": str(root / "data"), "train": args.images, "val": args.val_images,
-                    "image_size": args.image_size, "seed": 0},
+                    "image_size": args.image_size, "seed": 0,
+                    "synth": {"max_objects": 2, "min_scale": 0.25, "max_scale": 0.45, "clutter": 0, "occlusion": 0.2,
+                              "tail_prob": 0.0}},
         "detector": {"arch": args.arch, "backbone": args.backbone, "image_size": args.image_size},
         "loss": {"kind": "harmonicdet"},
-        "train": {"epochs": args.epochs, "batch_size": args.batch_size, "optimizer": "adamw", "lr": 0.001,
-                  "schedule": "cosine", "warmup": {"iters": 5, "factor": 0.1}, "clip_grad_norm": 10.0},
+        "train": {"epochs": args.epochs, "batch_size": args.batch_size, "optimizer": "adamw", "lr": args.lr,
+                  "weight_decay": 1e-4, "schedule": "cosine", "warmup": {"iters": 12, "factor": 0.01},
+                  "clip_grad_norm": 10.0},
         "scaling": {"num_workers": 1, "use_gpu": False, "cpus_per_worker": args.cpus_per_trainer, "max_failures": 0},
         "search": {"seeds": args.seeds, "baseline": False, "max_concurrent": args.max_concurrent, **search},
         "tracking": {"experiment": name},
@@ -210,27 +214,24 @@ def search_main(argv: list[str]) -> int:
     Grid search trains every configuration of a ``side x side`` grid over alpha and gamma for the
     full schedule (FIFO); ASHA + TPE (Optuna) samples as many configurations from the ranges that
     hold the grid and stops the weak ones early. Printed: the best AP each reached (seed mean),
-    the epochs each trained, their ratios, and the per-trial start cost of every trial (median).
-    ``--ray-defaults`` runs a third, one-epoch search with Ray Train's own controller settings
-    instead of :data:`workers.search.TRAIN_ENV_DEFAULTS`, to show what those save.
+    the epochs each trained, their ratios, and the fixed cost of a trial with where it goes
+    (median over every training run, from :mod:`workers.timeline`).
     """
     p = argparse.ArgumentParser(
         prog="hdet bench search", description="ASHA + TPE against grid search, and the fixed cost of a trial."
     )
-    p.add_argument("--arch", default="retinanet")
+    p.add_argument("--arch", default="fcos")
     p.add_argument("--backbone", default="resnet18_fpn")
-    p.add_argument("--images", type=int, default=32, help="training images (default 32)")
-    p.add_argument("--val-images", type=int, default=16)
+    p.add_argument("--images", type=int, default=128, help="training images (default 128)")
+    p.add_argument("--val-images", type=int, default=32)
     p.add_argument("--image-size", type=int, default=64)
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--lr", type=float, default=0.003)
+    p.add_argument("--epochs", type=int, default=6)
     p.add_argument("--side", type=int, default=2, help="grid side: side x side configurations (default 2)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--max-concurrent", type=int, default=2)
     p.add_argument("--cpus-per-trainer", type=float, default=1.0)
-    p.add_argument(
-        "--ray-defaults", action="store_true", help="also time a search with Ray Train's default settings"
-    )
     p.add_argument("--json", help="write the numbers to this JSON file too")
     args = p.parse_args(argv)
 
@@ -242,7 +243,7 @@ def search_main(argv: list[str]) -> int:
     from harmonic.data import build_dataset
     from workers import timeline
     from workers.env import init_local_ray
-    from workers.search import TRAIN_ENV_DEFAULTS, required_cpus
+    from workers.search import required_cpus
     from workers.spec import Spec
 
     alphas = [round(float(a), 3) for a in np.linspace(0.5, 2.5, args.side)]
@@ -283,23 +284,6 @@ def search_main(argv: list[str]) -> int:
                 print(f"  {label:<9} best AP {100 * r['best_AP']:.2f}  epochs {r['epochs_used']}  "
                       f"wall {r['wall_s']:.0f} s  trial start (median) {_median(r['trial_start_s']):.1f} s  "
                       f"{r['statuses']}", flush=True)  # fmt: skip
-            if args.ray_defaults:
-                saved = {k: os.environ.get(k) for k in TRAIN_ENV_DEFAULTS}
-                os.environ.update({"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "2.0",
-                                   "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "60"})  # fmt: skip
-                try:
-                    one = dict(grid, name="bench-ray-defaults", train={**grid["train"], "epochs": 1})
-                    one["tracking"] = {"experiment": "bench-ray-defaults"}
-                    summary = _bench_one_search(one, root)
-                finally:
-                    for k, v in saved.items():
-                        if v is None:
-                            os.environ.pop(k, None)
-                        else:
-                            os.environ[k] = v
-                runs["ray_defaults"] = {"trial_start_s": [t.first_step_s for t in summary.trials]}
-                print(f"  with Ray Train's default settings: trial start (median) "
-                      f"{_median(runs['ray_defaults']['trial_start_s']):.1f} s", flush=True)  # fmt: skip
         finally:
             if started:
                 ray.shutdown()

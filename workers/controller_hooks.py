@@ -11,8 +11,8 @@ about 1.6 s to import, ``workers.search`` 0.7 s, this module nothing beyond Ray)
   retry would only repeat (a non-finite loss, an invalid spec, dataset or loss option) fail the
   run at once. The check goes by class names (:data:`DETERMINISTIC_ERRORS`), so it imports none
   of those classes' modules.
-* :class:`SeedReportCallback`: forwards a trainer's per-epoch reports to the Tune trial that
-  started it (see :mod:`workers.search`).
+* :class:`SeedReportCallback` and :class:`EventHub`: a trainer's per-epoch reports reach the Tune
+  trial that started it (see :mod:`workers.search`).
 * :class:`TorchBackendConfig`: what ``TorchTrainer``'s ``TorchConfig`` is to the controller, without
   importing torch there (``ray.train.torch.config`` imports torch: 1.7 s of a controller's start).
   The controller only orchestrates the process group: it runs Ray Train's own worker-side
@@ -29,6 +29,8 @@ from typing import Any
 
 __all__ = [
     "DETERMINISTIC_ERRORS",
+    "EventHub",
+    "start_event_hub",
     "TorchBackendConfig",
     "NoRetryOnDeterministic",
     "SeedReportCallback",
@@ -88,18 +90,78 @@ def _user_callback_base() -> type:
 
 
 class SeedReportCallback(_user_callback_base()):  # type: ignore[misc]
-    """Forwards one trainer's per-epoch reports from its Train controller to the trial (a Ray queue).
+    """Forwards one trainer's per-epoch reports from its Train controller to the trial, through
+    the search's :class:`EventHub`.
 
-    Events are ``("report", key, metrics, time)``; ``key`` names the trainer (its MLflow run
-    key), so a queue that outlives one trial (Tune reuses trial processes) never mixes trials.
+    Events are ``("report", key, metrics, time)``; ``key`` names the trainer (its MLflow run key).
+    The put is waited for, so a report is in the hub before the trainer's ``fit()`` returns.
     """
 
-    def __init__(self, queue: Any, key: str):
-        self._queue = queue
+    def __init__(self, hub: Any, key: str):
+        self._hub = hub
         self._key = key
 
     def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
-        self._queue.put(("report", self._key, dict(metrics[0]), time.time()))
+        import ray
+
+        ray.get(self._hub.put.remote(("report", self._key, dict(metrics[0]), time.time())))
+
+
+class EventHub:
+    """One mailbox per training run (by run key) between Train controllers and the trials.
+
+    A Ray actor (async), one per search: a trial takes the events of its own seeds' runs only, so
+    one hub serves every trial and the baseline (a queue per trial would be one more process to
+    start per trial process). Events are tuples whose second item is the run key.
+    """
+
+    def __init__(self) -> None:
+        self._boxes: dict[str, list[tuple[Any, ...]]] = {}
+        self._changed: Any = None
+
+    def _condition(self) -> Any:
+        import asyncio
+
+        if self._changed is None:
+            self._changed = asyncio.Condition()
+        return self._changed
+
+    async def put(self, event: tuple[Any, ...]) -> None:
+        self._boxes.setdefault(str(event[1]), []).append(event)
+        async with self._condition():
+            self._condition().notify_all()
+
+    async def take(self, keys: list[str], timeout_s: float = 10.0) -> list[tuple[Any, ...]]:
+        """The events of ``keys`` in arrival order, waiting up to ``timeout_s`` for one."""
+        import asyncio
+
+        def ready() -> bool:
+            return any(self._boxes.get(k) for k in keys)
+
+        if not ready():
+            try:
+                async with self._condition():
+                    await asyncio.wait_for(self._condition().wait_for(ready), timeout_s)
+            except TimeoutError:
+                return []
+        out = [e for k in keys for e in self._boxes.pop(k, [])]
+        return sorted(out, key=lambda e: e[3] if len(e) > 3 else 0.0)
+
+    async def forget(self, keys: list[str]) -> None:
+        """Drop what is left for ``keys`` (events of trainers aborted after their trial ended)."""
+        for k in keys:
+            self._boxes.pop(k, None)
+
+
+def start_event_hub() -> Any:
+    """An :class:`EventHub` actor (no CPU reserved) on this node."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    strategy = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+    return (
+        ray.remote(num_cpus=0, max_concurrency=1000)(EventHub).options(scheduling_strategy=strategy).remote()
+    )
 
 
 # --------------------------------------------------------------------------- torch process group

@@ -123,6 +123,17 @@ def environment(device: str | None = None) -> dict[str, Any]:
 # Marks a local Ray started without its dashboard (and so without the state API).
 NO_STATE_API_ENV = "HDET_RAY_NO_STATE_API"
 
+#: Ray Train settings for short trials, applied with ``setdefault`` (a value set by the user wins).
+#: Ray propagates them to the Train controller and workers; a local Ray has them from its start.
+TRAIN_ENV_DEFAULTS = {
+    # The controller polls its workers (and so notices a started group or a report) at this
+    # interval; 2 s by default, i.e. up to 2 s lost at start and per epoch.
+    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25",
+    # Trainers of concurrent trials may wait for each other's resources; the default 60 s would
+    # fail a trainer that waits behind a long epoch.
+    "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "3600",
+}
+
 
 def init_local_ray(num_cpus: int | None = None, num_gpus: int | None = None, dashboard: bool = False) -> None:
     """Join ``RAY_ADDRESS`` if set, else start a local Ray bound to 127.0.0.1.
@@ -143,9 +154,15 @@ def init_local_ray(num_cpus: int | None = None, num_gpus: int | None = None, das
         # controllers) inherit it: they cannot tell on their own that no state API is served.
         os.environ[NO_STATE_API_ENV] = "1"
     os.environ.setdefault(GIT_COMMIT_ENV, git_commit())
-    # Ray Train's preemption watcher (one more actor process per training run) follows node
-    # drains on a cluster; a one-machine Ray has no node to drain.
-    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+    # Set before the local Ray starts, every process of it has these (a single run's too).
+    local_env = {
+        **TRAIN_ENV_DEFAULTS,
+        # Ray Train's preemption watcher (one more actor process per training run) follows node
+        # drains on a cluster; a one-machine Ray has no node to drain.
+        "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+    }
+    for k, v in local_env.items():
+        os.environ.setdefault(k, v)
     ray.init(
         num_cpus=num_cpus,
         num_gpus=num_gpus,

@@ -61,6 +61,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from workers import timeline
+from workers.env import TRAIN_ENV_DEFAULTS
 from workers.evidence import aggregate_seeds, compare_metrics, sensitivity
 from workers.spec import Spec, SpecError, resolve_param_path
 
@@ -102,17 +103,6 @@ CONFIG_TAG = "hdet.config"
 STATUS_TAG = "hdet.trial_status"
 ERROR_TAG = "hdet.error"
 SUMMARY_ARTIFACT = "evidence/summary.json"
-
-#: Ray Train settings for short trials, applied with ``setdefault`` (a value set by the user wins).
-#: Ray propagates both to the Train controller and workers.
-TRAIN_ENV_DEFAULTS = {
-    # The controller polls its workers (and so notices a started group or a report) at this
-    # interval; 2 s by default, i.e. up to 2 s lost at start and per epoch.
-    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25",
-    # Trainers of concurrent trials may wait for each other's resources; the default 60 s would
-    # fail a trainer that waits behind a long epoch.
-    "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "3600",
-}
 
 
 class SearchSpaceError(ValueError):
@@ -319,6 +309,7 @@ def run_configuration(
     report: Callable[[dict[str, Any]], None] | None = None,
     t_start: float | None = None,
     replay: bool = True,
+    hub: Any = None,
 ) -> dict[str, Any]:
     """Train one configuration on every seed of ``spec.search.seeds`` at once; report seed means.
 
@@ -334,6 +325,8 @@ def run_configuration(
         t_start: when the trial started (default: now); ``first_step_s`` counts from it.
         replay: look for seeds that finished before an interruption (a resumed search) and
             replay them from MLflow instead of training them; False skips that query.
+        hub: the search's :class:`~workers.controller_hooks.EventHub` (default: one of this
+            process's own).
 
     Returns:
         dict: ``epochs`` (per-seed history ``{seed: {epoch: metrics}}``) and the compute used
@@ -344,7 +337,8 @@ def run_configuration(
             and why. The seeds' child runs are marked failed with the reason.
     """
     t_start = time.time() if t_start is None else t_start
-    events = _event_queue()  # first: its actor starts while the rest is set up
+    if hub is None:
+        hub = _event_hub()
     from workers.controller_hooks import SeedReportCallback
     from workers.tracking import client, find_or_create_child_run, log_metrics, logged_steps, run_tags
     from workers.train import make_trainer, prepare_child_run, resolve_use_gpu
@@ -418,7 +412,7 @@ def run_configuration(
                 name = f"{spec.name}-{ctx.parent_run_id[:8]}-{key}"
                 trainer = make_trainer(
                     seed_specs[seed], run_name=name, storage_path=storage_path, tracking=ctx,
-                    callbacks=[SeedReportCallback(events, key)], run_key=key,
+                    callbacks=[SeedReportCallback(hub, key)], run_key=key,
                     tags={**tags_for(seed), STATUS_TAG: "running"}, defer_run=True,
                 )  # fmt: skip
                 with lock:
@@ -429,9 +423,9 @@ def run_configuration(
                 timeline.mark("trainer_fit", key=key)
                 trainer.fit()
             except BaseException as e:  # reported to the trial, which fails the configuration
-                events.put(("failed", key, _short_reason(e), time.time()))
+                hub.put.remote(("failed", key, _short_reason(e), time.time()))
             else:
-                events.put(("done", key, None, time.time()))
+                hub.put.remote(("done", key, None, time.time()))
 
         threads.append(threading.Thread(target=fit, name=f"hdet-{key}", daemon=True))
     for th in threads:
@@ -506,27 +500,32 @@ def run_configuration(
                 if c.get_run(run_id).info.status == "RUNNING":
                     c.set_terminated(run_id, status="FAILED" if f"seed {seed}:" in failure else "KILLED")
 
+    import ray
+
+    def take() -> list[tuple[Any, ...]]:
+        return list(ray.get(hub.take.remote(list(keys), 10.0)))
+
     try:
         flush()  # every seed replayed from MLflow
-        while pending:
-            kind, key, payload, at = events.get()
-            seed = keys.get(key, -1)
-            if seed not in pending:
-                continue  # an event of an earlier trial of this process
-            if kind == "report":
-                epoch = int(payload["epoch"])
-                history[seed][epoch] = {k: float(v) for k, v in payload.items() if _is_number(v)}
-                if seed not in first_step and "epoch_time_s" in payload:
-                    # the first epoch started epoch_time_s before its report (an upper bound on the
-                    # start of the first step: the report reaches us one controller poll later)
-                    first_step[seed] = at - float(payload["epoch_time_s"])
-                flush()
-            else:
-                ended[seed] = at
-                pending.discard(seed)
-                if kind == "failed":
-                    failure = f"seed {seed}: {payload}"
-                    break
+        while pending and failure is None:
+            for kind, key, payload, at in take():
+                seed = keys[key]
+                if seed not in pending:
+                    continue
+                if kind == "report":
+                    epoch = int(payload["epoch"])
+                    history[seed][epoch] = {k: float(v) for k, v in payload.items() if _is_number(v)}
+                    if seed not in first_step and "epoch_time_s" in payload:
+                        # the first epoch started epoch_time_s before its report (an upper bound on
+                        # the start of the first step: the report reaches us one controller poll later)
+                        first_step[seed] = at - float(payload["epoch_time_s"])
+                    flush()
+                else:
+                    ended[seed] = at
+                    pending.discard(seed)
+                    if kind == "failed":
+                        failure = f"seed {seed}: {payload}"
+                        break
     except BaseException:
         # Stopped by the scheduler (tune.report raised SystemExit) or torn down: the trainers must
         # not train on in this process, which Tune may reuse for the next trial.
@@ -542,17 +541,17 @@ def run_configuration(
     return {"history": history, **compute(time.time())}
 
 
-#: The trial process's event queue (one actor, reused by the trials Tune runs in this process).
-_EVENTS: Any = None
+#: This process's event hub, for run_configuration() called outside a search.
+_HUB: Any = None
 
 
-def _event_queue() -> Any:
-    global _EVENTS
-    from ray.util.queue import Queue
+def _event_hub() -> Any:
+    global _HUB
+    from workers.controller_hooks import start_event_hub
 
-    if _EVENTS is None:
-        _EVENTS = Queue(actor_options={"num_cpus": 0})
-    return _EVENTS
+    if _HUB is None:
+        _HUB = start_event_hub()
+    return _HUB
 
 
 def _is_number(v: Any) -> bool:
@@ -560,7 +559,13 @@ def _is_number(v: Any) -> bool:
 
 
 def _search_trial(
-    config: dict[str, Any], *, spec_data: dict[str, Any], ctx: Any, storage_path: str, resumed: bool = False
+    config: dict[str, Any],
+    *,
+    spec_data: dict[str, Any],
+    ctx: Any,
+    storage_path: str,
+    resumed: bool = False,
+    hub: Any = None,
 ) -> None:
     """The Tune function of one trial: one configuration on all seeds (see the module docstring)."""
     t_start = time.time()
@@ -574,11 +579,13 @@ def _search_trial(
     timeline.mark("trial_fn", key=trial_id, t=t_start)
     run_configuration(
         spec, config, trial_id=trial_id, arm="search", ctx=ctx, storage_path=storage_path, report=tune.report,
-        t_start=t_start, replay=resumed,
+        t_start=t_start, replay=resumed, hub=hub,
     )  # fmt: skip
 
 
-def _baseline_task(spec_data: dict[str, Any], ctx: Any, storage_path: str, resumed: bool) -> dict[str, Any]:
+def _baseline_task(
+    spec_data: dict[str, Any], ctx: Any, storage_path: str, resumed: bool, hub: Any
+) -> dict[str, Any]:
     """The baseline arm (a Ray task): the standard loss on the same seeds, never stopped early."""
     spec = Spec.parse(spec_data, check_paths=False)
     try:
@@ -590,6 +597,7 @@ def _baseline_task(spec_data: dict[str, Any], ctx: Any, storage_path: str, resum
             ctx=ctx,
             storage_path=storage_path,
             replay=resumed,
+            hub=hub,
         )
     except TrialFailure as e:
         return {"status": "failed", "error": str(e)}
@@ -1165,6 +1173,7 @@ def run_search(
     import ray
     from ray import tune
 
+    from workers.controller_hooks import start_event_hub
     from workers.tracking import client
 
     if spec.search is None:
@@ -1177,9 +1186,11 @@ def run_search(
     c.set_tag(ctx.parent_run_id, "hdet.search_complete", "false")
     # Drop the search section for the trials: they need the training recipe and the seeds only.
     spec_data = spec.to_dict()
+    _start_train_coordinator()
+    hub = start_event_hub()  # the trainers' reports reach their trials through it
     trainable = tune.with_resources(
         tune.with_parameters(
-            _search_trial, spec_data=spec_data, ctx=ctx, storage_path=storage_path, resumed=resume
+            _search_trial, spec_data=spec_data, ctx=ctx, storage_path=storage_path, resumed=resume, hub=hub
         ),
         {"CPU": TRIAL_CPUS},
     )
@@ -1207,11 +1218,10 @@ def run_search(
             ),
         )
 
-    _start_train_coordinator()
     baseline_ref = None
     if spec.search.baseline:
         task = ray.remote(num_cpus=0, max_retries=0)(_baseline_task)
-        baseline_ref = task.remote(spec_data, ctx, storage_path, resume)
+        baseline_ref = task.remote(spec_data, ctx, storage_path, resume, hub)
     try:
         results = tuner.fit()
     except BaseException:
