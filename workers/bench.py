@@ -231,6 +231,7 @@ def search_main(argv: list[str]) -> int:
     p.add_argument("--side", type=int, default=2, help="grid side: side x side configurations (default 2)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--max-concurrent", type=int, default=2)
+    p.add_argument("--grace-period", type=int, default=2, help="ASHA's grace period in epochs (default 2)")
     p.add_argument("--cpus-per-trainer", type=float, default=1.0)
     p.add_argument("--json", help="write the numbers to this JSON file too")
     args = p.parse_args(argv)
@@ -257,7 +258,7 @@ def search_main(argv: list[str]) -> int:
         })  # fmt: skip
         tpe = _search_bench_spec(args, root, "bench-asha-tpe", {
             "space": {"alpha": {"uniform": [alphas[0], alphas[-1]]}, "gamma": {"uniform": [gammas[0], gammas[-1]]}},
-            "algorithm": "optuna", "scheduler": "asha", "num_samples": n_configs,
+            "algorithm": "optuna", "scheduler": "asha", "num_samples": n_configs, "grace_period": args.grace_period,
         })  # fmt: skip
         build_dataset(Spec.parse(grid).dataset.build_config(), "train")  # generated outside the timings
         # Every process of the local Ray inherits it: where each trial's start-up time goes.

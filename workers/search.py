@@ -226,11 +226,12 @@ def make_search_alg(spec: Spec) -> Any:
 
 
 def make_scheduler(spec: Spec) -> Any:
-    """FIFO, or ASHA with one rung step per epoch (``time_attr="epoch"``, ``max_t = train.epochs``).
+    """FIFO, or ASHA with one rung step per epoch (``time_attr="epoch"``, ``max_t = train.epochs``),
+    ``search.grace_period`` and ``search.reduction_factor``.
 
-    ASHA halves (``reduction_factor=2``) rather than quarters: searches here are a few
+    ASHA halves by default (``reduction_factor: 2``) rather than quarters: searches here are a few
     configurations of a few epochs, and keeping a quarter would stop almost everything after the
-    first epoch, where AP is mostly noise.
+    first epoch, where AP is mostly noise; a longer ``grace_period`` waits for AP to mean something.
     """
     assert spec.search is not None
     if spec.search.scheduler == "fifo":
@@ -239,7 +240,12 @@ def make_scheduler(spec: Spec) -> Any:
         return FIFOScheduler()
     from ray.tune.schedulers import ASHAScheduler
 
-    return ASHAScheduler(time_attr="epoch", max_t=spec.train.epochs, grace_period=1, reduction_factor=2)
+    return ASHAScheduler(
+        time_attr="epoch",
+        max_t=spec.train.epochs,
+        grace_period=spec.search.grace_period,
+        reduction_factor=spec.search.reduction_factor,
+    )
 
 
 def num_trials(spec: Spec) -> int:

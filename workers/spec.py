@@ -346,6 +346,14 @@ class SearchSpec(BaseModel):
     max_concurrent: int = Field(default=1, ge=1)
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
     baseline: bool = False
+    grace_period: int = Field(
+        default=1,
+        ge=1,
+        description="ASHA: epochs every trial trains before it can be stopped (<= train.epochs)",
+    )
+    reduction_factor: float = Field(
+        default=2.0, gt=1.0, description="ASHA: 1/reduction_factor of the trials at a rung go on to the next"
+    )
 
     @field_validator("space")
     @classmethod
@@ -468,6 +476,18 @@ class Spec(BaseModel):
 
     def loss_config(self) -> LossConfig:
         return self.loss.to_config()
+
+    @model_validator(mode="after")
+    def _grace_within_schedule(self) -> Spec:
+        if (
+            self.search is not None
+            and self.search.scheduler == "asha"
+            and self.search.grace_period > self.train.epochs
+        ):
+            raise ValueError(
+                f"search.grace_period ({self.search.grace_period}) must be <= train.epochs ({self.train.epochs})"
+            )
+        return self
 
 
 # Spec sections whose fields a bare search-space name may refer to, in lookup order.

@@ -21,7 +21,7 @@ from workers.search import (
     required_cpus,
     tune_param_space,
 )
-from workers.spec import Spec
+from workers.spec import Spec, SpecError
 
 
 def _spec(space: dict[str, Any], **search: Any) -> Spec:
@@ -112,6 +112,11 @@ def test_searchers_schedulers_and_budget():
     assert alg.max_concurrent == 2
     asha = make_scheduler(opt)
     assert isinstance(asha, ASHAScheduler) and asha._time_attr == "epoch" and asha._max_t == 3
+    assert asha._reduction_factor == 2 and [m for m, _ in asha._brackets[0]._rungs] == [2, 1]
+    patient = make_scheduler(_spec({}, scheduler="asha", grace_period=2, reduction_factor=3.0))
+    assert patient._reduction_factor == 3.0 and [m for m, _ in patient._brackets[0]._rungs] == [2]
+    with pytest.raises(SpecError, match=r"grace_period \(4\) must be <= train.epochs \(3\)"):
+        _spec({}, scheduler="asha", grace_period=4)
     assert num_trials(_spec({"margin": {"grid": [0.1, 0.2]}}, algorithm="grid", num_samples=7)) == 1
 
 
