@@ -138,6 +138,19 @@ def local_ray(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     ray.shutdown()
 
 
+def _experiment(home: Path) -> tuple[Spec, TrackingContext, MlflowClient]:
+    spec = _spec(home)
+    uri = f"sqlite:///{home / 'mlflow.db'}"
+    return spec, open_parent_run(spec, uri), MlflowClient(tracking_uri=uri)
+
+
+def _all_cpus_free_soon() -> bool:
+    deadline = time.time() + 30
+    while ray.available_resources().get("CPU", 0) < ray.cluster_resources()["CPU"] and time.time() < deadline:
+        time.sleep(0.5)
+    return bool(ray.available_resources().get("CPU", 0) == ray.cluster_resources()["CPU"])
+
+
 def _children(c: MlflowClient, ctx: TrackingContext, trial_id: str) -> dict[str, Any]:
     runs = c.search_runs([ctx.experiment_id], filter_string=f"tags.`hdet.trial_id` = '{trial_id}'")
     return {r.data.tags["hdet.seed"]: r for r in runs}
@@ -145,10 +158,7 @@ def _children(c: MlflowClient, ctx: TrackingContext, trial_id: str) -> dict[str,
 
 def test_a_stopped_trial_aborts_its_trainers_and_the_process_runs_the_next(local_ray: Path) -> None:
     home = local_ray
-    spec = _spec(home)
-    uri = f"sqlite:///{home / 'mlflow.db'}"
-    ctx = open_parent_run(spec, uri)
-    c = MlflowClient(tracking_uri=uri)
+    spec, ctx, c = _experiment(home)
     reported: list[dict[str, Any]] = []
 
     def report(row: dict[str, Any]) -> None:  # what tune.report does when the scheduler says stop
@@ -175,10 +185,7 @@ def test_a_stopped_trial_aborts_its_trainers_and_the_process_runs_the_next(local
         assert run.data.metrics["AP"] == pytest.approx(reported[0][f"AP_seed{seed}"])
         assert run.data.metrics["trial_wall_s"] > 0
     # The trainers are gone: their workers' CPUs are free again, and no epoch comes in later.
-    deadline = time.time() + 30
-    while ray.available_resources().get("CPU", 0) < ray.cluster_resources()["CPU"] and time.time() < deadline:
-        time.sleep(0.5)
-    assert ray.available_resources().get("CPU", 0) == ray.cluster_resources()["CPU"]
+    assert _all_cpus_free_soon()
     time.sleep(3)
     assert all(r.data.metrics["epoch"] == 1 for r in settled().values())
 
@@ -198,10 +205,7 @@ def test_a_stopped_trial_aborts_its_trainers_and_the_process_runs_the_next(local
 
 def test_a_failing_configuration_records_why_on_every_seed_and_frees_its_workers(local_ray: Path) -> None:
     home = local_ray
-    spec = _spec(home)
-    uri = f"sqlite:///{home / 'mlflow.db'}"
-    ctx = open_parent_run(spec, uri)
-    c = MlflowClient(tracking_uri=uri)
+    spec, ctx, c = _experiment(home)
     # the loss turns non-finite at once: the first seed to fail fails the configuration, and
     # whatever the other seed is doing then is stopped
     with pytest.raises(TrialFailure, match=r"seed \d: .*non-finite"):
@@ -216,7 +220,4 @@ def test_a_failing_configuration_records_why_on_every_seed_and_frees_its_workers
         assert "non-finite" in run.data.tags["hdet.error"]
         assert run.info.status in ("FAILED", "KILLED")
         assert run.data.metrics.get("epoch", 0) < EPOCHS
-    deadline = time.time() + 30
-    while ray.available_resources().get("CPU", 0) < ray.cluster_resources()["CPU"] and time.time() < deadline:
-        time.sleep(0.5)
-    assert ray.available_resources().get("CPU", 0) == ray.cluster_resources()["CPU"]
+    assert _all_cpus_free_soon()
