@@ -359,6 +359,11 @@ def run_configuration(
     def tags_for(seed: int) -> dict[str, str]:
         return {TRIAL_TAG: trial_id, SEED_TAG: str(seed), ARM_TAG: arm, CONFIG_TAG: config_json[:5000]}
 
+    def name_of(seed: int) -> str:
+        # The Ray Train run's name (the same after an interruption: Ray Train then resumes it from
+        # its checkpoint) and the MLflow child run's.
+        return f"{spec.name}-{ctx.parent_run_id[:8]}-{_run_key(trial_id, seed)}"
+
     seed_specs: dict[int, Spec] = {}
     for seed in seeds:
         try:
@@ -368,7 +373,7 @@ def run_configuration(
             mc = client(ctx.tracking_uri)
             for s in seeds:
                 tags = {**run_tags(base, "child"), **tags_for(s)}
-                run_id = find_or_create_child_run(ctx, _run_key(trial_id, s), _run_key(trial_id, s), tags)
+                run_id = find_or_create_child_run(ctx, _run_key(trial_id, s), name_of(s), tags)
                 mc.set_tag(run_id, STATUS_TAG, "failed")
                 mc.set_tag(run_id, ERROR_TAG, reason[:4000])
                 mc.set_terminated(run_id, status="FAILED")
@@ -396,7 +401,7 @@ def run_configuration(
         """The seed's child run: its trainer's rank-0 worker creates it (``defer_run``)."""
         if seed not in run_ids:
             run_ids[seed] = trainers[seed].child_run_id() if seed in trainers else prepare_child_run(
-                ctx, seed_specs[seed], run_key=_run_key(trial_id, seed), run_name=_run_key(trial_id, seed),
+                ctx, seed_specs[seed], run_key=_run_key(trial_id, seed), run_name=name_of(seed),
                 tags={**tags_for(seed), STATUS_TAG: "running"},
             )  # fmt: skip
         return run_ids[seed]
@@ -414,10 +419,8 @@ def run_configuration(
         def fit(seed: int = seed, key: str = key) -> None:
             started[seed] = time.time()
             try:
-                # Same run name as before an interruption: Ray Train resumes it from its checkpoint.
-                name = f"{spec.name}-{ctx.parent_run_id[:8]}-{key}"
                 trainer = make_trainer(
-                    seed_specs[seed], run_name=name, storage_path=storage_path, tracking=ctx,
+                    seed_specs[seed], run_name=name_of(seed), storage_path=storage_path, tracking=ctx,
                     callbacks=[SeedReportCallback(hub, key)], run_key=key,
                     tags={**tags_for(seed), STATUS_TAG: "running"}, defer_run=True,
                 )  # fmt: skip
