@@ -145,12 +145,7 @@ class EventHub:
             except TimeoutError:
                 return []
         out = [e for k in keys for e in self._boxes.pop(k, [])]
-        return sorted(out, key=lambda e: e[3] if len(e) > 3 else 0.0)
-
-    async def forget(self, keys: list[str]) -> None:
-        """Drop what is left for ``keys`` (events of trainers aborted after their trial ended)."""
-        for k in keys:
-            self._boxes.pop(k, None)
+        return sorted(out, key=lambda e: e[3])  # (kind, key, payload, time)
 
 
 def start_event_hub() -> Any:

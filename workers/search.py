@@ -64,6 +64,7 @@ from workers import timeline
 from workers.env import TRAIN_ENV_DEFAULTS
 from workers.evidence import aggregate_seeds, compare_metrics, sensitivity
 from workers.spec import Spec, SpecError, resolve_param_path
+from workers.tracking import find_child_run
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -284,12 +285,6 @@ def _run_key(trial_id: str, seed: int) -> str:
     return f"{trial_id}-seed{seed}"
 
 
-def _find_child(c: MlflowClient, ctx: TrackingContext, run_key: str) -> Any | None:
-    from workers.tracking import find_child_run
-
-    return find_child_run(c, ctx, run_key)
-
-
 def _history_from_mlflow(c: MlflowClient, run_id: str) -> dict[int, dict[str, float]]:
     """Per-epoch metrics of a finished child run (to replay a seed instead of training it again)."""
     history: dict[int, dict[str, float]] = {}
@@ -346,7 +341,7 @@ def run_configuration(
     if hub is None:
         hub = _event_hub()
     from workers.controller_hooks import SeedReportCallback
-    from workers.tracking import client, find_or_create_child_run, log_metrics, logged_steps, run_tags
+    from workers.tracking import client, find_or_create_child_run, log_metrics, log_missing_epochs, run_tags
     from workers.train import make_trainer, prepare_child_run, resolve_use_gpu
 
     assert spec.search is not None
@@ -408,7 +403,7 @@ def run_configuration(
 
     for seed in seeds:
         key = _run_key(trial_id, seed)
-        existing = _find_child(rc, ctx, key) if replay else None
+        existing = find_child_run(rc, ctx, key) if replay else None
         if existing is not None and existing.info.status == "FINISHED":
             # Finished before an interruption: replay it from MLflow instead of training again.
             run_ids[seed] = existing.info.run_id
@@ -490,10 +485,7 @@ def run_configuration(
         for sd in pending:
             # A worker logs an epoch to MLflow just after reporting it; the abort may have come
             # in between. The trial has the report: log what the child run lacks.
-            have = logged_steps(c, run_id_of(sd))
-            for epoch, m in sorted(history[sd].items()):
-                if epoch not in have:
-                    log_metrics(c, run_id_of(sd), m, step=epoch)
+            log_missing_epochs(c, run_id_of(sd), history[sd])
 
     def record_compute(failure: str | None) -> None:
         used = compute(time.time())
@@ -614,7 +606,7 @@ def _baseline_task(
 
     c = client(ctx.tracking_uri)
     for seed in spec.search.seeds if spec.search else []:
-        run = _find_child(c, ctx, _run_key(BASELINE_ID, seed))
+        run = find_child_run(c, ctx, _run_key(BASELINE_ID, seed))
         if run is not None:
             c.set_tag(run.info.run_id, STATUS_TAG, "completed")
     return {"status": "completed", "wall_s": out["trial_wall_s"]}
@@ -1094,7 +1086,7 @@ def _mark_trials(c: MlflowClient, ctx: TrackingContext, spec: Spec, outcomes: Ma
 
     assert spec.search is not None
     for trial_id, (status, error, last) in outcomes.items():
-        runs = [_find_child(c, ctx, _run_key(trial_id, seed)) for seed in spec.search.seeds]
+        runs = [find_child_run(c, ctx, _run_key(trial_id, seed)) for seed in spec.search.seeds]
         if status == "stopped" and all(
             r is not None
             and r.info.status == "FINISHED"

@@ -36,6 +36,7 @@ __all__ = [
     "flatten_params",
     "run_tags",
     "log_metrics",
+    "log_missing_epochs",
     "logged_steps",
     "log_dict_artifact",
     "client",
@@ -230,6 +231,17 @@ def find_child_run(c: MlflowClient, ctx: TrackingContext, run_key: str) -> Any |
 def logged_steps(c: MlflowClient, run_id: str, key: str = "epoch") -> set[int]:
     """Steps at which ``key`` was logged: the epochs a run already has in MLflow."""
     return {int(m.step) for m in c.get_metric_history(run_id, key)}
+
+
+def log_missing_epochs(c: MlflowClient, run_id: str, epochs: Mapping[int, Mapping[str, Any]]) -> None:
+    """Log each ``epoch -> metrics`` the run does not have yet (at ``step = epoch``).
+
+    For epochs a worker reported but may not have logged: it died, or was aborted, in between.
+    """
+    have = logged_steps(c, run_id)
+    for epoch in sorted(epochs):
+        if epoch not in have:
+            log_metrics(c, run_id, epochs[epoch], step=epoch)
 
 
 def log_metrics(c: MlflowClient, run_id: str, metrics: Mapping[str, Any], step: int) -> None:

@@ -62,6 +62,7 @@ from workers.tracking import (
     flatten_params,
     log_dict_artifact,
     log_metrics,
+    log_missing_epochs,
     log_params,
     logged_steps,
     run_tags,
@@ -658,10 +659,7 @@ def _on_start(
         _say(f"resuming {run.info.run_name} from its epoch {start_epoch} checkpoint (start #{starts})")
     log_dict_artifact(mlf, run_id, environment(device), f"environment/start_{starts}.json")
     # Epochs the checkpoint has but MLflow lacks (the worker died between report and logging).
-    have = logged_steps(mlf, run_id)
-    for h in history:
-        if int(h["epoch"]) not in have:
-            log_metrics(mlf, run_id, h, step=int(h["epoch"]))
+    log_missing_epochs(mlf, run_id, {int(h["epoch"]): h for h in history})
 
 
 def _model_info(spec: Spec, train_ds: Any, metrics: dict[str, Any]) -> dict[str, Any]:
