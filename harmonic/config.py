@@ -42,6 +42,24 @@ sigmoid_cls (``focal``)
     weighting is kept; ``bce``: binary CE of the ground-truth class only.
     The score p of such a head is the sigmoid of its ground-truth class, and the distribution
     whose entropy weights TC is the per-class sigmoid scores normalised to sum to one.
+coupling (``score``)
+    What beta_c of Eq. 2-7 is. ``score`` (default, the paper's Eq. 5): beta_c is the confidence p
+    of the ground-truth class, for every head. For a softmax head that is exp(-CE), as the paper
+    writes it; for a sigmoid head (RetinaNet, FCOS) it is the sigmoid of the ground-truth class,
+    while the classification term keeps the head's own loss (``sigmoid_cls``), so the baseline's
+    recipe still fits. ``loss``: beta_c = exp(-CE) of whatever classification loss is coupled (an
+    ablation; with a focal loss exp(-focal) hardly depends on p, so (1 + beta_c) stops weighting
+    the localisation by the classification quality and Eq. 7's resting point moves: at L_loc = 2
+    the ground-truth score settles near 0.07 instead of 0.57).
+fcos_loc (``giou``)
+    FCOS only (the paper never ran FCOS): the "smooth L1" part of L_loc in Eq. 11. ``giou``
+    (default): FCOS's own GIoU loss, bounded in [0, 2], so L_loc = GIoU + alpha HIoU <= 2 + alpha
+    and the baseline recipe's learning rate fits; it counts the IoU twice. ``smooth_l1``: the
+    paper's form, smooth L1 (beta 1/9) of the encoded box offsets (FCOS's left/top/right/bottom
+    distances divided by the location's anchor size) + alpha HIoU. The offsets are unbounded
+    distances (a few units per side at the start of training), so this L_loc starts several times
+    larger than the GIoU form, and Eq. 7 pushes the scores of more positives down early on; that
+    is why GIoU is the default.
 normalization (``detector``)
     Open in the paper: ``detector`` keeps each head's own normaliser (torchvision's: RetinaNet
     and FCOS divide by the number of foreground anchors, Faster R-CNN's box head by the number
@@ -83,6 +101,8 @@ class LossConfig:
     tc_detach_iou: bool = True
     sigmoid_cls: Literal["focal", "bce"] = "focal"
     normalization: Literal["detector", "num_pos"] = "detector"
+    coupling: Literal["score", "loss"] = "score"
+    fcos_loc: Literal["giou", "smooth_l1"] = "giou"
 
     def __post_init__(self) -> None:
         if self.kind not in _KINDS:
@@ -106,6 +126,10 @@ class LossConfig:
             raise LossConfigError(f"loss.tc_weight: must be >= 0, got {self.tc_weight}")
         if self.sigmoid_cls not in ("focal", "bce"):
             raise LossConfigError(f"loss.sigmoid_cls: {self.sigmoid_cls!r} is not one of focal, bce")
+        if self.coupling not in ("score", "loss"):
+            raise LossConfigError(f"loss.coupling: {self.coupling!r} is not one of score, loss")
+        if self.fcos_loc not in ("giou", "smooth_l1"):
+            raise LossConfigError(f"loss.fcos_loc: {self.fcos_loc!r} is not one of giou, smooth_l1")
         if self.normalization not in ("detector", "num_pos"):
             raise LossConfigError(
                 f"loss.normalization: {self.normalization!r} is not one of detector, num_pos"
@@ -147,3 +171,62 @@ class LossConfig:
         if hasattr(value, "model_dump"):  # a pydantic model from the spec
             return cls.from_any(value.model_dump())
         raise LossConfigError(f"loss: expected a LossConfig, dict or kind name, got {type(value).__name__}")
+
+
+class EvalProtocolError(ValueError):
+    """An evaluation-protocol option is out of range; the message names the option."""
+
+
+@dataclass(frozen=True)
+class EvalProtocol:
+    """One evaluation protocol for every detector and both arms of a comparison.
+
+    torchvision's detectors each bring their own inference settings (FCOS keeps detections scored
+    >= 0.2, RetinaNet >= 0.05, SSDlite >= 0.001; 100 to 300 per image; NMS at 0.45 to 0.6). A loss
+    that lowers the scores of positives would lose recall at FCOS's cut without ranking any worse,
+    so the protocol is set on every model that :func:`harmonic.detectors.build_detector` builds,
+    with COCO-style defaults.
+
+    score_thresh (0.05)
+        Detections scored below it are dropped before NMS.
+    max_detections (100)
+        Detections kept per image after NMS (COCO's AP uses at most 100).
+    nms_thresh (0.5)
+        IoU of the final, per-class NMS.
+    """
+
+    score_thresh: float = 0.05
+    max_detections: int = 100
+    nms_thresh: float = 0.5
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.score_thresh < 1.0:
+            raise EvalProtocolError(f"eval.score_thresh: must be in [0, 1), got {self.score_thresh}")
+        if isinstance(self.max_detections, bool) or int(self.max_detections) != self.max_detections:
+            raise EvalProtocolError(f"eval.max_detections: must be an integer, got {self.max_detections!r}")
+        if self.max_detections < 1:
+            raise EvalProtocolError(f"eval.max_detections: must be >= 1, got {self.max_detections}")
+        if not 0.0 < self.nms_thresh <= 1.0:
+            raise EvalProtocolError(f"eval.nms_thresh: must be in (0, 1], got {self.nms_thresh}")
+
+    @classmethod
+    def from_any(cls, value: EvalProtocol | dict[str, Any] | None) -> EvalProtocol:
+        """Build from an ``EvalProtocol``, a dict of its options (a spec's ``eval`` section) or None."""
+        if value is None:
+            return cls()
+        if isinstance(value, cls):
+            return value
+        if hasattr(value, "model_dump"):
+            value = value.model_dump()
+        if isinstance(value, dict):
+            known = {f.name for f in fields(cls)}
+            unknown = sorted(set(value) - known)
+            if unknown:
+                raise EvalProtocolError(
+                    f"eval: unknown option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}"
+                )
+            return cls(**value)
+        raise EvalProtocolError(f"eval: expected an EvalProtocol or dict, got {type(value).__name__}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)

@@ -21,6 +21,8 @@ __all__ = [
     "harmonic_det_terms",
     "harmonic_det_loss",
     "HarmonicTerms",
+    "cls_loss_grad",
+    "harmonic_score_gradient",
 ]
 
 
@@ -167,6 +169,7 @@ def harmonic_det_terms(
     tc_weight: float = 1.0,
     detach_tc_weight: bool = True,
     tc_detach_iou: bool = True,
+    coupling: str = "loss",
 ) -> HarmonicTerms:
     """The terms of the HarmonicDet loss of each positive sample, Eq. 11-12.
 
@@ -177,7 +180,13 @@ def harmonic_det_terms(
 
     ``iou`` may be None only when neither an IoU term nor TC needs it; ``score``/``probs`` may be
     None only when TC is off.
+
+    ``coupling`` says what beta_c is: ``loss`` (``exp(-cls_loss)``, Eq. 5 as written for softmax CE)
+    or ``score`` (the confidence ``score`` of the ground-truth class, which Eq. 5 makes it; for a
+    sigmoid head whose coupled loss is focal the two differ, see :mod:`harmonic.config`).
     """
+    if coupling not in ("loss", "score"):
+        raise ValueError(f"coupling={coupling!r} is not one of loss, score")
     if iou_term not in ("none", "iou", "hiou"):
         raise ValueError(f"iou_term={iou_term!r} is not one of none, iou, hiou")
     loc = smooth_l1
@@ -187,7 +196,12 @@ def harmonic_det_terms(
         extra = hiou_loss(iou, gamma) if iou_term == "hiou" else iou_loss(iou)
         loc = loc + alpha * extra
     beta_r = torch.exp(-loc)
-    beta_c = torch.exp(-cls_loss)
+    if coupling == "score":
+        if score is None:
+            raise ValueError("coupling='score' needs the score of each positive")
+        beta_c = score
+    else:
+        beta_c = torch.exp(-cls_loss)
     if detach_factors:
         beta_r, beta_c = beta_r.detach(), beta_c.detach()
     cls_term = (1 + beta_r) * cls_loss
@@ -257,3 +271,76 @@ def harmonic_det_loss(
         tc_detach_iou=tc_detach_iou,
     )
     return _reduce(terms.total, reduction)
+
+
+#: torchvision's ``sigmoid_focal_loss`` defaults, used by its RetinaNet and FCOS heads.
+FOCAL_ALPHA = 0.25
+FOCAL_GAMMA = 2.0
+
+
+def cls_loss_grad(score: Tensor, form: str) -> Tensor:
+    """d CE / d p of a positive's classification loss as a function of its ground-truth score p.
+
+    Args:
+        score: p, the probability of the ground-truth class, ``[N]``.
+        form: ``ce`` (softmax CE or the BCE of the ground-truth class: ``-log p``) or ``focal``
+            (torchvision's sigmoid focal loss of the ground-truth class,
+            ``-a (1 - p)^g log p`` with a = 0.25, g = 2; the other classes' terms do not depend on p).
+
+    Returns:
+        ``[N]`` tensor (always < 0: a higher score lowers the loss).
+    """
+    p = score.clamp(min=1e-12, max=1.0)
+    if form == "ce":
+        return -1.0 / p
+    if form == "focal":
+        a, g = FOCAL_ALPHA, FOCAL_GAMMA
+        q = (1.0 - p).clamp(min=0.0)
+        return a * (g * q.pow(g - 1) * torch.log(p) - q.pow(g) / p)
+    raise ValueError(f"form={form!r} is not one of ce, focal")
+
+
+def harmonic_score_gradient(
+    score: Tensor,
+    cls_loss: Tensor,
+    loc_loss: Tensor,
+    *,
+    form: str = "ce",
+    coupling: str = "score",
+    detach_factors: bool = False,
+    harmonic: bool = True,
+) -> Tensor:
+    """dL/dp of each positive's loss w.r.t. its ground-truth score p, in closed form (Eq. 4-7).
+
+    For the Harmonic loss ``L = (1 + beta_r) CE + (1 + beta_c) L_loc``,
+    ``dL/dp = (1 + beta_r) dCE/dp + (dbeta_c/dp) L_loc``; with softmax CE and ``beta_c = p`` this is
+    Eq. 7, ``L_loc - (1 + e^-L_loc) / p``. Where it is positive, gradient descent lowers the score
+    of that positive: the localisation is bad enough that a confident classification is penalised.
+    The Task-Contrastive term (which pulls p towards the IoU) is not included. For the standard
+    loss (``harmonic=False``) it is ``dCE/dp``, never positive.
+
+    Args:
+        score: p of each positive, ``[N]``.
+        cls_loss: the coupled classification loss of each positive, ``[N]`` (for ``coupling='loss'``).
+        loc_loss: L_loc of each positive (Eq. 11), ``[N]``.
+        form: the classification loss's form, see :func:`cls_loss_grad`.
+        coupling: ``score`` (beta_c = p) or ``loss`` (beta_c = exp(-cls_loss)).
+        detach_factors: the factors are constants (then dbeta_c/dp = 0).
+        harmonic: False for the standard loss.
+
+    Returns:
+        ``[N]`` tensor, detached.
+    """
+    with torch.no_grad():
+        d_cls = cls_loss_grad(score.detach(), form)
+        if not harmonic:
+            return d_cls
+        loc = loc_loss.detach()
+        beta_r = torch.exp(-loc)
+        if detach_factors:
+            d_beta_c = torch.zeros_like(d_cls)
+        elif coupling == "score":
+            d_beta_c = torch.ones_like(d_cls)
+        else:
+            d_beta_c = -torch.exp(-cls_loss.detach()) * d_cls
+        return (1.0 + beta_r) * d_cls + d_beta_c * loc

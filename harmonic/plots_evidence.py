@@ -84,7 +84,10 @@ def plot_paired_differences(
     metrics: Sequence[str] = ("AP", "AP50", "AP75", "AP90"),
     title: str = "Best configuration - baseline, per seed",
 ) -> Path:
-    """Per-seed paired differences with the mean and its 95 % bootstrap interval, per metric.
+    """Per-seed paired differences with the mean and its 95 % interval, per metric.
+
+    The interval is the one the comparison uses (``ci95_low``/``ci95_high``, its method in
+    ``ci_method``: the paired t-interval below 6 seeds, the Hodges-Lehmann interval from 6).
 
     Args:
         comparison: metric -> the dict of :func:`workers.evidence.paired_comparison` (AP metrics
@@ -109,13 +112,13 @@ def plot_paired_differences(
         if math.isfinite(lo) and math.isfinite(hi):
             ax.errorbar(
                 [i + 0.15], [mean], yerr=[[mean - lo], [hi - mean]], fmt="o", color="tab:red", capsize=5,
-                label="mean, 95% bootstrap CI" if i == 0 else None,
+                label=f"mean, 95% CI ({comp.get('ci_method', 't')})" if i == 0 else None,
             )  # fmt: skip
         else:
             ax.scatter([i + 0.15], [mean], color="tab:red", label="mean" if i == 0 else None)
-        p = comp.get("p_value", float("nan"))
+        p = comp.get("p_adjusted", comp.get("p_value", float("nan")))
         if math.isfinite(p):
-            ax.annotate(f"p={p:.3g} ({comp.get('test', '')})", (i, hi if math.isfinite(hi) else mean),
+            ax.annotate(f"p adj={p:.3g} ({comp.get('test', '')})", (i, hi if math.isfinite(hi) else mean),
                         textcoords="offset points", xytext=(0, 8), ha="center", fontsize=8)  # fmt: skip
     ax.set_xticks(range(len(shown)))
     ax.set_xticklabels(shown)
@@ -124,5 +127,45 @@ def plot_paired_differences(
     ax.grid(alpha=0.3, axis="y")
     if shown:
         ax.legend(fontsize=8)
+    fig.tight_layout()
+    return save_figure(fig, path, dpi=110)
+
+
+def plot_mechanism(
+    curves: Mapping[str, Mapping[str, Mapping[int, float]]],
+    path: PathLike,
+    *,
+    title: str = "What the loss does to the positives (mean over seeds)",
+) -> Path:
+    """The training-time mechanism per arm over epochs: the share of positives whose score the loss
+    pushes down (dL/dp > 0, Eq. 7), their mean score and all positives' mean score, and the
+    training AIC.
+
+    Args:
+        curves: arm label -> metric (``train_pushed_down_share``, ``train_pushed_down_mean_score``,
+            ``train_mean_score``, ``train_aic``) -> {epoch: value}.
+        path: PNG file to write.
+        title: figure title.
+
+    Returns:
+        ``path``.
+    """
+    panels = (
+        ("train_pushed_down_share", "share of positives pushed down (dL/dp > 0)"),
+        ("train_mean_score", "mean score p of the positives"),
+        ("train_aic", "training AIC (mean |p - IoU|)"),
+    )
+    fig = Figure(figsize=(13.0, 3.8))
+    axes = fig.subplots(1, len(panels))
+    for ax, (key, label) in zip(axes, panels):
+        for arm, metrics in curves.items():
+            points = sorted((int(e), float(v)) for e, v in metrics.get(key, {}).items() if math.isfinite(v))
+            if points:
+                ax.plot([e for e, _ in points], [v for _, v in points], marker="o", ms=3, label=arm)
+        ax.set_xlabel("epoch")
+        ax.set_title(label, fontsize=9)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     return save_figure(fig, path, dpi=110)

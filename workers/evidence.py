@@ -29,9 +29,22 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 #: smallest number of pairs for which the exact two-sided Wilcoxon test can reach p < 0.05.
 WILCOXON_MIN_PAIRS = 6
+
+#: smallest number of pairs for which the bootstrap interval is reported (see the module docstring).
+BOOTSTRAP_MIN_PAIRS = 10
+
+#: significance level of the verdicts of :func:`compare_metrics` (after Holm's adjustment).
+ALPHA = 0.05
+
+#: the verdict when neither arm is shown better; tables and reports print it verbatim.
+NO_DIFFERENCE = "no detectable difference"
+
+#: how each ``test`` is described in tables.
+TESTS = {"t": "paired t-test", "wilcoxon": "exact Wilcoxon signed-rank test", "none": "no test"}
 
 #: metrics where a smaller value is better (AIC: average inconsistency |score - IoU|).
 LOWER_IS_BETTER = frozenset({"aic", "train_aic", "loss"})
@@ -69,6 +82,78 @@ def wilcoxon_min_p(n_pairs: int) -> float:
     return min(1.0, 2.0 / 2.0**n_pairs)
 
 
+def _signed_rank_null_cdf(n: int) -> np.ndarray:
+    """``P(T+ <= t)`` for ``t = 0 .. n(n+1)/2`` under the exact null of the signed-rank test."""
+    pmf = np.zeros(n * (n + 1) // 2 + 1)
+    pmf[0] = 1.0
+    for rank in range(1, n + 1):
+        # each rank enters T+ with probability 1/2, independently of the others
+        shifted = np.zeros_like(pmf)
+        shifted[rank:] = pmf[:-rank]
+        pmf = 0.5 * (pmf + shifted)
+    return np.cumsum(pmf)
+
+
+def hodges_lehmann_interval(diffs: ArrayLike, confidence: float = 0.95) -> tuple[float, float, float, float]:
+    """The interval of the Walsh averages that inverts the exact Wilcoxon signed-rank test.
+
+    Args:
+        diffs (ArrayLike): the paired differences.
+        confidence (float): the nominal level, e.g. 0.95.
+
+    Returns:
+        tuple: ``(low, high, estimate, achieved)``: the ``k+1``-th smallest and largest Walsh
+        average ``(d_i + d_j) / 2, i <= j``, with ``k`` the largest count such that
+        ``P(T+ <= k) <= (1 - confidence) / 2``; the Hodges-Lehmann estimate (median of the Walsh
+        averages); and the achieved confidence ``1 - 2 P(T+ <= k)`` (>= ``confidence``). The
+        bounds are NaN when no such ``k`` exists (fewer than 6 pairs at 95 %).
+    """
+    d = np.asarray(diffs, dtype=float)
+    n = len(d)
+    nan = float("nan")
+    if n == 0:
+        return nan, nan, nan, nan
+    i, j = np.triu_indices(n)
+    walsh = np.sort((d[i] + d[j]) / 2.0)
+    estimate = float(np.median(walsh))
+    cdf = _signed_rank_null_cdf(n)
+    ok = np.flatnonzero(cdf <= (1.0 - confidence) / 2.0)
+    if ok.size == 0:
+        return nan, nan, estimate, nan
+    k = int(ok[-1])
+    return float(walsh[k]), float(walsh[len(walsh) - 1 - k]), estimate, float(1.0 - 2.0 * cdf[k])
+
+
+def studentized_bootstrap_interval(
+    diffs: ArrayLike, *, n_boot: int = 10000, seed: int = 0, confidence: float = 0.95
+) -> tuple[float, float]:
+    """Bootstrap-t interval of the mean of ``diffs`` (see the module docstring for why not BCa).
+
+    ``[mean - q(1 - a/2) se, mean - q(a/2) se]`` with ``q`` the quantiles of the resampled
+    ``(mean* - mean) / se*`` and ``se = sd / sqrt(n)``; resamples whose ``se*`` is 0 (every draw the
+    same seed) have no studentised value and are skipped.
+
+    Returns:
+        tuple: ``(low, high)``; NaN with fewer than 2 differences.
+    """
+    d = np.asarray(diffs, dtype=float)
+    n = len(d)
+    if n < 2:
+        return float("nan"), float("nan")
+    mean = float(d.mean())
+    se = float(d.std(ddof=1)) / math.sqrt(n)
+    if se == 0:
+        return mean, mean
+    rng = np.random.default_rng(seed)
+    samples = d[rng.integers(0, n, size=(n_boot, n))]
+    se_star = samples.std(axis=1, ddof=1) / math.sqrt(n)
+    keep = se_star > 0
+    t_star = (samples.mean(axis=1)[keep] - mean) / se_star[keep]
+    alpha = 1.0 - confidence
+    q_lo, q_hi = np.quantile(t_star, [alpha / 2, 1 - alpha / 2])
+    return mean - float(q_hi) * se, mean - float(q_lo) * se
+
+
 def paired_comparison(
     treatment: Mapping[Any, float],
     baseline: Mapping[Any, float],
@@ -80,23 +165,30 @@ def paired_comparison(
     """Compare two arms measured on the same seeds.
 
     Only seeds present (with a finite value) in both arms are paired; the others are listed in
-    ``unpaired_seeds``. The statistics are on ``d = treatment - baseline``.
+    ``unpaired_seeds``. The statistics are on ``d = treatment - baseline``; which test and which
+    interval are used for how many pairs is explained in the module docstring.
 
     Args:
         treatment (Mapping[seed, float]): the metric of the treatment arm per seed.
         baseline (Mapping[seed, float]): the metric of the baseline arm per seed.
-        n_boot (int): bootstrap resamples for the confidence interval of the mean difference.
+        n_boot (int): bootstrap resamples (used from ``BOOTSTRAP_MIN_PAIRS`` pairs only).
         seed (int): seed of the bootstrap's random generator (the result is deterministic).
-        confidence (float): confidence level of both intervals, e.g. 0.95.
+        confidence (float): confidence level of every interval, e.g. 0.95.
 
     Returns:
-        dict: ``mean_diff``, ``std_diff`` (sample std of the differences), ``ci95_low``,
-        ``ci95_high`` (percentile bootstrap), ``t_ci95_low``, ``t_ci95_high`` (t-interval),
-        ``p_value`` and ``test`` (``"wilcoxon"`` or ``"t"``, see the module docstring),
-        ``wilcoxon_p``, ``wilcoxon_min_p``, ``t_p``, ``n_pairs``, ``wins`` (seeds where
-        treatment > baseline), ``per_seed`` ({seed: {treatment, baseline, diff}}),
-        ``unpaired_seeds`` and a human-readable ``note``. With a single pair every
-        statistic except ``mean_diff`` is NaN.
+        dict: the interval and test actually used: ``n_pairs``, ``test`` (``"t"``,
+        ``"wilcoxon"``, or ``"none"`` with one pair), ``p_value`` (its raw two-sided p),
+        ``ci_low``/``ci_high`` and ``ci_method`` (``"t"``, ``"wilcoxon-hl"`` or ``"none"``),
+        ``ci_confidence`` (achieved level: nominal for ``t``, exact for ``wilcoxon-hl``), and
+        ``ci95_low``/``ci95_high`` (the same interval, under the name older readers use).
+        Also every statistic for a reader who wants it: ``mean_diff``, ``std_diff`` (sample
+        std), ``hl_estimate`` (Hodges-Lehmann), ``t_ci95_low``/``t_ci95_high`` and ``t_p``
+        (t-interval and t-test, whatever ``n``), ``wilcoxon_p``, ``wilcoxon_min_p`` (its floor),
+        ``boot_ci_low``/``boot_ci_high``/``boot_method`` (studentised bootstrap; NaN, NaN,
+        None below ``BOOTSTRAP_MIN_PAIRS`` pairs), ``wins`` (seeds where treatment >
+        baseline), ``per_seed`` ({seed: {treatment, baseline, diff}}), ``unpaired_seeds``,
+        ``confidence`` and a human-readable ``note``. With a single pair every statistic except
+        ``mean_diff`` is NaN.
 
     Raises:
         EvidenceError: no seed is shared by both arms, or ``n_boot``/``confidence`` are invalid.
@@ -119,18 +211,26 @@ def paired_comparison(
     mean = float(diffs.mean())
     nan = float("nan")
     result: dict[str, Any] = {
-        "mean_diff": mean,
-        "std_diff": float(diffs.std(ddof=1)) if n > 1 else nan,
+        "n_pairs": n,
+        "test": "none",
+        "p_value": nan,
+        "ci_low": nan,
+        "ci_high": nan,
+        "ci_method": "none",
+        "ci_confidence": nan,
         "ci95_low": nan,
         "ci95_high": nan,
+        "mean_diff": mean,
+        "std_diff": float(diffs.std(ddof=1)) if n > 1 else nan,
+        "hl_estimate": nan,
         "t_ci95_low": nan,
         "t_ci95_high": nan,
-        "p_value": nan,
-        "test": "t" if n < WILCOXON_MIN_PAIRS else "wilcoxon",
+        "t_p": nan,
         "wilcoxon_p": nan,
         "wilcoxon_min_p": wilcoxon_min_p(int(np.count_nonzero(diffs))),
-        "t_p": nan,
-        "n_pairs": n,
+        "boot_ci_low": nan,
+        "boot_ci_high": nan,
+        "boot_method": None,
         "wins": int((diffs > 0).sum()),
         "confidence": confidence,
         "per_seed": {
@@ -142,15 +242,9 @@ def paired_comparison(
         result["note"] = "only one paired seed: no interval or test is possible"
         return result
 
-    alpha = 1.0 - confidence
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, n, size=(n_boot, n))
-    boot_means = diffs[idx].mean(axis=1)
-    result["ci95_low"] = float(np.quantile(boot_means, alpha / 2))
-    result["ci95_high"] = float(np.quantile(boot_means, 1 - alpha / 2))
-
     from scipy import stats  # (0.7 s to import: not at module import, which Tune trials pay)
 
+    alpha = 1.0 - confidence
     sem = float(diffs.std(ddof=1)) / math.sqrt(n)
     if sem > 0:
         half = float(stats.t.ppf(1 - alpha / 2, df=n - 1)) * sem
@@ -165,19 +259,86 @@ def paired_comparison(
         result["wilcoxon_p"] = float(stats.wilcoxon(diffs, alternative="two-sided").pvalue)
     else:
         result["wilcoxon_p"] = 1.0
+    hl_low, hl_high, result["hl_estimate"], hl_level = hodges_lehmann_interval(diffs, confidence)
 
-    if result["test"] == "wilcoxon":
-        result["p_value"] = result["wilcoxon_p"]
-        result["note"] = f"Wilcoxon signed-rank test on {n} paired seeds"
-    else:
-        result["p_value"] = result["t_p"]
-        result["note"] = (
-            f"paired t-test on {n} seeds: with n={n} the exact Wilcoxon signed-rank test cannot give "
-            f"p below {wilcoxon_min_p(n):.4g} whatever the data (Wilcoxon p = {result['wilcoxon_p']:.4g}); "
-            f"the t-test assumes normally distributed seed differences. Use >= {WILCOXON_MIN_PAIRS} "
-            "seeds for a distribution-free test."
+    if n >= BOOTSTRAP_MIN_PAIRS:
+        result["boot_ci_low"], result["boot_ci_high"] = studentized_bootstrap_interval(
+            diffs, n_boot=n_boot, seed=seed, confidence=confidence
         )
+        result["boot_method"] = "bootstrap-t"
+
+    if n >= WILCOXON_MIN_PAIRS:
+        result["test"] = "wilcoxon"
+        result["p_value"] = result["wilcoxon_p"]
+        note = f"exact Wilcoxon signed-rank test on {n} paired seeds"
+        if math.isfinite(hl_low):
+            result["ci_low"], result["ci_high"], result["ci_method"] = hl_low, hl_high, "wilcoxon-hl"
+            result["ci_confidence"] = hl_level
+            note += f", with its Hodges-Lehmann interval (exact level {hl_level:.3f})"
+        else:
+            # a confidence level the exact distribution cannot reach with n pairs (e.g. 99 % at n=6)
+            result["ci_low"], result["ci_high"], result["ci_method"] = (
+                result["t_ci95_low"], result["t_ci95_high"], "t"
+            )  # fmt: skip
+            result["ci_confidence"] = confidence
+            note += f"; the exact Hodges-Lehmann interval cannot reach {confidence:.0%} with {n} pairs: t-interval shown"
+        result["note"] = note
+    else:
+        result["test"] = "t"
+        result["p_value"] = result["t_p"]
+        result["ci_low"], result["ci_high"], result["ci_method"] = (
+            result["t_ci95_low"],
+            result["t_ci95_high"],
+            "t",
+        )
+        result["ci_confidence"] = confidence
+        result["note"] = (
+            f"paired t-test and t-interval on {n} seeds: with n={n} the exact Wilcoxon signed-rank test "
+            f"cannot give p below {wilcoxon_min_p(n):.4g} whatever the data (Wilcoxon p = "
+            f"{result['wilcoxon_p']:.4g}); the t-test assumes normally distributed seed differences. "
+            f"Use >= {WILCOXON_MIN_PAIRS} seeds for a distribution-free test."
+        )
+    result["ci95_low"], result["ci95_high"] = result["ci_low"], result["ci_high"]
     return result
+
+
+def holm_adjust(p_values: Mapping[str, float]) -> dict[str, float]:
+    """Holm-Bonferroni adjusted p-values of one family of tests.
+
+    The i-th smallest of the ``k`` finite p-values becomes ``max_{j <= i} min(1, (k - j + 1) p_(j))``;
+    a hypothesis is rejected at level alpha when its adjusted p is below alpha, which controls the
+    family-wise error rate under any dependence between the tests.
+
+    Args:
+        p_values (Mapping[name, float]): raw p-values; NaN ones (no test possible) stay NaN and
+            are not counted in ``k``.
+
+    Returns:
+        dict: name -> adjusted p-value.
+    """
+    finite = sorted((p, name) for name, p in p_values.items() if math.isfinite(p))
+    k = len(finite)
+    out = {name: float("nan") for name in p_values}
+    running = 0.0
+    for i, (p, name) in enumerate(finite):
+        running = max(running, min(1.0, (k - i) * p))
+        out[name] = running
+    return out
+
+
+def decide(comp: Mapping[str, Any], alpha: float = ALPHA) -> str:
+    """``"treatment"``, ``"baseline"`` or ``"unclear"`` for one metric of :func:`compare_metrics`.
+
+    An arm is better only when the Holm-adjusted p is below ``alpha`` *and* the interval
+    (``ci_low``, ``ci_high``) excludes 0; the sign of the interval and ``higher_is_better`` say
+    which arm. A comparison without ``p_adjusted`` (an older summary) is ``"unclear"``.
+    """
+    p = float(comp.get("p_adjusted", float("nan")))
+    lo = float(comp.get("ci_low", float("nan")))
+    hi = float(comp.get("ci_high", float("nan")))
+    if not (math.isfinite(p) and math.isfinite(lo) and math.isfinite(hi)) or p >= alpha or lo <= 0 <= hi:
+        return "unclear"
+    return "treatment" if (lo > 0) == bool(comp.get("higher_is_better", True)) else "baseline"
 
 
 def compare_metrics(
@@ -187,39 +348,164 @@ def compare_metrics(
     *,
     n_boot: int = 10000,
     seed: int = 0,
+    alpha: float = ALPHA,
+    treatment_label: str = "HarmonicDet",
+    baseline_label: str = "baseline",
 ) -> dict[str, dict[str, Any]]:
-    """:func:`paired_comparison` for several metrics of per-seed run results.
+    """:func:`paired_comparison` for the metrics of one table, Holm-adjusted across them.
 
     Args:
         treatment (Mapping[seed, Mapping[metric, float]]): final metrics of each treatment seed.
         baseline (Mapping[seed, Mapping[metric, float]]): final metrics of each baseline seed.
-        metrics (Sequence[str]): the metrics to compare; a metric missing from every seed of
-            either arm is left out of the result.
-        n_boot (int): bootstrap resamples.
+        metrics (Sequence[str]): the metrics to compare; a metric without a seed measured in both
+            arms is left out of the result and of the Holm family.
+        n_boot (int): bootstrap resamples (used from ``BOOTSTRAP_MIN_PAIRS`` pairs).
         seed (int): bootstrap seed.
+        alpha (float): significance level of the verdicts; the intervals are ``1 - alpha``.
+        treatment_label, baseline_label (str): the arms' names in ``verdict``.
 
     Returns:
-        dict: metric -> the :func:`paired_comparison` dict plus ``higher_is_better`` and
-        ``better`` (``"treatment"``, ``"baseline"`` or ``"unclear"`` when the bootstrap interval
-        contains 0).
+        dict: metric -> the :func:`paired_comparison` dict plus ``higher_is_better``,
+        ``p_adjusted`` (Holm over the metrics with a test), ``holm_k`` (their number),
+        ``better`` (:func:`decide`: ``"treatment"``, ``"baseline"`` or ``"unclear"``) and
+        ``verdict`` in plain words (``"<label> better"`` or ``"no detectable difference"``).
     """
+    if not 0.0 < alpha < 1.0:
+        raise EvidenceError(f"alpha: must be in (0, 1), got {alpha}")
     out: dict[str, dict[str, Any]] = {}
     for metric in metrics:
         t = {s: m[metric] for s, m in treatment.items() if metric in m}
         b = {s: m[metric] for s, m in baseline.items() if metric in m}
         try:
-            comp = paired_comparison(t, b, n_boot=n_boot, seed=seed)
+            comp = paired_comparison(t, b, n_boot=n_boot, seed=seed, confidence=1.0 - alpha)
         except EvidenceError:
             continue
-        higher = metric not in LOWER_IS_BETTER
-        comp["higher_is_better"] = higher
-        lo, hi = comp["ci95_low"], comp["ci95_high"]
-        if math.isnan(lo) or lo <= 0 <= hi:
-            comp["better"] = "unclear"
-        else:
-            comp["better"] = "treatment" if (lo > 0) == higher else "baseline"
+        comp["higher_is_better"] = metric not in LOWER_IS_BETTER
         out[metric] = comp
+    adjusted = holm_adjust({m: c["p_value"] for m, c in out.items()})
+    k = sum(math.isfinite(p) for p in adjusted.values())
+    labels = {"treatment": f"{treatment_label} better", "baseline": f"{baseline_label} better"}
+    for metric, comp in out.items():
+        comp["p_adjusted"] = adjusted[metric]
+        comp["holm_k"] = k
+        comp["better"] = decide(comp, alpha)
+        comp["verdict"] = labels.get(comp["better"], NO_DIFFERENCE)
     return out
+
+
+def verdict_sentence(
+    comparison: Mapping[str, Mapping[str, Any]],
+    treatment_label: str = "HarmonicDet",
+    baseline_label: str = "baseline",
+    *,
+    primary: str = "AP",
+    alpha: float = ALPHA,
+) -> str:
+    """One plain sentence: what a table of :func:`compare_metrics` says about the primary metric.
+
+    It says "no detectable difference" unless the primary metric's Holm-adjusted test and its
+    interval both name an arm (:func:`decide`), and warns that the intervals are wide with fewer
+    than ``WILCOXON_MIN_PAIRS`` seeds.
+    """
+    comp = comparison.get(primary)
+    if comp is None:
+        return f"No verdict: {primary} was not measured on a common seed in both arms."
+    n = int(comp.get("n_pairs", len(comp.get("per_seed", {}))))
+    better = decide(comp, alpha)
+    ci = f"{round(100 * float(comp.get('confidence', 1 - alpha)))}% CI ({comp.get('ci_method', '?')})"
+    p_adj = float(comp.get("p_adjusted", float("nan")))
+    k = comp.get("holm_k", len(comparison))
+    p_text = f"Holm-adjusted p = {p_adj:.3g} over {k} metrics" if math.isfinite(p_adj) else "no test possible"
+    if better == "unclear":
+        sentence = (
+            f"On {primary}, {NO_DIFFERENCE} between {treatment_label} and {baseline_label} "
+            f"({TESTS.get(comp.get('test', ''), comp.get('test', ''))} on {n} paired seeds, {p_text}"
+        )
+        lo, hi = float(comp.get("ci_low", float("nan"))), float(comp.get("ci_high", float("nan")))
+        sentence += f"; the {ci} includes 0)." if lo <= 0 <= hi else ")."
+    else:
+        winner, loser = (
+            (treatment_label, baseline_label) if better == "treatment" else (baseline_label, treatment_label)
+        )
+        sentence = (
+            f"On {primary}, {winner} is better than {loser} "
+            f"({TESTS.get(comp['test'], comp['test'])} on {n} paired seeds, {p_text}; the {ci} excludes 0)."
+        )
+    if n < WILCOXON_MIN_PAIRS:
+        consequence = (
+            "a real difference can go undetected" if better == "unclear" else "its size is poorly known"
+        )
+        sentence += (
+            f" With only {n} seeds (fewer than {WILCOXON_MIN_PAIRS}) the intervals are wide: {consequence}, "
+            "and the t-test assumes normally distributed seed differences."
+        )
+    return sentence
+
+
+def interval_header(comparison: Mapping[str, Mapping[str, Any]]) -> str:
+    """The column title of a table's intervals, e.g. ``"95% CI (t)"``; without a method when the
+    metrics of the table use different ones (then :func:`interval_cell` names it per cell)."""
+    methods = {c.get("ci_method", "?") for c in comparison.values()} - {"none"}
+    levels = {round(100 * float(c.get("confidence", 0.95))) for c in comparison.values()}
+    level = f"{levels.pop()}% CI" if len(levels) == 1 else "CI"
+    return f"{level} ({methods.pop()})" if len(methods) == 1 else level
+
+
+def interval_cell(
+    comparison: Mapping[str, Mapping[str, Any]], metric: str, scale: float = 1.0, digits: int = 3
+) -> str:
+    """``"[low, high]"`` of one metric in the table's units, ``"-"`` without an interval."""
+    comp = comparison[metric]
+    lo, hi = (
+        float(comp.get("ci_low", comp.get("ci95_low", float("nan")))),
+        float(comp.get("ci_high", comp.get("ci95_high", float("nan")))),
+    )
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        return "-"
+    cell = f"[{scale * lo:+.{digits}f}, {scale * hi:+.{digits}f}]"
+    if "(" not in interval_header(comparison):
+        cell += f" {comp.get('ci_method', '?')}"
+    return cell
+
+
+def method_note(comparison: Mapping[str, Mapping[str, Any]]) -> str:
+    """The line under a table: which test and interval were used and why, and the Holm family."""
+    if not comparison:
+        return ""
+    parts = []
+    by_test: dict[str, list[int]] = {}
+    for comp in comparison.values():
+        by_test.setdefault(str(comp.get("test", "none")), []).append(int(comp.get("n_pairs", 0)))
+    if "t" in by_test:
+        n = min(by_test["t"])
+        parts.append(
+            f"paired t-test on {n} seeds with its t-interval (n < {WILCOXON_MIN_PAIRS}: the exact "
+            f"Wilcoxon signed-rank test cannot give p below {wilcoxon_min_p(n):.4g} with {n} seeds "
+            "whatever the data)"
+        )
+    if "wilcoxon" in by_test:
+        n = min(by_test["wilcoxon"])
+        parts.append(
+            f"exact Wilcoxon signed-rank test on {n} seeds with its Hodges-Lehmann interval "
+            f"(n >= {WILCOXON_MIN_PAIRS}: no normality assumed)"
+        )
+    if "none" in by_test:
+        parts.append("no test with a single paired seed")
+    k = max((int(c.get("holm_k", 0)) for c in comparison.values()), default=0)
+    note = "Test: " + "; ".join(parts) + f". p adj: Holm-adjusted over the {k} metrics of this table."
+    if any(math.isfinite(float(c.get("boot_ci_low", float("nan")))) for c in comparison.values()):
+        note += f" A studentised bootstrap interval is reported from {BOOTSTRAP_MIN_PAIRS} seeds only."
+    return note + f" Verdict: an arm is named only when p adj < {ALPHA} and the interval excludes 0."
+
+
+def arm_mean_sd(comp: Mapping[str, Any], arm: str) -> tuple[float, float]:
+    """Mean and sample sd over the paired seeds of one arm (``"treatment"`` or ``"baseline"``) of a
+    :func:`paired_comparison`: the very values the difference was computed from (same seeds, same
+    split), so ``mean(treatment) - mean(baseline) == mean_diff``. The sd is NaN with one seed."""
+    vals = np.array([float(v[arm]) for v in comp.get("per_seed", {}).values()], dtype=float)
+    if vals.size == 0:
+        return float("nan"), float("nan")
+    return float(vals.mean()), float(vals.std(ddof=1)) if vals.size > 1 else float("nan")
 
 
 def aggregate_seeds(per_seed: Mapping[Any, Mapping[str, float]]) -> dict[str, dict[str, float]]:

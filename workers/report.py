@@ -49,6 +49,75 @@ def _mean_sd(rec: TrialRecord, metric: str) -> str:
     return f"{_pts(a['mean'], scale, digits)} ± {_pts(a['std'], scale, digits)}"
 
 
+def _arm_mean_sd(comp: Mapping[str, Any], arm: str, metric: str) -> str:
+    """One arm's mean ± sd over the paired seeds of a comparison: the values its diff is made of."""
+    from workers.evidence import arm_mean_sd
+
+    mean, sd = arm_mean_sd(comp, arm)
+    scale, digits = _scale(metric)
+    return f"{_pts(mean, scale, digits)} ± {_pts(sd, scale, digits)}" if math.isfinite(mean) else "-"
+
+
+def _comparison_blocks(
+    comparison: Mapping[str, Mapping[str, Any]], column: str, primary: str, seeds: list[int]
+) -> list[Block]:
+    """One comparison table (one Holm family) with its verdict, its method and its per-seed values."""
+    from workers import evidence
+
+    label = f"HarmonicDet ({column})"
+    main = primary if primary in comparison else next(iter(comparison))
+    b: list[Block] = [
+        ("p", "Verdict: " + evidence.verdict_sentence(comparison, label, "the standard-loss baseline", primary=main))
+    ]  # fmt: skip
+    with_boot = any(math.isfinite(c.get("boot_ci_low", math.nan)) for c in comparison.values())
+    rows = []
+    for metric, comp in comparison.items():
+        scale, digits = _scale(metric)
+        lo, hi = comp.get("boot_ci_low", math.nan), comp.get("boot_ci_high", math.nan)
+        boot = [f"[{_pts(lo, scale, digits, True)}, {_pts(hi, scale, digits, True)}]"]
+        rows.append(
+            [
+                metric,
+                _arm_mean_sd(comp, "treatment", metric),
+                _arm_mean_sd(comp, "baseline", metric),
+                _pts(comp["mean_diff"], scale, digits, sign=True),
+                str(comp.get("n_pairs", "-")),
+                comp["test"],
+                _p(comp["p_value"]),
+                _p(comp.get("p_adjusted", math.nan)),
+                evidence.interval_cell(comparison, metric, scale, digits),
+                *(boot if with_boot else []),
+                f"{comp['wins']}/{comp['n_pairs']}",
+                comp.get("verdict", evidence.NO_DIFFERENCE),
+            ]
+        )
+    head = ["metric", column, "baseline", "diff", "n", "test", "p", "p adj (Holm)",
+            evidence.interval_header(comparison), *(["95% CI (bootstrap-t)"] if with_boot else []),
+            "seeds better", "verdict"]  # fmt: skip
+    b.append(("table", head, rows))
+    b.append(("p", evidence.method_note(comparison)))
+    b.append(
+        (
+            "p",
+            "AIC is the average inconsistency |score - IoU| of the detections (lower is better); "
+            f"spearman is the rank correlation of score and IoU (higher is better). 'diff' is {column} minus "
+            f"baseline, mean over the paired seeds; 'seeds better' counts the seeds where {column} > baseline.",
+        )
+    )
+    b.append(("h", 3, "Per seed"))
+    rows = []
+    for seed in seeds:
+        row = [str(seed)]
+        for metric, comp in comparison.items():
+            scale, digits = _scale(metric)
+            pair = comp["per_seed"].get(seed, {})
+            treatment, baseline = pair.get("treatment"), pair.get("baseline")
+            row.append(f"{_pts(treatment, scale, digits)} / {_pts(baseline, scale, digits)}")
+        rows.append(row)
+    b.append(("table", ["seed", *[f"{m} {column} / baseline" for m in comparison]], rows))
+    return b
+
+
 def _blocks(summary: SearchSummary, plots: Mapping[str, str]) -> list[Block]:
     """The report as a list of blocks: ("h", level, text), ("p", text), ("table", head, rows),
     ("img", alt, path), ("pre", text)."""
@@ -75,56 +144,23 @@ def _blocks(summary: SearchSummary, plots: Mapping[str, str]) -> list[Block]:
         rows.append(["trial", best.trial_id])
         b.append(("table", ["parameter", "value"], rows))
 
-    if summary.comparison and best is not None and base is not None:
-        b.append(("h", 2, "Best configuration vs the standard loss, paired over seeds"))
-        rows = []
-        for metric, comp in summary.comparison.items():
-            scale, digits = _scale(metric)
-            rows.append(
-                [
-                    metric,
-                    _mean_sd(best, metric),
-                    _mean_sd(base, metric),
-                    _pts(comp["mean_diff"], scale, digits, sign=True),
-                    f"[{_pts(comp['ci95_low'], scale, digits, True)}, {_pts(comp['ci95_high'], scale, digits, True)}]",
-                    f"[{_pts(comp['t_ci95_low'], scale, digits, True)}, {_pts(comp['t_ci95_high'], scale, digits, True)}]",
-                    f"{comp['p_value']:.3g}" if math.isfinite(comp["p_value"]) else "-",
-                    comp["test"],
-                    f"{comp['wins']}/{comp['n_pairs']}",
-                    comp.get("better", ""),
-                ]
+    tables = (
+        ("Confirmatory configuration (the spec's loss) vs the standard loss", "confirmatory", summary.confirmatory_comparison),
+        ("Best configuration vs the standard loss", "best", summary.comparison),
+    )  # fmt: skip
+    if base is not None and any(table for _, _, table in tables):
+        for title, column, table in tables:
+            if table:
+                b.append(("h", 2, f"{title}, paired over seeds, on the {summary.judged_on} split"))
+                b.extend(_comparison_blocks(table, column, summary.objective, summary.seeds))
+        if summary.comparison and summary.judged_on != "test":
+            b.append(
+                (
+                    "p",
+                    "Caution: the best configuration was selected on the split it is judged on; its "
+                    "difference is biased upwards (the winner's curse).",
+                )
             )
-        b.append(
-            (
-                "table",
-                ["metric", "best", "baseline", "diff", "95% CI (bootstrap)", "95% CI (t)", "p", "test",
-                 "seeds better", "verdict"],
-                rows,
-            )
-        )  # fmt: skip
-        note = next(iter(summary.comparison.values())).get("note")
-        if note:
-            b.append(("p", f"Test: {note}"))
-        b.append(
-            (
-                "p",
-                "AIC is the average inconsistency |score - IoU| of the detections (lower is better); "
-                "spearman is the rank correlation of score and IoU (higher is better). 'verdict' "
-                "names an arm only when the bootstrap interval excludes zero.",
-            )
-        )
-        b.append(("h", 3, "Per seed"))
-        metrics = [m for m in ("AP", "AP50", "AP75", "AP90", "aic") if m in summary.comparison]
-        rows = []
-        for seed in summary.seeds:
-            row = [str(seed)]
-            for m in metrics:
-                scale, digits = _scale(m)
-                bv = best.per_seed.get(seed, {}).get(m)
-                av = base.per_seed.get(seed, {}).get(m)
-                row.append(f"{_pts(bv, scale, digits)} / {_pts(av, scale, digits)}")
-            rows.append(row)
-        b.append(("table", ["seed", *[f"{m} best / baseline" for m in metrics]], rows))
         if "paired_differences" in plots:
             b.append(("img", "paired differences per seed", plots["paired_differences"]))
     elif base is not None and base.status == "failed":
@@ -204,6 +240,10 @@ def _blocks(summary: SearchSummary, plots: Mapping[str, str]) -> list[Block]:
 
 def _value(v: Any) -> str:
     return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def _p(p: float) -> str:
+    return f"{p:.3g}" if math.isfinite(p) else "-"
 
 
 def _num(v: float, digits: int = 0) -> str:

@@ -52,10 +52,11 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def check_dataset(spec: Spec) -> dict[str, int]:
-    """Generate the synthetic set if needed and load both splits' annotations once.
+    """Generate the synthetic set if needed and load each split's annotations once (train, val and
+    the held-out test split when the dataset has one).
 
     Returns:
-        ``{"train": n, "val": n}`` annotations skipped (``dataset.skip_bad``).
+        ``{"train": n, "val": n[, "test": n]}`` annotations skipped (``dataset.skip_bad``).
 
     Raises:
         harmonic.data.DatasetError: the dataset has problems and ``skip_bad`` is off (the message
@@ -66,7 +67,7 @@ def check_dataset(spec: Spec) -> dict[str, int]:
 
     cfg = dataset_config(spec)
     skipped = {}
-    for split in ("train", "val"):
+    for split in ("train", "val", "test") if spec.dataset.has_test() else ("train", "val"):
         ds: Any = build_dataset(cfg, split, skip_bad=spec.dataset.skip_bad)
         skipped[split] = int(getattr(ds, "skipped", 0) or 0)
         if len(ds) == 0:

@@ -21,7 +21,14 @@ How a search runs (``run_search``):
 * ``search.baseline`` adds the standard loss (``loss.kind: standard``) on the same seeds with
   the same recipe and data order (``train.seed`` is the data-order seed), as a separate Ray task
   started next to the search: it is not a Tune trial, so no scheduler stops it early and no
-  searcher learns from it.
+  searcher learns from it. ``search.confirmatory`` adds, the same way, the spec's own ``loss``
+  section (e.g. the paper's alpha 1.5, gamma 0.8, margin 0.2): a configuration fixed before the
+  search, so its comparison with the baseline involves no selection.
+* **Select on one split, judge on another.** Configurations are ranked on ``val`` (what Tune
+  sees); when the dataset has a held-out ``test`` split, every completed training is also
+  evaluated on it at its last epoch, and the evidence (confirmatory vs baseline, best vs
+  baseline) is computed on ``test`` only, so picking the best of several configurations on
+  ``val`` does not inflate its comparison (the winner's curse).
 * Every seed's training is its own MLflow child run under the experiment's parent run, keyed
   ``<trial id>-seed<seed>`` (``baseline-seed<seed>`` for the baseline) so a retried or resumed
   trial finds its run again, and tagged with the trial id, the configuration, the seed and the
@@ -89,14 +96,31 @@ __all__ = [
 
 #: the searched objective: COCO AP@[.5:.95] of the last epoch, mean over seeds (in [0, 1]).
 OBJECTIVE = "AP"
-#: metrics compared between the best configuration and the baseline.
-COMPARED_METRICS = ("AP", "AP50", "AP75", "AP90", "aic", "spearman", "train_aic")
+#: metrics compared between an arm and the baseline (one table; Holm-corrected together).
+COMPARED_METRICS = ("AP", "AP50", "AP75", "AP90", "aic")
+#: the training-time mechanism: what the loss does to the positives' scores (Eq. 7).
+MECHANISM_METRICS = (
+    "train_aic",
+    "train_mean_score",
+    "train_pushed_down_share",
+    "train_pushed_down_mean_score",
+)
 #: the per-epoch metrics a trial averages over its seeds and reports to Tune.
-REPORTED_METRICS = (*COMPARED_METRICS, "loss", "images_per_s", *(f"ap_iou_{t}" for t in range(50, 100, 5)))
+REPORTED_METRICS = (
+    *COMPARED_METRICS,
+    "spearman",
+    *MECHANISM_METRICS,
+    "loss",
+    "images_per_s",
+    *(f"ap_iou_{t}" for t in range(50, 100, 5)),
+)
+#: prefix of the held-out test split's metrics (see :mod:`workers.train`).
+TEST_PREFIX = "test_"
 #: "within 0.5 AP of the best", on the [0, 1] scale the trainer reports AP in.
 NEAR_BEST = 0.005
 
 BASELINE_ID = "baseline"
+CONFIRMATORY_ID = "confirmatory"
 TRIAL_TAG = "hdet.trial_id"
 SEED_TAG = "hdet.seed"
 ARM_TAG = "hdet.arm"
@@ -262,7 +286,7 @@ TRIAL_CPUS = 0.01
 
 def required_cpus(spec: Spec) -> float:
     """CPUs that let every concurrently running trainer start at once: (``max_concurrent`` + the
-    baseline) configurations x seeds x workers x CPUs per worker, plus what the running trials
+    baseline + the confirmatory arm) configurations x seeds x workers x CPUs per worker, plus what the running trials
     reserve themselves (:data:`TRIAL_CPUS` each). With fewer, trainers queue for resources
     (correct, but a queued trainer's trial start then includes the wait, and ASHA sees each
     trial's seed mean later)."""
@@ -270,7 +294,7 @@ def required_cpus(spec: Spec) -> float:
     per_trainer = s.num_workers * s.cpus_per_worker
     if spec.search is None:
         return per_trainer
-    configs = spec.search.max_concurrent + (1 if spec.search.baseline else 0)
+    configs = spec.search.max_concurrent + int(spec.search.baseline) + int(spec.search.confirmatory)
     return configs * len(spec.search.seeds) * per_trainer + spec.search.max_concurrent * TRIAL_CPUS
 
 
@@ -584,17 +608,22 @@ def _search_trial(
     )  # fmt: skip
 
 
-def _baseline_task(
-    spec_data: dict[str, Any], ctx: Any, storage_path: str, resumed: bool, hub: Any
+#: the arms trained outside the searcher: arm -> the overrides of the spec it trains.
+FIXED_ARMS: dict[str, dict[str, Any]] = {BASELINE_ID: {"loss.kind": "standard"}, CONFIRMATORY_ID: {}}
+
+
+def _fixed_arm_task(
+    spec_data: dict[str, Any], ctx: Any, storage_path: str, resumed: bool, hub: Any, arm: str
 ) -> dict[str, Any]:
-    """The baseline arm (a Ray task): the standard loss on the same seeds, never stopped early."""
+    """An arm outside the searcher (a Ray task), on the same seeds, never stopped early: the
+    baseline (the standard loss) or the confirmatory arm (the spec's own loss section)."""
     spec = Spec.parse(spec_data, check_paths=False)
     try:
         out = run_configuration(
             spec,
-            {"loss.kind": "standard"},
-            trial_id=BASELINE_ID,
-            arm="baseline",
+            FIXED_ARMS[arm],
+            trial_id=arm,
+            arm=arm,
             ctx=ctx,
             storage_path=storage_path,
             replay=resumed,
@@ -606,7 +635,7 @@ def _baseline_task(
 
     c = client(ctx.tracking_uri)
     for seed in spec.search.seeds if spec.search else []:
-        run = find_child_run(c, ctx, _run_key(BASELINE_ID, seed))
+        run = find_child_run(c, ctx, _run_key(arm, seed))
         if run is not None:
             c.set_tag(run.info.run_id, STATUS_TAG, "completed")
     return {"status": "completed", "wall_s": out["trial_wall_s"]}
@@ -620,8 +649,8 @@ class TrialRecord:
     """One configuration of a search (or the baseline), as MLflow holds it.
 
     Attributes:
-        trial_id: the Tune trial id, or ``baseline``.
-        arm: ``search`` or ``baseline``.
+        trial_id: the Tune trial id, ``baseline`` or ``confirmatory``.
+        arm: ``search``, ``baseline`` or ``confirmatory``.
         params: the configuration (dotted spec path -> value).
         status: ``completed``, ``stopped`` (early, by ASHA), ``failed`` or ``incomplete``.
         error: the failure's reason.
@@ -666,8 +695,15 @@ class SearchSummary:
         seeds, algorithm, scheduler, epochs: what was run.
         trials: every configuration of the search.
         baseline: the baseline arm, if the spec asked for it.
-        best_trial_id: the best configuration that trained the full schedule.
-        comparison: metric -> :func:`workers.evidence.paired_comparison` of best vs baseline.
+        confirmatory: the confirmatory arm (the spec's own loss section), if asked for.
+        best_trial_id: the best configuration (on ``val``) that trained the full schedule.
+        comparison: metric -> :func:`workers.evidence.compare_metrics` entry of best vs baseline,
+            on the split ``judged_on``.
+        confirmatory_comparison: the same for the confirmatory arm vs the baseline.
+        judged_on: ``test`` (the held-out split) or ``val`` (no test split: the best
+            configuration's comparison then carries the winner's curse).
+        mechanism: arm label -> training-time metric (:data:`MECHANISM_METRICS`) -> {epoch: mean
+            over seeds}: what the loss did to the positives' scores, epoch by epoch.
         sensitivity: :func:`workers.evidence.sensitivity` over the completed configurations.
         ap_vs_iou: arm label -> {IoU threshold: AP, mean over seeds}.
         complete: False when the search was interrupted (resume it with ``--resume``).
@@ -683,8 +719,12 @@ class SearchSummary:
     epochs: int
     trials: list[TrialRecord]
     baseline: TrialRecord | None = None
+    confirmatory: TrialRecord | None = None
     best_trial_id: str | None = None
     comparison: dict[str, dict[str, Any]] = field(default_factory=dict)
+    confirmatory_comparison: dict[str, dict[str, Any]] = field(default_factory=dict)
+    judged_on: str = "val"
+    mechanism: dict[str, dict[str, dict[int, float]]] = field(default_factory=dict)
     sensitivity: dict[str, Any] = field(default_factory=dict)
     ap_vs_iou: dict[str, dict[float, float]] = field(default_factory=dict)
     complete: bool = True
@@ -712,13 +752,19 @@ class SearchSummary:
         data = dict(d)
         data["trials"] = [rec(t) for t in data.get("trials", [])]
         data["baseline"] = rec(data.get("baseline"))
+        data["confirmatory"] = rec(data.get("confirmatory"))
         data["ap_vs_iou"] = {
             k: {float(t): v for t, v in c.items()} for k, c in data.get("ap_vs_iou", {}).items()
         }
-        for comp in data.get("comparison", {}).values():
-            comp["per_seed"] = {
-                int(k) if str(k).lstrip("-").isdigit() else k: v for k, v in comp["per_seed"].items()
-            }
+        data["mechanism"] = {
+            arm: {m: {int(e): v for e, v in by_epoch.items()} for m, by_epoch in metrics.items()}
+            for arm, metrics in data.get("mechanism", {}).items()
+        }
+        for table in ("comparison", "confirmatory_comparison"):
+            for comp in data.get(table, {}).values():
+                comp["per_seed"] = {
+                    int(k) if str(k).lstrip("-").isdigit() else k: v for k, v in comp["per_seed"].items()
+                }
         return cls(**data)
 
     def format_table(self) -> str:
@@ -740,31 +786,24 @@ class SearchSummary:
         if best is not None:
             params = ", ".join(f"{k}={_fmt_value(v)}" for k, v in best.params.items())
             lines.append(f"best configuration: {params}  (trial {best.trial_id})")
-        if best is not None and base is not None and self.comparison:
-            lines.append("")
-            lines.append(f"best vs baseline (standard loss), paired over seeds {self.seeds}:")
-            head = f"{'metric':<10}{'best':>15}{'baseline':>15}{'diff':>9}  {'95% CI (bootstrap)':<20}{'p':>8}  test"
-            lines.append(head)
-            lines.append("-" * len(head))
-            for metric, comp in self.comparison.items():
-                scale = 100.0 if metric.startswith("AP") else 1.0
-                fmt = "{:.1f}" if scale == 100.0 else "{:.3f}"
-                b = _mean_sd(best, metric, scale, fmt)
-                a = _mean_sd(base, metric, scale, fmt)
-                diff = ("{:+" + fmt[2:]).format(scale * comp["mean_diff"])
-                lo, hi = comp["ci95_low"], comp["ci95_high"]
-                ci = (
-                    f"[{('{:+' + fmt[2:]).format(scale * lo)}, {('{:+' + fmt[2:]).format(scale * hi)}]"
-                    if math.isfinite(lo)
-                    else "-"
-                )
-                p = comp["p_value"]
+        tables = (
+            ("confirmatory (the spec's loss)", "confirm.", "HarmonicDet (confirmatory)", self.confirmatory_comparison),
+            ("best", "best", "HarmonicDet (best)", self.comparison),
+        )  # fmt: skip
+        if base is not None and any(table for *_, table in tables):
+            for title, column, label, table in tables:
+                if table:
+                    lines.append("")
+                    lines.append(
+                        f"{title} vs baseline (standard loss) on the {self.judged_on} split, "
+                        f"paired over seeds {self.seeds}:"
+                    )
+                    lines.extend(_comparison_lines(table, column, label, self.objective))
+            if self.comparison and self.judged_on != "test":
                 lines.append(
-                    f"{metric:<10}{b:>15}{a:>15}{diff:>9}  {ci:<20}{(f'{p:.3g}' if math.isfinite(p) else '-'):>8}  {comp['test']}"
+                    "caution: the best configuration was selected on the split it is judged on; its difference "
+                    "is biased upwards (the winner's curse)."
                 )
-            note = next(iter(self.comparison.values())).get("note")
-            if note:
-                lines.append(f"note: {note}")
             sens = self.sensitivity
             if sens.get("n_configs"):
                 lines.append(
@@ -777,7 +816,7 @@ class SearchSummary:
         lines.append(
             f"{'trial':<18}{'status':<11}{'AP':>7}{'±':>6}{'epochs':>7}{'wall s':>8}{'CPU s':>9}{'start s':>8}  config"
         )
-        rows = [*self.trials, *([base] if base is not None else [])]
+        rows = [*self.trials, *(a for a in (self.confirmatory, base) if a is not None)]
         for t in rows:
             ap = f"{100 * t.objective:.1f}" if t.objective is not None else "-"
             sd = f"{100 * t.objective_std:.1f}" if t.objective_std is not None else "-"
@@ -799,12 +838,49 @@ def _fmt_value(v: Any) -> str:
     return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
-def _mean_sd(t: TrialRecord, metric: str, scale: float, fmt: str) -> str:
-    vals = [m[metric] for m in t.per_seed.values() if metric in m]
-    if not vals:
+def _comparison_lines(
+    comparison: Mapping[str, Mapping[str, Any]], column: str, label: str, primary: str
+) -> list[str]:
+    """One comparison table (one Holm family): per metric both arms' mean ± sd, diff, n, test, raw and
+    Holm-adjusted p, the interval named by its method, the verdict; then the method and the verdict
+    sentence on ``primary``. ``column`` heads the treatment's column, ``label`` names it in words."""
+    from workers import evidence
+
+    def pv(p: float) -> str:
+        return f"{p:.3g}" if math.isfinite(p) else "-"
+
+    head = (
+        f"{'metric':<8}{column:>15}{'baseline':>15}{'diff':>8}{'n':>4}  {'test':<9}{'p':>9}{'p adj':>9}"
+        f"  {evidence.interval_header(comparison):<20}  verdict"
+    )
+    lines = [head, "-" * (len(head) + len(evidence.NO_DIFFERENCE) - len("verdict"))]
+    for metric, comp in comparison.items():
+        scale, digits = (100.0, 1) if metric.startswith("AP") else (1.0, 3)
+        fmt = f"{{:.{digits}f}}"
+        b = _mean_sd(comp, "treatment", scale, fmt)
+        a = _mean_sd(comp, "baseline", scale, fmt)
+        diff = f"{scale * comp['mean_diff']:+.{digits}f}"
+        ci = evidence.interval_cell(comparison, metric, scale, digits)
+        p, p_adj = comp["p_value"], comp.get("p_adjusted", float("nan"))
+        lines.append(
+            f"{metric:<8}{b:>15}{a:>15}{diff:>8}{comp.get('n_pairs', '-'):>4}  {comp['test']:<9}"
+            f"{pv(p):>9}{pv(p_adj):>9}  {ci:<20}  {comp.get('verdict', evidence.NO_DIFFERENCE)}"
+        )
+    lines.append(evidence.method_note(comparison))
+    main = primary if primary in comparison else next(iter(comparison))
+    sentence = evidence.verdict_sentence(comparison, label, "the standard-loss baseline", primary=main)
+    lines.append(f"verdict: {sentence}")
+    return lines
+
+
+def _mean_sd(comp: Mapping[str, Any], arm: str, scale: float, fmt: str) -> str:
+    """One arm's mean ± sd over the paired seeds of a comparison (the compared split's values)."""
+    from workers.evidence import arm_mean_sd
+
+    mean, sd = arm_mean_sd(comp, arm)
+    if not math.isfinite(mean):
         return "-"
-    agg = aggregate_seeds({i: {metric: v} for i, v in enumerate(vals)})[metric]
-    return f"{fmt.format(scale * agg['mean'])} ± {fmt.format(scale * agg['std'])}"
+    return f"{fmt.format(scale * mean)} ± {fmt.format(scale * sd) if math.isfinite(sd) else '-'}"
 
 
 def collect_summary(
@@ -852,40 +928,56 @@ def collect_summary(
         if tid:
             groups.setdefault(tid, []).append(run)
     records: list[TrialRecord] = []
-    baseline: TrialRecord | None = None
+    fixed: dict[str, TrialRecord] = {}
     for tid, runs in groups.items():
         rec = _record(tid, runs, seeds, epochs)
-        if rec.arm == "baseline":
-            baseline = rec
+        if rec.arm in FIXED_ARMS:
+            fixed[rec.arm] = rec
         else:
             records.append(rec)
     records.sort(key=lambda r: r.trial_id)
+    baseline, confirmatory = fixed.get(BASELINE_ID), fixed.get(CONFIRMATORY_ID)
 
     completed = [r for r in records if r.status == "completed" and r.objective is not None]
     best = max(completed, key=lambda r: r.objective or -1.0, default=None)
+    # Judge on the held-out test split when every arm compared has it on every seed.
+    arms = [a for a in (best, confirmatory, baseline) if a is not None]
+    on_test = bool(arms) and all(_has_test(a, seeds) for a in arms)
+    prefix = TEST_PREFIX if on_test else ""
     comparison: dict[str, dict[str, Any]] = {}
-    if best is not None and baseline is not None and baseline.per_seed:
-        comparison = compare_metrics(best.per_seed, baseline.per_seed, COMPARED_METRICS, n_boot=n_boot)
+    confirmatory_comparison: dict[str, dict[str, Any]] = {}
+    if baseline is not None and baseline.per_seed:
+        base_metrics = _split_metrics(baseline, prefix)
+        if best is not None:
+            comparison = compare_metrics(
+                _split_metrics(best, prefix), base_metrics, COMPARED_METRICS, n_boot=n_boot
+            )
+        if confirmatory is not None and confirmatory.per_seed:
+            confirmatory_comparison = compare_metrics(
+                _split_metrics(confirmatory, prefix), base_metrics, COMPARED_METRICS, n_boot=n_boot
+            )
     sens = sensitivity(
         [{"params": r.params, "objective": r.objective} for r in completed],
         params=_searched_params(records),
         tolerance=NEAR_BEST,
     )
     curves: dict[str, dict[float, float]] = {}
-    arms: tuple[tuple[str, TrialRecord | None], ...] = (
+    labelled: tuple[tuple[str, TrialRecord | None], ...] = (
+        ("confirmatory (harmonic)", confirmatory),
         ("best (harmonic)", best),
         ("baseline (standard)", baseline),
     )
-    for label, arm in arms:
+    for label, arm in labelled:
         if arm is None:
             continue
         curve = {}
         for t in range(50, 100, 5):
-            v = arm.seed_mean(f"ap_iou_{t}")
+            v = arm.seed_mean(f"{prefix}ap_iou_{t}")
             if math.isfinite(v):
                 curve[t / 100] = v
         if curve:
             curves[label] = curve
+    mechanism = {label: _epoch_means(c, arm) for label, arm in labelled if arm is not None and arm.child_runs}
     return SearchSummary(
         experiment=experiment or parent.data.tags.get("hdet.spec_name", ""),
         parent_run_id=parent_run_id,
@@ -896,12 +988,47 @@ def collect_summary(
         epochs=epochs,
         trials=records,
         baseline=baseline,
+        confirmatory=confirmatory,
         best_trial_id=best.trial_id if best else None,
         comparison=comparison,
+        confirmatory_comparison=confirmatory_comparison,
+        judged_on="test" if on_test else "val",
+        mechanism={k: v for k, v in mechanism.items() if v},
         sensitivity=sens,
         ap_vs_iou=curves,
         complete=parent.data.tags.get("hdet.search_complete", "true") == "true",
     )
+
+
+def _epoch_means(c: MlflowClient, rec: TrialRecord) -> dict[str, dict[int, float]]:
+    """Mean over an arm's seeds of each :data:`MECHANISM_METRICS` metric, per epoch."""
+    out: dict[str, dict[int, float]] = {}
+    for key in MECHANISM_METRICS:
+        values: dict[int, list[float]] = {}
+        for run_id in rec.child_runs.values():
+            for m in c.get_metric_history(run_id, key):
+                if math.isfinite(m.value):
+                    values.setdefault(int(m.step), []).append(float(m.value))
+        if values:
+            out[key] = {e: sum(v) / len(v) for e, v in sorted(values.items())}
+    return out
+
+
+def _has_test(rec: TrialRecord, seeds: list[int]) -> bool:
+    return bool(seeds) and all(f"{TEST_PREFIX}{OBJECTIVE}" in rec.per_seed.get(s, {}) for s in seeds)
+
+
+def _split_metrics(rec: TrialRecord, prefix: str) -> dict[int, dict[str, float]]:
+    """Per-seed metrics of one split: ``test_AP`` -> ``AP`` with ``prefix="test_"``; the split's
+    metrics only (never the other split's value under the same name)."""
+    if not prefix:
+        return {
+            s: {k: v for k, v in m.items() if not k.startswith(TEST_PREFIX)} for s, m in rec.per_seed.items()
+        }
+    return {
+        s: {k[len(prefix) :]: v for k, v in m.items() if k.startswith(prefix)}
+        for s, m in rec.per_seed.items()
+    }
 
 
 def _searched_params(records: list[TrialRecord]) -> list[str]:
@@ -914,7 +1041,16 @@ def _searched_params(records: list[TrialRecord]) -> list[str]:
 
 
 _RECORDED = frozenset(
-    {*REPORTED_METRICS, "epoch", "AR100", "inconsistent_share", "nms_rate", "trainer_wall_s"}
+    {
+        *REPORTED_METRICS,
+        "epoch",
+        "AR100",
+        "inconsistent_share",
+        "nms_rate",
+        "trainer_wall_s",
+        *(f"{TEST_PREFIX}{m}" for m in (*COMPARED_METRICS, "spearman", "AR100", "inconsistent_share")),
+        *(f"{TEST_PREFIX}ap_iou_{t}" for t in range(50, 100, 5)),
+    }
 )
 
 
@@ -990,21 +1126,29 @@ def log_summary(c: MlflowClient, parent_run_id: str, summary: SearchSummary) -> 
     from workers.tracking import log_metrics, log_params
 
     metrics: dict[str, float] = {}
-    for label, rec in (("best", summary.best), ("baseline", summary.baseline)):
+    arms = (("best", summary.best), ("baseline", summary.baseline), ("confirmatory", summary.confirmatory))
+    for label, rec in arms:
         if rec is None:
             continue
-        for m in COMPARED_METRICS:
+        for m in (*COMPARED_METRICS, *MECHANISM_METRICS, *(f"{TEST_PREFIX}{m}" for m in COMPARED_METRICS)):
             mean = rec.seed_mean(m)
             if math.isfinite(mean):
                 metrics[f"{label}_{m}"] = mean
             for seed, vals in rec.per_seed.items():
                 if m in vals:
                     metrics[f"{label}_{m}_seed{seed}"] = vals[m]
-    for m, comp in summary.comparison.items():
-        metrics[f"diff_{m}"] = comp["mean_diff"]
-        metrics[f"diff_{m}_ci95_low"] = comp["ci95_low"]
-        metrics[f"diff_{m}_ci95_high"] = comp["ci95_high"]
-        metrics[f"diff_{m}_p"] = comp["p_value"]
+    for label, table in (
+        ("diff", summary.comparison),
+        ("confirmatory_diff", summary.confirmatory_comparison),
+    ):
+        for m, comp in table.items():
+            metrics[f"{label}_{m}"] = comp["mean_diff"]
+            metrics[f"{label}_{m}_ci95_low"] = comp["ci95_low"]
+            metrics[f"{label}_{m}_ci95_high"] = comp["ci95_high"]
+            metrics[f"{label}_{m}_p"] = comp["p_value"]
+            if "p_adjusted" in comp:
+                metrics[f"{label}_{m}_p_adjusted"] = comp["p_adjusted"]
+    c.set_tag(parent_run_id, "hdet.judged_on", summary.judged_on)
     if summary.sensitivity.get("n_configs"):
         metrics["share_within_0.5AP"] = summary.sensitivity["share_within"]
     for status in ("completed", "stopped", "failed", "incomplete"):
@@ -1039,7 +1183,7 @@ def log_summary(c: MlflowClient, parent_run_id: str, summary: SearchSummary) -> 
 def draw_plots(summary: SearchSummary, out: Path) -> dict[str, Path]:
     """The evidence plots of a summary into ``out``: name -> file."""
     from harmonic.plots import plot_ap_vs_iou
-    from harmonic.plots_evidence import plot_paired_differences, plot_sensitivity
+    from harmonic.plots_evidence import plot_mechanism, plot_paired_differences, plot_sensitivity
 
     plots: dict[str, Path] = {}
     if summary.ap_vs_iou:
@@ -1051,10 +1195,19 @@ def draw_plots(summary: SearchSummary, out: Path) -> dict[str, Path]:
     if summary.sensitivity.get("params"):
         base = summary.baseline.objective if summary.baseline else None
         plots["sensitivity"] = plot_sensitivity(summary.sensitivity, out / "sensitivity.png", baseline=base)
+    split = summary.judged_on
+    if summary.confirmatory_comparison:
+        plots["confirmatory_differences"] = plot_paired_differences(
+            summary.confirmatory_comparison, out / "confirmatory_differences.png",
+            title=f"Confirmatory configuration - baseline, per seed ({split})",
+        )  # fmt: skip
     if summary.comparison:
         plots["paired_differences"] = plot_paired_differences(
-            summary.comparison, out / "paired_differences.png"
-        )
+            summary.comparison, out / "paired_differences.png",
+            title=f"Best configuration - baseline, per seed ({split})",
+        )  # fmt: skip
+    if summary.mechanism:
+        plots["mechanism"] = plot_mechanism(summary.mechanism, out / "mechanism.png")
     return plots
 
 
@@ -1219,25 +1372,27 @@ def run_search(
             ),
         )
 
-    baseline_ref = None
-    if spec.search.baseline:
-        task = ray.remote(num_cpus=0, max_retries=0)(_baseline_task)
-        baseline_ref = task.remote(spec_data, ctx, storage_path, resume, hub)
+    arm_refs: dict[str, Any] = {}
+    task = ray.remote(num_cpus=0, max_retries=0)(_fixed_arm_task)
+    for arm, wanted in ((BASELINE_ID, spec.search.baseline), (CONFIRMATORY_ID, spec.search.confirmatory)):
+        if wanted:
+            arm_refs[arm] = task.remote(spec_data, ctx, storage_path, resume, hub, arm)
     try:
         results = tuner.fit()
     except BaseException:
-        if baseline_ref is not None:
-            ray.cancel(baseline_ref, force=True)
+        for ref in arm_refs.values():
+            ray.cancel(ref, force=True)
         raise
     outcomes = _trial_outcomes(results, spec.train.epochs)
     interrupted = any(s == "incomplete" for s, _, _ in outcomes.values()) or len(outcomes) == 0
-    if interrupted and baseline_ref is not None:
-        ray.cancel(baseline_ref, force=True)
-    elif baseline_ref is not None:
+    for arm, ref in arm_refs.items():
+        if interrupted:
+            ray.cancel(ref, force=True)
+            continue
         try:
-            ray.get(baseline_ref)
-        except Exception as e:  # the baseline's child runs say what happened; the search stands
-            print(f"baseline: {_short_reason(e)}", flush=True)
+            ray.get(ref)
+        except Exception as e:  # the arm's child runs say what happened; the search stands
+            print(f"{arm}: {_short_reason(e)}", flush=True)
     _mark_trials(c, ctx, spec, outcomes)
 
     summary = collect_summary(c, ctx.experiment_id, ctx.parent_run_id, experiment=ctx.experiment)

@@ -32,7 +32,7 @@ from pydantic import (
     model_validator,
 )
 
-from harmonic.config import LossConfig, LossConfigError
+from harmonic.config import EvalProtocol, EvalProtocolError, LossConfig, LossConfigError
 
 __all__ = [
     "Spec",
@@ -45,11 +45,13 @@ __all__ = [
     "SearchSpec",
     "TrackingSpec",
     "DebugSpec",
+    "EvalSpec",
     "resolve_param_path",
 ]
 
 _STRICT = ConfigDict(extra="forbid", validate_default=True)
 _DEFAULT_LOSS = LossConfig()
+_DEFAULT_EVAL = EvalProtocol()
 
 
 class SpecError(ValueError):
@@ -83,12 +85,18 @@ SplitRef = str | int | dict[str, str] | list[list[str | int]]
 class DatasetSpec(BaseModel):
     """Where the data is, in the conventions of :func:`harmonic.data.build_dataset`.
 
-    ``coco``: ``train``/``val`` name a split (images in ``root/NAME/``, annotations in
+    ``coco``: ``train``/``val``/``test`` name a split (images in ``root/NAME/``, annotations in
     ``root/annotations/instances_NAME.json``) or give ``{images: DIR, ann: FILE}``.
     ``voc``: ``root`` is the VOCdevkit, splits like ``"2007-trainval+2012-trainval"``.
     ``synthetic``: generated into ``root`` (default: under ``$HDET_HOME/data``) on first use;
-    ``train``/``val`` are image counts, ``image_size``/``seed`` and ``synth`` (any other argument of
-    :func:`harmonic.data.synth.generate`) shape the set.
+    ``train``/``val``/``test`` are image counts, ``image_size``/``seed`` and ``synth`` (any other
+    argument of :func:`harmonic.data.synth.generate`) shape the set.
+
+    ``test`` is the held-out split that judges a comparison: a search ranks configurations on
+    ``val``, and the evidence table (best or confirmatory configuration vs the baseline) is computed
+    on ``test`` alone. A synthetic set generates one (as many images as ``val`` unless given; 0
+    turns it off); for COCO/VOC the spec names it, and without one the evidence is judged on
+    ``val`` and says so.
     """
 
     model_config = _STRICT
@@ -97,6 +105,13 @@ class DatasetSpec(BaseModel):
     root: str | None = Field(default=None, description="dataset root (synthetic: where it is generated)")
     train: SplitRef | None = Field(default=None, description="training split (synthetic: number of images)")
     val: SplitRef | None = Field(default=None, description="validation split (synthetic: number of images)")
+    test: SplitRef | None = Field(
+        default=None,
+        description=(
+            "held-out test split that judges comparisons (synthetic: number of images, default = val's, "
+            "0 = none; coco/voc: a split name, none if absent)"
+        ),
+    )
     skip_bad: bool = Field(
         default=False, description="skip broken images/annotations instead of refusing the dataset"
     )
@@ -114,6 +129,10 @@ class DatasetSpec(BaseModel):
                 v = getattr(self, split)
                 if v is not None and (not isinstance(v, int) or v < 1):
                     raise ValueError(f"{split}: for format synthetic, the number of images (>= 1), got {v!r}")
+            if self.test is not None and (not isinstance(self.test, int) or self.test < 0):
+                raise ValueError(
+                    f"test: for format synthetic, the number of images (>= 0), got {self.test!r}"
+                )
             self._check_synth()
             return self
         for name in ("image_size", "seed"):
@@ -129,7 +148,9 @@ class DatasetSpec(BaseModel):
         if not root.exists():
             raise ValueError(f"root: path {self.root!r} does not exist")
         if self.format == "coco":
-            for split in ("train", "val"):
+            for split in ("train", "val", "test"):
+                if split == "test" and self.test is None:
+                    continue
                 for what, p in self._coco_paths(root, getattr(self, split)):
                     if not p.exists():
                         raise ValueError(f"{split}: {what} {str(p)!r} does not exist")
@@ -153,7 +174,14 @@ class DatasetSpec(BaseModel):
     def _check_synth(self) -> None:
         from harmonic.data.synth import SynthParams
 
-        known = set(SynthParams.__dataclass_fields__) - {"train", "val", "image_size", "seed", "version"}
+        known = set(SynthParams.__dataclass_fields__) - {
+            "train",
+            "val",
+            "test",
+            "image_size",
+            "seed",
+            "version",
+        }
         unknown = sorted(set(self.synth) - known)
         if unknown:
             raise ValueError(
@@ -168,9 +196,24 @@ class DatasetSpec(BaseModel):
             raise ValueError(str(e)) from None
 
     def synth_params(self) -> dict[str, Any]:
-        """The generator's keyword arguments that this spec sets."""
-        given = {"train": self.train, "val": self.val, "image_size": self.image_size, "seed": self.seed}
+        """The generator's keyword arguments that this spec sets (``test`` defaults to ``val``'s count)."""
+        from harmonic.data.synth import SynthParams
+
+        test = self.test if self.test is not None else (self.val if self.val is not None else SynthParams.val)
+        given = {
+            "train": self.train,
+            "val": self.val,
+            "test": test,
+            "image_size": self.image_size,
+            "seed": self.seed,
+        }
         return {**{k: v for k, v in given.items() if v is not None}, **self.synth}
+
+    def has_test(self) -> bool:
+        """Whether the dataset has a held-out ``test`` split."""
+        if self.format == "synthetic":
+            return int(self.synth_params().get("test", 0)) > 0
+        return self.test is not None
 
     def resolved_root(self) -> str:
         """The root with ``~``/variables expanded; for synthetic, a default folder named by its parameters."""
@@ -187,7 +230,7 @@ class DatasetSpec(BaseModel):
         cfg: dict[str, Any] = {"format": self.format, "root": self.resolved_root()}
         if self.format == "synthetic":
             return {**cfg, **self.synth_params()}
-        for split in ("train", "val"):
+        for split in ("train", "val", "test"):
             if getattr(self, split) is not None:
                 cfg[split] = getattr(self, split)
         if self.format == "voc":
@@ -228,6 +271,8 @@ class LossSpec(BaseModel):
     tc_detach_iou: bool = _DEFAULT_LOSS.tc_detach_iou
     sigmoid_cls: Literal["focal", "bce"] = _DEFAULT_LOSS.sigmoid_cls
     normalization: Literal["detector", "num_pos"] = _DEFAULT_LOSS.normalization
+    coupling: Literal["score", "loss"] = _DEFAULT_LOSS.coupling
+    fcos_loc: Literal["giou", "smooth_l1"] = _DEFAULT_LOSS.fcos_loc
 
     @model_validator(mode="after")
     def _through_loss_config(self) -> LossSpec:
@@ -239,6 +284,33 @@ class LossSpec(BaseModel):
 
     def to_config(self) -> LossConfig:
         return LossConfig(**self.model_dump())
+
+
+class EvalSpec(BaseModel):
+    """The evaluation protocol, the same for every arch and both arms (:class:`harmonic.config.EvalProtocol`)."""
+
+    model_config = _STRICT
+
+    score_thresh: float = Field(
+        default=_DEFAULT_EVAL.score_thresh, ge=0, lt=1, description="detections scored below it are dropped"
+    )
+    max_detections: int = Field(
+        default=_DEFAULT_EVAL.max_detections, ge=1, description="detections kept per image after NMS"
+    )
+    nms_thresh: float = Field(
+        default=_DEFAULT_EVAL.nms_thresh, gt=0, le=1, description="IoU of the final per-class NMS"
+    )
+
+    @model_validator(mode="after")
+    def _through_protocol(self) -> EvalSpec:
+        try:
+            self.to_protocol()
+        except EvalProtocolError as e:
+            raise ValueError(str(e)) from None
+        return self
+
+    def to_protocol(self) -> EvalProtocol:
+        return EvalProtocol(**self.model_dump())
 
 
 class WarmupSpec(BaseModel):
@@ -346,6 +418,13 @@ class SearchSpec(BaseModel):
     max_concurrent: int = Field(default=1, ge=1)
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
     baseline: bool = False
+    confirmatory: bool = Field(
+        default=False,
+        description=(
+            "also train the spec's own loss section (e.g. the paper's defaults) on the same seeds, outside "
+            "the searcher: a pre-registered arm judged against the baseline without selection"
+        ),
+    )
     grace_period: int = Field(
         default=1,
         ge=1,
@@ -421,6 +500,7 @@ class Spec(BaseModel):
     dataset: DatasetSpec
     detector: DetectorSpec = Field(default_factory=DetectorSpec)
     loss: LossSpec = Field(default_factory=LossSpec)
+    eval: EvalSpec = Field(default_factory=EvalSpec)
     train: TrainSpec = Field(default_factory=TrainSpec)
     scaling: ScalingSpec = Field(default_factory=ScalingSpec)
     search: SearchSpec | None = None

@@ -11,9 +11,15 @@ Per epoch, the metrics reported (and logged to MLflow at ``step = epoch``) are: 
 ``AP75``, ``APs``, ``APm``, ``APl``, ``AR100``), ``AP90`` and ``ap_iou_50`` ... ``ap_iou_95``
 (the AP-vs-IoU curve), ``voc_AP``... for a VOC dataset, the test-time consistency (``aic``,
 ``spearman``, ``inconsistent_share``), the training-time consistency (``train_aic``,
-``train_one_plus_beta_r``, ``train_one_plus_beta_c``, ``train_n_pos``), ``images_per_s``,
-``step_time_s`` (median training step of the slowest rank), ``epoch_time_s``, ``nms_rate`` (final
-epoch) and ``done``.
+``train_one_plus_beta_r``, ``train_one_plus_beta_c``, ``train_n_pos``, and what explains a
+Harmonic-loss result: ``train_mean_score`` (mean p of the positives), ``train_pushed_down_share``
+(share of positives whose score the loss pushes down, dL/dp > 0, Eq. 7) and
+``train_pushed_down_mean_score`` (their mean p)), ``images_per_s``, ``step_time_s`` (median
+training step of the slowest rank), ``epoch_time_s``, ``nms_rate`` (final epoch) and ``done``.
+Evaluation follows the spec's ``eval`` protocol (score threshold, detections per image, NMS IoU),
+the same for every arch. When the dataset has a held-out ``test`` split, the final epoch's model
+is also evaluated on it: ``test_AP``, ``test_AP50``, ... ``test_aic``, ``test_ap_iou_<t>`` (the
+numbers a comparison is judged on; ``val`` is what a search selects on).
 
 Fault tolerance: each epoch's checkpoint holds the model, optimizer, scheduler, AMP scaler,
 epoch and metric history; ``FailureConfig(max_failures)`` restarts the workers from it. MLflow
@@ -82,6 +88,8 @@ MODEL_FILE = "model.pt"
 MODEL_INFO_FILE = "model.json"
 # Artifact folder of the best checkpoint in the child run (what `hdet predict --run` loads).
 BEST_ARTIFACT_DIR = "checkpoint"
+# Prefix of the metrics of the held-out test split (final epoch only).
+TEST_PREFIX = "test_"
 # IoU thresholds of the AP-vs-IoU curve as metric suffixes.
 _AP_IOU_KEYS = tuple(range(50, 100, 5))
 
@@ -268,6 +276,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
         transforms=build_transforms(spec.detector.arch, spec.detector.image_size, False),
         skip_bad=skip_bad,
     )
+    test_ds: Any = None
+    if spec.dataset.has_test():
+        test_ds = build_dataset(
+            data_cfg,
+            "test",
+            transforms=build_transforms(spec.detector.arch, spec.detector.image_size, False),
+            skip_bad=skip_bad,
+        )
     num_classes = int(train_ds.num_classes)
     if rank == 0:
         timeline.mark("data_ready")
@@ -279,6 +295,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
         backbone=spec.detector.backbone,
         image_size=spec.detector.image_size,
         pretrained_backbone=spec.detector.pretrained_backbone,
+        eval_protocol=spec.eval.to_protocol(),
     )
     # Ray wraps the model in DDP (gloo/NCCL process group set up by the TorchTrainer) and moves it.
     model = ray.train.torch.prepare_model(model)
@@ -303,6 +320,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
     # Validation: each rank evaluates every world-th image; rank 0 gathers the detections.
     val_loader = DataLoader(
         Subset(val_ds, list(range(rank, len(val_ds), world))), batch_size=t.batch_size, shuffle=False,
+        num_workers=t.data_workers, collate_fn=collate_fn,
+    )  # fmt: skip
+    test_loader = None if test_ds is None else DataLoader(
+        Subset(test_ds, list(range(rank, len(test_ds), world))), batch_size=t.batch_size, shuffle=False,
         num_workers=t.data_workers, collate_fn=collate_fn,
     )  # fmt: skip
 
@@ -357,9 +378,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
             all_dets = [d for part in _all_gather(dets) for d in part]
             all_pre = [d for part in _all_gather(pre_nms) for d in part] if final else []
             train_all = _all_gather(train)
+            test_dets: list[dict[str, Any]] = []
+            if final and test_loader is not None:
+                part, _ = _evaluate_shard(inner, test_loader, device, label_to_cat_id, with_pre_nms=False)
+                test_dets = [d for p in _all_gather(part) for d in p]
             metrics: dict[str, Any] = {}
             if rank == 0:
                 metrics = _epoch_metrics(train_all, all_dets, all_pre, val_ds, is_voc, t.nms_iou, t1 - t0)
+                if final and test_ds is not None:
+                    metrics.update(_detection_metrics(test_ds, test_dets, is_voc, prefix=TEST_PREFIX))
             epoch_time = time.perf_counter() - t0
             epoch_times.append(epoch_time)
             eta = (sum(epoch_times) / len(epoch_times)) * (t.epochs - epoch)
@@ -551,8 +578,7 @@ def _epoch_metrics(
     train_time: float,
 ) -> dict[str, Any]:
     """Rank 0: the epoch's metrics from every rank's training sums and the gathered detections."""
-    from harmonic.analysis import TrainingDiagnostics, consistency_report, nms_audit
-    from harmonic.eval import evaluate, evaluate_voc
+    from harmonic.analysis import TrainingDiagnostics, nms_audit
 
     m: dict[str, Any] = {}
     steps = sum(p["steps"] for p in train_all) or 1
@@ -572,8 +598,26 @@ def _epoch_metrics(
     m["train_one_plus_beta_r"] = diag["mean_one_plus_beta_r"]
     m["train_one_plus_beta_c"] = diag["mean_one_plus_beta_c"]
     m["train_n_pos"] = float(diag["n_pos"])
+    m["train_mean_score"] = diag["mean_score"]
+    m["train_pushed_down_share"] = diag["pushed_down_share"]
+    m["train_pushed_down_mean_score"] = diag["pushed_down_mean_score"]
 
-    gt = val_ds.coco
+    m.update(_detection_metrics(val_ds, dets, is_voc))
+    if pre_nms:
+        audit = nms_audit(val_ds.coco, pre_nms, nms_iou=nms_iou)
+        if _finite(audit.get("rate")):
+            m["nms_rate"] = float(audit["rate"])
+    return m
+
+
+def _detection_metrics(ds: Any, dets: list[dict[str, Any]], is_voc: bool, prefix: str = "") -> dict[str, Any]:
+    """COCO suite, AP90 and the AP-vs-IoU curve, VOC AP (VOC sets) and test-time consistency of
+    ``dets`` on ``ds``, with ``prefix`` before every key (``test_`` for the held-out split)."""
+    from harmonic.analysis import consistency_report
+    from harmonic.eval import evaluate, evaluate_voc
+
+    m: dict[str, Any] = {}
+    gt = ds.coco
     res = evaluate(gt, dets)
     for k, v in res.stats.items():
         m[k] = float(v)
@@ -583,17 +627,13 @@ def _epoch_metrics(
             m[f"ap_iou_{t}"] = curve[t]
     m["AP90"] = curve.get(90, float("nan"))
     if is_voc:
-        for k, v in evaluate_voc(val_ds.to_coco(), dets).items():
+        for k, v in evaluate_voc(ds.to_coco(), dets).items():
             m[f"voc_{k}"] = float(v)
     cons = consistency_report(gt, dets)
     for k in ("aic", "spearman", "inconsistent_share"):
         if k in cons and _finite(cons[k]):
             m[k] = float(cons[k])
-    if pre_nms:
-        audit = nms_audit(gt, pre_nms, nms_iou=nms_iou)
-        if _finite(audit.get("rate")):
-            m["nms_rate"] = float(audit["rate"])
-    return m
+    return {f"{prefix}{k}": v for k, v in m.items()}
 
 
 def _progress_line(run_name: str, m: dict[str, Any], epochs: int, eta: float) -> str:

@@ -1,7 +1,9 @@
 """Training-time consistency curves from the per-positive diagnostics (paper Fig. 3a and 4).
 
-The detector adapters' ``pop_diagnostics()`` return, per step, the score, IoU and harmonic
-factors ``beta_r = exp(-L_loc)`` and ``beta_c = exp(-CE)`` of every positive sample.
+The detector adapters' ``pop_diagnostics()`` return, per step, the score p, IoU and harmonic
+factors ``beta_r = exp(-L_loc)`` and ``beta_c`` (p, Eq. 5) of every positive sample, and
+``dl_dp``, the gradient of its loss w.r.t. p: where it is positive, the loss pushes that
+positive's score down (Eq. 7), which is what explains a Harmonic-loss result.
 :class:`TrainingDiagnostics` folds them into running sums, so an epoch of any length costs a
 few numbers of memory (plus an optional bounded sample for scatter plots).
 """
@@ -57,12 +59,16 @@ class TrainingDiagnostics:
         self.sum_abs_gap = 0.0
         self.sum_one_plus_beta_r = 0.0
         self.sum_one_plus_beta_c = 0.0
+        self.sum_score = 0.0
+        self.n_pushed = 0
+        self.sum_score_pushed = 0.0
         self.iou_hist = np.zeros(IOU_BINS, dtype=np.int64)
         self._seen = 0  # samples offered to the reservoir
         self._sample = np.zeros((0, 2), dtype=np.float64)
 
     def update(self, diag: Mapping[str, Any]) -> None:
-        """Add one step's diagnostics: 1-D ``score``, ``iou``, ``beta_r``, ``beta_c`` of equal length.
+        """Add one step's diagnostics: 1-D ``score``, ``iou``, ``beta_r``, ``beta_c`` (and optionally
+        ``dl_dp``) of equal length.
 
         Raises:
             ValueError: a field is missing or the lengths differ.
@@ -82,6 +88,13 @@ class TrainingDiagnostics:
         self.sum_abs_gap += float(np.abs(score - iou).sum())
         self.sum_one_plus_beta_r += float((1.0 + br).sum())
         self.sum_one_plus_beta_c += float((1.0 + bc).sum())
+        self.sum_score += float(score.sum())
+        if "dl_dp" in diag:
+            pushed = _as_numpy(diag["dl_dp"]) > 0
+            if len(pushed) != n:
+                raise ValueError(f"diagnostics differ in length: score {n}, dl_dp {len(pushed)}")
+            self.n_pushed += int(pushed.sum())
+            self.sum_score_pushed += float(score[pushed].sum())
         self.iou_hist += np.histogram(np.clip(iou, 0.0, 1.0), bins=IOU_BINS, range=(0.0, 1.0))[0]
         if self.sample_size:
             self._offer(np.stack([score, iou], axis=1))
@@ -112,8 +125,10 @@ class TrainingDiagnostics:
         """This epoch's numbers.
 
         Returns:
-            ``aic`` (mean |score - IoU|), ``mean_one_plus_beta_r``, ``mean_one_plus_beta_c``
-            (NaN without positives), ``n_pos``, ``iou_hist`` (10 counts over [0, 1], list),
+            ``aic`` (mean |score - IoU|), ``mean_one_plus_beta_r``, ``mean_one_plus_beta_c``,
+            ``mean_score`` (mean p), ``pushed_down_share`` (share of positives with dL/dp > 0) and
+            ``pushed_down_mean_score`` (their mean p; NaN when there are none) (NaN without
+            positives), ``n_pos``, ``iou_hist`` (10 counts over [0, 1], list),
             the sums that :meth:`combine` needs, and ``sample`` (list of [score, IoU] pairs).
         """
         n = self.n_pos
@@ -122,11 +137,17 @@ class TrainingDiagnostics:
             "aic": self.sum_abs_gap / n if n else nan,
             "mean_one_plus_beta_r": self.sum_one_plus_beta_r / n if n else nan,
             "mean_one_plus_beta_c": self.sum_one_plus_beta_c / n if n else nan,
+            "mean_score": self.sum_score / n if n else nan,
+            "pushed_down_share": self.n_pushed / n if n else nan,
+            "pushed_down_mean_score": self.sum_score_pushed / self.n_pushed if self.n_pushed else nan,
             "n_pos": n,
             "iou_hist": self.iou_hist.tolist(),
             "sum_abs_gap": self.sum_abs_gap,
             "sum_one_plus_beta_r": self.sum_one_plus_beta_r,
             "sum_one_plus_beta_c": self.sum_one_plus_beta_c,
+            "sum_score": self.sum_score,
+            "n_pushed": self.n_pushed,
+            "sum_score_pushed": self.sum_score_pushed,
             "sample": self._sample.tolist(),
         }
 
@@ -142,6 +163,9 @@ class TrainingDiagnostics:
         self.sum_abs_gap += float(summary["sum_abs_gap"])
         self.sum_one_plus_beta_r += float(summary["sum_one_plus_beta_r"])
         self.sum_one_plus_beta_c += float(summary["sum_one_plus_beta_c"])
+        self.sum_score += float(summary.get("sum_score", 0.0))
+        self.n_pushed += int(summary.get("n_pushed", 0))
+        self.sum_score_pushed += float(summary.get("sum_score_pushed", 0.0))
         self.iou_hist += hist
         other = np.asarray(summary.get("sample", []), dtype=np.float64).reshape(-1, 2)
         if self.sample_size and len(other):

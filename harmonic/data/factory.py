@@ -37,7 +37,8 @@ from harmonic.data.check import DatasetError
 from harmonic.data.coco import CocoDetection, Transforms
 from harmonic.data.synth import SynthParams
 
-Split = Literal["train", "val"]
+Split = Literal["train", "val", "test"]
+SPLITS: tuple[str, ...] = ("train", "val", "test")
 _SYNTH_KEYS = {f for f in SynthParams.__dataclass_fields__ if f not in ("version",)}
 
 
@@ -98,6 +99,7 @@ def ensure_synthetic(cfg: Mapping[str, Any]) -> Path:
     marker = root / "synth.json"
     if marker.is_file():
         have = json.loads(marker.read_text())
+        have.setdefault("test", 0)  # sets written before the test split existed
         want = json.loads(json.dumps(asdict(wanted) | {"aspect_ratios": list(wanted.aspect_ratios)}))
         diff = {k: (have.get(k), v) for k, v in want.items() if have.get(k) != v}
         if diff:
@@ -128,6 +130,11 @@ def ensure_synthetic(cfg: Mapping[str, Any]) -> Path:
     return root
 
 
+def _names_no_test_split(dataset_cfg: Mapping[str, Any]) -> bool:
+    """True when a COCO/VOC config has no ``test`` entry (their test split must be named)."""
+    return dataset_cfg.get("format") in ("coco", "voc") and dataset_cfg.get("test") is None
+
+
 def build_dataset(
     dataset_cfg: Mapping[str, Any],
     split: Split,
@@ -136,11 +143,12 @@ def build_dataset(
     with_masks: bool = False,
     skip_bad: bool = False,
 ) -> Dataset[Any]:
-    """Build the train or val dataset of a spec's ``dataset`` section (see the module docstring).
+    """Build the train, val or test dataset of a spec's ``dataset`` section (see the module docstring).
 
     Args:
         dataset_cfg: ``{format: coco | voc | synthetic, root, train, val, ...}``.
-        split: ``"train"`` or ``"val"``.
+        split: ``"train"``, ``"val"`` or ``"test"`` (the held-out split; COCO/VOC: only when the
+            spec names it).
         transforms: passed to the dataset.
         with_masks: instance masks (COCO and synthetic formats only).
         skip_bad: drop bad annotations instead of refusing the dataset (COCO and synthetic).
@@ -151,14 +159,18 @@ def build_dataset(
     Raises:
         DatasetError: unknown format, missing ``root``, or a missing path (named in the message).
     """
-    if split not in ("train", "val"):
-        raise DatasetError(f"split must be 'train' or 'val', got {split!r}")
+    if split not in SPLITS:
+        raise DatasetError(f"split must be 'train', 'val' or 'test', got {split!r}")
+    if split == "test" and _names_no_test_split(dataset_cfg):
+        raise DatasetError("dataset.test: this dataset names no test split")
     fmt = dataset_cfg.get("format")
     if "root" not in dataset_cfg or not dataset_cfg["root"]:
         raise DatasetError("dataset.root is required")
     root = Path(dataset_cfg["root"])
     if fmt == "synthetic":
         ensure_synthetic(dataset_cfg)
+        if split == "test" and not int(dataset_cfg.get("test") or 0):
+            raise DatasetError("dataset.test: the synthetic set has no test split (test: 0)")
         return CocoDetection(
             root / split,
             root / "annotations" / f"instances_{split}.json",

@@ -1,7 +1,9 @@
 """Synthetic COCO-format detection set: irregular shapes with thin tails, occluding each other.
 
-``hdet data synth --out DIR`` writes ``DIR/{train,val}/NNNNNN.png``,
-``DIR/annotations/instances_{train,val}.json`` and ``DIR/synth.json`` (the parameters).
+``hdet data synth --out DIR`` writes ``DIR/{train,val,test}/NNNNNN.png``,
+``DIR/annotations/instances_{train,val,test}.json`` and ``DIR/synth.json`` (the parameters). The
+``test`` split (``--test N``, none by default here) is held out: a search selects on ``val`` and
+its evidence is judged on ``test``. The splits never share an image (each has its own stream).
 
 What makes it a test of localisation quality
     * Five classes told apart by shape, not colour: ``polygon`` (irregular, 5-9 vertices),
@@ -48,7 +50,7 @@ from pycocotools import mask as mask_utils
 from scipy import ndimage
 
 CATEGORIES: tuple[str, ...] = ("polygon", "star", "tadpole", "crescent", "cross")
-SPLITS: tuple[str, ...] = ("train", "val")
+SPLITS: tuple[str, ...] = ("train", "val", "test")
 FORMAT_VERSION = 1
 NOISE = 4  # pixel noise amplitude (grey levels); more costs PNG size and write time
 
@@ -59,6 +61,7 @@ class SynthParams:
 
     train: int = 200
     val: int = 50
+    test: int = 0
     image_size: int = 256
     seed: int = 0
     min_objects: int = 1
@@ -78,7 +81,10 @@ class SynthParams:
             if not ok:
                 raise ValueError(f"synth: {msg}")
 
-        need(self.train >= 0 and self.val >= 0, f"train/val must be >= 0, got {self.train}/{self.val}")
+        need(
+            self.train >= 0 and self.val >= 0 and self.test >= 0,
+            f"train/val/test must be >= 0, got {self.train}/{self.val}/{self.test}",
+        )
         need(32 <= self.image_size <= 4096, f"image_size must be in [32, 4096], got {self.image_size}")
         need(1 <= self.min_objects <= self.max_objects, "need 1 <= min_objects <= max_objects")
         need(0 < self.min_scale <= self.max_scale <= 0.5, "need 0 < min_scale <= max_scale <= 0.5")
@@ -402,6 +408,7 @@ def generate(
     *,
     train: int = 200,
     val: int = 50,
+    test: int = 0,
     image_size: int = 256,
     seed: int = 0,
     max_objects: int = 6,
@@ -420,7 +427,7 @@ def generate(
 
     Args:
         out_dir: output folder (created; existing files of the same names are overwritten).
-        train, val: number of images per split.
+        train, val, test: number of images per split (a split of 0 images is not written).
         image_size: longer image side in pixels.
         seed: the seed; the same arguments give byte-identical files.
         max_objects, min_objects: objects per image (fewer when a placement keeps failing).
@@ -440,6 +447,7 @@ def generate(
     p = SynthParams(
         train=train,
         val=val,
+        test=test,
         image_size=image_size,
         seed=seed,
         min_objects=min_objects,
@@ -461,7 +469,9 @@ def generate(
     categories = [{"id": i + 1, "name": n, "supercategory": "shape"} for i, n in enumerate(CATEGORIES)]
     t0 = time.perf_counter()
     splits: dict[str, Any] = {}
-    for split, count in (("train", p.train), ("val", p.val)):
+    for split, count in (("train", p.train), ("val", p.val), ("test", p.test)):
+        if split == "test" and count == 0:
+            continue
         img_dir = root / split
         img_dir.mkdir(parents=True, exist_ok=True)
         images: list[dict[str, Any]] = []
@@ -499,7 +509,7 @@ def generate(
     params = asdict(p)
     params["aspect_ratios"] = list(p.aspect_ratios)
     (root / "synth.json").write_text(json.dumps(params, indent=2, sort_keys=True) + "\n")
-    n = p.train + p.val
+    n = p.train + p.val + p.test
     return {
         "root": str(root),
         "splits": splits,
@@ -519,6 +529,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--train", type=int, default=d.train, help=f"training images (default {d.train})")
     parser.add_argument("--val", type=int, default=d.val, help=f"validation images (default {d.val})")
+    parser.add_argument("--test", type=int, default=d.test, help=f"held-out test images (default {d.test})")
     parser.add_argument(
         "--image-size", type=int, default=d.image_size, help=f"longer image side (default {d.image_size})"
     )
@@ -559,6 +570,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.out,
             train=args.train,
             val=args.val,
+            test=args.test,
             image_size=args.image_size,
             seed=args.seed,
             min_objects=args.min_objects,

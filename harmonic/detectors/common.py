@@ -13,7 +13,12 @@ samples of one training step, the quantities of Eq. 11-12:
   entropy weights the Task-Contrastive loss,
 
 and hands them to :meth:`HarmonicPart._couple`, which applies :func:`harmonic.losses.harmonic_det_terms`
-and records the diagnostics. Negatives keep the head's own classification loss (Eq. 13).
+and records the diagnostics. beta_c is the score p of the ground-truth class (``coupling: score``,
+Eq. 5) on every head; negatives keep the head's own classification loss (Eq. 13).
+
+The diagnostics of a step are, per positive: ``score`` (p), ``iou``, ``beta_r``, ``beta_c`` and
+``dl_dp``, the closed-form gradient of its loss w.r.t. p (:func:`harmonic.losses.harmonic_score_gradient`;
+positive where Eq. 7 pushes the score down).
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ from torch import Tensor, nn
 from torchvision.ops import complete_box_iou_loss, distance_box_iou_loss, generalized_box_iou_loss
 
 from harmonic.config import LossConfig
-from harmonic.losses import HarmonicTerms, harmonic_det_terms
+from harmonic.losses import HarmonicTerms, harmonic_det_terms, harmonic_score_gradient
 
 __all__ = [
     "HarmonicPart",
@@ -39,7 +44,7 @@ __all__ = [
     "unwrap",
 ]
 
-DIAGNOSTIC_KEYS = ("score", "iou", "beta_r", "beta_c")
+DIAGNOSTIC_KEYS = ("score", "iou", "beta_r", "beta_c", "dl_dp")
 
 
 def paired_iou(boxes1: Tensor, boxes2: Tensor, eps: float = 1e-7) -> Tensor:
@@ -116,19 +121,30 @@ class HarmonicPart:
         self.loss_config = loss_config
         self._diagnostics = None
 
-    def _record(self, score: Tensor, iou: Tensor, beta_r: Tensor, beta_c: Tensor) -> None:
+    def _record(self, score: Tensor, iou: Tensor, beta_r: Tensor, beta_c: Tensor, dl_dp: Tensor) -> None:
         # Kept on the device: the copy to the CPU (a sync on GPUs) happens only when someone pops them.
         self._diagnostics = {
             "score": score.detach().float(),
             "iou": iou.detach().float(),
             "beta_r": beta_r.detach().float(),
             "beta_c": beta_c.detach().float(),
+            "dl_dp": dl_dp.detach().float(),
         }
 
     def _couple(
-        self, cls_loss: Tensor, loc_loss: Tensor, iou: Tensor, score: Tensor, probs: Tensor
+        self,
+        cls_loss: Tensor,
+        loc_loss: Tensor,
+        iou: Tensor,
+        score: Tensor,
+        probs: Tensor,
+        form: str = "ce",
     ) -> HarmonicTerms:
-        """The harmonic terms of the positives (Eq. 11-12 per ``loss_config``); records diagnostics."""
+        """The harmonic terms of the positives (Eq. 11-12 per ``loss_config``); records diagnostics.
+
+        ``form`` is the coupled classification loss's form (``ce`` or ``focal``, see
+        :func:`harmonic.losses.cls_loss_grad`), for the ``dl_dp`` diagnostic.
+        """
         cfg = self.loss_config
         terms = harmonic_det_terms(
             cls_loss,
@@ -145,14 +161,28 @@ class HarmonicPart:
             tc_weight=cfg.tc_weight,
             detach_tc_weight=cfg.detach_tc_weight,
             tc_detach_iou=cfg.tc_detach_iou,
+            coupling=cfg.coupling,
         )
-        self._record(score, iou, terms.beta_r, terms.beta_c)
+        dl_dp = harmonic_score_gradient(
+            score,
+            cls_loss,
+            terms.loc_raw,
+            form=form,
+            coupling=cfg.coupling,
+            detach_factors=cfg.detach_factors,
+        )
+        self._record(score, iou, terms.beta_r, terms.beta_c, dl_dp)
         return terms
 
-    def _record_standard(self, cls_loss: Tensor, loc_loss: Tensor, iou: Tensor, score: Tensor) -> None:
-        """Diagnostics of the baseline: beta_r = exp(-L_loc), beta_c = exp(-CE) of the head's own losses."""
+    def _record_standard(
+        self, cls_loss: Tensor, loc_loss: Tensor, iou: Tensor, score: Tensor, form: str = "ce"
+    ) -> None:
+        """Diagnostics of the baseline: beta_r = exp(-L_loc) of the head's own loss, beta_c as the
+        configured coupling defines it, and dL/dp of the standard loss (never positive)."""
         with torch.no_grad():
-            self._record(score, iou, torch.exp(-loc_loss), torch.exp(-cls_loss))
+            beta_c = score if self.loss_config.coupling == "score" else torch.exp(-cls_loss)
+            dl_dp = harmonic_score_gradient(score, cls_loss, loc_loss, form=form, harmonic=False)
+            self._record(score, iou, torch.exp(-loc_loss), beta_c, dl_dp)
 
     @property
     def uses_tc(self) -> bool:
@@ -177,10 +207,11 @@ def pop_diagnostics(model: nn.Module) -> dict[str, Tensor]:
         model: a detector from :func:`harmonic.detectors.build_detector` (DDP-wrapped is fine).
 
     Returns:
-        ``{"score", "iou", "beta_r", "beta_c"}`` -> 1-D detached float CPU tensors over the positives
-        of that step (``score``: probability of the ground-truth class; ``iou``: decoded box vs its
-        ground truth; ``beta_r = exp(-L_loc)``, ``beta_c = exp(-CE)``), or ``{}`` if nothing was
-        recorded since the last call.
+        ``{"score", "iou", "beta_r", "beta_c", "dl_dp"}`` -> 1-D detached float CPU tensors over the
+        positives of that step (``score``: probability p of the ground-truth class; ``iou``: decoded
+        box vs its ground truth; ``beta_r = exp(-L_loc)``; ``beta_c``: p, or exp(-CE) with
+        ``coupling: loss``; ``dl_dp``: dL/dp, positive where the loss pushes p down), or ``{}`` if
+        nothing was recorded since the last call.
     """
     parts: list[dict[str, Tensor]] = []
     for module in unwrap(model).modules():

@@ -19,8 +19,11 @@ Defaults (torchvision's recipe where it has one):
   are relative to the image, so those stay). ``anchor_generator``/``rpn_anchor_generator`` in
   ``detector_kwargs`` override them;
 * ``detector_kwargs`` go to the torchvision model class (e.g. ``rpn_post_nms_top_n_train``,
-  ``box_batch_size_per_image``, ``topk_candidates``, ``score_thresh``), except
-  ``trainable_backbone_layers`` (only with a pretrained backbone; torchvision's default otherwise).
+  ``box_batch_size_per_image``, ``topk_candidates``), except ``trainable_backbone_layers`` (only
+  with a pretrained backbone; torchvision's default otherwise);
+* evaluation: one protocol for every arch (:class:`~harmonic.config.EvalProtocol`: score threshold
+  0.05, 100 detections per image, NMS at 0.5 by default) is set on every model built here
+  (:func:`set_eval_protocol`), in place of each torchvision model's own inference settings.
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ from torchvision.models.detection.ssd import SSD, SSDFeatureExtractorVGG, SSDHea
 from torchvision.models.detection.ssdlite import SSDLiteHead, _mobilenet_extractor, _normal_init
 from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 
-from harmonic.config import LossConfig
+from harmonic.config import EvalProtocol, LossConfig
 
 from .backbones import (
     BACKBONES,
@@ -52,7 +55,14 @@ from .rcnn import HarmonicRoIHeads
 from .retinanet import HarmonicRetinaNetHead
 from .ssd import HarmonicSSD
 
-__all__ = ["ARCHS", "BACKBONES", "build_detector", "build_torchvision_detector", "valid_backbones"]
+__all__ = [
+    "ARCHS",
+    "BACKBONES",
+    "build_detector",
+    "build_torchvision_detector",
+    "set_eval_protocol",
+    "valid_backbones",
+]
 
 ARCHS: tuple[str, ...] = ("faster_rcnn", "mask_rcnn", "retinanet", "ssd", "ssdlite", "fcos")
 
@@ -200,6 +210,22 @@ def _build_ssdlite(num_classes: int, image_size: int, pretrained: Any, kwargs: d
     return SSD(body, anchors, size, num_classes, **{**defaults, **kwargs})
 
 
+def set_eval_protocol(model: nn.Module, protocol: EvalProtocol | dict[str, Any] | None = None) -> nn.Module:
+    """Set the evaluation protocol (score threshold, detections per image, NMS IoU) on a detector.
+
+    R-CNNs keep these settings in their RoI heads, the one-stage detectors (RetinaNet, FCOS, SSD) in
+    the model itself. Returns the model (changed in place).
+    """
+    p = EvalProtocol.from_any(protocol)
+    holder = model.roi_heads if isinstance(model, FasterRCNN) else model
+    if not all(hasattr(holder, a) for a in ("score_thresh", "nms_thresh", "detections_per_img")):
+        raise TypeError(f"{type(model).__name__} has no score_thresh/nms_thresh/detections_per_img to set")
+    setattr(holder, "score_thresh", float(p.score_thresh))  # noqa: B010 (nn.Module attributes)
+    setattr(holder, "nms_thresh", float(p.nms_thresh))  # noqa: B010
+    setattr(holder, "detections_per_img", int(p.max_detections))  # noqa: B010
+    return model
+
+
 def build_torchvision_detector(
     arch: str,
     num_classes: int,
@@ -207,6 +233,7 @@ def build_torchvision_detector(
     backbone: str | None = None,
     image_size: int = 256,
     pretrained_backbone: str | os.PathLike[str] | None = None,
+    eval_protocol: EvalProtocol | dict[str, Any] | None = None,
     **detector_kwargs: Any,
 ) -> nn.Module:
     """The plain torchvision detector (no loss adapter), built as :func:`build_detector` builds it.
@@ -217,20 +244,26 @@ def build_torchvision_detector(
         backbone: one of :func:`valid_backbones` for ``arch``; None picks the default (module docstring).
         image_size: input size (``min_size = max_size``; SSD's square ``size``).
         pretrained_backbone: local ImageNet ``state_dict`` file of the backbone body (never downloaded).
+        eval_protocol: the evaluation protocol (:class:`~harmonic.config.EvalProtocol` or a dict of
+            its options); None: its defaults (score >= 0.05, 100 detections, NMS 0.5).
         **detector_kwargs: passed to the torchvision model class.
 
     Returns:
         A ``FasterRCNN``, ``MaskRCNN``, ``RetinaNet``, ``SSD`` or ``FCOS`` in training mode.
     """
     name = _check(arch, num_classes, backbone, image_size)
+    protocol = EvalProtocol.from_any(eval_protocol)  # validate before spending time on the model
     kwargs = dict(detector_kwargs)
+    model: nn.Module
     if arch in ("faster_rcnn", "mask_rcnn"):
-        return _build_rcnn(arch, num_classes, name, image_size, pretrained_backbone, kwargs)
-    if arch in ("retinanet", "fcos"):
-        return _build_one_stage(arch, num_classes, name, image_size, pretrained_backbone, kwargs)
-    if arch == "ssd":
-        return _build_ssd(num_classes, image_size, pretrained_backbone, kwargs)
-    return _build_ssdlite(num_classes, image_size, pretrained_backbone, kwargs)
+        model = _build_rcnn(arch, num_classes, name, image_size, pretrained_backbone, kwargs)
+    elif arch in ("retinanet", "fcos"):
+        model = _build_one_stage(arch, num_classes, name, image_size, pretrained_backbone, kwargs)
+    elif arch == "ssd":
+        model = _build_ssd(num_classes, image_size, pretrained_backbone, kwargs)
+    else:
+        model = _build_ssdlite(num_classes, image_size, pretrained_backbone, kwargs)
+    return set_eval_protocol(model, protocol)
 
 
 def install_loss(model: nn.Module, loss: LossConfig | dict[str, Any] | str | None) -> nn.Module:
@@ -270,6 +303,7 @@ def build_detector(
     backbone: str | None = None,
     image_size: int = 256,
     pretrained_backbone: str | os.PathLike[str] | None = None,
+    eval_protocol: EvalProtocol | dict[str, Any] | None = None,
     **detector_kwargs: Any,
 ) -> nn.Module:
     """A torchvision detector trained with the configured loss.
@@ -285,6 +319,8 @@ def build_detector(
         image_size: input size for training and inference.
         pretrained_backbone: local ImageNet ``state_dict`` file of the backbone body; None trains
             from scratch (GroupNorm, every layer trainable).
+        eval_protocol: the evaluation protocol applied in eval mode (score threshold, detections
+            per image, NMS IoU); None: :class:`~harmonic.config.EvalProtocol`'s defaults.
         **detector_kwargs: passed to the torchvision model class.
 
     Returns:
@@ -302,6 +338,7 @@ def build_detector(
         backbone=backbone,
         image_size=image_size,
         pretrained_backbone=pretrained_backbone,
+        eval_protocol=eval_protocol,
         **detector_kwargs,
     )
     return install_loss(model, cfg)

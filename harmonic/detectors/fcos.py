@@ -5,10 +5,14 @@ What is coupled, per positive location (inside a ground-truth box, right scale, 
 * CE (``LossConfig.sigmoid_cls``): ``focal`` (default) the head's sigmoid focal loss of the location
   summed over the classes; ``bce`` the binary CE of the ground-truth class only (the other classes
   keep their focal loss, as negatives of those classes),
-* L (the "smooth L1" of Eq. 2/11): FCOS's own regression loss, the GIoU loss of the decoded box
-  (FCOS has no offset loss; coupling its own loss keeps the baseline's recipe),
+* L (the "smooth L1" of Eq. 2/11, ``LossConfig.fcos_loc``): ``giou`` (default) FCOS's own
+  regression loss, the GIoU loss of the decoded box, which keeps the baseline's recipe but counts
+  the IoU twice once HIoU is added; ``smooth_l1`` the paper's form, smooth L1 (beta 1/9) of the
+  encoded offsets (left/top/right/bottom distances over the anchor size), summed over the 4 sides,
 * IoU: the box decoded by the head's ``BoxLinearCoder`` vs the matched ground truth; score p: sigmoid
-  of the ground-truth class logit; TC entropy over the normalised per-class sigmoid scores.
+  of the ground-truth class logit; TC entropy over the normalised per-class sigmoid scores,
+* beta_c (``LossConfig.coupling``): ``score`` (default) p itself, as Eq. 5 defines it; ``loss``
+  exp(-CE) of the coupled loss (an ablation).
 
 The centre-ness loss is torchvision's, unchanged (key ``bbox_ctrness``). Negatives keep their focal
 loss (Eq. 13). FCOS divides everything by the number of positives of the batch, so
@@ -66,10 +70,20 @@ class HarmonicFCOSHead(HarmonicPart, FCOSHead):
             anchors_fg = all_anchors[fg]
             pred_fg = self.box_coder.decode(head_outputs["bbox_regression"][fg], anchors_fg)
             giou = generalized_box_iou_loss(pred_fg, gt_fg, reduction="none")
+            if not standard and cfg.fcos_loc == "smooth_l1":
+                box_loss = F.smooth_l1_loss(
+                    head_outputs["bbox_regression"][fg],
+                    self.box_coder.encode(anchors_fg, gt_fg),
+                    beta=1 / 9,
+                    reduction="none",
+                ).sum(dim=1)
+            else:
+                box_loss = giou
             iou = paired_iou(pred_fg, gt_fg)
             onehot = torch.zeros_like(logits_fg)
             onehot[torch.arange(logits_fg.size(0), device=logits_fg.device), labels_fg] = 1.0
             focal = sigmoid_focal_loss(logits_fg, onehot, reduction="none")
+            form = "ce" if cfg.sigmoid_cls == "bce" else "focal"
             if cfg.sigmoid_cls == "bce":
                 gt_logit = logits_fg.gather(1, labels_fg[:, None])[:, 0]
                 cls_pos = F.binary_cross_entropy_with_logits(
@@ -81,10 +95,10 @@ class HarmonicFCOSHead(HarmonicPart, FCOSHead):
             score = sig.gather(1, labels_fg[:, None])[:, 0]
 
         if standard:
-            self._record_standard(cls_pos, giou, iou, score)
+            self._record_standard(cls_pos, giou, iou, score, form)
             return losses
 
-        terms = self._couple(cls_pos, giou, iou, score, sigmoid_class_probs(sig))
+        terms = self._couple(cls_pos, box_loss, iou, score, sigmoid_class_probs(sig), form)
         logits_bg = cls_logits[~fg]
         negatives = sigmoid_focal_loss(logits_bg, torch.zeros_like(logits_bg), reduction="sum")
         if cfg.sigmoid_cls == "bce":

@@ -9,7 +9,9 @@ What is coupled, per positive anchor (matched to a ground-truth box):
   the encoded offsets by default in torchvision's RetinaNet), summed over the 4 coordinates,
 * IoU: the box decoded by the head's ``BoxCoder`` (weights 1, 1, 1, 1) vs the matched ground truth;
   score p: sigmoid of the ground-truth class logit; TC entropy over the per-class sigmoid scores
-  normalised to sum to one.
+  normalised to sum to one,
+* beta_c (``LossConfig.coupling``): ``score`` (default) p itself, as Eq. 5 defines it; ``loss``
+  exp(-CE) of the coupled loss above (an ablation).
 
 Negative anchors keep their focal loss (Eq. 13); anchors between the IoU thresholds stay ignored.
 ``normalization: detector`` keeps torchvision's normaliser (each image divided by its number of
@@ -47,13 +49,13 @@ class HarmonicRetinaNetHead(HarmonicPart, RetinaNetHead):
                 cls_pos, loc, iou, score, _, _, _ = self._positives(
                     targets, head_outputs, anchors, matched_idxs, False
                 )
-            self._record_standard(cls_pos, loc, iou, score)
+            self._record_standard(cls_pos, loc, iou, score, self._form)
             return losses
 
         cls_pos, loc, iou, score, probs, counts, neg_sums = self._positives(
             targets, head_outputs, anchors, matched_idxs, True
         )
-        terms = self._couple(cls_pos, loc, iou, score, probs)
+        terms = self._couple(cls_pos, loc, iou, score, probs, self._form)
         num_images = max(1, len(targets))
         per_image = counts.clamp(min=1).to(loc.dtype)
         negatives = (neg_sums / per_image).sum() / num_images
@@ -69,6 +71,10 @@ class HarmonicRetinaNetHead(HarmonicPart, RetinaNetHead):
         if self.uses_tc:
             out["tc"] = (terms.tc * weight).sum()
         return out
+
+    @property
+    def _form(self) -> str:
+        return "ce" if self.loss_config.sigmoid_cls == "bce" else "focal"
 
     def _positives(
         self,

@@ -87,3 +87,24 @@ def test_render_params_are_validated(tmp_path: Path):
         synth.generate(tmp_path, min_objects=3, max_objects=2)
     with pytest.raises(SystemExit):
         synth.main(["--out", str(tmp_path), "--image-size", "8"])
+
+
+def test_held_out_test_split_shares_no_image_with_val(tmp_path: Path):
+    from harmonic.data import DatasetError, build_dataset
+
+    synth.generate(tmp_path / "s", train=2, val=3, test=3, image_size=64, seed=2)
+    files = _files(tmp_path / "s")
+    val = {k[len("val/") :]: v for k, v in files.items() if k.startswith("val/")}
+    test = {k[len("test/") :]: v for k, v in files.items() if k.startswith("test/")}
+    assert val.keys() == test.keys() and len(test) == 3
+    assert all(val[k] != test[k] for k in val)  # same names, other images: its own random stream
+    cfg = {"format": "synthetic", "root": str(tmp_path / "g"), "train": 2, "val": 2, "test": 2, "image_size": 64}
+    assert len(build_dataset(cfg, "test")) == 2
+    no_test = {**cfg, "root": str(tmp_path / "h"), "test": 0}
+    try:
+        build_dataset(no_test, "test")
+    except DatasetError as e:
+        assert "dataset.test" in str(e)
+    else:
+        raise AssertionError("a set without a test split built one")
+    assert not (tmp_path / "h" / "test").exists()

@@ -27,14 +27,17 @@ def _build(arch: str, loss, **extra) -> nn.Module:
 
 
 def _check_diagnostics(diag: dict[str, torch.Tensor]) -> None:
-    assert set(diag) == {"score", "iou", "beta_r", "beta_c"}
+    assert set(diag) == {"score", "iou", "beta_r", "beta_c", "dl_dp"}
     n = diag["score"].numel()
     assert n > 0
     for key, value in diag.items():
         assert value.device.type == "cpu" and value.dtype == torch.float32 and value.dim() == 1
         assert value.numel() == n and not value.requires_grad
         assert torch.isfinite(value).all(), key
-        assert ((value >= 0) & (value <= 1)).all(), key  # so 1 <= 1 + beta <= 2
+        if key != "dl_dp":
+            assert ((value >= 0) & (value <= 1)).all(), key  # so 1 <= 1 + beta <= 2
+    # Eq. 5: beta_c is the confidence p of the ground-truth class, on every head
+    assert torch.allclose(diag["beta_c"], diag["score"], atol=1e-6)
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -151,7 +154,7 @@ def test_detach_factors_changes_the_gradient() -> None:
 
 @pytest.mark.parametrize("arch", ["faster_rcnn", "retinanet", "fcos", "ssdlite"])
 def test_pre_nms_predictions_keep_at_least_the_nms_survivors(arch: str) -> None:
-    model = _build(arch, "harmonicdet", score_thresh=0.0)
+    model = _build(arch, "harmonicdet", eval_protocol={"score_thresh": 0.0})
     images, _ = batch_for(arch)
     model.eval()
     with torch.no_grad():

@@ -25,8 +25,10 @@ def test_mean_difference_and_per_seed_pairs_by_seed_not_by_order():
     assert r["per_seed"][2]["diff"] == pytest.approx(1.0)
     assert r["mean_diff"] == pytest.approx((1.0 + 1.5 + 1.0) / 3)
     assert r["wins"] == 3
-    assert r["ci95_low"] <= r["mean_diff"] <= r["ci95_high"]
-    assert r["t_ci95_low"] < r["mean_diff"] < r["t_ci95_high"]
+    assert r["ci95_low"] < r["mean_diff"] < r["ci95_high"]
+    # below 6 pairs the interval used (and shown under the old key) is the t-interval
+    assert (r["ci95_low"], r["ci95_high"]) == (r["t_ci95_low"], r["t_ci95_high"])
+    assert (r["ci_low"], r["ci_high"], r["ci_method"]) == (r["t_ci95_low"], r["t_ci95_high"], "t")
 
 
 def test_three_seeds_use_t_test_and_say_wilcoxon_cannot_reach_significance():
@@ -49,7 +51,12 @@ def test_six_seeds_use_wilcoxon():
 
 
 def test_direction_of_the_difference():
-    worse = paired_comparison({0: 1.0, 1: 2.0, 2: 3.0, 3: 2.5}, {0: 2.0, 1: 3.5, 2: 3.2, 3: 3.0})
+    # 4 noisy pairs, all worse: the old percentile bootstrap ([min d, max d]) excluded 0, the honest
+    # t-interval does not
+    noisy = paired_comparison({0: 1.0, 1: 2.0, 2: 3.0, 3: 2.5}, {0: 2.0, 1: 3.5, 2: 3.2, 3: 3.0})
+    assert noisy["mean_diff"] < 0 and noisy["wins"] == 0
+    assert noisy["ci95_low"] < 0 < noisy["ci95_high"] and noisy["p_value"] > 0.05
+    worse = paired_comparison({0: 1.0, 1: 2.0, 2: 3.0, 3: 2.5}, {0: 2.0, 1: 3.1, 2: 3.9, 3: 3.6})
     assert worse["mean_diff"] < 0 and worse["ci95_high"] < 0 and worse["wins"] == 0
     comp = compare_metrics(
         {s: {"AP": 40.0 + s, "aic": 0.20} for s in range(4)},
@@ -71,24 +78,46 @@ def test_no_effect_gives_large_p_and_interval_around_zero():
     assert r["ci95_low"] < 0 < r["ci95_high"]
 
 
-def test_t_interval_coverage_is_nominal_and_bootstrap_is_close():
+def test_interval_coverage_is_nominal_for_t_hodges_lehmann_and_bootstrap_t():
     # 300 simulated experiments with 10 seeds and true effect 1.0 (seed noise sd 2)
     rng = np.random.default_rng(0)
-    cover_t = cover_b = 0
+    cover_t = cover_hl = cover_b = 0
     n_exp = 300
     for i in range(n_exp):
         base = rng.normal(30, 3, size=10)
         treat = base + 1.0 + rng.normal(0, 2, size=10)
         r = paired_comparison(dict(enumerate(treat)), dict(enumerate(base)), n_boot=1000, seed=i)
+        assert r["ci_method"] == "wilcoxon-hl" and r["boot_method"] == "bootstrap-t"
         cover_t += r["t_ci95_low"] <= 1.0 <= r["t_ci95_high"]
-        cover_b += r["ci95_low"] <= 1.0 <= r["ci95_high"]
+        cover_hl += r["ci95_low"] <= 1.0 <= r["ci95_high"]
+        cover_b += r["boot_ci_low"] <= 1.0 <= r["boot_ci_high"]
     assert 0.91 <= cover_t / n_exp <= 0.985
-    assert 0.85 <= cover_b / n_exp <= 0.98  # percentile bootstrap under-covers slightly at n=10
+    assert 0.91 <= cover_hl / n_exp <= 0.99  # exact, so at least nominal up to simulation noise
+    assert 0.91 <= cover_b / n_exp <= 0.985
+
+
+def test_three_seed_interval_covers_the_null_as_promised_unlike_min_max():
+    # the old percentile bootstrap was [min d, max d] with 3 seeds: coverage 1 - 2/2**3 = 0.75
+    rng = np.random.default_rng(1)
+    n_exp = 1000
+    cover = cover_min_max = 0
+    for _ in range(n_exp):
+        d = rng.normal(0.0, 1.0, size=3)
+        r = paired_comparison(dict(enumerate(d)), dict.fromkeys(range(3), 0.0))
+        cover += r["ci_low"] <= 0.0 <= r["ci_high"]
+        cover_min_max += d.min() <= 0.0 <= d.max()
+    assert 0.93 <= cover / n_exp <= 0.97
+    assert 0.70 <= cover_min_max / n_exp <= 0.80
 
 
 def test_bootstrap_is_deterministic_for_a_seed():
-    t, b = {0: 1.0, 1: 2.0, 2: 4.0}, {0: 0.5, 1: 0.0, 2: 3.0}
-    assert paired_comparison(t, b, seed=5)["ci95_low"] == paired_comparison(t, b, seed=5)["ci95_low"]
+    rng = np.random.default_rng(7)
+    t = {s: float(v) for s, v in enumerate(rng.normal(1.0, 1.0, size=12))}
+    b = dict.fromkeys(t, 0.0)
+    first, again = paired_comparison(t, b, seed=5), paired_comparison(t, b, seed=5)
+    assert math.isfinite(first["boot_ci_low"])
+    assert (first["boot_ci_low"], first["boot_ci_high"]) == (again["boot_ci_low"], again["boot_ci_high"])
+    assert first["boot_ci_low"] != paired_comparison(t, b, seed=6)["boot_ci_low"]
 
 
 def test_unpaired_and_non_finite_seeds_are_dropped():
@@ -100,6 +129,7 @@ def test_unpaired_and_non_finite_seeds_are_dropped():
 def test_single_pair_has_no_interval():
     r = paired_comparison({0: 2.0}, {0: 1.0})
     assert r["mean_diff"] == 1.0 and math.isnan(r["p_value"]) and math.isnan(r["ci95_low"])
+    assert r["test"] == "none" and r["ci_method"] == "none" and math.isnan(r["ci_low"])
 
 
 def test_identical_differences_are_handled():

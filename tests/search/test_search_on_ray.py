@@ -4,12 +4,12 @@ One scenario proves the search's contract end to end (it is the expensive part, 
 cores):
 
 1. ``hdet run`` starts a search of 4 configurations (2 of them with a learning rate that makes
-   the loss non-finite) plus the standard-loss baseline, and is interrupted (SIGINT) once two
-   trainings have finished;
+   the loss non-finite) plus the standard-loss baseline and the confirmatory arm (the spec's own
+   loss section), and is interrupted (SIGINT) once two trainings have finished;
 2. ``hdet run --resume`` finishes it;
 3. MLflow then holds one child run per trial (never a second one), the finished trials were not
    trained again, the failed ones carry their reason, and the summary on the parent run agrees
-   with the child runs' own metrics; ``hdet report`` renders it.
+   with the child runs' own metrics, judged on the held-out test split; ``hdet report`` renders it.
 """
 
 from __future__ import annotations
@@ -45,6 +45,7 @@ SPEC: dict[str, Any] = {
         "max_concurrent": 1,
         "seeds": [0],
         "baseline": True,
+        "confirmatory": True,
     },
     "tracking": {"experiment": "search-test"},
 }
@@ -118,9 +119,8 @@ def test_resumed_search_completes_with_one_child_run_per_trial_and_seed(searched
     assert len(keys) == len(set(keys)), f"duplicated child runs: {sorted(keys)}"
     trials = {r.data.tags["hdet.trial_id"] for r in children if r.data.tags.get("hdet.arm") == "search"}
     assert len(trials) == 4
-    assert {r.data.tags["hdet.trial_id"] for r in children if r.data.tags.get("hdet.arm") == "baseline"} == {
-        "baseline"
-    }
+    for arm in ("baseline", "confirmatory"):
+        assert {r.data.tags["hdet.trial_id"] for r in children if r.data.tags.get("hdet.arm") == arm} == {arm}
     parent = _parent(c)
     assert parent.data.tags["hdet.search_complete"] == "true"
 
@@ -167,12 +167,26 @@ def test_summary_agrees_with_the_child_runs(searched: dict[str, Any]):
                 assert rec["per_seed"][seed][metric] == pytest.approx(run.data.metrics[metric])
             assert run.data.metrics["epoch"] == EPOCHS
     assert best["objective"] == pytest.approx(c.get_run(best["child_runs"]["0"]).data.metrics["AP"])
+    # judged on the held-out test split, not on val where the best configuration was selected
+    assert summary["judged_on"] == "test"
+    base = summary["baseline"]["per_seed"]["0"]
     diff = summary["comparison"]["AP"]["mean_diff"]
-    assert diff == pytest.approx(best["per_seed"]["0"]["AP"] - summary["baseline"]["per_seed"]["0"]["AP"])
+    assert diff == pytest.approx(best["per_seed"]["0"]["test_AP"] - base["test_AP"])
     assert parent.data.metrics["diff_AP"] == pytest.approx(diff)
+    conf = summary["confirmatory"]
+    assert conf["status"] == "completed" and conf["params"] == {}
+    assert summary["confirmatory_comparison"]["AP"]["mean_diff"] == pytest.approx(
+        conf["per_seed"]["0"]["test_AP"] - base["test_AP"]
+    )
+    assert set(summary["mechanism"]) >= {"baseline (standard)", "confirmatory (harmonic)"}
     assert parent.data.params["best.loss.alpha"] == str(best["params"]["loss.alpha"])
     names = {a.path for a in c.list_artifacts(parent.info.run_id, "evidence")}
-    assert {"evidence/ap_vs_iou.png", "evidence/report.md", "evidence/summary.json"} <= names
+    assert {
+        "evidence/ap_vs_iou.png",
+        "evidence/report.md",
+        "evidence/summary.json",
+        "evidence/mechanism.png",
+    } <= names
     for t in summary["trials"]:
         assert t["wall_s"] > 0 and t["cpu_s"] >= 0
 

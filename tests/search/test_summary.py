@@ -5,7 +5,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from workers.evidence import compare_metrics, sensitivity
+import pytest
+from scipy import stats
+
+from workers.evidence import NO_DIFFERENCE, compare_metrics, sensitivity
 from workers.report import render_html, render_markdown
 from workers.search import SearchSummary, TrialRecord, draw_plots
 
@@ -35,8 +38,11 @@ def _summary() -> SearchSummary:
         "best (harmonic)": {t / 100: best.seed_mean(f"ap_iou_{t}") for t in range(50, 100, 5)},
         "baseline (standard)": {t / 100: base.seed_mean(f"ap_iou_{t}") for t in range(50, 100, 5)},
     }
-    return SearchSummary("demo", "parent123", "AP", [0, 1, 2], "random", "asha", 3, trials, base, "t1", comp,
-                         sens, curves, True, 600.0)  # fmt: skip
+    return SearchSummary(
+        experiment="demo", parent_run_id="parent123", objective="AP", seeds=[0, 1, 2], algorithm="random",
+        scheduler="asha", epochs=3, trials=trials, baseline=base, best_trial_id="t1", comparison=comp,
+        sensitivity=sens, ap_vs_iou=curves, complete=True, wall_s=600.0,
+    )  # fmt: skip
 
 
 def test_table_shows_the_comparison_and_every_trial():
@@ -46,8 +52,41 @@ def test_table_shows_the_comparison_and_every_trial():
     ap_line = next(line for line in table.splitlines() if line.startswith("AP "))
     assert "35.0 ± 1.0" in ap_line and "32.0 ± 1.0" in ap_line and "+3.0" in ap_line
     assert "paired t-test on 3 seeds" in table and "0.25" in table
+    assert "Holm-adjusted over the 5 metrics" in table
     assert "2 of 3 completed configurations are within 0.5 AP of the best" in table
     assert "failed" in table and "NaN" in table
+
+
+def _noisy(s: SearchSummary) -> SearchSummary:
+    """The same search with seed noise: AP diffs 0.010, 0.005, 0.020 (t-test p > 0.05 on 3 seeds)."""
+    assert s.baseline is not None and s.best is not None
+    for seed, ap in {0: 0.33, 1: 0.345, 2: 0.34}.items():
+        s.baseline.per_seed[seed]["AP"] = ap
+    s.comparison = compare_metrics(
+        s.best.per_seed, s.baseline.per_seed, ("AP", "AP50", "AP75", "AP90", "aic")
+    )
+    return s
+
+
+def test_table_shows_n_test_raw_and_holm_p_interval_method_and_verdict():
+    s = _noisy(_summary())
+    table = s.format_table()
+    lines = table.splitlines()
+    head = next(line for line in lines if line.startswith("metric"))
+    for column in ("best", "baseline", "diff", " n ", "test", " p ", "p adj", "95% CI (t)", "verdict"):
+        assert column in head
+    raw = stats.ttest_1samp([0.010, 0.005, 0.020], 0.0).pvalue
+    assert 0.05 < raw
+    comp = s.comparison["AP"]
+    assert comp["p_value"] == pytest.approx(raw) and comp["p_adjusted"] > comp["p_value"]
+    ap_line = next(line for line in lines if line.startswith("AP "))
+    assert ap_line.split()[7:12] == ["+1.2", "3", "t", f"{raw:.3g}", f"{comp['p_adjusted']:.3g}"]
+    assert ap_line.endswith(NO_DIFFERENCE)
+    assert "35.0 ± 1.0" in ap_line and "33.8 ± 0.8" in ap_line
+    verdict = next(line for line in lines if line.startswith("verdict:"))
+    assert NO_DIFFERENCE in verdict and "3 seeds" in verdict and "wide" in verdict
+    assert "Test: paired t-test on 3 seeds with its t-interval (n < 6" in table
+    assert "bootstrap" not in table  # 3 seeds: no bootstrap interval anywhere
 
 
 def test_json_round_trip_keeps_seeds_and_thresholds_typed():
@@ -65,8 +104,61 @@ def test_reports_and_plots(tmp_path: Path):
     assert set(plots) == {"ap_vs_iou", "sensitivity", "paired_differences"}
     assert all(p.stat().st_size > 1000 for p in plots.values())
     md = render_markdown(s, {k: v.name for k, v in plots.items()})
-    assert "| AP | 35.0 ± 1.0 | 32.0 ± 1.0 | +3.0 |" in md
+    assert (
+        "| AP | 35.0 ± 1.0 | 32.0 ± 1.0 | +3.0 | 3 | t | 0 | 0 | [+3.0, +3.0] | 3/3 | HarmonicDet better |"
+        in md
+    )
+    assert (
+        "| metric | best | baseline | diff | n | test | p | p adj (Holm) | 95% CI (t) | seeds better | verdict |"
+        in md
+    )
+    assert (
+        "| AP50 | 60.0 ± 0.0 | 60.0 ± 0.0 | +0.0 | 3 | t | 1 | 1 | [+0.0, +0.0] | 0/3 | no detectable difference |"
+        in md
+    )
+    assert "Holm-adjusted over the 5 metrics of this table" in md and "Verdict: On AP, HarmonicDet" in md
     assert "![AP vs IoU threshold](ap_vs_iou.png)" in md
     assert "| t3 | failed |" in md
     page = render_html(s, {k: v.name for k, v in plots.items()})
     assert page.startswith("<!doctype html>") and "<img alt='sensitivity" in page
+    assert "<th>p adj (Holm)</th><th>95% CI (t)</th>" in page and f"<td>{NO_DIFFERENCE}</td>" in page
+    noisy = render_markdown(_noisy(s))
+    ap_row = next(line for line in noisy.splitlines() if line.startswith("| AP |"))
+    assert ap_row.endswith(f"| {NO_DIFFERENCE} |") and "Verdict: On AP, no detectable difference" in noisy
+
+
+def test_confirmatory_table_is_its_own_holm_family_in_table_and_report():
+    s = _noisy(_summary())
+    assert s.best is not None and s.baseline is not None
+    s.confirmatory_comparison = compare_metrics(s.best.per_seed, s.baseline.per_seed, ("AP", "AP50"))
+    table = s.format_table()
+    assert "confirmatory (the spec's loss) vs baseline (standard loss) on the val split" in table
+    assert "Holm-adjusted over the 2 metrics of this table" in table  # confirmatory family
+    assert "Holm-adjusted over the 5 metrics of this table" in table  # best-vs-baseline family
+    assert "HarmonicDet (confirmatory)" in table and "winner's curse" in table
+    md = render_markdown(s)
+    assert "## Confirmatory configuration (the spec's loss) vs the standard loss" in md
+    assert "| metric | confirmatory | baseline | diff | n | test | p | p adj (Holm) | 95% CI (t) |" in md
+
+
+def test_means_come_from_the_judged_split_not_the_selection_split():
+    s = _summary()
+    assert s.best is not None and s.baseline is not None
+    for rec, shift in ((s.best, 0.05), (s.baseline, 0.0)):
+        for seed, metrics in rec.per_seed.items():
+            metrics["test_AP"] = 0.20 + shift + 0.01 * seed * (1 + shift)
+    test_split = {
+        arm: {seed: {"AP": m["test_AP"]} for seed, m in rec.per_seed.items()}
+        for arm, rec in (("best", s.best), ("baseline", s.baseline))
+    }
+    s.comparison = compare_metrics(test_split["best"], test_split["baseline"], ("AP",))
+    s.judged_on = "test"
+    table = s.format_table()
+    ap_line = next(line for line in table.splitlines() if line.startswith("AP "))
+    # test split: best 26.1 ± 1.1, baseline 21.0 ± 1.0 (the val AP would read 35.0 and 32.0)
+    assert "26.1 ± 1.1" in ap_line and "21.0 ± 1.0" in ap_line and "+5.0" in ap_line
+    p, p_adj = ap_line.split()[10:12]  # tiny p-values stay separate columns
+    assert float(p) == pytest.approx(s.comparison["AP"]["p_value"], rel=1e-2) and p == p_adj
+    assert "on the test split" in table and "winner's curse" not in table
+    assert "| AP | 26.1 ± 1.1 | 21.0 ± 1.0 | +5.0 |" in render_markdown(s)
+    assert "| 2 | 27.1 / 22.0 |" in render_markdown(s)  # per-seed values of the judged split

@@ -50,6 +50,12 @@ def _error(data: dict[str, Any]) -> SpecError:
             "search.algorithm",
             "grid",
         ),
+        (_with(eval={"score_thresh": 1.2}), "eval.score_thresh", "less than 1"),
+        (_with(eval={"max_detections": 0}), "eval.max_detections", "greater than or equal to 1"),
+        (_with(eval={"nms": 0.5}), "eval.nms", "unknown key"),
+        (_with(dataset={"format": "synthetic", "test": -1}), "dataset.test", "number of images"),
+        (_with(loss={"coupling": "p"}), "loss.coupling", "score"),
+        (_with(loss={"fcos_loc": "l2"}), "loss.fcos_loc", "smooth_l1"),
     ],
 )
 def test_bad_spec_names_the_field(data: dict[str, Any], path: str, words: str) -> None:
@@ -126,6 +132,7 @@ def test_schema_exports_every_section() -> None:
         "dataset",
         "detector",
         "loss",
+        "eval",
         "train",
         "scaling",
         "search",
@@ -154,3 +161,28 @@ def test_spec_check_cli_reports_the_field(tmp_path: Path, capsys: pytest.Capture
     (tmp_path / "s.yaml").write_text(yaml.safe_dump(_with(loss={"gamma": 1.5})))
     assert check_main([str(tmp_path / "s.yaml")]) == 1
     assert "loss.gamma:" in capsys.readouterr().err
+
+
+def test_eval_protocol_and_test_split_defaults() -> None:
+    spec = Spec.parse({**BASE, "dataset": {"format": "synthetic", "val": 12}})
+    assert spec.eval.to_protocol().to_dict() == {
+        "score_thresh": 0.05,
+        "max_detections": 100,
+        "nms_thresh": 0.5,
+    }
+    # a synthetic set holds out a test split as large as val unless told otherwise
+    assert spec.dataset.synth_params()["test"] == 12 and spec.dataset.has_test()
+    assert not Spec.parse({**BASE, "dataset": {"format": "synthetic", "test": 0}}).dataset.has_test()
+    # the protocol is logged with the run, as every spec field is
+    assert flatten_params(spec.to_dict())["eval.score_thresh"] == "0.05"
+
+
+def test_coco_test_split_must_exist(tmp_path: Path) -> None:
+    (tmp_path / "annotations").mkdir()
+    for split in ("train", "val"):
+        (tmp_path / split).mkdir()
+        (tmp_path / "annotations" / f"instances_{split}.json").write_text("{}")
+    ok = {"format": "coco", "root": str(tmp_path), "train": "train", "val": "val"}
+    assert not Spec.parse({**BASE, "dataset": ok}).dataset.has_test()
+    err = _error({**BASE, "dataset": {**ok, "test": "test"}})
+    assert any(p == "dataset.test" and "does not exist" in m for p, m in err.problems), err

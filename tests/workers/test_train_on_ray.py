@@ -104,6 +104,16 @@ def test_child_run_has_every_epoch_metric_once(tiny_run: dict[str, Any]) -> None
     for key in ("AP", "AP50", "AP90"):
         assert 0.0 <= child.data.metrics[key] <= 1.0
     assert child.data.metrics["train_one_plus_beta_r"] > 1.0
+    # the mechanism behind a result: the share of positives the loss pushes down, per epoch
+    for key in ("train_pushed_down_share", "train_mean_score"):
+        values = [m.value for m in c.get_metric_history(child.info.run_id, key)]
+        assert len(values) == 2 and all(0.0 <= v <= 1.0 for v in values), (key, values)
+    # the held-out test split is evaluated once, with the final model, under the spec's protocol
+    for key in ("test_AP", "test_AP50", "test_AP90"):
+        steps = [m.step for m in c.get_metric_history(child.info.run_id, key)]
+        assert steps == [2], (key, steps)
+    assert child.data.params["eval.score_thresh"] == "0.05"
+    assert child.data.params["eval.max_detections"] == "100"
 
 
 def test_killed_worker_resumes_from_its_checkpoint(tiny_run: dict[str, Any]) -> None:
