@@ -6,11 +6,14 @@ The one entrypoint used by the service, by ``ray job submit`` and by the local C
 2. check the dataset (generate the synthetic one first): a broken dataset is refused with the
    check's report, unless ``dataset.skip_bad`` is set, in which case the skipped annotations are
    counted and logged;
-3. join Ray (``--address`` or ``RAY_ADDRESS``) or start a local one on 127.0.0.1;
-4. open the MLflow parent run (``--tracking-uri``, else the spec's, else ``MLFLOW_TRACKING_URI``,
+3. resolve the starting weights (:mod:`workers.weights`): run or find the ``pretrain`` section's
+   backbone pretraining, download ``runs:/`` references, check that the files fit the detector;
+   the spec every training and trial receives names the local files;
+4. join Ray (``--address`` or ``RAY_ADDRESS``) or start a local one on 127.0.0.1;
+5. open the MLflow parent run (``--tracking-uri``, else the spec's, else ``MLFLOW_TRACKING_URI``,
    else the local sqlite store under ``$HDET_HOME``);
-5. train once (no ``search`` section) or run the Tune search (:mod:`workers.search`);
-6. print the final table and the command that opens the MLflow UI.
+6. train once (no ``search`` section) or run the Tune search (:mod:`workers.search`);
+7. print the final table and the command that opens the MLflow UI.
 
 ``--resume`` continues the latest run of the spec's name: the same parent and child runs, from
 the last checkpoint.
@@ -35,7 +38,9 @@ __all__ = ["main", "check_dataset", "format_table", "single_run"]
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="hdet run", description="Train a HarmonicDet experiment spec on Ray.")
-    p.add_argument("spec", help="experiment spec (YAML or JSON)")
+    p.add_argument(
+        "spec", help="experiment spec (YAML or JSON); a YAML file of several documents is a suite, run in turn"
+    )
     p.add_argument(
         "--tracking-uri", help="MLflow tracking URI (default: the spec's, else a local sqlite store)"
     )
@@ -162,11 +167,34 @@ def single_run(spec: Spec, ctx: Any, storage_path: str, *, resume: bool) -> dict
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
     try:
-        spec = Spec.from_file(args.spec)
+        suite = Spec.suite_from_file(args.spec)
     except SpecError as e:
         print(f"hdet run: {e}", file=sys.stderr)
         return 2
+    if len(suite) == 1:
+        return _run_one(suite[0], args)
+    # A suite (several YAML documents): every dataset is checked before the first experiment starts,
+    # then the experiments run one after the other; the exit code is the worst of theirs.
+    from harmonic.data import DatasetError
 
+    for spec in suite:
+        try:
+            check_dataset(spec)
+        except DatasetError as e:
+            print(f"hdet run: {spec.name}: dataset refused:\n{e}", file=sys.stderr)
+            return 2
+    rcs = []
+    for i, spec in enumerate(suite, start=1):
+        print(f"\n== experiment {i}/{len(suite)}: {spec.name}", flush=True)
+        rcs.append(_run_one(spec, args))
+    print(
+        f"\nsuite {args.spec}: " + ", ".join(f"{s.name} exit {rc}" for s, rc in zip(suite, rcs)), flush=True
+    )
+    return max(rcs)
+
+
+def _run_one(spec: Spec, args: argparse.Namespace) -> int:
+    """One experiment of ``hdet run`` (a training run, a search or a comparison); its exit code."""
     from harmonic.data import DatasetError
 
     try:
@@ -186,6 +214,18 @@ def main(argv: list[str] | None = None) -> int:
     storage_path = args.storage_path or os.environ.get("HDET_STORAGE_PATH") or str(storage_dir())
     if "://" not in storage_path:
         Path(storage_path).mkdir(parents=True, exist_ok=True)
+
+    # Pretraining and runs:/ references before Ray or the parent run: bad weights leave nothing behind.
+    from workers.weights import resolve_start_weights
+
+    try:
+        spec = resolve_start_weights(spec, tracking_uri)
+    except SpecError as e:
+        print(f"hdet run: {e}", file=sys.stderr)
+        return 2
+    except DatasetError as e:
+        print(f"hdet run: pretraining images refused (pretrain):\n{e}", file=sys.stderr)
+        return 2
 
     started = _start_ray(spec, args.address, args.dashboard)
     ctx = open_parent_run(spec, tracking_uri, resume=args.resume)

@@ -294,8 +294,9 @@ def required_cpus(spec: Spec) -> float:
     per_trainer = s.num_workers * s.cpus_per_worker
     if spec.search is None:
         return per_trainer
-    configs = spec.search.max_concurrent + int(spec.search.baseline) + int(spec.search.confirmatory)
-    return configs * len(spec.search.seeds) * per_trainer + spec.search.max_concurrent * TRIAL_CPUS
+    searched = spec.search.max_concurrent if spec.search.space else 0
+    configs = searched + int(spec.search.baseline) + int(spec.search.confirmatory)
+    return configs * len(spec.search.seeds) * per_trainer + searched * TRIAL_CPUS
 
 
 # --------------------------------------------------------------------------- one configuration
@@ -1336,6 +1337,8 @@ def run_search(
         os.environ.setdefault(k, v)
     t0 = time.time()
     param_space = tune_param_space(spec)
+    # An empty space is a comparison without a search: the fixed arms only (baseline, confirmatory).
+    searching = bool(spec.search.space)
     c = client(ctx.tracking_uri)
     c.set_tag(ctx.parent_run_id, "hdet.search_complete", "false")
     # Drop the search section for the trials: they need the training recipe and the seeds only.
@@ -1350,7 +1353,10 @@ def run_search(
     )
     name = f"{spec.name}-search-{ctx.parent_run_id[:8]}"
     exp_path = f"{storage_path.rstrip('/')}/{name}"
-    if resume and tune.Tuner.can_restore(exp_path):
+    tuner: Any = None
+    if not searching:
+        pass
+    elif resume and tune.Tuner.can_restore(exp_path):
         tuner = tune.Tuner.restore(
             exp_path, trainable, resume_unfinished=True, resume_errored=False, restart_errored=retry_failed,
             param_space=param_space,
@@ -1377,22 +1383,25 @@ def run_search(
     for arm, wanted in ((BASELINE_ID, spec.search.baseline), (CONFIRMATORY_ID, spec.search.confirmatory)):
         if wanted:
             arm_refs[arm] = task.remote(spec_data, ctx, storage_path, resume, hub, arm)
+    outcomes: dict[str, tuple[str, str | None, dict[str, Any]]] = {}
     try:
-        results = tuner.fit()
+        if tuner is not None:
+            outcomes = _trial_outcomes(tuner.fit(), spec.train.epochs)
+        interrupted = searching and (any(s == "incomplete" for s, _, _ in outcomes.values()) or not outcomes)
+        for arm, ref in arm_refs.items():
+            if interrupted:
+                ray.cancel(ref, force=True)
+                continue
+            try:
+                ray.get(ref)
+            except KeyboardInterrupt:
+                raise
+            except Exception as e:  # the arm's child runs say what happened; the search stands
+                print(f"{arm}: {_short_reason(e)}", flush=True)
     except BaseException:
         for ref in arm_refs.values():
             ray.cancel(ref, force=True)
         raise
-    outcomes = _trial_outcomes(results, spec.train.epochs)
-    interrupted = any(s == "incomplete" for s, _, _ in outcomes.values()) or len(outcomes) == 0
-    for arm, ref in arm_refs.items():
-        if interrupted:
-            ray.cancel(ref, force=True)
-            continue
-        try:
-            ray.get(ref)
-        except Exception as e:  # the arm's child runs say what happened; the search stands
-            print(f"{arm}: {_short_reason(e)}", flush=True)
     _mark_trials(c, ctx, spec, outcomes)
 
     summary = collect_summary(c, ctx.experiment_id, ctx.parent_run_id, experiment=ctx.experiment)

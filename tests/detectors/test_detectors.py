@@ -8,7 +8,7 @@ import torch
 from conftest import NUM_CLASSES, SMALL, batch_for
 from torch import nn
 
-from harmonic.config import LossConfigError
+from harmonic.config import LossConfig, LossConfigError
 from harmonic.detectors import (
     ARCHS,
     BACKBONES,
@@ -90,22 +90,50 @@ def test_checkpoint_loads_strictly_into_plain_torchvision(arch: str) -> None:
 OVERFIT = [(arch, "harmonicdet") for arch in ARCHS] + [("faster_rcnn", "standard"), ("retinanet", "standard")]
 
 
+def _standard_loss(model: nn.Module, images, targets, cfg) -> float:
+    """torchvision's own loss of the model on the batch (samplers seeded alike), without training it."""
+    from harmonic.detectors import install_loss
+
+    install_loss(model, "standard")
+    torch.manual_seed(123)
+    with torch.no_grad():
+        losses = model(images, targets)
+    install_loss(model, cfg)
+    pop_diagnostics(model)
+    # FCOS's centre-ness BCE cannot fall below the entropy of its soft targets
+    return float(sum(v for k, v in losses.items() if k != "bbox_ctrness"))
+
+
 @pytest.mark.parametrize(("arch", "kind"), OVERFIT)
 def test_overfits_a_tiny_batch(arch: str, kind: str) -> None:
+    """Trained with its loss, the model fits one image: judged by torchvision's standard loss.
+
+    Judged by the standard loss because the Harmonic loss's own value is no measure of fit: its
+    weight (1 + beta_c) = (1 + p) on L_loc grows from about 1 to 2 as the classification learns.
+    Adam warms up over 5 steps: at full rate from the first step the from-scratch GroupNorm heads
+    jump (RetinaNet's box loss 2.3 -> 23.8 in one step, with the standard loss too), and the
+    trajectory then depends on the CPU's float kernels. Spread of final / initial over data seeds
+    0-3 measured on this machine: RetinaNet 0.06-0.42, FCOS 0.26-0.34, SSDlite 0.03-0.05,
+    R-CNNs and SSD well below (see the README's test notes).
+    """
     images, targets = batch_for(arch, num_images=1)
-    model = _build(arch, kind)
-    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=2e-3)
+    cfg = LossConfig(kind=kind)
+    model = _build(arch, cfg)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(params, lr=1e-3)
+    warmup = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: min(1.0, (i + 1) / 5))
+    before = _standard_loss(model, images, targets, cfg)
     history: list[float] = []
     for _ in range(20 if arch == "ssd" else 30):  # SSD300 VGG16 is the costly one; it falls fast
         losses = model(images, targets)
-        # FCOS's centre-ness BCE cannot fall below the entropy of its soft targets
-        history.append(float(sum(v.detach() for k, v in losses.items() if k != "bbox_ctrness")))
+        history.append(float(sum(v.detach() for v in losses.values())))
         optimizer.zero_grad()
         sum(losses.values()).backward()
         optimizer.step()
+        warmup.step()
     assert all(map(torch.isfinite, map(torch.tensor, history)))
-    final = min(history[-3:])
-    assert final < 0.5 * history[0], history
+    after = _standard_loss(model, images, targets, cfg)
+    assert after < 0.5 * before, (before, after, history)
 
 
 def test_ablations_of_tables_3_to_5_give_different_losses() -> None:

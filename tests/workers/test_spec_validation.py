@@ -137,6 +137,7 @@ def test_schema_exports_every_section() -> None:
         "scaling",
         "search",
         "tracking",
+        "pretrain",
     }
     assert schema["additionalProperties"] is False
 
@@ -186,3 +187,26 @@ def test_coco_test_split_must_exist(tmp_path: Path) -> None:
     assert not Spec.parse({**BASE, "dataset": ok}).dataset.has_test()
     err = _error({**BASE, "dataset": {**ok, "test": "test"}})
     assert any(p == "dataset.test" and "does not exist" in m for p, m in err.problems), err
+
+
+def test_a_suite_file_validates_every_document_at_once(tmp_path: Path) -> None:
+    one = {**BASE, "name": "a", "search": {"space": {}, "seeds": [0, 1], "baseline": True, "confirmatory": True}}
+    two = {**BASE, "name": "b", "loss": {"gamma": 1.5}}
+    three = {**BASE, "name": "a", "eval": {"score_thresh": 2}}
+    path = tmp_path / "suite.yaml"
+    path.write_text(yaml.safe_dump_all([one, two, three]))
+    with pytest.raises(SpecError) as info:
+        Spec.suite_from_file(path)
+    paths = [p for p, _ in info.value.problems]
+    assert "#2: loss.gamma" in paths and "#3: eval.score_thresh" in paths and "name" in paths
+    with pytest.raises(SpecError, match="holds 3 experiments"):
+        Spec.from_file(path)
+    path.write_text(yaml.safe_dump_all([one, {**BASE, "name": "b"}]))
+    suite = Spec.suite_from_file(path)
+    assert [s.name for s in suite] == ["a", "b"]
+    assert suite[0].search is not None and suite[0].search.space == {}
+
+
+def test_an_empty_space_needs_the_confirmatory_arm() -> None:
+    err = _error(_with(search={"space": {}, "baseline": True}))
+    assert any(p == "search.space" and "confirmatory" in m for p, m in err.problems), err
