@@ -161,16 +161,19 @@ class LossConfig:
         if isinstance(value, str):
             return cls(kind=value)  # type: ignore[arg-type]
         if isinstance(value, dict):
-            known = {f.name for f in fields(cls)}
-            unknown = sorted(set(value) - known)
-            if unknown:
-                raise LossConfigError(
-                    f"loss: unknown option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}"
-                )
-            return cls(**value)
+            return cls(**_known_options(cls, value, "loss", LossConfigError))
         if hasattr(value, "model_dump"):  # a pydantic model from the spec
             return cls.from_any(value.model_dump())
         raise LossConfigError(f"loss: expected a LossConfig, dict or kind name, got {type(value).__name__}")
+
+
+def _known_options(cls: type, value: dict[str, Any], section: str, error: type[ValueError]) -> dict[str, Any]:
+    """``value`` when every key is a field of the dataclass ``cls``; else ``error`` naming the unknown ones."""
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(value) - known)
+    if unknown:
+        raise error(f"{section}: unknown option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    return value
 
 
 class EvalProtocolError(ValueError):
@@ -219,13 +222,7 @@ class EvalProtocol:
         if hasattr(value, "model_dump"):
             value = value.model_dump()
         if isinstance(value, dict):
-            known = {f.name for f in fields(cls)}
-            unknown = sorted(set(value) - known)
-            if unknown:
-                raise EvalProtocolError(
-                    f"eval: unknown option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}"
-                )
-            return cls(**value)
+            return cls(**_known_options(cls, value, "eval", EvalProtocolError))
         raise EvalProtocolError(f"eval: expected an EvalProtocol or dict, got {type(value).__name__}")
 
     def to_dict(self) -> dict[str, Any]:

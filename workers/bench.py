@@ -55,7 +55,9 @@ def plain_loop_images_per_s(spec_dict: dict[str, Any], threads: int) -> tuple[fl
     torch.set_num_threads(threads)
     torch.manual_seed(t.seed)
     ds: Any = build_dataset(
-        spec.dataset.build_config(), "train", transforms=build_transforms(det.arch, det.image_size, True)
+        spec.dataset.build_config(),
+        "train",
+        transforms=build_transforms(det.arch, det.image_size, True, augment=spec.train.augment),
     )
     model = build_detector(
         det.arch,

@@ -12,6 +12,7 @@ import sys
 # command words -> (module, function, one-line help)
 COMMANDS: dict[tuple[str, ...], tuple[str, str, str]] = {
     ("run",): ("workers.run", "main", "train a spec end to end on Ray (one run or a Tune search)"),
+    ("pretrain",): ("workers.pretrain", "main", "pretrain a spec's backbone body (cached, as in hdet run)"),
     ("predict",): ("workers.predict", "main", "draw a run's or checkpoint's detections on images"),
     ("report",): ("workers.report", "main", "render an experiment's evidence report from MLflow"),
     ("spec", "schema"): ("workers.spec", "schema_main", "print the experiment spec's JSON Schema"),

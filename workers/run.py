@@ -39,7 +39,8 @@ __all__ = ["main", "check_dataset", "format_table", "single_run"]
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="hdet run", description="Train a HarmonicDet experiment spec on Ray.")
     p.add_argument(
-        "spec", help="experiment spec (YAML or JSON); a YAML file of several documents is a suite, run in turn"
+        "spec",
+        help="experiment spec (YAML or JSON); a YAML file of several documents is a suite, run in turn",
     )
     p.add_argument(
         "--tracking-uri", help="MLflow tracking URI (default: the spec's, else a local sqlite store)"

@@ -396,6 +396,13 @@ class TrainSpec(BaseModel):
     amp: Literal["auto"] | bool = Field(default="auto", description="mixed precision; auto = on GPU only")
     data_workers: int = Field(default=0, ge=0, description="DataLoader processes per worker")
     aspect_ratio_groups: int = Field(default=3, ge=0, description="aspect-ratio grouping bins (0: off)")
+    augment: Literal["detector", "flip"] = Field(
+        default="detector",
+        description=(
+            "training augmentation: detector = each detector's own recipe (SSD's photometric distortion, "
+            "zoom-out and IoU crop for ssd/ssdlite; resize + flip otherwise); flip = resize + flip for every arch"
+        ),
+    )
     nms_iou: float = Field(default=0.5, gt=0, le=1, description="IoU of the NMS audit")
     debug: DebugSpec = Field(default_factory=DebugSpec)
 
@@ -549,7 +556,7 @@ class PretrainSpec(BaseModel):
             "which classes the image holds; classify: the latter alone (linear head, BCE)"
         ),
     )
-    images: int = Field(default=2000, ge=8, description="generated training images")
+    images: int = Field(default=3000, ge=8, description="generated training images")
     val_images: int = Field(
         default=200, ge=8, description="generated validation images (the reported metric)"
     )
@@ -564,9 +571,9 @@ class PretrainSpec(BaseModel):
     synth: dict[str, Any] = Field(
         default_factory=dict, description="other generator parameters, as in dataset.synth"
     )
-    epochs: int = Field(default=8, ge=1, description="passes over the training images")
+    epochs: int = Field(default=10, ge=1, description="passes over the training images")
     batch_size: int = Field(default=32, ge=1, description="images per step")
-    lr: float = Field(default=2e-3, gt=0, description="AdamW peak learning rate (5% warm-up, cosine decay)")
+    lr: float = Field(default=3e-3, gt=0, description="AdamW peak learning rate (5% warm-up, cosine decay)")
     weight_decay: float = Field(default=1e-4, ge=0, description="AdamW weight decay")
 
     @model_validator(mode="after")
@@ -657,7 +664,7 @@ class Spec(BaseModel):
                 problems.extend(
                     (f"{tag}{path}" if path else tag.rstrip(": "), msg) for path, msg in e.problems
                 )
-        names = [d.get("name") for d in docs if isinstance(d, dict) and d.get("name")]
+        names = [str(d["name"]) for d in docs if isinstance(d, dict) and d.get("name")]
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             problems.append(

@@ -8,7 +8,8 @@ second one.
 
 Tags written on every run (so the MLflow UI can filter on them): ``loss`` (the loss kind, e.g.
 ``tags.loss = 'harmonicdet'``), ``arch``, ``git_commit``, ``harmonicdet_version``,
-``hdet.spec_name`` and ``hdet.role`` (``parent`` or ``child``).
+``hdet.spec_name`` and ``hdet.role`` (``parent`` or ``child``; ``pretrain`` for a backbone
+pretraining, :mod:`workers.pretrain`).
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ if TYPE_CHECKING:
 
 __all__ = [
     "TrackingContext",
+    "PRETRAIN_ROLE",
+    "get_or_create_experiment",
     "open_parent_run",
     "find_or_create_child_run",
     "find_child_run",
@@ -47,6 +50,8 @@ __all__ = [
 
 PARENT_ROLE = "parent"
 CHILD_ROLE = "child"
+#: A backbone pretraining's own run (:mod:`workers.pretrain`).
+PRETRAIN_ROLE = "pretrain"
 RUN_KEY_TAG = "hdet.run_key"
 
 
@@ -116,6 +121,11 @@ def run_tags(spec: Spec, role: str) -> dict[str, str]:
         "hdet.role": role,
         "dataset": spec.dataset.format,
     }
+
+
+def get_or_create_experiment(c: MlflowClient, name: str, tracking_uri: str) -> str:
+    """The id of the experiment ``name``, created (or restored) when needed."""
+    return _get_or_create_experiment(c, name, tracking_uri)
 
 
 def _get_or_create_experiment(c: MlflowClient, name: str, tracking_uri: str) -> str:

@@ -252,6 +252,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
     from harmonic.data.sampler import GroupedBatchSampler, collate_fn, create_aspect_ratio_groups
     from harmonic.data.transforms import build_transforms
     from harmonic.detectors import build_detector, pop_diagnostics
+    from workers.weights import load_init_from
 
     spec = Spec.parse(config["spec"], check_paths=False)
     t = spec.train
@@ -267,7 +268,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
     train_ds: Any = build_dataset(
         data_cfg,
         "train",
-        transforms=build_transforms(spec.detector.arch, spec.detector.image_size, True),
+        transforms=build_transforms(spec.detector.arch, spec.detector.image_size, True, augment=t.augment),
         skip_bad=skip_bad,
     )
     val_ds: Any = build_dataset(
@@ -297,6 +298,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
         pretrained_backbone=spec.detector.pretrained_backbone,
         eval_protocol=spec.eval.to_protocol(),
     )
+    load_init_from(model, spec)  # detector.init_from: a whole detector's weights, loaded strictly
     # Ray wraps the model in DDP (gloo/NCCL process group set up by the TorchTrainer) and moves it.
     model = ray.train.torch.prepare_model(model)
     if rank == 0:

@@ -8,7 +8,12 @@ Normalisation:
 * without: trained from scratch, every layer trainable, and ``GroupNorm`` in place of BatchNorm
   (BatchNorm statistics of a detector's 2-8 images per GPU are too noisy). VGG16 has no
   normalisation in torchvision; from scratch it gets a GroupNorm after every convolution, since
-  a plain 13-convolution VGG does not train from scratch at detection batch sizes.
+  a plain 13-convolution VGG does not train from scratch at detection batch sizes;
+* with a file pretrained by this project (:mod:`harmonic.pretrain`, ``hdet pretrain``): the body is
+  built as from scratch (GroupNorm, every layer trainable: GroupNorm has no batch statistics to
+  protect, and the small generated pretraining set is no reason to freeze the stem) and the file
+  loaded into it. Such a file is recognised by what it holds (:func:`is_group_norm_file`): the
+  GroupNorm body's keys and shapes exactly, and no BatchNorm statistics.
 
 Nothing is ever downloaded: the torchvision builders are called with ``weights=None``.
 """
@@ -31,6 +36,8 @@ __all__ = [
     "BACKBONES",
     "RESNETS",
     "group_norm",
+    "is_group_norm_file",
+    "read_state_dict",
     "load_pretrained",
     "mobilenet_v3_body",
     "mobilenet_fpn",
@@ -59,27 +66,64 @@ def group_norm(num_channels: int) -> nn.GroupNorm:
     return nn.GroupNorm(groups, num_channels)
 
 
+def read_state_dict(path: str | os.PathLike[str], what: str = "pretrained_backbone") -> dict[str, Any]:
+    """The ``state_dict`` held by a local file (also one wrapped as ``{"state_dict": ...}`` or
+    ``{"model": ...}``); errors name ``what`` (the spec field) and the file."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{what}: no such file {path!r}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # a corrupt or non-torch file
+        raise ValueError(f"{what}: cannot read {path!r} as a torch state_dict: {exc}") from exc
+    if isinstance(state, dict) and len(state) == 1 and next(iter(state)) in ("state_dict", "model"):
+        state = next(iter(state.values()))
+    if not isinstance(state, dict) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
+    ):
+        got = type(state).__name__ if not isinstance(state, dict) else "a dict that is not str -> tensor"
+        raise ValueError(f"{what}: {path!r} does not hold a state_dict (got {got})")
+    return state
+
+
+def is_group_norm_file(
+    path: str | os.PathLike[str],
+    build_group_norm_body: Callable[[], nn.Module],
+    *,
+    ignore_prefixes: tuple[str, ...] = (),
+    strip_prefix: str = "",
+) -> bool:
+    """True when the file holds the body that ``build_group_norm_body`` builds (with GroupNorm), key
+    for key and shape for shape, outside ``ignore_prefixes``: a pretraining of this project. An
+    ImageNet file (BatchNorm statistics) is not; an unreadable file is not either (loading it then
+    reports why). The body is built on the meta device: no memory, no time."""
+    try:
+        state = read_state_dict(path)
+    except (OSError, ValueError):
+        return False
+    if strip_prefix and any(k.startswith(strip_prefix) for k in state):
+        state = {k[len(strip_prefix) :]: v for k, v in state.items() if k.startswith(strip_prefix)}
+    with torch.device("meta"):
+        reference = build_group_norm_body()
+    want = {k: tuple(v.shape) for k, v in reference.state_dict().items() if not k.startswith(ignore_prefixes)}
+    have = {k: tuple(v.shape) for k, v in state.items() if not k.startswith(ignore_prefixes)}
+    return want == have
+
+
+def _has_group_norm(module: nn.Module) -> bool:
+    return any(isinstance(m, nn.GroupNorm) for m in module.modules())
+
+
 def load_pretrained(
     module: nn.Module, path: str | os.PathLike[str], *, ignore_prefixes: tuple[str, ...] = ()
 ) -> None:
-    """Load a local ImageNet ``state_dict`` file into ``module``.
+    """Load a local ``state_dict`` file (ImageNet, or a pretraining of this project) into ``module``.
 
     Keys starting with one of ``ignore_prefixes`` (the classifier) may be missing or extra; any other
     missing or unexpected key is an error that names the file.
     """
     path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"pretrained_backbone: no such file {path!r}")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # a corrupt or non-torch file
-        raise ValueError(f"pretrained_backbone: cannot read {path!r} as a torch state_dict: {exc}") from exc
-    if isinstance(state, dict) and len(state) == 1 and next(iter(state)) in ("state_dict", "model"):
-        state = next(iter(state.values()))
-    if not isinstance(state, dict):
-        raise ValueError(
-            f"pretrained_backbone: {path!r} does not hold a state_dict (got {type(state).__name__})"
-        )
+    state = read_state_dict(path)
     state = {k: v for k, v in state.items() if not k.startswith(ignore_prefixes)}
     try:
         result = module.load_state_dict(state, strict=False)
@@ -98,10 +142,9 @@ def _keys_of(path: str | os.PathLike[str]) -> list[str]:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"pretrained_backbone: no such file {os.fspath(path)!r}")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:
+        return list(read_state_dict(path))
+    except ValueError:
         return []  # load_pretrained reports it
-    return list(state) if isinstance(state, dict) else []
 
 
 def resnet_fpn(
@@ -113,17 +156,28 @@ def resnet_fpn(
     trainable_layers: int | None = None,
 ) -> nn.Module:
     """A ResNet/ResNeXt body with an FPN (torchvision's ``_resnet_fpn_extractor``)."""
-    norm: Callable[..., nn.Module] = FrozenBatchNorm2d if pretrained else group_norm
-    body = getattr(resnet, RESNETS[name])(weights=None, norm_layer=norm)
+
+    def build(norm: Callable[..., nn.Module]) -> nn.Module:
+        return getattr(resnet, RESNETS[name])(weights=None, norm_layer=norm)  # type: ignore[no-any-return]
+
+    imagenet = pretrained is not None and not is_group_norm_file(
+        pretrained, lambda: build(group_norm), ignore_prefixes=("fc.",)
+    )
+    body = build(FrozenBatchNorm2d if imagenet else group_norm)
     if pretrained:
         load_pretrained(body, pretrained, ignore_prefixes=("fc.",))
-    layers = (3 if pretrained else 5) if trainable_layers is None else trainable_layers
+    layers = (3 if imagenet else 5) if trainable_layers is None else trainable_layers
     return _resnet_fpn_extractor(body, layers, returned_layers=returned_layers, extra_blocks=extra_blocks)
 
 
 def mobilenet_v3_body(pretrained: str | os.PathLike[str] | None, **kwargs: Any) -> nn.Module:
     """torchvision's ``mobilenet_v3_large`` with the normalisation described in the module docstring."""
-    norm: Callable[..., nn.Module] = FrozenBatchNorm2d if pretrained else group_norm
+    imagenet = pretrained is not None and not is_group_norm_file(
+        pretrained,
+        lambda: mobilenet_v3_large(weights=None, norm_layer=group_norm, **kwargs),
+        ignore_prefixes=("classifier.",),
+    )
+    norm: Callable[..., nn.Module] = FrozenBatchNorm2d if imagenet else group_norm
     body = mobilenet_v3_large(weights=None, norm_layer=norm, **kwargs)
     if pretrained:
         load_pretrained(body, pretrained, ignore_prefixes=("classifier.",))
@@ -138,16 +192,33 @@ def mobilenet_fpn(
 ) -> nn.Module:
     """MobileNetV3-Large with an FPN on its last two stages (torchvision's ``_mobilenet_extractor``)."""
     body = mobilenet_v3_body(pretrained)
-    layers = (3 if pretrained else 6) if trainable_layers is None else trainable_layers
+    layers = (6 if _has_group_norm(body) else 3) if trainable_layers is None else trainable_layers
     return _mobilenet_extractor(body, True, layers, extra_blocks=extra_blocks)
 
 
 def vgg16_features(pretrained: str | os.PathLike[str] | None) -> nn.Sequential:
-    """VGG16's convolutional part (``vgg16().features``), with GroupNorm when trained from scratch.
+    """VGG16's convolutional part (``vgg16().features``), with GroupNorm when trained from scratch
+    or from a pretraining of this project.
 
     A pretrained file may hold the whole ``vgg16`` state dict (``features.*`` is used, the classifier
     ignored) or the ``features`` module's own.
     """
+    group = not pretrained or is_group_norm_file(
+        pretrained, lambda: _vgg16(True), ignore_prefixes=("classifier.",), strip_prefix="features."
+    )
+    features = _vgg16(group)
+    if pretrained:
+        state_keys = _keys_of(pretrained)
+        if any(k.startswith("features.") for k in state_keys):
+            holder = nn.Module()
+            holder.features = features
+            load_pretrained(holder, pretrained, ignore_prefixes=("classifier.",))
+        else:
+            load_pretrained(features, pretrained, ignore_prefixes=("classifier.",))
+    return features
+
+
+def _vgg16(group: bool) -> nn.Sequential:
     layers: list[nn.Module] = []
     in_channels = 3
     for v in _VGG16:
@@ -160,17 +231,8 @@ def vgg16_features(pretrained: str | os.PathLike[str] | None) -> nn.Sequential:
         if conv.bias is not None:
             nn.init.zeros_(conv.bias)
         layers.append(conv)
-        if not pretrained:
+        if group:
             layers.append(group_norm(v))
         layers.append(nn.ReLU(inplace=True))
         in_channels = v
-    features = nn.Sequential(*layers)
-    if pretrained:
-        state_keys = _keys_of(pretrained)
-        if any(k.startswith("features.") for k in state_keys):
-            holder = nn.Module()
-            holder.features = features
-            load_pretrained(holder, pretrained, ignore_prefixes=("classifier.",))
-        else:
-            load_pretrained(features, pretrained, ignore_prefixes=("classifier.",))
-    return features
+    return nn.Sequential(*layers)

@@ -15,7 +15,8 @@ Defaults (torchvision's recipe where it has one):
 * input size: ``image_size`` is the transform's ``min_size = max_size`` (``size`` for SSD), for
   training and inference alike;
 * anchors: torchvision's anchor sizes are meant for 800-pixel images; they are scaled by
-  ``image_size / 800`` (R-CNN, RetinaNet; FCOS's "anchors" are its strides and SSD's default boxes
+  ``image_size / 800`` (R-CNN, RetinaNet; the R-CNNs' proposal and RoI sample counts by the area
+  ratio, with floors of 100-200 proposals and 64 RoIs per image; FCOS's "anchors" are its strides and SSD's default boxes
   are relative to the image, so those stay). ``anchor_generator``/``rpn_anchor_generator`` in
   ``detector_kwargs`` override them;
 * ``detector_kwargs`` go to the torchvision model class (e.g. ``rpn_post_nms_top_n_train``,
@@ -32,6 +33,7 @@ import os
 from typing import Any
 
 from torch import nn
+from torchvision.models import mobilenet_v3_large
 from torchvision.models.detection import FCOS, FasterRCNN, MaskRCNN, RetinaNet
 from torchvision.models.detection import _utils as det_utils
 from torchvision.models.detection.anchor_utils import AnchorGenerator, DefaultBoxGenerator
@@ -45,6 +47,7 @@ from .backbones import (
     BACKBONES,
     RESNETS,
     group_norm,
+    is_group_norm_file,
     mobilenet_fpn,
     mobilenet_v3_body,
     resnet_fpn,
@@ -60,6 +63,7 @@ __all__ = [
     "BACKBONES",
     "build_detector",
     "build_torchvision_detector",
+    "default_backbone",
     "set_eval_protocol",
     "valid_backbones",
 ]
@@ -75,6 +79,13 @@ _DEFAULT_BACKBONE = {
     "ssdlite": "mobilenet_v3",
 }
 _FPN_BACKBONES = (*RESNETS, "mobilenet_v3")
+
+
+def default_backbone(arch: str) -> str:
+    """The backbone ``arch`` is built with when none is named (see the module docstring)."""
+    if arch not in _DEFAULT_BACKBONE:
+        raise ValueError(f"arch: {arch!r} is not one of {', '.join(ARCHS)}")
+    return _DEFAULT_BACKBONE[arch]
 
 
 def valid_backbones(arch: str) -> tuple[str, ...]:
@@ -119,6 +130,20 @@ def _retinanet_anchors(num_levels: int, image_size: int) -> AnchorGenerator:
     return AnchorGenerator(sizes, ((0.5, 1.0, 2.0),) * num_levels)
 
 
+def _rcnn_sample_sizes(image_size: int) -> dict[str, int]:
+    """torchvision's proposal and RoI sample counts (meant for 800-pixel images), scaled by the image
+    area: at 96 px its 2000 proposals per image through the RoI head cost about 1 s per image on a
+    CPU core while a few dozen objects fit in the image. Floors keep small images well sampled."""
+    area = min(1.0, (image_size / 800) ** 2)
+    return {
+        "rpn_pre_nms_top_n_train": max(200, round(2000 * area)),
+        "rpn_pre_nms_top_n_test": max(200, round(1000 * area)),
+        "rpn_post_nms_top_n_train": max(100, round(2000 * area)),
+        "rpn_post_nms_top_n_test": max(100, round(1000 * area)),
+        "box_batch_size_per_image": max(64, round(512 * area)),
+    }
+
+
 def _build_rcnn(
     arch: str, num_classes: int, backbone: str, image_size: int, pretrained: Any, kwargs: dict[str, Any]
 ) -> nn.Module:
@@ -133,6 +158,8 @@ def _build_rcnn(
             tuple((s,) for s in _scaled((32, 64, 128, 256, 512), image_size)), ((0.5, 1.0, 2.0),) * 5
         )
     kwargs.setdefault("rpn_anchor_generator", anchors)
+    for key, value in _rcnn_sample_sizes(image_size).items():
+        kwargs.setdefault(key, value)
     cls = MaskRCNN if arch == "mask_rcnn" else FasterRCNN
     return cls(body, num_classes, min_size=image_size, max_size=image_size, **kwargs)
 
@@ -164,9 +191,11 @@ def _build_ssd(num_classes: int, image_size: int, pretrained: Any, kwargs: dict[
     layers = kwargs.pop("trainable_backbone_layers", None)
     features = vgg16_features(pretrained)
     if pretrained:
-        # torchvision's ssd300_vgg16 trains the last 4 of the 5 VGG stages
+        # torchvision's ssd300_vgg16 trains the last 4 of the 5 VGG stages of ImageNet weights; a
+        # GroupNorm pretraining of this project trains all (see backbones' module docstring)
         stages = [0] + [i for i, m in enumerate(features) if isinstance(m, nn.MaxPool2d)][:-1]
-        keep = 4 if layers is None else layers
+        group = any(isinstance(m, nn.GroupNorm) for m in features)
+        keep = (len(stages) if group else 4) if layers is None else layers
         for module in features[: stages[len(stages) - keep]] if keep < len(stages) else []:
             for p in module.parameters():
                 p.requires_grad_(False)
@@ -188,9 +217,15 @@ def _build_ssd(num_classes: int, image_size: int, pretrained: Any, kwargs: dict[
 
 def _build_ssdlite(num_classes: int, image_size: int, pretrained: Any, kwargs: dict[str, Any]) -> nn.Module:
     layers = kwargs.pop("trainable_backbone_layers", None)
-    norm = (lambda c: nn.BatchNorm2d(c, eps=0.001, momentum=0.03)) if pretrained else group_norm
+    # a pretraining of this project holds the body as it is built from scratch (GroupNorm, reduced tail)
+    imagenet = bool(pretrained) and not is_group_norm_file(
+        pretrained,
+        lambda: mobilenet_v3_large(weights=None, norm_layer=group_norm, reduced_tail=True),
+        ignore_prefixes=("classifier.",),
+    )
+    norm = (lambda c: nn.BatchNorm2d(c, eps=0.001, momentum=0.03)) if imagenet else group_norm
     # torchvision's ssdlite320_mobilenet_v3_large: reduced tail without ImageNet weights (MobileNetV3 Table 6)
-    body_cls = mobilenet_v3_body(pretrained, reduced_tail=not pretrained)
+    body_cls = mobilenet_v3_body(pretrained, reduced_tail=not imagenet)
     if not pretrained:
         _normal_init(body_cls)
     body = _mobilenet_extractor(body_cls, 6 if layers is None else layers, norm)

@@ -190,7 +190,11 @@ def test_coco_test_split_must_exist(tmp_path: Path) -> None:
 
 
 def test_a_suite_file_validates_every_document_at_once(tmp_path: Path) -> None:
-    one = {**BASE, "name": "a", "search": {"space": {}, "seeds": [0, 1], "baseline": True, "confirmatory": True}}
+    one = {
+        **BASE,
+        "name": "a",
+        "search": {"space": {}, "seeds": [0, 1], "baseline": True, "confirmatory": True},
+    }
     two = {**BASE, "name": "b", "loss": {"gamma": 1.5}}
     three = {**BASE, "name": "a", "eval": {"score_thresh": 2}}
     path = tmp_path / "suite.yaml"
