@@ -62,7 +62,7 @@ def train_one(spec: Any, seed: int, augment: str, split: str) -> list[dict[str, 
     from harmonic.data.sampler import GroupedBatchSampler, collate_fn, create_aspect_ratio_groups
     from harmonic.data.transforms import build_transforms
     from harmonic.detectors import build_detector
-    from workers.train import WarmupDecay, dataset_config
+    from workers.train import WarmupDecay, dataset_config, make_optimizer
     from workers.weights import load_init_from
 
     t, det = spec.train, spec.detector
@@ -91,11 +91,7 @@ def train_one(spec: Any, seed: int, augment: str, split: str) -> list[dict[str, 
     )
     loader = DataLoader(train_ds, batch_sampler=batches, collate_fn=collate_fn)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer: torch.optim.Optimizer
-    if t.optimizer == "sgd":
-        optimizer = torch.optim.SGD(params, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
-    else:
-        optimizer = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
+    optimizer = make_optimizer(model, spec)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, WarmupDecay(spec, len(batches)))
     ann_file = str(Path(cfg["root"]) / "annotations" / f"instances_{split}.json")
     rows, cpu = [], 0.0

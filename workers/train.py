@@ -103,7 +103,18 @@ def dataset_config(spec: Spec) -> dict[str, Any]:
     return spec.dataset.build_config()
 
 
-# --------------------------------------------------------------------------- schedule
+# --------------------------------------------------------------------------- optimizer and schedule
+
+
+def make_optimizer(model: Any, spec: Spec) -> Any:
+    """The spec's optimizer (``train.optimizer``: SGD with momentum, or AdamW) over the trainable parameters."""
+    import torch
+
+    t = spec.train
+    params = [p for p in model.parameters() if p.requires_grad]
+    if t.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
+    return torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
 
 
 class WarmupDecay:
@@ -329,12 +340,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
         num_workers=t.data_workers, collate_fn=collate_fn,
     )  # fmt: skip
 
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer: torch.optim.Optimizer
-    if t.optimizer == "sgd":
-        optimizer = torch.optim.SGD(params, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
-    else:
-        optimizer = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
+    optimizer = make_optimizer(model, spec)
     iters_per_epoch = len(batch_sampler)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, WarmupDecay(spec, iters_per_epoch))
     scaler = torch.amp.GradScaler(device.type, enabled=use_amp)
