@@ -502,10 +502,15 @@ def run_configuration(
             stopping.set()
             running = [trainers[sd] for sd in pending if sd in trainers]
         refs = [r for r in (t.abort_async() for t in running) if r is not None]
+        deadline = time.time() + 30.0
         if refs:
             import ray
 
             ray.wait(refs, num_returns=len(refs), timeout=30.0)
+        # Each seed's fit thread closes its child run (KILLED) once its controller is gone: wait for
+        # that, so that no run is left RUNNING when the trial returns (Tune may reuse the process).
+        for th in threads:
+            th.join(timeout=max(0.0, deadline - time.time()))
         c = client(ctx.tracking_uri)
         for sd in pending:
             # A worker logs an epoch to MLflow just after reporting it; the abort may have come

@@ -180,14 +180,19 @@ def test_a_stopped_trial_aborts_its_trainers_and_the_process_runs_the_next(local
     runs = settled()
     assert sorted(runs) == ["0", "1"]
     for seed, run in runs.items():
-        assert run.info.status == "KILLED", seed
-        assert run.data.metrics["epoch"] == 1, seed  # epoch 1 reported, nothing after it
-        assert run.data.metrics["AP"] == pytest.approx(reported[0][f"AP_seed{seed}"])
+        assert run.info.status == "KILLED", seed  # closed before the trial returned
+        # epoch 1 (what the trial reported) is logged with the reported values; a seed that ran
+        # ahead of the slower one may also have finished epoch 2 before the stop reached it, never 3
+        ap = {m.step: m.value for m in c.get_metric_history(run.info.run_id, "AP")}
+        assert ap[1] == pytest.approx(reported[0][f"AP_seed{seed}"])
+        assert run.data.metrics["epoch"] in (1, 2), seed
         assert run.data.metrics["trial_wall_s"] > 0
     # The trainers are gone: their workers' CPUs are free again, and no epoch comes in later.
     assert _all_cpus_free_soon()
     time.sleep(3)
-    assert all(r.data.metrics["epoch"] == 1 for r in settled().values())
+    assert {s: r.data.metrics["epoch"] for s, r in settled().items()} == {
+        s: r.data.metrics["epoch"] for s, r in runs.items()
+    }
 
     # The same process then runs the next configuration to its end (the event queue is shared
     # with the stopped trial's trainers, whose last events must not be taken for this one's).
