@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from harmonic.plots import save_figure
 
@@ -163,6 +164,7 @@ def plot_mechanism(
             if points:
                 ax.plot([e for e, _ in points], [v for _, v in points], marker="o", ms=3, label=arm)
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_title(label, fontsize=9)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
