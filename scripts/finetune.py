@@ -61,9 +61,7 @@ def train_one(spec: Any, seed: int, augment: str, split: str) -> list[dict[str, 
     from harmonic.data import build_dataset
     from harmonic.data.sampler import GroupedBatchSampler, collate_fn, create_aspect_ratio_groups
     from harmonic.data.transforms import build_transforms
-    from harmonic.detectors import build_detector
-    from workers.train import WarmupDecay, dataset_config, make_optimizer
-    from workers.weights import load_init_from
+    from workers.train import WarmupDecay, build_model, dataset_config, make_optimizer
 
     t, det = spec.train, spec.detector
     cfg = dataset_config(spec)
@@ -72,16 +70,7 @@ def train_one(spec: Any, seed: int, augment: str, split: str) -> list[dict[str, 
     )
     eval_ds: Any = build_dataset(cfg, split)  # type: ignore[arg-type]
     torch.manual_seed(seed)
-    model = build_detector(
-        det.arch,
-        train_ds.num_classes + 1,
-        loss=spec.loss_config(),
-        backbone=det.backbone,
-        image_size=det.image_size,
-        pretrained_backbone=det.pretrained_backbone,
-        eval_protocol=spec.eval.to_protocol(),
-    )
-    load_init_from(model, spec)
+    model = build_model(spec, train_ds.num_classes)
     model.train()
     sampler: DistributedSampler[Any] = DistributedSampler(
         train_ds, num_replicas=1, rank=0, shuffle=True, seed=seed

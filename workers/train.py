@@ -106,6 +106,26 @@ def dataset_config(spec: Spec) -> dict[str, Any]:
 # --------------------------------------------------------------------------- optimizer and schedule
 
 
+def build_model(spec: Spec, num_classes: int) -> Any:
+    """The spec's detector for ``num_classes`` foreground classes: loss, backbone (pretrained body if
+    given), image size and evaluation protocol, then ``detector.init_from`` loaded strictly."""
+    from harmonic.detectors import build_detector
+    from workers.weights import load_init_from
+
+    d = spec.detector
+    model = build_detector(
+        d.arch,
+        num_classes + 1,
+        loss=spec.loss_config(),
+        backbone=d.backbone,
+        image_size=d.image_size,
+        pretrained_backbone=d.pretrained_backbone,
+        eval_protocol=spec.eval.to_protocol(),
+    )
+    load_init_from(model, spec)
+    return model
+
+
 def make_optimizer(model: Any, spec: Spec) -> Any:
     """The spec's optimizer (``train.optimizer``: SGD with momentum, or AdamW) over the trainable parameters."""
     import torch
@@ -262,8 +282,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
     from harmonic.data import build_dataset
     from harmonic.data.sampler import GroupedBatchSampler, collate_fn, create_aspect_ratio_groups
     from harmonic.data.transforms import build_transforms
-    from harmonic.detectors import build_detector, pop_diagnostics
-    from workers.weights import load_init_from
+    from harmonic.detectors import pop_diagnostics
 
     spec = Spec.parse(config["spec"], check_paths=False)
     t = spec.train
@@ -300,16 +319,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
     if rank == 0:
         timeline.mark("data_ready")
 
-    model = build_detector(
-        spec.detector.arch,
-        num_classes + 1,
-        loss=spec.loss_config(),
-        backbone=spec.detector.backbone,
-        image_size=spec.detector.image_size,
-        pretrained_backbone=spec.detector.pretrained_backbone,
-        eval_protocol=spec.eval.to_protocol(),
-    )
-    load_init_from(model, spec)  # detector.init_from: a whole detector's weights, loaded strictly
+    model = build_model(spec, num_classes)
     # Ray wraps the model in DDP (gloo/NCCL process group set up by the TorchTrainer) and moves it.
     model = ray.train.torch.prepare_model(model)
     if rank == 0:
