@@ -46,13 +46,65 @@ __all__ = [
     "log_params",
     "resolve_tracking_uri",
     "RUN_KEY_TAG",
+    "Tag",
+    "mark_run",
 ]
 
 PARENT_ROLE = "parent"
 CHILD_ROLE = "child"
 #: A backbone pretraining's own run (:mod:`workers.pretrain`).
 PRETRAIN_ROLE = "pretrain"
-RUN_KEY_TAG = "hdet.run_key"
+
+
+class Tag:
+    """Every MLflow tag name HarmonicDet writes or reads: the one schema of its runs.
+
+    No other module spells a tag name; they import it from here.
+    """
+
+    # Filter tags on every run (run_tags).
+    LOSS = "loss"
+    ARCH = "arch"
+    DATASET = "dataset"
+    GIT_COMMIT = "git_commit"
+    VERSION = "harmonicdet_version"
+    SPEC_NAME = "hdet.spec_name"
+    ROLE = "hdet.role"  # PARENT_ROLE, CHILD_ROLE or PRETRAIN_ROLE
+    # Set by whoever submits the experiment (the REST service): ties the runs to its record.
+    EXPERIMENT_ID = "hdet.experiment_id"
+    # Parent run.
+    RUN_NAME = "hdet.run_name"
+    SEARCH_COMPLETE = "hdet.search_complete"
+    JUDGED_ON = "hdet.judged_on"
+    BEST_TRIAL_ID = "hdet.best_trial_id"
+    BEST_CONFIG = "hdet.best_config"
+    # Child (training) run.
+    RUN_KEY = "hdet.run_key"
+    TRIAL_ID = "hdet.trial_id"
+    SEED = "hdet.seed"
+    ARM = "hdet.arm"
+    CONFIG = "hdet.config"
+    TRIAL_STATUS = "hdet.trial_status"
+    STARTS = "hdet.starts"
+    RESUMED_FROM_EPOCH = "hdet.resumed_from_epoch"
+    # Any run that ended FAILED says why.
+    ERROR = "hdet.error"
+    # Pretraining run.
+    PRETRAIN_KEY = "hdet.pretrain_key"
+    BODY = "body"
+
+
+RUN_KEY_TAG = Tag.RUN_KEY
+
+
+def mark_run(c: MlflowClient, run_id: str, status: str, error: str | None = None) -> None:
+    """End (or re-open) a run with ``status``; a FAILED run gets its reason in ``hdet.error``."""
+    if error:
+        c.set_tag(run_id, Tag.ERROR, error[:4000])
+    if status == "RUNNING":
+        c.update_run(run_id, status=status)
+    else:
+        c.set_terminated(run_id, status=status)
 
 
 @dataclass(frozen=True)
@@ -113,13 +165,13 @@ def run_tags(spec: Spec, role: str) -> dict[str, str]:
     from workers.env import git_commit, package_version
 
     return {
-        "loss": spec.loss.kind,
-        "arch": spec.detector.arch,
-        "git_commit": git_commit(),
-        "harmonicdet_version": package_version(),
-        "hdet.spec_name": spec.name,
-        "hdet.role": role,
-        "dataset": spec.dataset.format,
+        Tag.LOSS: spec.loss.kind,
+        Tag.ARCH: spec.detector.arch,
+        Tag.GIT_COMMIT: git_commit(),
+        Tag.VERSION: package_version(),
+        Tag.SPEC_NAME: spec.name,
+        Tag.ROLE: role,
+        Tag.DATASET: spec.dataset.format,
     }
 
 
@@ -174,7 +226,7 @@ def open_parent_run(spec: Spec, tracking_uri: str, resume: bool = False) -> Trac
     if resume:
         runs = c.search_runs(
             [exp_id],
-            filter_string=f"tags.`hdet.role` = '{PARENT_ROLE}' and tags.`hdet.spec_name` = '{spec.name}'",
+            filter_string=f"tags.`{Tag.ROLE}` = '{PARENT_ROLE}' and tags.`{Tag.SPEC_NAME}` = '{spec.name}'",
             order_by=["attributes.start_time DESC"],
             max_results=1,
         )
@@ -219,7 +271,7 @@ def find_or_create_child_run(
         **(tags or {}),
         MLFLOW_PARENT_RUN_ID: ctx.parent_run_id,
         RUN_KEY_TAG: key,
-        "hdet.role": CHILD_ROLE,
+        Tag.ROLE: CHILD_ROLE,
     }
     run = c.create_run(ctx.experiment_id, run_name=run_name, tags=all_tags)
     return str(run.info.run_id)
