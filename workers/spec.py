@@ -49,6 +49,8 @@ __all__ = [
     "EvalSpec",
     "PretrainSpec",
     "resolve_param_path",
+    "search_space_problems",
+    "NOT_SEARCHABLE",
 ]
 
 _STRICT = ConfigDict(extra="forbid", validate_default=True)
@@ -174,7 +176,7 @@ class DatasetSpec(BaseModel):
         return []
 
     def _check_synth(self) -> None:
-        from harmonic.data.synth import SynthParams
+        from harmonic.data.synth_params import SynthParams
 
         known = set(SynthParams.__dataclass_fields__) - {
             "train",
@@ -199,7 +201,7 @@ class DatasetSpec(BaseModel):
 
     def synth_params(self) -> dict[str, Any]:
         """The generator's keyword arguments that this spec sets (``test`` defaults to ``val``'s count)."""
-        from harmonic.data.synth import SynthParams
+        from harmonic.data.synth_params import SynthParams
 
         test = self.test if self.test is not None else (self.val if self.val is not None else SynthParams.val)
         given = {
@@ -265,6 +267,13 @@ class DetectorSpec(BaseModel):
         ),
     )
 
+    @model_validator(mode="after")
+    def _buildable(self) -> DetectorSpec:
+        from harmonic.catalog import check_detector
+
+        check_detector(self.arch, self.backbone, self.image_size)
+        return self
+
     @field_validator("pretrained_backbone", "init_from")
     @classmethod
     def _weights_exist(cls, v: str | None, info: ValidationInfo) -> str | None:
@@ -300,6 +309,33 @@ class LossSpec(BaseModel):
     normalization: Literal["detector", "num_pos"] = _DEFAULT_LOSS.normalization
     coupling: Literal["score", "loss"] = _DEFAULT_LOSS.coupling
     fcos_loc: Literal["giou", "smooth_l1"] = _DEFAULT_LOSS.fcos_loc
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _every_problem(cls, data: Any, handler: Any) -> LossSpec:
+        """An unknown key must not hide a range error: when pydantic stops before the whole-section
+        check, each known option is still checked alone, so every problem is reported at once."""
+        try:
+            return handler(data)  # type: ignore[no-any-return]
+        except ValidationError as e:
+            errors = [_init_error(err) for err in e.errors()]
+            if not isinstance(data, dict) or any(not err["loc"] for err in errors):
+                raise
+            failed = {err["loc"][0] for err in errors}
+            for name, value in data.items():
+                if name in cls.model_fields and name not in failed:
+                    try:
+                        LossConfig(**{name: value})
+                    except (LossConfigError, TypeError) as x:
+                        errors.append(
+                            {
+                                "type": "value_error",
+                                "loc": (name,),
+                                "input": value,
+                                "ctx": {"error": ValueError(str(x))},
+                            }
+                        )
+            raise ValidationError.from_exception_data(cls.__name__, errors) from None  # type: ignore[arg-type]
 
     @model_validator(mode="after")
     def _through_loss_config(self) -> LossSpec:
@@ -483,9 +519,7 @@ class SearchSpec(BaseModel):
                 raise ValueError(f"{param}: must have exactly one of uniform, loguniform, choice, grid")
             ((kind, values),) = entry.items()
             if kind in ("uniform", "loguniform"):
-                if len(values) != 2 or not all(
-                    isinstance(v, int | float) and math.isfinite(v) for v in values
-                ):
+                if len(values) != 2 or not all(_is_number(v) for v in values):
                     raise ValueError(f"{param}.{kind}: must be [lo, hi] numbers, got {values}")
                 lo, hi = values
                 if not lo < hi:
@@ -494,7 +528,7 @@ class SearchSpec(BaseModel):
                     raise ValueError(f"{param}.loguniform: lo must be > 0, got {lo}")
             elif kind in ("choice", "grid"):
                 if not values:
-                    raise ValueError(f"{param}.{kind}: must list at least one value")
+                    raise ValueError(f"{param}.{kind}: must be a non-empty list, got {values!r}")
             else:
                 raise ValueError(f"{param}: unknown entry {kind!r}; use uniform, loguniform, choice or grid")
         return space
@@ -624,9 +658,19 @@ class Spec(BaseModel):
         if not isinstance(data, dict):
             raise SpecError([("", f"a spec must be a mapping, got {type(data).__name__}")], source)
         try:
-            return cls.model_validate(data, context={"check_paths": check_paths})
+            spec = cls.model_validate(data, context={"check_paths": check_paths})
         except ValidationError as e:
-            raise SpecError(_problems(e), source) from None
+            problems = _problems(e)
+            search = data.get("search")
+            if isinstance(search, dict):
+                # The names of a search space are checked even when another section failed.
+                known = {p for p, _ in problems}
+                problems += [p for p in _space_path_problems(search.get("space"))[0] if p[0] not in known]
+            raise SpecError(problems, source) from None
+        problems = search_space_problems(spec)
+        if problems:
+            raise SpecError(problems, source)
+        return spec
 
     @classmethod
     def from_file(cls, path: str | os.PathLike[str], *, check_paths: bool = True) -> Spec:
@@ -710,7 +754,7 @@ class Spec(BaseModel):
         if p is None:
             return self
         if self.dataset.format == "synthetic":
-            from harmonic.data.synth import SynthParams
+            from harmonic.data.synth_params import SynthParams
 
             bench_seed = SynthParams.seed if self.dataset.seed is None else self.dataset.seed
             if p.seed == bench_seed:
@@ -759,6 +803,76 @@ class Spec(BaseModel):
                 f"search.grace_period ({self.search.grace_period}) must be <= train.epochs ({self.train.epochs})"
             )
         return self
+
+
+def _init_error(err: Any) -> dict[str, Any]:
+    """A pydantic error (``ValidationError.errors()``) as the input of ``ValidationError.from_exception_data``."""
+    out = {"type": err["type"], "loc": tuple(err["loc"]), "input": err.get("input")}
+    if "ctx" in err:
+        out["ctx"] = err["ctx"]
+    return out
+
+
+#: Spec paths a search may not vary (``train.seed``: the seeds are ``search.seeds``).
+NOT_SEARCHABLE = ("name", "search", "tracking", "train.seed", "scaling")
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def search_space_problems(spec: Spec) -> list[tuple[str, str]]:
+    """Every reason ``spec``'s ``search.space`` cannot run, as ``(field path, message)`` pairs.
+
+    The rules a Tune trial would otherwise meet late: the path is a searchable spec field, no path
+    is listed twice (``alpha`` and ``loss.alpha``), and every value a trial can get gives a valid
+    spec: each listed value of ``choice``/``grid``, and for a range both bounds and a point between
+    them that is no integer (an integer field cannot be sampled). The structure of each entry is
+    checked by :class:`SearchSpec`; this needs the whole spec, so :meth:`Spec.parse` runs it.
+    """
+    if spec.search is None:
+        return []
+    problems, paths = _space_path_problems(spec.search.space)
+    base = spec.model_copy(update={"search": None})
+    for name, path in paths.items():
+        ((kind, values),) = spec.search.space[name].items()
+        if kind in ("uniform", "loguniform"):
+            lo, hi = float(values[0]), float(values[1])
+            values = [lo, round(lo + 0.37 * (hi - lo), 6), hi]
+        for v in values:
+            try:
+                base.with_overrides({path: v}, check_paths=False)
+            except SpecError as e:
+                why = "; ".join(f"{p}: {m}" if p else m for p, m in e.problems)
+                problems.append((f"search.space.{name}.{kind}", f"value {v!r} gives an invalid spec ({why})"))
+                break
+    return problems
+
+
+def _space_path_problems(space: Any) -> tuple[list[tuple[str, str]], dict[str, str]]:
+    """The problems of the names of a search space (no such field, not searchable, listed twice),
+    and the spec path of every name without one."""
+    problems: list[tuple[str, str]] = []
+    paths: dict[str, str] = {}
+    if not isinstance(space, dict):
+        return problems, paths
+    for name in space:
+        where = f"search.space.{name}"
+        try:
+            path = resolve_param_path(str(name))
+        except KeyError as e:
+            problems.append((where, str(e.args[0])))
+            continue
+        if any(path == p or path.startswith(p + ".") for p in NOT_SEARCHABLE):
+            hint = " (seeds are set by search.seeds)" if path == "train.seed" else ""
+            problems.append((where, f"{path} cannot be searched{hint}"))
+            continue
+        twin = next((n for n, q in paths.items() if q == path), None)
+        if twin is not None:
+            problems.append((where, f"{path} is listed twice (also as {twin})"))
+            continue
+        paths[name] = path
+    return problems, paths
 
 
 def _documents(p: Path) -> list[Any]:
@@ -853,7 +967,7 @@ def schema_main(argv: list[str]) -> int:
 
 
 def check_main(argv: list[str]) -> int:
-    """``hdet spec check SPEC...``: validate spec files; exit 1 naming each bad field."""
+    """``hdet spec check SPEC...``: validate spec files; exit 2 naming each bad field (as ``hdet run`` would)."""
     parser = argparse.ArgumentParser(prog="hdet spec check", description="Validate experiment spec files.")
     parser.add_argument("specs", nargs="+", metavar="SPEC")
     parser.add_argument("--no-paths", action="store_true", help="do not check that dataset paths exist")
@@ -865,7 +979,7 @@ def check_main(argv: list[str]) -> int:
             suite = Spec.suite_from_file(path, check_paths=not args.no_paths)
         except SpecError as e:
             print(e, file=sys.stderr)
-            rc = 1
+            rc = 2
             continue
         for i, spec in enumerate(suite, start=1):
             where = f"{path}#{i}" if len(suite) > 1 else path

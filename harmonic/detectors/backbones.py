@@ -32,6 +32,8 @@ from torchvision.models.detection.backbone_utils import _mobilenet_extractor, _r
 from torchvision.ops import FrozenBatchNorm2d
 from torchvision.ops.feature_pyramid_network import ExtraFPNBlock
 
+from harmonic.catalog import BACKBONES, RESNETS
+
 __all__ = [
     "BACKBONES",
     "RESNETS",
@@ -45,14 +47,6 @@ __all__ = [
     "vgg16_features",
 ]
 
-RESNETS: dict[str, str] = {
-    "resnet18_fpn": "resnet18",
-    "resnet34_fpn": "resnet34",
-    "resnet50_fpn": "resnet50",
-    "resnet101_fpn": "resnet101",
-    "resnext101_32x8d_fpn": "resnext101_32x8d",
-}
-BACKBONES: tuple[str, ...] = (*RESNETS, "mobilenet_v3", "vgg16")
 
 # VGG16 ("configuration D"): channels, "M" = max-pool.
 _VGG16 = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M")

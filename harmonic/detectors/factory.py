@@ -41,11 +41,10 @@ from torchvision.models.detection.ssd import SSD, SSDFeatureExtractorVGG, SSDHea
 from torchvision.models.detection.ssdlite import SSDLiteHead, _mobilenet_extractor, _normal_init
 from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 
+from harmonic.catalog import ARCHS, BACKBONES, check_detector, default_backbone, valid_backbones
 from harmonic.config import EvalProtocol, LossConfig
 
 from .backbones import (
-    BACKBONES,
-    RESNETS,
     group_norm,
     is_group_norm_file,
     mobilenet_fpn,
@@ -68,53 +67,12 @@ __all__ = [
     "valid_backbones",
 ]
 
-ARCHS: tuple[str, ...] = ("faster_rcnn", "mask_rcnn", "retinanet", "ssd", "ssdlite", "fcos")
-
-_DEFAULT_BACKBONE = {
-    "faster_rcnn": "resnet50_fpn",
-    "mask_rcnn": "resnet50_fpn",
-    "retinanet": "resnet50_fpn",
-    "fcos": "resnet50_fpn",
-    "ssd": "vgg16",
-    "ssdlite": "mobilenet_v3",
-}
-_FPN_BACKBONES = (*RESNETS, "mobilenet_v3")
-
-
-def default_backbone(arch: str) -> str:
-    """The backbone ``arch`` is built with when none is named (see the module docstring)."""
-    if arch not in _DEFAULT_BACKBONE:
-        raise ValueError(f"arch: {arch!r} is not one of {', '.join(ARCHS)}")
-    return _DEFAULT_BACKBONE[arch]
-
-
-def valid_backbones(arch: str) -> tuple[str, ...]:
-    """The backbones ``arch`` can be built with."""
-    if arch == "ssd":
-        return ("vgg16",)
-    if arch == "ssdlite":
-        return ("mobilenet_v3",)
-    return _FPN_BACKBONES
-
 
 def _check(arch: str, num_classes: int, backbone: str | None, image_size: int) -> str:
-    if arch not in ARCHS:
-        raise ValueError(f"arch: {arch!r} is not one of {', '.join(ARCHS)}")
+    name = check_detector(arch, backbone, image_size)
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
         raise ValueError(
             f"num_classes: {num_classes!r} must be an int >= 2 (it includes the background, as in torchvision)"
-        )
-    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 32:
-        raise ValueError(f"image_size: {image_size!r} must be an int >= 32")
-    name = _DEFAULT_BACKBONE[arch] if backbone is None else backbone
-    valid = valid_backbones(arch)
-    if name not in valid:
-        known = "" if name in BACKBONES else f" (known backbones: {', '.join(BACKBONES)})"
-        raise ValueError(f"backbone: {name!r} cannot be used with {arch}; valid: {', '.join(valid)}{known}")
-    if arch == "ssd" and image_size < 268:
-        raise ValueError(
-            f"image_size: SSD300 VGG16 needs image_size >= 268 (its last two extra layers are 3x3 "
-            f"convolutions without padding), got {image_size}"
         )
     return name
 

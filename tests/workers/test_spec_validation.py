@@ -160,7 +160,7 @@ def test_spec_check_cli_reports_the_field(tmp_path: Path, capsys: pytest.Capture
     from workers.spec import check_main
 
     (tmp_path / "s.yaml").write_text(yaml.safe_dump(_with(loss={"gamma": 1.5})))
-    assert check_main([str(tmp_path / "s.yaml")]) == 1
+    assert check_main([str(tmp_path / "s.yaml")]) == 2  # as hdet run: 2 = bad spec
     assert "loss.gamma:" in capsys.readouterr().err
 
 
@@ -214,3 +214,85 @@ def test_a_suite_file_validates_every_document_at_once(tmp_path: Path) -> None:
 def test_an_empty_space_needs_the_confirmatory_arm() -> None:
     err = _error(_with(search={"space": {}, "baseline": True}))
     assert any(p == "search.space" and "confirmatory" in m for p, m in err.problems), err
+
+
+# --------------------------------------------------------------------------- complete, light, once
+
+README = Path(__file__).resolve().parents[2] / "README.md"
+
+
+def _readme_invalid_spaces() -> list[tuple[str, str]]:
+    """(space entry, field path) of every line of the README's list of refused search spaces."""
+    text = README.read_text()
+    block = text.split("<!-- invalid-search-spaces")[1].split("```text\n")[1].split("```")[0]
+    out = []
+    for line in block.strip().splitlines():
+        entry, comment = line.split("#", 1)
+        out.append((entry.strip(), comment.strip().split(":")[0]))
+    return out
+
+
+@pytest.mark.parametrize(("entry", "field"), _readme_invalid_spaces())
+def test_every_refused_search_space_of_the_readme_is_refused_by_spec_check(
+    tmp_path: Path, entry: str, field: str
+) -> None:
+    import subprocess
+    import sys
+
+    spec = {
+        "name": "s",
+        "dataset": {"format": "synthetic", "train": 8, "val": 4, "image_size": 64},
+        "train": {"epochs": 3},
+        "search": {"space": yaml.safe_load(entry)},
+    }
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    hdet = Path(sys.executable).parent / "hdet"
+    done = subprocess.run([str(hdet), "spec", "check", str(path)], capture_output=True, text=True)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert f"  {field}:" in done.stderr, done.stderr
+
+
+def test_a_spec_is_parsed_without_the_heavy_stack() -> None:
+    """Parsing a spec (with a synthetic dataset, a pretraining and a search, as the REST API will)
+    imports none of torch, scipy, pycocotools, PIL, ray, mlflow."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from workers.spec import Spec\n"
+        f"Spec.suite_from_file({str(CONFIGS / 'demo.yaml')!r})\n"
+        f"Spec.suite_from_file({str(CONFIGS / 'evidence-cpu.yaml')!r})\n"
+        "heavy = [m for m in ('torch', 'scipy', 'pycocotools', 'PIL', 'ray', 'mlflow') if m in sys.modules]\n"
+        "print(','.join(heavy))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "", f"parsing a spec imported {done.stdout.strip()}"
+
+
+def test_every_problem_is_reported_at_once() -> None:
+    """An unknown key does not hide a range error; a bad detector, the names of a search space and
+    the loss are reported together."""
+    data = {
+        "name": "t",
+        "dataset": {"format": "synthetic"},
+        "detector": {"arch": "retinanet", "backbone": "resnet999"},
+        "loss": {"foo": 1, "gamma": 1.5},
+        "search": {"space": {"alpha": {"choice": [1.0]}, "loss.alpha": {"choice": [2.0]}}},
+    }
+    paths = {p for p, _ in _error(data).problems}
+    assert {"detector.backbone", "loss.foo", "loss.gamma", "search.space.loss.alpha"} <= paths
+
+
+@pytest.mark.parametrize(
+    ("detector", "words"),
+    [
+        ({"arch": "retinanet", "backbone": "resnet999"}, "known backbones"),
+        ({"arch": "ssd", "image_size": 64}, "needs image_size >= 268"),
+        ({"arch": "ssdlite", "backbone": "resnet18_fpn"}, "cannot be used with ssdlite"),
+    ],
+)
+def test_a_detector_that_cannot_be_built_is_refused_by_the_spec(detector: dict[str, Any], words: str) -> None:
+    e = _error(_with(detector=detector))
+    assert any(p.startswith("detector.") and words in m for p, m in e.problems), e.problems
