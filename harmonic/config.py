@@ -162,8 +162,6 @@ class LossConfig:
             return cls(kind=value)  # type: ignore[arg-type]
         if isinstance(value, dict):
             return cls(**_known_options(cls, value, "loss", LossConfigError))
-        if hasattr(value, "model_dump"):  # a pydantic model from the spec
-            return cls.from_any(value.model_dump())
         raise LossConfigError(f"loss: expected a LossConfig, dict or kind name, got {type(value).__name__}")
 
 

@@ -19,7 +19,7 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str, str]] = {
     ("spec", "check"): ("workers.spec", "check_main", "validate a spec file"),
     ("data", "synth"): ("harmonic.data.synth", "main", "write a synthetic COCO-format dataset"),
     ("data", "check"): ("harmonic.data.check", "main", "validate a dataset before training"),
-    ("eval",): ("harmonic.eval.cli", "main", "evaluate a COCO results file against ground truth"),
+    ("eval",): ("harmonic.eval_cli", "main", "evaluate a COCO results file against ground truth"),
     ("bench", "loss"): ("harmonic.bench", "loss_main", "step time with harmonicdet / with standard loss"),
     ("bench", "eval"): ("harmonic.eval.bench", "main", "evaluation time of this project / pycocotools"),
     ("bench", "train"): ("workers.bench", "train_main", "images/s of a Ray Train worker / a plain loop"),

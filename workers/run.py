@@ -197,6 +197,11 @@ def main(argv: list[str] | None = None) -> int:
 def _run_one(spec: Spec, args: argparse.Namespace) -> int:
     """One experiment of ``hdet run`` (a training run, a search or a comparison); its exit code."""
     from harmonic.data import DatasetError
+    from workers.env import hdet_home
+
+    # Paths are resolved here, in the driver, once: trials and workers run in directories of their own.
+    os.environ["HDET_HOME"] = str(hdet_home())
+    spec = spec.with_resolved_paths()
 
     try:
         skipped = check_dataset(spec)

@@ -734,6 +734,21 @@ class Spec(BaseModel):
             node[path[-1]] = value
         return Spec.parse(data, source="overrides " + ", ".join(map(str, overrides)), check_paths=check_paths)
 
+    def with_resolved_paths(self) -> Spec:
+        """A copy whose dataset and pretraining roots are absolute, resolved here, once.
+
+        The driver calls it before anything starts: a Tune trial or a Ray worker runs in a working
+        directory of its own, where a relative root (or the synthetic default under ``./.hdet``)
+        would point somewhere else.
+        """
+        update: dict[str, Any] = {
+            "dataset": self.dataset.model_copy(update={"root": self.dataset.resolved_root()})
+        }
+        if self.pretrain is not None and self.pretrain.root is not None:
+            root = str(Path(_expand(self.pretrain.root)).resolve())
+            update["pretrain"] = self.pretrain.model_copy(update={"root": root})
+        return self.model_copy(update=update)
+
     def to_dict(self) -> dict[str, Any]:
         """The resolved spec (every default filled in), JSON-serialisable."""
         return self.model_dump(mode="json")

@@ -47,6 +47,7 @@ __all__ = [
     "resolve_tracking_uri",
     "RUN_KEY_TAG",
     "Tag",
+    "Artifact",
     "mark_run",
 ]
 
@@ -95,6 +96,15 @@ class Tag:
 
 
 RUN_KEY_TAG = Tag.RUN_KEY
+
+
+class Artifact:
+    """Where a training run's files live among its MLflow artifacts."""
+
+    #: The best model: a torchvision ``state_dict`` and what it is (arch, classes, image size).
+    CHECKPOINT_DIR = "checkpoint"
+    MODEL_FILE = "model.pt"
+    MODEL_INFO_FILE = "model.json"
 
 
 def mark_run(c: MlflowClient, run_id: str, status: str, error: str | None = None) -> None:

@@ -1,7 +1,7 @@
 """Evaluation: COCO box AP equal to pycocotools (fast), the paper's VOC protocol, AP vs IoU.
 
 ``evaluate`` returns the COCO suite, per-class AP and the AP-vs-IoU curve; ``evaluate_voc`` the
-paper's Table 1 numbers. ``hdet eval`` (:mod:`harmonic.eval.cli`) is their command line.
+paper's Table 1 numbers. ``hdet eval`` (:mod:`harmonic.eval_cli`) is their command line.
 """
 
 from harmonic.eval.coco import (

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from harmonic.eval.bench import make_eval_set
-from harmonic.eval.cli import main as eval_main
+from harmonic.eval_cli import main as eval_main
 from workers.cli import main as hdet
 
 

@@ -157,6 +157,44 @@ def test_predict_loads_the_run_checkpoint_into_plain_torchvision(
     assert (out / f"{image.stem}.compare.png").stat().st_size > 0
 
 
+def test_predict_takes_the_parent_run_and_draws_what_the_model_found(
+    tiny_run: dict[str, Any], home: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The parent run id hdet run prints is enough; with no flag the drawing holds the model's own
+    best detections (never none when it detected something) on an image enlarged to be readable."""
+    from torchvision.io import read_image
+
+    from workers.predict import DRAW_SIZE, TOP_K
+    from workers.predict import main as predict_main
+
+    (parent,) = tiny_run["parents"]
+    (child,) = tiny_run["children"]
+    image = next((Path(Spec.from_file(TINY).dataset.resolved_root()) / "val").glob("*.png"))
+    out = home / "pred-parent"
+    rc = predict_main(
+        ["--run", parent.info.run_id, "--tracking-uri", tiny_run["uri"], "--out", str(out), str(image)]
+    )
+    assert rc == 0
+    assert child.info.run_id in capsys.readouterr().out  # the training run it chose is said
+    record = json.loads((out / f"{image.stem}.json").read_text())
+    assert record["model"]["run_id"] == child.info.run_id
+    dets = record["detections"]
+    everything = home / "pred-all"
+    assert predict_main(
+        ["--run", child.info.run_id, "--tracking-uri", tiny_run["uri"], "--out", str(everything), "--score-thresh", "0",
+         str(image)]
+    ) == 0  # fmt: skip
+    found = json.loads((everything / f"{image.stem}.json").read_text())["detections"]
+    assert (
+        len(dets) == min(TOP_K, len([d for d in found if d["score"] >= 0.3 * found[0]["score"]]))
+        if found
+        else not dets
+    )
+    assert dets == found[: len(dets)]  # the best ones, best first
+    drawn = read_image(str(out / f"{image.stem}.png"))
+    assert max(drawn.shape[1:]) >= DRAW_SIZE > record["width"]
+
+
 def test_non_finite_loss_stops_at_once_naming_step_and_term(
     local_ray: None, home: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
