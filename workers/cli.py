@@ -17,6 +17,7 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str, str]] = {
     ("report",): ("workers.report", "main", "render an experiment's evidence report from MLflow"),
     ("spec", "schema"): ("workers.spec", "schema_main", "print the experiment spec's JSON Schema"),
     ("spec", "check"): ("workers.spec", "check_main", "validate a spec file"),
+    ("spec", "options"): ("workers.spec.cli", "options_main", "every spec option: type, default, meaning"),
     ("data", "synth"): ("harmonic.data.synth", "main", "write a synthetic COCO-format dataset"),
     ("data", "check"): ("harmonic.data.check", "main", "validate a dataset before training"),
     ("eval",): ("harmonic.eval_cli", "main", "evaluate a COCO results file against ground truth"),

@@ -296,3 +296,27 @@ def test_every_problem_is_reported_at_once() -> None:
 def test_a_detector_that_cannot_be_built_is_refused_by_the_spec(detector: dict[str, Any], words: str) -> None:
     e = _error(_with(detector=detector))
     assert any(p.startswith("detector.") and words in m for p, m in e.problems), e.problems
+
+
+def test_the_readme_option_table_is_the_generated_one() -> None:
+    from workers.spec.cli import options_markdown
+
+    text = README.read_text()
+    table = text.split("<!-- spec-options:begin -->\n")[1].split("<!-- spec-options:end -->")[0]
+    assert table == options_markdown(), "README option table is stale: paste `hdet spec options` into it"
+
+
+def test_the_option_table_covers_every_schema_field() -> None:
+    from workers.spec.cli import option_rows
+
+    paths = {row[0] for row in option_rows()}
+    assert set(Spec.model_fields) <= paths
+    assert {"loss.coupling", "search.confirmatory", "train.warmup.iters", "pretrain.lr"} <= paths
+    assert all(meaning for _, _, _, meaning in option_rows())
+
+
+@pytest.mark.parametrize("path", sorted(p.relative_to(CONFIGS).as_posix() for p in CONFIGS.rglob("*.yaml")))
+def test_every_shipped_config_passes_spec_check(path: str) -> None:
+    from workers.spec import check_main
+
+    assert check_main(["--no-paths", str(CONFIGS / path)]) == 0

@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 from dataclasses import fields as dc_fields
+from typing import Any
 
 from harmonic.config import LossConfig
 from workers.spec.base import SpecError
@@ -57,3 +58,85 @@ def check_main(argv: list[str]) -> int:
 def _loss_fields_match() -> bool:
     """True when :class:`LossSpec` mirrors :class:`LossConfig` field for field (checked by the tests)."""
     return set(LossSpec.model_fields) == {f.name for f in dc_fields(LossConfig)}
+
+
+def _type_of(prop: dict[str, Any], defs: dict[str, Any]) -> str:
+    if "$ref" in prop:
+        return "section"
+    if "enum" in prop:
+        return " \\| ".join(json.dumps(v) for v in prop["enum"])
+    if "const" in prop:
+        return json.dumps(prop["const"])
+    if "anyOf" in prop:
+        return " \\| ".join(_type_of(p, defs) for p in prop["anyOf"])
+    t = prop.get("type", "any")
+    if t == "array":
+        return f"list[{_type_of(prop.get('items', {}), defs)}]"
+    if t == "object":
+        return "mapping"
+    return str(t)
+
+
+def _sub_ref(prop: dict[str, Any]) -> str | None:
+    if "$ref" in prop:
+        return str(prop["$ref"]).rsplit("/", 1)[-1]
+    for p in prop.get("anyOf", ()):
+        if "$ref" in p:
+            return str(p["$ref"]).rsplit("/", 1)[-1]
+    return None
+
+
+def option_rows(schema: dict[str, Any] | None = None) -> list[tuple[str, str, str, str]]:
+    """``(option, type, default, meaning)`` of every spec field, from the spec's JSON Schema
+    (``hdet spec schema``) itself, sections before their fields."""
+    schema = schema or Spec.model_json_schema()
+    defs = schema.get("$defs", {})
+    rows: list[tuple[str, str, str, str]] = []
+
+    def walk(node: dict[str, Any], prefix: str) -> None:
+        required = set(node.get("required", ()))
+        for name, prop in node.get("properties", {}).items():
+            path = f"{prefix}{name}"
+            ref = _sub_ref(prop)
+            sub = defs.get(ref, {}) if ref else {}
+            if "default" in prop:
+                default = json.dumps(prop["default"])
+            elif name in required:
+                default = "required"
+            elif ref:
+                default = "(its defaults)"
+            else:
+                default = "-"
+            meaning = prop.get("description") or sub.get("description", "").split("\n\n")[0]
+            kind = _type_of(prop, defs)
+            if ref:
+                kind = "section" + (" \\| null" if "anyOf" in prop else "")
+                if default.startswith("{"):
+                    default = "(its defaults)"
+            rows.append((path, kind, default, " ".join(meaning.split())))
+            if ref:
+                walk(sub, path + ".")
+
+    walk(schema, "")
+    return rows
+
+
+def options_markdown() -> str:
+    """The option table of the README (``hdet spec options``)."""
+    lines = ["| option | type | default | meaning |", "|---|---|---|---|"]
+    for path, kind, default, meaning in option_rows():
+        cells = [f"`{path}`", kind, f"`{default}`" if default not in ("required", "-") else default, meaning]
+        lines.append(
+            "| " + " | ".join(c.replace("|", "\\|") if i != 1 else c for i, c in enumerate(cells)) + " |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def options_main(argv: list[str]) -> int:
+    """``hdet spec options``: every spec option with its type, default and meaning (Markdown)."""
+    argparse.ArgumentParser(
+        prog="hdet spec options",
+        description="Print every spec option (type, default, meaning) as a Markdown table.",
+    ).parse_args(argv)
+    print(options_markdown(), end="")
+    return 0

@@ -56,7 +56,7 @@ class DatasetSpec(BaseModel):
         default=None, ge=32, le=4096, description="synthetic: image side in pixels"
     )
     seed: int | None = Field(default=None, ge=0, description="synthetic: generator seed")
-    synth: dict[str, Any] = Field(default_factory=dict, description="synthetic: other generator parameters")
+    synth: dict[str, Any] = Field(default={}, description="synthetic: other generator parameters")
 
     @model_validator(mode="after")
     def _consistent(self, info: ValidationInfo) -> DatasetSpec:
@@ -207,9 +207,7 @@ class PretrainSpec(BaseModel):
     image_size: int | None = Field(
         default=None, ge=32, le=4096, description="image side; default: detector.image_size"
     )
-    synth: dict[str, Any] = Field(
-        default_factory=dict, description="other generator parameters, as in dataset.synth"
-    )
+    synth: dict[str, Any] = Field(default={}, description="other generator parameters, as in dataset.synth")
     epochs: int = Field(default=10, ge=1, description="passes over the training images")
     batch_size: int = Field(default=32, ge=1, description="images per step")
     lr: float = Field(default=3e-3, gt=0, description="AdamW peak learning rate (5% warm-up, cosine decay)")

@@ -29,7 +29,12 @@ class Spec(BaseModel):
 
     model_config = _STRICT
 
-    name: str = Field(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    name: str = Field(
+        min_length=1,
+        max_length=100,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
+        description="the experiment's name (letters, digits, . _ -): its parent run in MLflow",
+    )
     dataset: DatasetSpec
     detector: DetectorSpec = Field(default_factory=DetectorSpec)
     loss: LossSpec = Field(default_factory=LossSpec)

@@ -22,9 +22,13 @@ RUN_REF_PATTERN = r"^runs:/([A-Za-z0-9_-]+)(?:/(.+))?$"
 
 
 class DetectorSpec(BaseModel):
+    """The torchvision detector the loss is plugged into, its backbone and input size."""
+
     model_config = _STRICT
 
-    arch: Literal["retinanet", "faster_rcnn", "mask_rcnn", "ssd", "ssdlite", "fcos"] = "retinanet"
+    arch: Literal["retinanet", "faster_rcnn", "mask_rcnn", "ssd", "ssdlite", "fcos"] = Field(
+        default="retinanet", description="the detector (torchvision's, with the loss of the loss section)"
+    )
     backbone: str | None = Field(default=None, description="e.g. resnet18_fpn; default: the arch's own")
     image_size: int = Field(default=256, ge=32, le=4096, description="shorter/target image side")
     pretrained_backbone: str | None = Field(
@@ -70,20 +74,53 @@ class LossSpec(BaseModel):
 
     model_config = _STRICT
 
-    kind: Literal["standard", "harmonic", "harmonicdet"] = _DEFAULT_LOSS.kind
-    alpha: float = _DEFAULT_LOSS.alpha
-    gamma: float = _DEFAULT_LOSS.gamma
-    margin: float = _DEFAULT_LOSS.margin
-    tc: bool = _DEFAULT_LOSS.tc
-    iou_term: Literal["none", "iou", "hiou"] | None = _DEFAULT_LOSS.iou_term
-    detach_factors: bool = _DEFAULT_LOSS.detach_factors
-    tc_weight: float = _DEFAULT_LOSS.tc_weight
-    detach_tc_weight: bool = _DEFAULT_LOSS.detach_tc_weight
-    tc_detach_iou: bool = _DEFAULT_LOSS.tc_detach_iou
-    sigmoid_cls: Literal["focal", "bce"] = _DEFAULT_LOSS.sigmoid_cls
-    normalization: Literal["detector", "num_pos"] = _DEFAULT_LOSS.normalization
-    coupling: Literal["score", "loss"] = _DEFAULT_LOSS.coupling
-    fcos_loc: Literal["giou", "smooth_l1"] = _DEFAULT_LOSS.fcos_loc
+    kind: Literal["standard", "harmonic", "harmonicdet"] = Field(
+        default=_DEFAULT_LOSS.kind,
+        description="standard: the detector's own loss (the baseline arm); harmonic: Eq. 2-3 (+ TC); harmonicdet: Eq. 11-13 (HIoU inside L_loc)",
+    )
+    alpha: float = Field(
+        default=_DEFAULT_LOSS.alpha, description="weight of the IoU term inside L_loc (Eq. 11)"
+    )
+    gamma: float = Field(
+        default=_DEFAULT_LOSS.gamma, description="HIoU focusing parameter (Eq. 10), in [0, 1]"
+    )
+    margin: float = Field(default=_DEFAULT_LOSS.margin, description="Task-Contrastive margin (Eq. 8), >= 0")
+    tc: bool = Field(default=_DEFAULT_LOSS.tc, description="add the Task-Contrastive loss (Eq. 8)")
+    iou_term: Literal["none", "iou", "hiou"] | None = Field(
+        default=_DEFAULT_LOSS.iou_term,
+        description="the IoU part of L_loc: none, iou (1 - IoU, Eq. 9) or hiou (Eq. 10); null: hiou for harmonicdet, none otherwise",
+    )
+    detach_factors: bool = Field(
+        default=_DEFAULT_LOSS.detach_factors,
+        description="treat beta_r and beta_c as constant weights (default: differentiate through them, Eq. 4-7)",
+    )
+    tc_weight: float = Field(
+        default=_DEFAULT_LOSS.tc_weight, description="weight of the TC term (Eq. 12 adds it with weight 1)"
+    )
+    detach_tc_weight: bool = Field(
+        default=_DEFAULT_LOSS.detach_tc_weight,
+        description="the entropy weight 1/(1 + beta_e) of Eq. 8 carries no gradient",
+    )
+    tc_detach_iou: bool = Field(
+        default=_DEFAULT_LOSS.tc_detach_iou,
+        description="the TC term moves the score towards the IoU, not the IoU towards the score",
+    )
+    sigmoid_cls: Literal["focal", "bce"] = Field(
+        default=_DEFAULT_LOSS.sigmoid_cls,
+        description="sigmoid heads (RetinaNet, FCOS): the classification loss coupled as CE, the head's focal loss or BCE of the ground-truth class",
+    )
+    normalization: Literal["detector", "num_pos"] = Field(
+        default=_DEFAULT_LOSS.normalization,
+        description="detector: each detector's own loss normalisation; num_pos: divide by the number of positives",
+    )
+    coupling: Literal["score", "loss"] = Field(
+        default=_DEFAULT_LOSS.coupling,
+        description="beta_c of Eq. 2-7: score = the confidence p of the ground-truth class (Eq. 5); loss = exp(-CE) of the coupled loss (ablation)",
+    )
+    fcos_loc: Literal["giou", "smooth_l1"] = Field(
+        default=_DEFAULT_LOSS.fcos_loc,
+        description="FCOS only: the L_loc of Eq. 11, giou (FCOS's own, bounded) or smooth_l1 (the paper's form, on the encoded offsets)",
+    )
 
     @model_validator(mode="wrap")
     @classmethod
@@ -152,6 +189,8 @@ class EvalSpec(BaseModel):
 
 
 class WarmupSpec(BaseModel):
+    """Linear learning-rate warm-up over the first iterations."""
+
     model_config = _STRICT
 
     iters: int = Field(default=100, ge=0, description="linear warm-up length in iterations (0: none)")
@@ -186,20 +225,24 @@ class TrainSpec(BaseModel):
 
     model_config = _STRICT
 
-    epochs: int = Field(default=12, ge=1)
+    epochs: int = Field(default=12, ge=1, description="passes over the training split")
     batch_size: int = Field(default=8, ge=1, description="images per worker per step")
     lr: float = Field(
         default=0.01, gt=0, description="learning rate of one step (batch_size x num_workers images)"
     )
-    optimizer: Literal["sgd", "adamw"] = "sgd"
-    momentum: float = Field(default=0.9, ge=0, lt=1)
-    weight_decay: float = Field(default=1e-4, ge=0)
-    schedule: Literal["multistep", "cosine", "constant"] = "multistep"
+    optimizer: Literal["sgd", "adamw"] = Field(default="sgd", description="SGD with momentum, or AdamW")
+    momentum: float = Field(default=0.9, ge=0, lt=1, description="SGD momentum")
+    weight_decay: float = Field(
+        default=1e-4, ge=0, description="weight decay (norm layers and biases included)"
+    )
+    schedule: Literal["multistep", "cosine", "constant"] = Field(
+        default="multistep", description="learning-rate decay after the warm-up"
+    )
     lr_steps: list[int] | None = Field(
         default=None, description="multistep: epochs at which lr is multiplied by lr_gamma (default 2/3, 8/9)"
     )
-    lr_gamma: float = Field(default=0.1, gt=0, le=1)
-    warmup: WarmupSpec = Field(default_factory=WarmupSpec)
+    lr_gamma: float = Field(default=0.1, gt=0, le=1, description="multistep: the lr factor at each step")
+    warmup: WarmupSpec = Field(default_factory=WarmupSpec, description="linear learning-rate warm-up")
     clip_grad_norm: float | None = Field(
         default=None, gt=0, description="max gradient norm (null: no clipping)"
     )
@@ -215,7 +258,9 @@ class TrainSpec(BaseModel):
         ),
     )
     nms_iou: float = Field(default=0.5, gt=0, le=1, description="IoU of the NMS audit")
-    debug: DebugSpec = Field(default_factory=DebugSpec)
+    debug: DebugSpec = Field(
+        default_factory=DebugSpec, description="fault injection, for the tests of recovery only"
+    )
 
     @model_validator(mode="after")
     def _steps_in_range(self) -> TrainSpec:
@@ -236,12 +281,16 @@ class TrainSpec(BaseModel):
 
 
 class ScalingSpec(BaseModel):
+    """The resources of one training run on Ray (every seed of every arm gets the same)."""
+
     model_config = _STRICT
 
     num_workers: int = Field(default=1, ge=1, description="Ray Train workers (DDP ranks) per training run")
     use_gpu: Literal["auto"] | bool = Field(default="auto", description="auto: GPUs if the cluster has any")
-    gpus_per_worker: float = Field(default=1, gt=0)
-    cpus_per_worker: float = Field(default=1, gt=0)
+    gpus_per_worker: float = Field(default=1, gt=0, description="GPUs each worker reserves (with use_gpu)")
+    cpus_per_worker: float = Field(
+        default=1, gt=0, description="CPUs each worker reserves (fractions share a core)"
+    )
     accelerator_type: str | None = Field(default=None, description="e.g. H100, A10G: run only on those nodes")
     max_failures: int = Field(
         default=2, ge=-1, description="worker failures a run recovers from (-1: forever)"
@@ -249,6 +298,8 @@ class ScalingSpec(BaseModel):
 
 
 class TrackingSpec(BaseModel):
+    """Where the runs are recorded: an MLflow experiment (parent run per experiment, child run per training)."""
+
     model_config = _STRICT
 
     experiment: str = Field(default="harmonicdet", min_length=1, description="MLflow experiment name")

@@ -24,6 +24,8 @@ SpaceEntry = dict[str, list[Any]]
 
 
 class SearchSpec(BaseModel):
+    """A Tune search over loss or recipe options, every configuration trained on every seed; absent: one training run."""
+
     model_config = _STRICT
 
     space: dict[str, SpaceEntry] = Field(
@@ -32,12 +34,23 @@ class SearchSpec(BaseModel):
             "confirmatory: a comparison of the fixed arms without a search"
         )
     )
-    algorithm: Literal["random", "grid", "optuna"] = "random"
-    scheduler: Literal["fifo", "asha"] = "fifo"
-    num_samples: int = Field(default=8, ge=1)
-    max_concurrent: int = Field(default=1, ge=1)
-    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
-    baseline: bool = False
+    algorithm: Literal["random", "grid", "optuna"] = Field(
+        default="random", description="random sampling, the full grid, or Optuna TPE"
+    )
+    scheduler: Literal["fifo", "asha"] = Field(
+        default="fifo",
+        description="fifo: every trial runs to the end; asha: stop poor trials early (one rung per epoch)",
+    )
+    num_samples: int = Field(default=8, ge=1, description="configurations sampled (grid: ignored, one pass)")
+    max_concurrent: int = Field(default=1, ge=1, description="configurations trained at the same time")
+    seeds: list[int] = Field(
+        default=[0],
+        min_length=1,
+        description="every configuration (and each fixed arm) is trained on each of these",
+    )
+    baseline: bool = Field(
+        default=False, description="also train the standard loss on the same seeds (the baseline arm)"
+    )
     confirmatory: bool = Field(
         default=False,
         description=(
