@@ -4,7 +4,7 @@
 
 The spec's ``pretrain`` section is run (or found in the cache, ``$HDET_HOME/pretrained``) first; then
 for every seed the spec's detector is trained with the spec's loss and recipe (optimizer, lr,
-warm-up and decay of ``workers.train``; the data order of a one-worker run: aspect-ratio grouping on
+warm-up and decay of ``workers.recipe``; the data order of a one-worker run: aspect-ratio grouping on
 a one-replica ``DistributedSampler``) in a plain loop on ``--threads`` CPU threads, and evaluated on
 the held-out split after every epoch with the spec's evaluation protocol (COCO AP of
 :func:`harmonic.eval.evaluate`). Printed per epoch: loss, AP, AP50, AP75 and the CPU seconds the
@@ -34,20 +34,13 @@ def _evaluate(model: Any, ds: Any, ann_file: str) -> dict[str, float]:
 
     from harmonic.data.sampler import collate_fn
     from harmonic.eval import evaluate
+    from harmonic.eval.detections import eval_mode, image_id, to_coco_results
 
-    model.eval()
     results = []
-    with torch.no_grad():
+    with torch.no_grad(), eval_mode(model):
         for images, targets in DataLoader(ds, batch_size=16, collate_fn=collate_fn):
-            for out, t in zip(model(list(images)), targets):
-                boxes = out["boxes"].clone()
-                boxes[:, 2:] -= boxes[:, :2]
-                for b, s, lab in zip(boxes.tolist(), out["scores"].tolist(), out["labels"].tolist()):
-                    cat = ds.label_to_cat_id[int(lab)]
-                    results.append(
-                        {"image_id": int(t["image_id"]), "category_id": cat, "bbox": b, "score": s}
-                    )
-    model.train()
+            ids = [image_id(t) for t in targets]
+            results.extend(to_coco_results(model(list(images)), ids, ds.label_to_cat_id))
     if not results:
         return {"AP": 0.0, "AP50": 0.0, "AP75": 0.0}
     return dict(evaluate(ann_file, results).stats)
@@ -56,32 +49,24 @@ def _evaluate(model: Any, ds: Any, ann_file: str) -> dict[str, float]:
 def train_one(spec: Any, seed: int, augment: str, split: str) -> list[dict[str, float]]:
     """Train ``spec`` with ``seed`` in a plain loop; the per-epoch rows."""
     import torch
-    from torch.utils.data import DataLoader, DistributedSampler
 
     from harmonic.data import build_dataset
-    from harmonic.data.sampler import GroupedBatchSampler, collate_fn, create_aspect_ratio_groups
-    from harmonic.data.transforms import build_transforms
-    from workers.train import WarmupDecay, build_model, dataset_config, make_optimizer
+    from workers import recipe
 
-    t, det = spec.train, spec.detector
-    cfg = dataset_config(spec)
-    train_ds: Any = build_dataset(
-        cfg, "train", transforms=build_transforms(det.arch, det.image_size, True, augment)
-    )
+    t = spec.train
+    cfg = recipe.dataset_config(spec)
+    train_ds = recipe.train_dataset(spec, augment=augment)
     eval_ds: Any = build_dataset(cfg, split)  # type: ignore[arg-type]
     torch.manual_seed(seed)
-    model = build_model(spec, train_ds.num_classes)
+    model = recipe.build_model(spec, train_ds.num_classes)
     model.train()
-    sampler: DistributedSampler[Any] = DistributedSampler(
-        train_ds, num_replicas=1, rank=0, shuffle=True, seed=seed
+    # Data loading stays in this process (data_workers=0): the CPU time counted is the training's.
+    loader, sampler, iters_per_epoch = recipe.train_loader(
+        train_ds, batch_size=t.batch_size, aspect_ratio_groups=t.aspect_ratio_groups, seed=seed
     )
-    batches = GroupedBatchSampler(
-        sampler, create_aspect_ratio_groups(train_ds.aspect_ratios(), k=t.aspect_ratio_groups), t.batch_size
-    )
-    loader = DataLoader(train_ds, batch_sampler=batches, collate_fn=collate_fn)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = make_optimizer(model, spec)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, WarmupDecay(spec, len(batches)))
+    optimizer = recipe.make_optimizer(model, spec)
+    scheduler = recipe.make_scheduler(optimizer, spec, iters_per_epoch)
     ann_file = str(Path(cfg["root"]) / "annotations" / f"instances_{split}.json")
     rows, cpu = [], 0.0
     for epoch in range(1, t.epochs + 1):

@@ -7,7 +7,6 @@ Python blocks run with the project's interpreter there. Only cheap commands are 
 
 from __future__ import annotations
 
-import os
 import re
 import subprocess
 import sys

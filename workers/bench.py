@@ -1,7 +1,8 @@
-"""Benchmarks of the Ray layer.
+"""Benchmarks of the Ray layer: ``hdet bench train`` (a Ray Train worker against a plain loop)
+and ``hdet bench search`` (ASHA + TPE against grid search, and the fixed cost of a trial).
 
 ``hdet bench train``: training images/s of one Ray Train worker (the real per-worker loop of
-:mod:`workers.train`: DDP preparation, diagnostics, loss bookkeeping, per-epoch report and
+:mod:`workers.worker_loop`: DDP preparation, diagnostics, loss bookkeeping, per-epoch report and
 checkpoint) / images/s of a plain PyTorch loop, on the same model, data, batch size, sampler and
 thread count, measured in one run. Each side trains two epochs and the second one is timed (the
 first pays for allocator warm-up); the plain loop runs before and after the Ray run and its two
@@ -40,43 +41,27 @@ def bench_spec(args: argparse.Namespace, root: Path) -> dict[str, Any]:
 
 def plain_loop_images_per_s(spec_dict: dict[str, Any], threads: int) -> tuple[float, float]:
     """Images/s of the second of two epochs of a plain PyTorch training loop (no Ray): over the
-    whole epoch, and from the median step time (batch size / median step)."""
+    whole epoch, and from the median step time (batch size / median step). The model, data,
+    sampler and optimizer are a worker's (:mod:`workers.recipe`); the step has no AMP, clipping,
+    schedule or diagnostics."""
     import torch
-    from torch.utils.data import DataLoader, DistributedSampler
 
-    from harmonic.data import build_dataset
-    from harmonic.data.sampler import GroupedBatchSampler, collate_fn, create_aspect_ratio_groups
-    from harmonic.data.transforms import build_transforms
-    from harmonic.detectors import build_detector
+    from workers import recipe
     from workers.spec import Spec
 
     spec = Spec.parse(spec_dict)
-    t, det = spec.train, spec.detector
+    t = spec.train
     torch.set_num_threads(threads)
-    torch.manual_seed(t.seed)
-    ds: Any = build_dataset(
-        spec.dataset.build_config(),
-        "train",
-        transforms=build_transforms(det.arch, det.image_size, True, augment=spec.train.augment),
-    )
-    model = build_detector(
-        det.arch,
-        ds.num_classes + 1,
-        loss=spec.loss_config(),
-        backbone=det.backbone,
-        image_size=det.image_size,
-    )
+    recipe.seed_everything(t.seed)
+    ds = recipe.train_dataset(spec)
+    model = recipe.build_model(spec, ds.num_classes)
     model.train()
-    # The same sampler stack as a worker (a one-replica DistributedSampler under the grouping).
-    sampler: DistributedSampler[Any] = DistributedSampler(
-        ds, num_replicas=1, rank=0, shuffle=True, seed=t.seed
-    )
-    batches = GroupedBatchSampler(
-        sampler, create_aspect_ratio_groups(ds.aspect_ratios(), k=t.aspect_ratio_groups), t.batch_size
-    )
-    loader = DataLoader(ds, batch_sampler=batches, num_workers=t.data_workers, collate_fn=collate_fn)
-    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=t.lr, momentum=t.momentum,
-                          weight_decay=t.weight_decay)  # fmt: skip
+    # The same sampler stack as a worker of a one-worker run.
+    loader, sampler, _ = recipe.train_loader(
+        ds, batch_size=t.batch_size, aspect_ratio_groups=t.aspect_ratio_groups, seed=t.seed,
+        data_workers=t.data_workers,
+    )  # fmt: skip
+    opt = recipe.make_optimizer(model, spec)
     rate, median = float("nan"), float("nan")
     for epoch in (1, 2):
         sampler.set_epoch(epoch)
@@ -99,7 +84,7 @@ def plain_loop_images_per_s(spec_dict: dict[str, Any], threads: int) -> tuple[fl
 def _ray_worker_images_per_s(spec_dict: dict[str, Any], root: Path) -> tuple[float, float, Any]:
     from workers.spec import Spec
     from workers.tracking import open_parent_run
-    from workers.train import make_trainer
+    from workers.trainer import make_trainer
 
     spec = Spec.parse(spec_dict)
     ctx = open_parent_run(spec, f"sqlite:///{root / 'mlflow.db'}")

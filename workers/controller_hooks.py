@@ -1,11 +1,11 @@
-"""What a Ray Train controller process loads of this package: kept light on purpose.
+"""What a Ray Train controller process loads of this package: the failure policy, the report
+callback and event hub, the torch backend config; kept light (no torch, MLflow, SciPy, pydantic).
 
 Every training run (and so every seed of every Tune trial) gets a fresh Train controller process,
 which unpickles the trainer's failure policy and its callbacks before it can start the worker
 group. Whatever module they live in is imported there, on the critical path of the trial's
-start. So they live here, in a module that imports Ray Train's own controller-side names and
-nothing else of this package: no torch, MLflow, SciPy or pydantic (``workers.train`` costs
-about 1.6 s to import, ``workers.search`` 0.7 s, this module nothing beyond Ray).
+start. So they live here, in a module that imports Ray and nothing else of this package but
+:mod:`workers.ray_compat` (itself import-free).
 
 * :class:`NoRetryOnDeterministic`: Ray Train's default failure policy, except that errors a
   retry would only repeat (a non-finite loss, an invalid spec, dataset or loss option) fail the
@@ -14,9 +14,9 @@ about 1.6 s to import, ``workers.search`` 0.7 s, this module nothing beyond Ray)
 * :class:`SeedReportCallback` and :class:`EventHub`: a trainer's per-epoch reports reach the Tune
   trial that started it (see :mod:`workers.search`).
 * :class:`TorchBackendConfig`: what ``TorchTrainer``'s ``TorchConfig`` is to the controller, without
-  importing torch there (``ray.train.torch.config`` imports torch: 1.7 s of a controller's start).
-  The controller only orchestrates the process group: it runs Ray Train's own worker-side
-  functions (``_setup_torch_process_group`` and friends) on the workers, which import torch anyway.
+  importing torch there (``ray.train.torch.config`` imports torch). The controller only
+  orchestrates the process group: it runs Ray Train's own worker-side functions
+  (``_setup_torch_process_group`` and friends) on the workers, which import torch anyway.
 """
 
 from __future__ import annotations
@@ -26,6 +26,8 @@ import os
 import time
 from dataclasses import dataclass
 from typing import Any
+
+from workers import ray_compat
 
 __all__ = [
     "DETERMINISTIC_ERRORS",
@@ -43,7 +45,7 @@ __all__ = [
 DETERMINISTIC_ERRORS = frozenset(
     {
         "workers.errors.DeterministicTrainingError",  # NonFiniteLossError and friends
-        "workers.spec.SpecError",
+        "workers.spec.base.SpecError",
         "harmonic.data.check.DatasetError",
         "harmonic.config.LossConfigError",
     }
@@ -66,20 +68,12 @@ def deterministic_cause(e: BaseException) -> BaseException | None:
     return None
 
 
-def _failure_policy_base() -> type:
-    from ray.train.v2._internal.execution.failure_handling import DefaultFailurePolicy
-
-    return DefaultFailurePolicy
-
-
-class NoRetryOnDeterministic(_failure_policy_base()):  # type: ignore[misc]
+class NoRetryOnDeterministic(ray_compat.default_failure_policy()):  # type: ignore[misc]
     """Ray Train's default failure policy, except that deterministic errors are never retried."""
 
     def make_decision(self, training_failed_error: Any) -> Any:
-        from ray.train.v2._internal.execution.failure_handling import FailureDecision
-
         if deterministic_cause(training_failed_error) is not None:
-            return FailureDecision.RAISE
+            return ray_compat.failure_decision().RAISE
         return super().make_decision(training_failed_error)
 
 
@@ -178,7 +172,7 @@ def _backend_base() -> type:
 class TorchBackendConfig(_backend_config_base()):  # type: ignore[misc]
     """``ray.train.torch.TorchConfig`` (same fields, same process group), importable without torch.
 
-    :class:`workers.train.HarmonicTrainer` puts it in place of the ``TorchConfig`` that
+    :class:`workers.trainer.HarmonicTrainer` puts it in place of the ``TorchConfig`` that
     ``TorchTrainer`` made, so that the Train controller, which unpickles the backend config to set
     up the workers' process group, does not import torch for it.
     """
@@ -209,9 +203,7 @@ class TorchBackendConfig(_backend_config_base()):  # type: ignore[misc]
 
     @property
     def framework(self) -> Any:
-        from ray.train.v2._internal.util import TrainingFramework
-
-        return TrainingFramework.TORCH
+        return ray_compat.training_framework().TORCH
 
     def to_dict(self) -> dict[str, Any]:
         return {"backend": self.backend, "init_method": self.init_method, "timeout_s": self.timeout_s}
@@ -225,7 +217,6 @@ class _TorchProcessGroupBackend(_backend_base()):  # type: ignore[misc]
 
     def on_start(self, worker_group: Any, backend_config: TorchBackendConfig) -> None:
         import ray
-        from ray._common.network_utils import build_address
 
         backend = backend_config.backend
         if backend is None:
@@ -235,7 +226,7 @@ class _TorchProcessGroupBackend(_backend_base()):  # type: ignore[misc]
             worker_group.execute(_set_master_env, addr=addr, port=port)
             url = "env://"
         elif backend_config.init_method == "tcp":
-            url = f"tcp://{build_address(addr, port)}"
+            url = f"tcp://{ray_compat.build_address()(addr, port)}"
         else:
             raise ValueError(f"init_method must be 'env' or 'tcp', not {backend_config.init_method!r}")
         # LOCAL_RANK, RANK, WORLD_SIZE... before init_process_group, as torch expects.
@@ -279,9 +270,8 @@ class _TorchProcessGroupBackend(_backend_base()):  # type: ignore[misc]
 
 
 def _address_and_port() -> tuple[str, int]:
-    from ray.train._internal.utils import get_address_and_port
-
-    return get_address_and_port()
+    addr, port = ray_compat.get_address_and_port()()
+    return addr, port
 
 
 def _set_master_env(addr: str, port: int) -> None:
@@ -290,18 +280,12 @@ def _set_master_env(addr: str, port: int) -> None:
 
 
 def _set_distributed_env_vars() -> None:
-    from ray.train.torch.config import _set_torch_distributed_env_vars
-
-    _set_torch_distributed_env_vars()
+    ray_compat.set_torch_distributed_env_vars()()
 
 
 def _setup_process_group(**kwargs: Any) -> None:
-    from ray.train.torch.config import _setup_torch_process_group
-
-    _setup_torch_process_group(**kwargs)
+    ray_compat.setup_torch_process_group()(**kwargs)
 
 
 def _shutdown_process_group(destroy: bool) -> None:
-    from ray.train.torch.config import _shutdown_torch
-
-    _shutdown_torch(destroy_process_group=destroy)
+    ray_compat.shutdown_torch()(destroy_process_group=destroy)

@@ -113,7 +113,7 @@ def resolve_start_weights(spec: Spec, tracking_uri: str, say: Callable[[str], No
         SpecError: a reference or file that cannot be used, naming its field.
         harmonic.data.DatasetError: the pretraining's images cannot be generated.
     """
-    from workers.train import BEST_ARTIFACT_DIR, MODEL_FILE
+    from workers.tracking import Artifact
 
     det = spec.detector
     overrides: dict[str, Any] = {}
@@ -135,9 +135,8 @@ def resolve_start_weights(spec: Spec, tracking_uri: str, say: Callable[[str], No
         )
     init = det.init_from
     if init is not None and init.startswith("runs:"):
-        init = str(
-            fetch_run_artifact(init, f"{BEST_ARTIFACT_DIR}/{MODEL_FILE}", tracking_uri, "detector.init_from")
-        )
+        model_file = f"{Artifact.CHECKPOINT_DIR}/{Artifact.MODEL_FILE}"
+        init = str(fetch_run_artifact(init, model_file, tracking_uri, "detector.init_from"))
     if backbone is None and init is None:
         return spec
     if backbone is not None:
@@ -155,8 +154,8 @@ def _check_fits(spec: Spec) -> None:
     """Build the detector as a training worker will and load ``init_from``: errors name the field."""
     from harmonic.data import build_dataset
     from harmonic.detectors import build_torchvision_detector
+    from workers.recipe import dataset_config
     from workers.spec import SpecError
-    from workers.train import dataset_config
 
     det = spec.detector
     train_ds: Any = build_dataset(dataset_config(spec), "train")

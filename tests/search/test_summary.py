@@ -9,8 +9,8 @@ import pytest
 from scipy import stats
 
 from workers.evidence import NO_DIFFERENCE, compare_metrics, sensitivity
-from workers.report import render_html, render_markdown
-from workers.search import SearchSummary, TrialRecord, draw_plots
+from workers.report import draw_plots, render_html, render_markdown
+from workers.summary import SearchSummary, TrialRecord
 
 
 def _summary() -> SearchSummary:

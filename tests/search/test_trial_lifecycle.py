@@ -27,7 +27,8 @@ from workers import timeline
 from workers.controller_hooks import DETERMINISTIC_ERRORS, deterministic_cause, is_deterministic_error
 from workers.env import NO_STATE_API_ENV
 from workers.errors import NonFiniteLossError
-from workers.search import TrialFailure, run_configuration
+from workers.search import TrialFailure
+from workers.search import train_on_seeds as run_configuration
 from workers.spec import Spec
 from workers.tracking import TrackingContext, open_parent_run
 
@@ -81,7 +82,8 @@ def test_controller_unpickles_without_torch_mlflow_or_the_training_module(
     probe = (
         "import pickle, sys\n"
         f"pickle.loads(open({str(blob)!r}, 'rb').read())\n"
-        "heavy = ('torch', 'torchvision', 'mlflow', 'scipy', 'workers.train', 'workers.search', 'harmonic')\n"
+        "heavy = ('torch', 'torchvision', 'mlflow', 'scipy', 'workers.train', 'workers.trainer', 'workers.worker_loop',"
+        " 'workers.recipe', 'workers.epoch_metrics', 'workers.train_state', 'workers.search', 'harmonic')\n"
         "print(sorted({m for m in sys.modules for h in heavy if m == h or m.startswith(h + '.')}))\n"
     )
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)

@@ -112,10 +112,16 @@ class SearchSpec(BaseModel):
     @model_validator(mode="after")
     def _grid_needs_grid(self) -> SearchSpec:
         if self.algorithm == "grid":
-            sampled = [p for p, e in self.space.items() if next(iter(e)) in ("uniform", "loguniform")]
+            sampled = [
+                (p, next(iter(e)))
+                for p, e in self.space.items()
+                if next(iter(e)) in ("uniform", "loguniform")
+            ]
             if sampled:
+                (name, kind), more = sampled[0], [p for p, _ in sampled[1:]]
+                also = f" (nor {', '.join(more)})" if more else ""
                 raise ValueError(
-                    f"algorithm: grid cannot sample {', '.join(sampled)}; use grid/choice entries"
+                    f"space.{name}: algorithm grid cannot sample a {kind} range{also}; use grid or choice entries"
                 )
         return self
 

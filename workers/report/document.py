@@ -1,61 +1,22 @@
-"""``hdet report EXPERIMENT``: a search's evidence report (Markdown or HTML) from MLflow alone.
-
-The report is rebuilt from the tracking server only: the parent run (its params, tags and
-``evidence/`` artifacts) and its child runs (one per trial and seed, with their metrics and
-tags), so it works for a search that ran on any cluster, and for one that was interrupted
-(``complete: false``; what finished so far is shown). The plots are drawn again from the same
-numbers into the output folder next to the report.
+"""The evidence report of a search as a document: Markdown (render_markdown) or HTML (render_html).
+Both are drawn from one list of blocks (headings, paragraphs, tables, images) built from a SearchSummary.
 """
 
 from __future__ import annotations
 
-import argparse
 import html
-import json
 import math
-import sys
 from collections.abc import Mapping
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from workers.report.cells import arm_mean_sd_cell, fmt_value, num, points, pval, scale_of, seed_mean_sd
+
 if TYPE_CHECKING:
-    from mlflow import MlflowClient
+    from workers.summary import SearchSummary, TrialRecord
 
-    from workers.search import SearchSummary, TrialRecord
-
-__all__ = ["main", "render_markdown", "render_html", "build_report", "find_search_run"]
+__all__ = ["render_markdown", "render_html"]
 
 Block = tuple[Any, ...]
-
-
-def _pts(v: float | None, scale: float = 100.0, digits: int = 1, sign: bool = False) -> str:
-    if v is None or not math.isfinite(v):
-        return "-"
-    return f"{scale * v:{'+' if sign else ''}.{digits}f}"
-
-
-def _scale(metric: str) -> tuple[float, int]:
-    return (100.0, 1) if metric.startswith("AP") or metric.startswith("ap_iou") else (1.0, 3)
-
-
-def _mean_sd(rec: TrialRecord, metric: str) -> str:
-    from workers.evidence import aggregate_seeds
-
-    vals = {s: {metric: m[metric]} for s, m in rec.per_seed.items() if metric in m}
-    if not vals:
-        return "-"
-    a = aggregate_seeds(vals)[metric]
-    scale, digits = _scale(metric)
-    return f"{_pts(a['mean'], scale, digits)} ± {_pts(a['std'], scale, digits)}"
-
-
-def _arm_mean_sd(comp: Mapping[str, Any], arm: str, metric: str) -> str:
-    """One arm's mean ± sd over the paired seeds of a comparison: the values its diff is made of."""
-    from workers.evidence import arm_mean_sd
-
-    mean, sd = arm_mean_sd(comp, arm)
-    scale, digits = _scale(metric)
-    return f"{_pts(mean, scale, digits)} ± {_pts(sd, scale, digits)}" if math.isfinite(mean) else "-"
 
 
 def _comparison_blocks(
@@ -72,19 +33,19 @@ def _comparison_blocks(
     with_boot = any(math.isfinite(c.get("boot_ci_low", math.nan)) for c in comparison.values())
     rows = []
     for metric, comp in comparison.items():
-        scale, digits = _scale(metric)
+        scale, digits = scale_of(metric)
         lo, hi = comp.get("boot_ci_low", math.nan), comp.get("boot_ci_high", math.nan)
-        boot = [f"[{_pts(lo, scale, digits, True)}, {_pts(hi, scale, digits, True)}]"]
+        boot = [f"[{points(lo, scale, digits, True)}, {points(hi, scale, digits, True)}]"]
         rows.append(
             [
                 metric,
-                _arm_mean_sd(comp, "treatment", metric),
-                _arm_mean_sd(comp, "baseline", metric),
-                _pts(comp["mean_diff"], scale, digits, sign=True),
+                arm_mean_sd_cell(comp, "treatment", metric),
+                arm_mean_sd_cell(comp, "baseline", metric),
+                points(comp["mean_diff"], scale, digits, sign=True),
                 str(comp.get("n_pairs", "-")),
                 comp["test"],
-                _p(comp["p_value"]),
-                _p(comp.get("p_adjusted", math.nan)),
+                pval(comp["p_value"]),
+                pval(comp.get("p_adjusted", math.nan)),
                 evidence.interval_cell(comparison, metric, scale, digits),
                 *(boot if with_boot else []),
                 f"{comp['wins']}/{comp['n_pairs']}",
@@ -109,10 +70,10 @@ def _comparison_blocks(
     for seed in seeds:
         row = [str(seed)]
         for metric, comp in comparison.items():
-            scale, digits = _scale(metric)
+            scale, digits = scale_of(metric)
             pair = comp["per_seed"].get(seed, {})
             treatment, baseline = pair.get("treatment"), pair.get("baseline")
-            row.append(f"{_pts(treatment, scale, digits)} / {_pts(baseline, scale, digits)}")
+            row.append(f"{points(treatment, scale, digits)} / {points(baseline, scale, digits)}")
         rows.append(row)
     b.append(("table", ["seed", *[f"{m} {column} / baseline" for m in comparison]], rows))
     return b
@@ -139,8 +100,8 @@ def _blocks(summary: SearchSummary, plots: Mapping[str, str]) -> list[Block]:
     if best is None:
         b.append(("p", "No configuration completed the full schedule."))
     else:
-        rows = [[k, _value(v)] for k, v in best.params.items()]
-        rows.append(["AP (mean ± sd over seeds)", _mean_sd(best, "AP")])
+        rows = [[k, fmt_value(v)] for k, v in best.params.items()]
+        rows.append(["AP (mean ± sd over seeds)", seed_mean_sd(best, "AP")])
         rows.append(["trial", best.trial_id])
         b.append(("table", ["parameter", "value"], rows))
 
@@ -173,9 +134,9 @@ def _blocks(summary: SearchSummary, plots: Mapping[str, str]) -> list[Block]:
         rows = []
         for t in thresholds:
             vals = [summary.ap_vs_iou[label].get(t) for label in labels]
-            row = [f"{t:.2f}", *[_pts(v) for v in vals]]
+            row = [f"{t:.2f}", *[points(v) for v in vals]]
             if len(labels) == 2 and None not in vals:
-                row.append(_pts(vals[0] - vals[1], sign=True))  # type: ignore[operator]
+                row.append(points(vals[0] - vals[1], sign=True))  # type: ignore[operator]
             rows.append(row)
         head = ["IoU", *labels] + (["difference"] if len(labels) == 2 else [])
         b.append(("table", head, rows))
@@ -208,15 +169,15 @@ def _blocks(summary: SearchSummary, plots: Mapping[str, str]) -> list[Block]:
             [
                 rec.trial_id,
                 rec.status,
-                ", ".join(f"{k}={_value(v)}" for k, v in rec.params.items()),
-                _pts(rec.objective)
-                + (f" ± {_pts(rec.objective_std)}" if rec.objective_std is not None else ""),
+                ", ".join(f"{k}={fmt_value(v)}" for k, v in rec.params.items()),
+                points(rec.objective)
+                + (f" ± {points(rec.objective_std)}" if rec.objective_std is not None else ""),
                 str(rec.epochs),
                 str(rec.epochs_run),
-                _num(rec.wall_s),
-                _num(rec.cpu_s),
-                _num(rec.gpu_s),
-                _num(rec.first_step_s, 1),
+                num(rec.wall_s),
+                num(rec.cpu_s),
+                num(rec.gpu_s),
+                num(rec.first_step_s, 1),
                 (rec.error or "")[:200],
             ]
         )
@@ -236,18 +197,6 @@ def _blocks(summary: SearchSummary, plots: Mapping[str, str]) -> list[Block]:
         )
     )
     return b
-
-
-def _value(v: Any) -> str:
-    return f"{v:.4g}" if isinstance(v, float) else str(v)
-
-
-def _p(p: float) -> str:
-    return f"{p:.3g}" if math.isfinite(p) else "-"
-
-
-def _num(v: float, digits: int = 0) -> str:
-    return f"{v:.{digits}f}" if v is not None and math.isfinite(v) else "-"
 
 
 def render_markdown(summary: SearchSummary, plots: Mapping[str, str] | None = None) -> str:
@@ -297,82 +246,3 @@ def render_html(summary: SearchSummary, plots: Mapping[str, str] | None = None) 
             out.append(f"<p><img alt='{e(block[1])}' src='{e(block[2])}'></p>")
     out.append("</body></html>")
     return "\n".join(out)
-
-
-def find_search_run(c: MlflowClient, experiment: str, run_id: str | None = None) -> tuple[str, str]:
-    """The experiment id and the parent run of its latest search (or ``run_id``).
-
-    Raises:
-        LookupError: no such experiment, run, or search parent run; the message says which.
-    """
-    exp = c.get_experiment_by_name(experiment)
-    if exp is None:
-        names = sorted(x.name for x in c.search_experiments())
-        raise LookupError(f"no MLflow experiment {experiment!r} (experiments: {', '.join(names) or 'none'})")
-    if run_id:
-        run = c.get_run(run_id)
-        if run.info.experiment_id != exp.experiment_id:
-            raise LookupError(f"run {run_id} is not in experiment {experiment!r}")
-        return str(exp.experiment_id), run_id
-    runs = c.search_runs(
-        [exp.experiment_id],
-        filter_string="tags.`hdet.role` = 'parent' and tags.`hdet.search_complete` != ''",
-        order_by=["attributes.start_time DESC"],
-        max_results=1,
-    )
-    if not runs:
-        raise LookupError(
-            f"experiment {experiment!r} has no search run (a parent run of a spec with a search section)"
-        )
-    return str(exp.experiment_id), str(runs[0].info.run_id)
-
-
-def build_report(
-    c: MlflowClient, experiment: str, out_dir: Path, *, fmt: str = "md", run_id: str | None = None
-) -> Path:
-    """Write ``report.md`` (or ``report.html``) and its plots into ``out_dir``; returns the report file."""
-    from workers.search import collect_summary, draw_plots
-
-    exp_id, parent = find_search_run(c, experiment, run_id)
-    summary = collect_summary(c, exp_id, parent, experiment=experiment)
-    wall = c.get_run(parent).data.metrics.get("search_wall_s")
-    if wall is not None:
-        summary.wall_s = wall
-    out_dir.mkdir(parents=True, exist_ok=True)
-    plots = draw_plots(summary, out_dir)
-    rel = {k: v.name for k, v in plots.items()}
-    (out_dir / "summary.json").write_text(json.dumps(summary.to_dict(), indent=2))
-    path = out_dir / f"report.{fmt}"
-    path.write_text(render_markdown(summary, rel) if fmt == "md" else render_html(summary, rel))
-    return path
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``hdet report EXPERIMENT [--tracking-uri URI] [--run RUN_ID] [--format md|html] [--out DIR]``."""
-    p = argparse.ArgumentParser(
-        prog="hdet report", description="Render a search's evidence report from MLflow (Markdown or HTML)."
-    )
-    p.add_argument("experiment", help="MLflow experiment name (the spec's tracking.experiment)")
-    p.add_argument(
-        "--tracking-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else the local store)"
-    )
-    p.add_argument("--run", help="parent run id (default: the experiment's latest search)")
-    p.add_argument("--format", choices=("md", "html"), default="md")
-    p.add_argument("--out", help="output folder (default: ./report-EXPERIMENT)")
-    args = p.parse_args(sys.argv[1:] if argv is None else argv)
-
-    from workers.tracking import client, resolve_tracking_uri
-
-    uri = resolve_tracking_uri(None, args.tracking_uri)
-    out = Path(args.out or f"report-{args.experiment}")
-    try:
-        path = build_report(client(uri), args.experiment, out, fmt=args.format, run_id=args.run)
-    except LookupError as e:
-        print(f"hdet report: {e.args[0]}", file=sys.stderr)
-        return 2
-    print(f"report: {path}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,0 +1,238 @@
+"""The training recipe of a spec: datasets, detector, data loaders, optimizer, LR schedule, seeding.
+One definition for the Ray Train worker, ``hdet bench train``'s plain loop and ``scripts/finetune.py``.
+
+Nothing here knows Ray or MLflow: a loader is built for one shard (``rank`` of ``world``), which is
+the whole set for a single process. Heavy imports (torch, the data pipeline) happen in the functions.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+import random
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+if TYPE_CHECKING:
+    from workers.spec import Spec
+
+__all__ = [
+    "Datasets",
+    "TrainLoader",
+    "WarmupDecay",
+    "build_datasets",
+    "build_model",
+    "dataset_config",
+    "eval_dataset",
+    "eval_loader",
+    "make_optimizer",
+    "make_scheduler",
+    "seed_everything",
+    "train_dataset",
+    "train_loader",
+    "use_amp",
+]
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python's, NumPy's and torch's generators."""
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def use_amp(spec: Spec, device_type: str) -> bool:
+    """``train.amp``: mixed precision; ``auto`` means on a GPU only."""
+    amp = spec.train.amp
+    return (amp is True) or (amp == "auto" and device_type == "cuda")
+
+
+# --------------------------------------------------------------------------- data
+
+
+def dataset_config(spec: Spec) -> dict[str, Any]:
+    """The ``harmonic.data.build_dataset`` config of a spec's dataset (the synthetic set is generated
+    there on first use)."""
+    return spec.dataset.build_config()
+
+
+class Datasets(NamedTuple):
+    """A spec's splits: ``train`` with the training transforms, ``val`` and the held-out ``test``
+    (None when the dataset has none) with the evaluation transforms."""
+
+    train: Any
+    val: Any
+    test: Any | None
+
+    @property
+    def num_classes(self) -> int:
+        """Foreground classes."""
+        return int(self.train.num_classes)
+
+
+def train_dataset(spec: Spec, *, augment: str | None = None) -> Any:
+    """The training split with the detector's training transforms (``augment``: default ``train.augment``)."""
+    from harmonic.data import build_dataset
+    from harmonic.data.transforms import build_transforms
+
+    det = spec.detector
+    return build_dataset(
+        dataset_config(spec),
+        "train",
+        transforms=build_transforms(det.arch, det.image_size, True, augment=augment or spec.train.augment),
+        skip_bad=spec.dataset.skip_bad,
+    )
+
+
+def eval_dataset(spec: Spec, split: str) -> Any:
+    """``split`` (``val`` or ``test``) with the detector's evaluation transforms."""
+    from harmonic.data import build_dataset
+    from harmonic.data.transforms import build_transforms
+
+    det = spec.detector
+    return build_dataset(
+        dataset_config(spec),
+        split,  # type: ignore[arg-type]
+        transforms=build_transforms(det.arch, det.image_size, False),
+        skip_bad=spec.dataset.skip_bad,
+    )
+
+
+def build_datasets(spec: Spec) -> Datasets:
+    """Train, val and (when the dataset has one) test, built in that order."""
+    train = train_dataset(spec)
+    val = eval_dataset(spec, "val")
+    test = eval_dataset(spec, "test") if spec.dataset.has_test() else None
+    return Datasets(train, val, test)
+
+
+class TrainLoader(NamedTuple):
+    """A training shard's loader, its ``DistributedSampler`` (``set_epoch`` it every epoch) and its
+    number of batches per epoch."""
+
+    loader: Any
+    sampler: Any
+    iters_per_epoch: int
+
+
+def train_loader(
+    ds: Any,
+    *,
+    batch_size: int,
+    aspect_ratio_groups: int,
+    seed: int,
+    data_workers: int = 0,
+    rank: int = 0,
+    world: int = 1,
+    pin_memory: bool = False,
+) -> TrainLoader:
+    """Shard ``rank`` of ``world`` of ``ds``, shuffled by a ``DistributedSampler`` (seeded), in batches
+    of one aspect-ratio group each (torchvision's reference recipe; ``aspect_ratio_groups=0``: plain
+    batches); the last incomplete batch is dropped."""
+    import torch
+    from torch.utils.data import DataLoader, DistributedSampler
+
+    from harmonic.data.sampler import GroupedBatchSampler, collate_fn, create_aspect_ratio_groups
+
+    sampler: DistributedSampler[Any] = DistributedSampler(
+        ds, num_replicas=world, rank=rank, shuffle=True, seed=seed
+    )
+    if aspect_ratio_groups > 0:
+        group_ids = create_aspect_ratio_groups(ds.aspect_ratios(), k=aspect_ratio_groups)
+        batch_sampler: Any = GroupedBatchSampler(sampler, group_ids, batch_size)
+    else:
+        batch_sampler = torch.utils.data.BatchSampler(sampler, batch_size, drop_last=True)
+    loader = DataLoader(
+        ds,
+        batch_sampler=batch_sampler,
+        num_workers=data_workers,
+        collate_fn=collate_fn,
+        pin_memory=pin_memory,
+    )
+    return TrainLoader(loader, sampler, len(batch_sampler))
+
+
+def eval_loader(ds: Any, *, batch_size: int, data_workers: int = 0, rank: int = 0, world: int = 1) -> Any:
+    """Every ``world``-th image of ``ds`` from ``rank`` on, in order (each rank evaluates its share)."""
+    from torch.utils.data import DataLoader, Subset
+
+    from harmonic.data.sampler import collate_fn
+
+    return DataLoader(
+        Subset(ds, list(range(rank, len(ds), world))), batch_size=batch_size, shuffle=False,
+        num_workers=data_workers, collate_fn=collate_fn,
+    )  # fmt: skip
+
+
+# --------------------------------------------------------------------------- model
+
+
+def build_model(spec: Spec, num_classes: int) -> Any:
+    """The spec's detector for ``num_classes`` foreground classes: loss, backbone (pretrained body if
+    given), image size and evaluation protocol, then ``detector.init_from`` loaded strictly."""
+    from harmonic.detectors import build_detector
+    from workers.weights import load_init_from
+
+    d = spec.detector
+    model = build_detector(
+        d.arch,
+        num_classes + 1,
+        loss=spec.loss_config(),
+        backbone=d.backbone,
+        image_size=d.image_size,
+        pretrained_backbone=d.pretrained_backbone,
+        eval_protocol=spec.eval.to_protocol(),
+    )
+    load_init_from(model, spec)
+    return model
+
+
+# --------------------------------------------------------------------------- optimizer and schedule
+
+
+def make_optimizer(model: Any, spec: Spec) -> Any:
+    """The spec's optimizer (``train.optimizer``: SGD with momentum, or AdamW) over the trainable parameters."""
+    import torch
+
+    t = spec.train
+    params = [p for p in model.parameters() if p.requires_grad]
+    if t.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
+    return torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
+
+
+class WarmupDecay:
+    """LR multiplier per iteration: linear warm-up, then multi-step or cosine decay (picklable).
+
+    Its attributes are what ``LambdaLR.state_dict()`` saves in a checkpoint: keep their names.
+    """
+
+    def __init__(self, spec: Spec, iters_per_epoch: int):
+        t = spec.train
+        self.iters_per_epoch = max(1, iters_per_epoch)
+        self.total = self.iters_per_epoch * t.epochs
+        self.warmup_iters = min(t.warmup.iters, self.total)
+        self.warmup_factor = t.warmup.factor
+        self.schedule = t.schedule
+        self.steps = t.resolved_lr_steps()
+        self.gamma = t.lr_gamma
+
+    def __call__(self, it: int) -> float:
+        f = 1.0
+        if it < self.warmup_iters:
+            a = it / self.warmup_iters
+            f = self.warmup_factor * (1 - a) + a
+        if self.schedule == "multistep":
+            f *= self.gamma ** bisect.bisect_right(self.steps, it // self.iters_per_epoch)
+        elif self.schedule == "cosine":
+            f *= 0.5 * (1 + math.cos(math.pi * min(it, self.total) / self.total))
+        return f
+
+
+def make_scheduler(optimizer: Any, spec: Spec, iters_per_epoch: int) -> Any:
+    """The spec's LR schedule (:class:`WarmupDecay`), stepped once per training step."""
+    import torch
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, WarmupDecay(spec, iters_per_epoch))

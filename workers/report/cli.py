@@ -1,0 +1,116 @@
+"""``hdet report EXPERIMENT``: a search's evidence report (Markdown or HTML) from MLflow alone.
+Also what a search writes under its parent run's ``evidence/`` (:func:`write_evidence`).
+
+The report is rebuilt from the tracking server only: the parent run (its params, tags and
+``evidence/`` artifacts) and its child runs (one per trial and seed, with their metrics and
+tags), so it works for a search that ran on any cluster, and for one that was interrupted
+(``complete: false``; what finished so far is shown). The plots are drawn again from the same
+numbers into the output folder next to the report.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from workers.report.document import render_html, render_markdown
+from workers.report.plots import draw_plots
+from workers.report.text import format_table
+from workers.tracking import PARENT_ROLE, Tag
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
+
+    from workers.summary import SearchSummary
+
+__all__ = ["main", "build_report", "find_search_run", "write_evidence"]
+
+
+def write_evidence(summary: SearchSummary, out: Path) -> None:
+    """The rendered evidence of a search into ``out``: its plots, ``report.md`` and ``table.txt``
+    (what :func:`workers.summary.log_summary` logs under ``evidence/`` next to ``summary.json``)."""
+    plots = draw_plots(summary, out)
+    (out / "report.md").write_text(render_markdown(summary, {k: v.name for k, v in plots.items()}))
+    (out / "table.txt").write_text(format_table(summary) + "\n")
+
+
+def find_search_run(c: MlflowClient, experiment: str, run_id: str | None = None) -> tuple[str, str]:
+    """The experiment id and the parent run of its latest search (or ``run_id``).
+
+    Raises:
+        LookupError: no such experiment, run, or search parent run; the message says which.
+    """
+    exp = c.get_experiment_by_name(experiment)
+    if exp is None:
+        names = sorted(x.name for x in c.search_experiments())
+        raise LookupError(f"no MLflow experiment {experiment!r} (experiments: {', '.join(names) or 'none'})")
+    if run_id:
+        run = c.get_run(run_id)
+        if run.info.experiment_id != exp.experiment_id:
+            raise LookupError(f"run {run_id} is not in experiment {experiment!r}")
+        return str(exp.experiment_id), run_id
+    runs = c.search_runs(
+        [exp.experiment_id],
+        filter_string=f"tags.`{Tag.ROLE}` = '{PARENT_ROLE}' and tags.`{Tag.SEARCH_COMPLETE}` != ''",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
+    if not runs:
+        raise LookupError(
+            f"experiment {experiment!r} has no search run (a parent run of a spec with a search section)"
+        )
+    return str(exp.experiment_id), str(runs[0].info.run_id)
+
+
+def build_report(
+    c: MlflowClient, experiment: str, out_dir: Path, *, fmt: str = "md", run_id: str | None = None
+) -> Path:
+    """Write ``report.md`` (or ``report.html``) and its plots into ``out_dir``; returns the report file."""
+    from workers.summary import collect_summary
+
+    exp_id, parent = find_search_run(c, experiment, run_id)
+    summary = collect_summary(c, exp_id, parent, experiment=experiment)
+    wall = c.get_run(parent).data.metrics.get("search_wall_s")
+    if wall is not None:
+        summary.wall_s = wall
+    out_dir.mkdir(parents=True, exist_ok=True)
+    plots = draw_plots(summary, out_dir)
+    rel = {k: v.name for k, v in plots.items()}
+    (out_dir / "summary.json").write_text(json.dumps(summary.to_dict(), indent=2))
+    path = out_dir / f"report.{fmt}"
+    path.write_text(render_markdown(summary, rel) if fmt == "md" else render_html(summary, rel))
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``hdet report EXPERIMENT [--tracking-uri URI] [--run RUN_ID] [--format md|html] [--out DIR]``."""
+    p = argparse.ArgumentParser(
+        prog="hdet report", description="Render a search's evidence report from MLflow (Markdown or HTML)."
+    )
+    p.add_argument("experiment", help="MLflow experiment name (the spec's tracking.experiment)")
+    p.add_argument(
+        "--tracking-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else the local store)"
+    )
+    p.add_argument("--run", help="parent run id (default: the experiment's latest search)")
+    p.add_argument("--format", choices=("md", "html"), default="md")
+    p.add_argument("--out", help="output folder (default: ./report-EXPERIMENT)")
+    args = p.parse_args(sys.argv[1:] if argv is None else argv)
+
+    from workers.tracking import client, resolve_tracking_uri
+
+    uri = resolve_tracking_uri(None, args.tracking_uri)
+    out = Path(args.out or f"report-{args.experiment}")
+    try:
+        path = build_report(client(uri), args.experiment, out, fmt=args.format, run_id=args.run)
+    except LookupError as e:
+        print(f"hdet report: {e.args[0]}", file=sys.stderr)
+        return 2
+    print(f"report: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,109 @@
+"""The evidence of a search as plain text: the table printed at the end of ``hdet run``.
+Also written to the parent run as ``evidence/table.txt``; AP in points.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+from workers.report.cells import arm_mean_sd_cell, fmt_value, num, pval, scale_of
+
+if TYPE_CHECKING:
+    from workers.summary import SearchSummary
+
+__all__ = ["format_table"]
+
+
+def format_table(summary: SearchSummary) -> str:
+    """The comparison table printed at the end of a search (AP in points)."""
+    lines: list[str] = []
+    n = len(summary.trials)
+    counts = {
+        s: sum(t.status == s for t in summary.trials)
+        for s in ("completed", "stopped", "failed", "incomplete")
+    }
+    done = ", ".join(f"{v} {k}" for k, v in counts.items() if v)
+    lines.append(
+        f"search: {n} configurations x {len(summary.seeds)} seeds ({done}); "
+        f"{summary.algorithm} + {summary.scheduler}, {summary.epochs} epochs"
+    )
+    if not summary.complete:
+        lines.append("INTERRUPTED: resume with `hdet run SPEC --resume`")
+    best, base = summary.best, summary.baseline
+    if best is not None:
+        params = ", ".join(f"{k}={fmt_value(v)}" for k, v in best.params.items())
+        lines.append(f"best configuration: {params}  (trial {best.trial_id})")
+    tables = (
+        ("confirmatory (the spec's loss)", "confirm.", "HarmonicDet (confirmatory)", summary.confirmatory_comparison),
+        ("best", "best", "HarmonicDet (best)", summary.comparison),
+    )  # fmt: skip
+    if base is not None and any(table for *_, table in tables):
+        for title, column, label, table in tables:
+            if table:
+                lines.append("")
+                lines.append(
+                    f"{title} vs baseline (standard loss) on the {summary.judged_on} split, "
+                    f"paired over seeds {summary.seeds}:"
+                )
+                lines.extend(_comparison_lines(table, column, label, summary.objective))
+        if summary.comparison and summary.judged_on != "test":
+            lines.append(
+                "caution: the best configuration was selected on the split it is judged on; its difference "
+                "is biased upwards (the winner's curse)."
+            )
+        sens = summary.sensitivity
+        if sens.get("n_configs"):
+            lines.append(
+                f"{sens['n_within']} of {sens['n_configs']} completed configurations are within "
+                f"{100 * sens['tolerance']:.1f} AP of the best ({100 * sens['share_within']:.0f}%)"
+            )
+    elif base is not None and base.status == "failed":
+        lines.append(f"baseline failed: {base.error}")
+    lines.append("")
+    lines.append(
+        f"{'trial':<18}{'status':<11}{'AP':>7}{'±':>6}{'epochs':>7}{'wall s':>8}{'CPU s':>9}{'start s':>8}  config"
+    )
+    rows = [*summary.trials, *(a for a in (summary.confirmatory, base) if a is not None)]
+    for t in rows:
+        ap = f"{100 * t.objective:.1f}" if t.objective is not None else "-"
+        sd = f"{100 * t.objective_std:.1f}" if t.objective_std is not None else "-"
+        cfg = ", ".join(f"{k.rsplit('.', 1)[-1]}={fmt_value(v)}" for k, v in t.params.items())
+        if t.status == "failed" and t.error:
+            cfg = f"{cfg}  [{t.error[:80]}]"
+        lines.append(
+            f"{t.trial_id:<18}{t.status:<11}{ap:>7}{sd:>6}{t.epochs:>7}{num(t.wall_s):>8}{num(t.cpu_s):>9}"
+            f"{num(t.first_step_s, 1):>8}  {cfg}"
+        )
+    return "\n".join(lines)
+
+
+def _comparison_lines(
+    comparison: Mapping[str, Mapping[str, Any]], column: str, label: str, primary: str
+) -> list[str]:
+    """One comparison table (one Holm family): per metric both arms' mean ± sd, diff, n, test, raw and
+    Holm-adjusted p, the interval named by its method, the verdict; then the method and the verdict
+    sentence on ``primary``. ``column`` heads the treatment's column, ``label`` names it in words."""
+    from workers import evidence
+
+    head = (
+        f"{'metric':<8}{column:>15}{'baseline':>15}{'diff':>8}{'n':>4}  {'test':<9}{'p':>9}{'p adj':>9}"
+        f"  {evidence.interval_header(comparison):<20}  verdict"
+    )
+    lines = [head, "-" * (len(head) + len(evidence.NO_DIFFERENCE) - len("verdict"))]
+    for metric, comp in comparison.items():
+        scale, digits = scale_of(metric)
+        b = arm_mean_sd_cell(comp, "treatment", metric)
+        a = arm_mean_sd_cell(comp, "baseline", metric)
+        diff = f"{scale * comp['mean_diff']:+.{digits}f}"
+        ci = evidence.interval_cell(comparison, metric, scale, digits)
+        p, p_adj = comp["p_value"], comp.get("p_adjusted", float("nan"))
+        lines.append(
+            f"{metric:<8}{b:>15}{a:>15}{diff:>8}{comp.get('n_pairs', '-'):>4}  {comp['test']:<9}"
+            f"{pval(p):>9}{pval(p_adj):>9}  {ci:<20}  {comp.get('verdict', evidence.NO_DIFFERENCE)}"
+        )
+    lines.append(evidence.method_note(comparison))
+    main = primary if primary in comparison else next(iter(comparison))
+    sentence = evidence.verdict_sentence(comparison, label, "the standard-loss baseline", primary=main)
+    lines.append(f"verdict: {sentence}")
+    return lines

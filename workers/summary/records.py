@@ -1,0 +1,184 @@
+"""What a search's outcome is made of: TrialRecord, SearchSummary and the names of their metrics.
+Plain dataclasses with a JSON form; no MLflow, no Ray (reading and writing them: workers.summary.store).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+__all__ = [
+    "OBJECTIVE",
+    "COMPARED_METRICS",
+    "MECHANISM_METRICS",
+    "REPORTED_METRICS",
+    "TEST_PREFIX",
+    "NEAR_BEST",
+    "BASELINE_ID",
+    "CONFIRMATORY_ID",
+    "SUMMARY_ARTIFACT",
+    "TrialRecord",
+    "SearchSummary",
+]
+
+#: the searched objective: COCO AP@[.5:.95] of the last epoch, mean over seeds (in [0, 1]).
+OBJECTIVE = "AP"
+#: metrics compared between an arm and the baseline (one table; Holm-corrected together).
+COMPARED_METRICS = ("AP", "AP50", "AP75", "AP90", "aic")
+#: the training-time mechanism: what the loss does to the positives' scores (Eq. 7).
+MECHANISM_METRICS = (
+    "train_aic",
+    "train_mean_score",
+    "train_pushed_down_share",
+    "train_pushed_down_mean_score",
+)
+#: the per-epoch metrics a trial averages over its seeds and reports to Tune.
+REPORTED_METRICS = (
+    *COMPARED_METRICS,
+    "spearman",
+    *MECHANISM_METRICS,
+    "loss",
+    "images_per_s",
+    *(f"ap_iou_{t}" for t in range(50, 100, 5)),
+)
+#: prefix of the held-out test split's metrics (the trainer's name for them; workers.train has the same).
+TEST_PREFIX = "test_"
+#: "within 0.5 AP of the best", on the [0, 1] scale the trainer reports AP in.
+NEAR_BEST = 0.005
+
+#: trial ids (and arms) of the two configurations trained outside the searcher.
+BASELINE_ID = "baseline"
+CONFIRMATORY_ID = "confirmatory"
+SUMMARY_ARTIFACT = "evidence/summary.json"
+
+
+@dataclass
+class TrialRecord:
+    """One configuration of a search (or a fixed arm), as MLflow holds it.
+
+    Attributes:
+        trial_id: the Tune trial id, ``baseline`` or ``confirmatory``.
+        arm: ``search``, ``baseline`` or ``confirmatory``.
+        params: the configuration (dotted spec path -> value).
+        status: ``completed``, ``stopped`` (early, by ASHA), ``failed`` or ``incomplete``.
+        error: the failure's reason.
+        epochs: the last epoch every seed reached.
+        objective: mean over seeds of the last epoch's AP (in [0, 1]); None without all seeds.
+        objective_std: standard deviation of it over seeds.
+        per_seed: seed -> the last epoch's metrics.
+        child_runs: seed -> MLflow run id.
+        wall_s, cpu_s, gpu_s: the trial's wall time and allocated CPU/GPU-seconds.
+        first_step_s: wall time from the trial's start to its first training step.
+        epochs_run: epochs trained over all seeds.
+    """
+
+    trial_id: str
+    arm: str
+    params: dict[str, Any]
+    status: str
+    error: str | None = None
+    epochs: int = 0
+    objective: float | None = None
+    objective_std: float | None = None
+    per_seed: dict[int, dict[str, float]] = field(default_factory=dict)
+    child_runs: dict[int, str] = field(default_factory=dict)
+    wall_s: float = float("nan")
+    cpu_s: float = float("nan")
+    gpu_s: float = float("nan")
+    first_step_s: float = float("nan")
+    epochs_run: int = 0
+
+    def seed_mean(self, metric: str) -> float:
+        vals = [m[metric] for m in self.per_seed.values() if metric in m]
+        return sum(vals) / len(vals) if vals else float("nan")
+
+
+@dataclass
+class SearchSummary:
+    """The outcome of a search, as logged to the parent run (``evidence/summary.json``).
+
+    Attributes:
+        experiment, parent_run_id: where it is in MLflow.
+        objective: the searched metric (``AP``).
+        seeds, algorithm, scheduler, epochs: what was run.
+        trials: every configuration of the search.
+        baseline: the baseline arm, if the spec asked for it.
+        confirmatory: the confirmatory arm (the spec's own loss section), if asked for.
+        best_trial_id: the best configuration (on ``val``) that trained the full schedule.
+        comparison: metric -> :func:`workers.evidence.compare_metrics` entry of best vs baseline,
+            on the split ``judged_on``.
+        confirmatory_comparison: the same for the confirmatory arm vs the baseline.
+        judged_on: ``test`` (the held-out split) or ``val`` (no test split: the best
+            configuration's comparison then carries the winner's curse).
+        mechanism: arm label -> training-time metric (:data:`MECHANISM_METRICS`) -> {epoch: mean
+            over seeds}: what the loss did to the positives' scores, epoch by epoch.
+        sensitivity: :func:`workers.evidence.sensitivity` over the completed configurations.
+        ap_vs_iou: arm label -> {IoU threshold: AP, mean over seeds}.
+        complete: False when the search was interrupted (resume it with ``--resume``).
+        wall_s: wall time of the whole search (this session).
+    """
+
+    experiment: str
+    parent_run_id: str
+    objective: str
+    seeds: list[int]
+    algorithm: str
+    scheduler: str
+    epochs: int
+    trials: list[TrialRecord]
+    baseline: TrialRecord | None = None
+    confirmatory: TrialRecord | None = None
+    best_trial_id: str | None = None
+    comparison: dict[str, dict[str, Any]] = field(default_factory=dict)
+    confirmatory_comparison: dict[str, dict[str, Any]] = field(default_factory=dict)
+    judged_on: str = "val"
+    mechanism: dict[str, dict[str, dict[int, float]]] = field(default_factory=dict)
+    sensitivity: dict[str, Any] = field(default_factory=dict)
+    ap_vs_iou: dict[str, dict[float, float]] = field(default_factory=dict)
+    complete: bool = True
+    wall_s: float = float("nan")
+
+    @property
+    def best(self) -> TrialRecord | None:
+        return next((t for t in self.trials if t.trial_id == self.best_trial_id), None)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-serialisable form (seeds and IoU thresholds become string keys)."""
+        d = asdict(self)
+        return json.loads(json.dumps(d, default=str, allow_nan=True))
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> SearchSummary:
+        def rec(r: Mapping[str, Any] | None) -> TrialRecord | None:
+            if r is None:
+                return None
+            r = dict(r)
+            r["per_seed"] = {int(k): v for k, v in r.get("per_seed", {}).items()}
+            r["child_runs"] = {int(k): v for k, v in r.get("child_runs", {}).items()}
+            return TrialRecord(**r)
+
+        data = dict(d)
+        data["trials"] = [rec(t) for t in data.get("trials", [])]
+        data["baseline"] = rec(data.get("baseline"))
+        data["confirmatory"] = rec(data.get("confirmatory"))
+        data["ap_vs_iou"] = {
+            k: {float(t): v for t, v in c.items()} for k, c in data.get("ap_vs_iou", {}).items()
+        }
+        data["mechanism"] = {
+            arm: {m: {int(e): v for e, v in by_epoch.items()} for m, by_epoch in metrics.items()}
+            for arm, metrics in data.get("mechanism", {}).items()
+        }
+        for table in ("comparison", "confirmatory_comparison"):
+            for comp in data.get(table, {}).values():
+                comp["per_seed"] = {
+                    int(k) if str(k).lstrip("-").isdigit() else k: v for k, v in comp["per_seed"].items()
+                }
+        return cls(**data)
+
+    def format_table(self) -> str:
+        """The comparison table printed at the end of a search: :func:`workers.report.format_table`."""
+        from workers.report import format_table  # (the renderer imports this module, not the reverse)
+
+        return format_table(self)

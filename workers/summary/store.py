@@ -1,0 +1,354 @@
+"""A search's summary in MLflow: collect_summary reads it back from the runs, log_summary writes it.
+One child run per trial and seed, tagged (workers.tracking.Tag) under the search's parent run.
+
+:func:`collect_summary` rebuilds a :class:`SearchSummary` from those runs alone, so a summary can
+be made for a search that ran on any cluster, or was interrupted.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from workers.evidence import aggregate_seeds, compare_metrics, sensitivity
+from workers.summary.records import (
+    BASELINE_ID,
+    COMPARED_METRICS,
+    CONFIRMATORY_ID,
+    MECHANISM_METRICS,
+    NEAR_BEST,
+    OBJECTIVE,
+    REPORTED_METRICS,
+    SUMMARY_ARTIFACT,
+    TEST_PREFIX,
+    SearchSummary,
+    TrialRecord,
+)
+from workers.tracking import Tag
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
+
+__all__ = ["collect_summary", "log_summary", "epoch_history"]
+
+
+def collect_summary(
+    c: MlflowClient,
+    experiment_id: str,
+    parent_run_id: str,
+    *,
+    experiment: str = "",
+    n_boot: int = 10000,
+) -> SearchSummary:
+    """Rebuild a search's summary from MLflow alone: the parent run and its child runs.
+
+    Args:
+        c: an MLflow client of the tracking server.
+        experiment_id: the MLflow experiment.
+        parent_run_id: the search's parent run.
+        experiment: the experiment's name (for display).
+        n_boot: bootstrap resamples of the paired comparison.
+
+    Returns:
+        SearchSummary: every trial found (grouped by the ``Tag.TRIAL_ID`` tag of the child
+        runs), the best completed configuration, the paired comparisons with the baseline, the
+        sensitivity, the AP-vs-IoU curves and the training-time mechanism.
+    """
+    from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+
+    parent = c.get_run(parent_run_id)
+    p = parent.data.params
+    epochs = int(p.get("train.epochs", "0") or 0)
+    seeds = json.loads(p.get("search.seeds", "[]") or "[]")
+    children: list[Any] = []
+    token = None
+    while True:
+        page = c.search_runs(
+            [experiment_id], filter_string=f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{parent_run_id}'",
+            max_results=1000, page_token=token,
+        )  # fmt: skip
+        children.extend(page)
+        token = page.token
+        if not token:
+            break
+    groups: dict[str, list[Any]] = {}
+    for run in children:
+        tid = run.data.tags.get(Tag.TRIAL_ID)
+        if tid:
+            groups.setdefault(tid, []).append(run)
+    records: list[TrialRecord] = []
+    fixed: dict[str, TrialRecord] = {}
+    for tid, runs in groups.items():
+        rec = _record(tid, runs, seeds, epochs)
+        if rec.arm in (BASELINE_ID, CONFIRMATORY_ID):
+            fixed[rec.arm] = rec
+        else:
+            records.append(rec)
+    records.sort(key=lambda r: r.trial_id)
+    baseline, confirmatory = fixed.get(BASELINE_ID), fixed.get(CONFIRMATORY_ID)
+
+    completed = [r for r in records if r.status == "completed" and r.objective is not None]
+    best = max(completed, key=lambda r: r.objective or -1.0, default=None)
+    # Judge on the held-out test split when every arm compared has it on every seed.
+    arms = [a for a in (best, confirmatory, baseline) if a is not None]
+    on_test = bool(arms) and all(_has_test(a, seeds) for a in arms)
+    prefix = TEST_PREFIX if on_test else ""
+    comparison: dict[str, dict[str, Any]] = {}
+    confirmatory_comparison: dict[str, dict[str, Any]] = {}
+    if baseline is not None and baseline.per_seed:
+        base_metrics = _split_metrics(baseline, prefix)
+        if best is not None:
+            comparison = compare_metrics(
+                _split_metrics(best, prefix), base_metrics, COMPARED_METRICS, n_boot=n_boot
+            )
+        if confirmatory is not None and confirmatory.per_seed:
+            confirmatory_comparison = compare_metrics(
+                _split_metrics(confirmatory, prefix), base_metrics, COMPARED_METRICS, n_boot=n_boot
+            )
+    sens = sensitivity(
+        [{"params": r.params, "objective": r.objective} for r in completed],
+        params=_searched_params(records),
+        tolerance=NEAR_BEST,
+    )
+    curves: dict[str, dict[float, float]] = {}
+    labelled: tuple[tuple[str, TrialRecord | None], ...] = (
+        ("confirmatory (harmonic)", confirmatory),
+        ("best (harmonic)", best),
+        ("baseline (standard)", baseline),
+    )
+    for label, arm in labelled:
+        if arm is None:
+            continue
+        curve = {}
+        for t in range(50, 100, 5):
+            v = arm.seed_mean(f"{prefix}ap_iou_{t}")
+            if math.isfinite(v):
+                curve[t / 100] = v
+        if curve:
+            curves[label] = curve
+    mechanism = {label: _epoch_means(c, arm) for label, arm in labelled if arm is not None and arm.child_runs}
+    return SearchSummary(
+        experiment=experiment or parent.data.tags.get(Tag.SPEC_NAME, ""),
+        parent_run_id=parent_run_id,
+        objective=OBJECTIVE,
+        seeds=[int(s) for s in seeds],
+        algorithm=p.get("search.algorithm", ""),
+        scheduler=p.get("search.scheduler", ""),
+        epochs=epochs,
+        trials=records,
+        baseline=baseline,
+        confirmatory=confirmatory,
+        best_trial_id=best.trial_id if best else None,
+        comparison=comparison,
+        confirmatory_comparison=confirmatory_comparison,
+        judged_on="test" if on_test else "val",
+        mechanism={k: v for k, v in mechanism.items() if v},
+        sensitivity=sens,
+        ap_vs_iou=curves,
+        complete=parent.data.tags.get(Tag.SEARCH_COMPLETE, "true") == "true",
+    )
+
+
+def _epoch_means(c: MlflowClient, rec: TrialRecord) -> dict[str, dict[int, float]]:
+    """Mean over an arm's seeds of each :data:`MECHANISM_METRICS` metric, per epoch."""
+    out: dict[str, dict[int, float]] = {}
+    for key in MECHANISM_METRICS:
+        values: dict[int, list[float]] = {}
+        for run_id in rec.child_runs.values():
+            for m in c.get_metric_history(run_id, key):
+                if math.isfinite(m.value):
+                    values.setdefault(int(m.step), []).append(float(m.value))
+        if values:
+            out[key] = {e: sum(v) / len(v) for e, v in sorted(values.items())}
+    return out
+
+
+def epoch_history(c: MlflowClient, run_id: str) -> dict[int, dict[str, float]]:
+    """Per-epoch metrics (:data:`REPORTED_METRICS`, ``epoch``, ``epoch_time_s``) of a child run:
+    epoch -> metrics (a search replays a seed that finished before an interruption from them)."""
+    history: dict[int, dict[str, float]] = {}
+    for key in ("epoch", "epoch_time_s", *REPORTED_METRICS):
+        for m in c.get_metric_history(run_id, key):
+            history.setdefault(int(m.step), {})[key] = float(m.value)
+    return {e: h for e, h in history.items() if "epoch" in h}
+
+
+def _has_test(rec: TrialRecord, seeds: list[int]) -> bool:
+    return bool(seeds) and all(f"{TEST_PREFIX}{OBJECTIVE}" in rec.per_seed.get(s, {}) for s in seeds)
+
+
+def _split_metrics(rec: TrialRecord, prefix: str) -> dict[int, dict[str, float]]:
+    """Per-seed metrics of one split: ``test_AP`` -> ``AP`` with ``prefix="test_"``; the split's
+    metrics only (never the other split's value under the same name)."""
+    if not prefix:
+        return {
+            s: {k: v for k, v in m.items() if not k.startswith(TEST_PREFIX)} for s, m in rec.per_seed.items()
+        }
+    return {
+        s: {k[len(prefix) :]: v for k, v in m.items() if k.startswith(prefix)}
+        for s, m in rec.per_seed.items()
+    }
+
+
+def _searched_params(records: list[TrialRecord]) -> list[str]:
+    names: list[str] = []
+    for r in records:
+        for k, v in r.params.items():
+            if k not in names and isinstance(v, int | float) and not isinstance(v, bool):
+                names.append(k)
+    return names
+
+
+#: the last-epoch metrics a TrialRecord keeps of each seed.
+_RECORDED = frozenset(
+    {
+        *REPORTED_METRICS,
+        "epoch",
+        "AR100",
+        "inconsistent_share",
+        "nms_rate",
+        "trainer_wall_s",
+        *(f"{TEST_PREFIX}{m}" for m in (*COMPARED_METRICS, "spearman", "AR100", "inconsistent_share")),
+        *(f"{TEST_PREFIX}ap_iou_{t}" for t in range(50, 100, 5)),
+    }
+)
+_COMPUTE = ("trial_wall_s", "trial_cpu_s", "trial_gpu_s", "trial_first_step_s", "trial_epochs_run")
+
+
+def _record(trial_id: str, runs: list[Any], seeds: list[int], epochs: int) -> TrialRecord:
+    """One configuration from its seeds' child runs."""
+    tags = runs[0].data.tags
+    params = json.loads(tags.get(Tag.CONFIG, "{}") or "{}")
+    per_seed: dict[int, dict[str, float]] = {}
+    child_runs: dict[int, str] = {}
+    statuses, errors, reached = [], [], []
+    compute: dict[str, float] = {}
+    for run in runs:
+        seed = int(run.data.tags.get(Tag.SEED, "-1"))
+        child_runs[seed] = run.info.run_id
+        m = dict(run.data.metrics)
+        per_seed[seed] = {k: v for k, v in m.items() if k in _RECORDED}
+        reached.append(int(m.get("epoch", 0)))
+        statuses.append(run.data.tags.get(Tag.TRIAL_STATUS) or _status_of(run, epochs))
+        if run.data.tags.get(Tag.ERROR):
+            errors.append(f"seed {seed}: {run.data.tags[Tag.ERROR]}")
+        for k in _COMPUTE:
+            if k in m:
+                compute[k] = max(compute.get(k, float("-inf")), m[k])
+    if "failed" in statuses:
+        status = "failed"
+    elif "stopped" in statuses:
+        status = "stopped"
+    elif all(s == "completed" for s in statuses) and (not seeds or set(per_seed) >= set(seeds)):
+        status = "completed"
+    else:
+        status = "incomplete"
+    have_all = bool(seeds) and set(seeds) <= set(per_seed) and all(OBJECTIVE in per_seed[s] for s in seeds)
+    agg = aggregate_seeds(
+        {s: {OBJECTIVE: per_seed[s][OBJECTIVE]} for s in seeds if s in per_seed and OBJECTIVE in per_seed[s]}
+    )
+    return TrialRecord(
+        trial_id=trial_id,
+        arm=tags.get(Tag.ARM, "search"),
+        params=params,
+        status=status,
+        error="; ".join(errors)[:2000] or None,
+        epochs=min(reached) if reached else 0,
+        objective=agg[OBJECTIVE]["mean"] if have_all else None,
+        objective_std=agg[OBJECTIVE]["std"] if have_all else None,
+        per_seed=per_seed,
+        child_runs=child_runs,
+        wall_s=compute.get("trial_wall_s", float("nan")),
+        cpu_s=compute.get("trial_cpu_s", float("nan")),
+        gpu_s=compute.get("trial_gpu_s", float("nan")),
+        first_step_s=compute.get("trial_first_step_s", float("nan")),
+        epochs_run=int(compute.get("trial_epochs_run", sum(reached))),
+    )
+
+
+def _status_of(run: Any, epochs: int) -> str:
+    """A seed's outcome when its run has no ``Tag.TRIAL_STATUS``, from the run's own status."""
+    if run.info.status == "FAILED":
+        return "failed"
+    if run.info.status == "FINISHED" and int(run.data.metrics.get("epoch", 0)) >= epochs:
+        return "completed"
+    return "incomplete"
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def log_summary(
+    c: MlflowClient,
+    parent_run_id: str,
+    summary: SearchSummary,
+    render: Callable[[SearchSummary, Path], Any] | None = None,
+) -> None:
+    """Log a summary's evidence to the parent run: metrics, the best configuration, tags, artifacts.
+
+    Metrics (step 0), for each arm label ``best``, ``baseline``, ``confirmatory``: ``<arm>_<m>``
+    (seed means) and ``<arm>_<m>_seed<s>``; for each comparison (``diff``, ``confirmatory_diff``):
+    ``<c>_<m>``, ``<c>_<m>_ci95_low``/``_high``, ``<c>_<m>_p`` and ``<c>_<m>_p_adjusted``; then
+    ``share_within_0.5AP``, ``n_trials_<status>``, ``search_cpu_s``, ``search_wall_s``. Params:
+    ``best.<path>`` and ``best.trial_id`` (a tag when a resumed search finds another best). Tags:
+    ``Tag.JUDGED_ON``, ``Tag.BEST_TRIAL_ID``, ``Tag.BEST_CONFIG``, ``Tag.SEARCH_COMPLETE``.
+    Artifacts under ``evidence/``: ``summary.json``, and whatever ``render(summary, folder)``
+    writes into the folder (:func:`workers.report.write_evidence`: the report, table and plots).
+    """
+    from workers.tracking import log_metrics, log_params
+
+    metrics: dict[str, float] = {}
+    arms = (("best", summary.best), ("baseline", summary.baseline), ("confirmatory", summary.confirmatory))
+    for label, rec in arms:
+        if rec is None:
+            continue
+        for m in (*COMPARED_METRICS, *MECHANISM_METRICS, *(f"{TEST_PREFIX}{m}" for m in COMPARED_METRICS)):
+            mean = rec.seed_mean(m)
+            if math.isfinite(mean):
+                metrics[f"{label}_{m}"] = mean
+            for seed, vals in rec.per_seed.items():
+                if m in vals:
+                    metrics[f"{label}_{m}_seed{seed}"] = vals[m]
+    for label, table in (
+        ("diff", summary.comparison),
+        ("confirmatory_diff", summary.confirmatory_comparison),
+    ):
+        for m, comp in table.items():
+            metrics[f"{label}_{m}"] = comp["mean_diff"]
+            metrics[f"{label}_{m}_ci95_low"] = comp["ci95_low"]
+            metrics[f"{label}_{m}_ci95_high"] = comp["ci95_high"]
+            metrics[f"{label}_{m}_p"] = comp["p_value"]
+            if "p_adjusted" in comp:
+                metrics[f"{label}_{m}_p_adjusted"] = comp["p_adjusted"]
+    c.set_tag(parent_run_id, Tag.JUDGED_ON, summary.judged_on)
+    if summary.sensitivity.get("n_configs"):
+        metrics["share_within_0.5AP"] = summary.sensitivity["share_within"]
+    for status in ("completed", "stopped", "failed", "incomplete"):
+        metrics[f"n_trials_{status}"] = float(sum(t.status == status for t in summary.trials))
+    metrics["search_cpu_s"] = sum(t.cpu_s for t in summary.trials if math.isfinite(t.cpu_s))
+    if math.isfinite(summary.wall_s):
+        metrics["search_wall_s"] = summary.wall_s
+    log_metrics(c, parent_run_id, metrics, step=0)
+    best = summary.best
+    if best is not None:
+        existing = c.get_run(parent_run_id).data.params
+        params = {f"best.{k}": str(v) for k, v in best.params.items()}
+        params["best.trial_id"] = best.trial_id
+        # MLflow params are immutable: a resumed search that finds another best logs it as a tag.
+        fresh = {k: v for k, v in params.items() if k not in existing}
+        if fresh:
+            log_params(c, parent_run_id, fresh)
+        c.set_tag(parent_run_id, Tag.BEST_TRIAL_ID, best.trial_id)
+        c.set_tag(parent_run_id, Tag.BEST_CONFIG, json.dumps(best.params, sort_keys=True)[:5000])
+    c.set_tag(parent_run_id, Tag.SEARCH_COMPLETE, "true" if summary.complete else "false")
+    folder = Path(SUMMARY_ARTIFACT).parent.name
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp)
+        (out / Path(SUMMARY_ARTIFACT).name).write_text(json.dumps(summary.to_dict(), indent=2))
+        if render is not None:
+            render(summary, out)
+        c.log_artifacts(parent_run_id, tmp, artifact_path=folder)
