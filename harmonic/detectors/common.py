@@ -120,6 +120,20 @@ class HarmonicPart:
     def _init_harmonic(self, loss_config: LossConfig) -> None:
         self.loss_config = loss_config
         self._diagnostics = None
+        # The options of Eq. 11-12, mapped once here rather than unpacked at every step.
+        cfg = loss_config
+        self._terms_options: dict[str, Any] = {
+            "alpha": cfg.alpha,
+            "gamma": cfg.gamma,
+            "margin": cfg.margin,
+            "use_tc": cfg.tc,
+            "iou_term": cfg.resolved_iou_term,
+            "detach_factors": cfg.detach_factors,
+            "tc_weight": cfg.tc_weight,
+            "detach_tc_weight": cfg.detach_tc_weight,
+            "tc_detach_iou": cfg.tc_detach_iou,
+            "coupling": cfg.coupling,
+        }
 
     def _record(self, score: Tensor, iou: Tensor, beta_r: Tensor, beta_c: Tensor, dl_dp: Tensor) -> None:
         # Kept on the device: the copy to the CPU (a sync on GPUs) happens only when someone pops them.
@@ -145,31 +159,14 @@ class HarmonicPart:
         ``form`` is the coupled classification loss's form (``ce`` or ``focal``, see
         :func:`harmonic.losses.cls_loss_grad`), for the ``dl_dp`` diagnostic.
         """
-        cfg = self.loss_config
-        terms = harmonic_det_terms(
-            cls_loss,
-            loc_loss,
-            iou,
-            score,
-            probs,
-            alpha=cfg.alpha,
-            gamma=cfg.gamma,
-            margin=cfg.margin,
-            use_tc=cfg.tc,
-            iou_term=cfg.resolved_iou_term,
-            detach_factors=cfg.detach_factors,
-            tc_weight=cfg.tc_weight,
-            detach_tc_weight=cfg.detach_tc_weight,
-            tc_detach_iou=cfg.tc_detach_iou,
-            coupling=cfg.coupling,
-        )
+        terms = harmonic_det_terms(cls_loss, loc_loss, iou, score, probs, **self._terms_options)
         dl_dp = harmonic_score_gradient(
             score,
             cls_loss,
             terms.loc_raw,
             form=form,
-            coupling=cfg.coupling,
-            detach_factors=cfg.detach_factors,
+            coupling=self._terms_options["coupling"],
+            detach_factors=self._terms_options["detach_factors"],
         )
         self._record(score, iou, terms.beta_r, terms.beta_c, dl_dp)
         return terms
