@@ -1,0 +1,77 @@
+"""Seed-paired evidence: does an arm beat the baseline by more than seed noise?
+
+Seeds are a blocking factor: an arm and the baseline are trained on the same seeds (same
+initialisation, same data order, same schedule), so the unit of comparison is the per-seed
+*difference* ``treatment[seed] - baseline[seed]``, not two independent samples. Everything here is
+plain numpy/scipy on plain dicts, so the search, the report, the REST service and the tests share
+one implementation.
+
+Test and interval, by the number of pairs n (:func:`paired_comparison`)
+    * n < 6: the paired t-test and its t-interval of the mean difference. The exact two-sided
+      Wilcoxon p can never go below ``2 / 2**n`` (0.0625 with 5 pairs), so below 6 pairs it could
+      never reject whatever the data; it is reported beside the t-test, with its floor.
+    * n >= 6: the exact Wilcoxon signed-rank test and the Hodges-Lehmann interval of the median
+      difference (no normality assumed).
+    * n >= 10: a studentised bootstrap interval of the mean difference is added (a percentile
+      bootstrap on few seeds under-covers: with 3 seeds it is exactly [min d, max d]).
+
+Verdict (:func:`compare_metrics`, :func:`decide`)
+    p-values are Holm-adjusted over the metrics of one table; an arm is called better only when
+    its adjusted p < 0.05 **and** its interval excludes 0. Otherwise the verdict is
+    :data:`NO_DIFFERENCE`, said in those words, and :func:`verdict_sentence` says when few seeds
+    make the interval wide.
+"""
+
+from __future__ import annotations
+
+from workers.evidence.paired import (
+    ALPHA,
+    BOOTSTRAP_MIN_PAIRS,
+    LOWER_IS_BETTER,
+    NO_DIFFERENCE,
+    TESTS,
+    WILCOXON_MIN_PAIRS,
+    EvidenceError,
+    hodges_lehmann_interval,
+    holm_adjust,
+    paired_comparison,
+    studentized_bootstrap_interval,
+    wilcoxon_min_p,
+)
+from workers.evidence.seeds import (
+    aggregate_seeds,
+    sensitivity,
+)
+from workers.evidence.verdict import (
+    arm_mean_sd,
+    compare_metrics,
+    decide,
+    interval_cell,
+    interval_header,
+    method_note,
+    verdict_sentence,
+)
+
+__all__ = [
+    "ALPHA",
+    "BOOTSTRAP_MIN_PAIRS",
+    "EvidenceError",
+    "LOWER_IS_BETTER",
+    "NO_DIFFERENCE",
+    "TESTS",
+    "WILCOXON_MIN_PAIRS",
+    "aggregate_seeds",
+    "arm_mean_sd",
+    "compare_metrics",
+    "decide",
+    "hodges_lehmann_interval",
+    "holm_adjust",
+    "interval_cell",
+    "interval_header",
+    "method_note",
+    "paired_comparison",
+    "sensitivity",
+    "studentized_bootstrap_interval",
+    "verdict_sentence",
+    "wilcoxon_min_p",
+]
