@@ -1,0 +1,221 @@
+"""deploy/kubernetes: every overlay rendered by kustomize and every manifest validated (Kubernetes
+schemas, KubeRay v1.7.0 CRDs), what the manifests refer to exists or is documented, the cluster
+keeps the deployment's rules (head schedules no training, workers scale from zero, token auth, shared
+object storage, probes, requests/limits, /dev/shm), and a broken manifest is caught."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+from deploy_checks import (
+    DEPLOY,
+    KUBE,
+    OVERLAYS,
+    kustomize,
+    load,
+    mutated,
+    named,
+    pod_specs,
+    problems,
+    referenced,
+    schemas_dir,
+)
+
+README_SECTION = DEPLOY.parent / "README.md"
+
+
+@pytest.fixture(scope="module")
+def schemas() -> Path:
+    return schemas_dir()
+
+
+@pytest.fixture(scope="module")
+def rendered() -> dict[str, list[dict[str, Any]]]:
+    return {name: kustomize(KUBE / "overlays" / name) for name in OVERLAYS} | {
+        "base": kustomize(KUBE / "base")
+    }
+
+
+@pytest.mark.parametrize("name", ["base", *OVERLAYS])
+def test_every_rendered_manifest_validates(name: str, rendered: dict[str, Any], schemas: Path) -> None:
+    docs = rendered[name]
+    assert problems(docs, schemas) == []
+    kinds = {d["kind"] for d in docs}
+    assert {
+        "Namespace",
+        "ConfigMap",
+        "PersistentVolumeClaim",
+        "Deployment",
+        "StatefulSet",
+        "Service",
+    } <= kinds
+    assert {"Job", "RayCluster"} <= kinds
+    assert {d["metadata"].get("namespace") for d in docs if d["kind"] != "Namespace"} == {"harmonicdet"}
+
+
+def test_the_rayjob_example_validates(schemas: Path) -> None:
+    (job,) = load(KUBE / "rayjob.yaml")
+    assert problems([job], schemas) == []
+    assert job["spec"]["entrypoint"].startswith("python -m workers.run /app/configs/")
+    spec_path = job["spec"]["entrypoint"].split()[-1].replace("/app/", "")
+    assert (DEPLOY.parent / spec_path).is_file(), (
+        f"the RayJob runs {spec_path}, which the image does not hold"
+    )
+    env = {e["name"]: e for e in job["spec"]["submitterPodTemplate"]["spec"]["containers"][0]["env"]}
+    assert env["RAY_AUTH_MODE"]["value"] == "token"
+    assert env["RAY_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"] == {
+        "name": "harmonicdet-ray-token",
+        "key": "auth_token",
+    }
+
+
+@pytest.mark.parametrize("name", OVERLAYS)
+def test_the_ray_cluster_keeps_the_deployment_rules(name: str, rendered: dict[str, Any]) -> None:
+    docs = rendered[name]
+    (cluster,) = named(docs, "RayCluster").values()
+    spec = cluster["spec"]
+    assert spec["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"  # the head trains nothing
+    assert spec["authOptions"] == {"mode": "token", "secretName": "harmonicdet-ray-token"}
+    assert spec["enableInTreeAutoscaling"] is True
+    groups = spec["workerGroupSpecs"]
+    assert groups and all(
+        g["minReplicas"] == 0 and g["replicas"] == 0 and g["maxReplicas"] >= 1 for g in groups
+    )
+    for where, pod in pod_specs(cluster):
+        (container,) = pod["containers"]
+        res = container["resources"]
+        assert res["requests"] and res["limits"], where
+        assert "readinessProbe" in container, where
+        mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+        volumes = {v["name"]: v for v in pod["volumes"]}
+        assert volumes[mounts["/dev/shm"]]["emptyDir"]["medium"] == "Memory", where
+        assert "persistentVolumeClaim" in volumes[mounts["/data"]], where
+        assert {"configMapRef": {"name": "harmonicdet-config"}} in container["envFrom"], where
+        assert pod["securityContext"]["runAsNonRoot"] is True, where
+
+
+def test_the_gpu_overlay_has_one_autoscaling_group_per_accelerator(rendered: dict[str, Any]) -> None:
+    (cluster,) = named(rendered["gpu"], "RayCluster").values()
+    types = []
+    for group in cluster["spec"]["workerGroupSpecs"]:
+        limits = group["template"]["spec"]["containers"][0]["resources"]["limits"]
+        assert int(limits["nvidia.com/gpu"]) >= 1, group["groupName"]
+        assert group["rayStartParams"]["num-gpus"] == limits["nvidia.com/gpu"]
+        (accel,) = re.findall(r"accelerator_type:([A-Za-z0-9]+)", group["rayStartParams"]["resources"])
+        types.append(accel)
+    assert len(types) >= 2 and len(set(types)) == len(types)
+
+
+def test_the_dev_overlay_asks_for_no_gpu(rendered: dict[str, Any]) -> None:
+    for doc in rendered["dev"]:
+        for where, pod in pod_specs(doc):
+            for c in pod["containers"]:
+                assert "nvidia.com/gpu" not in (c.get("resources", {}).get("limits") or {}), where
+
+
+@pytest.mark.parametrize("name", OVERLAYS)
+def test_ray_and_mlflow_store_on_the_same_object_store(name: str, rendered: dict[str, Any]) -> None:
+    docs = rendered[name]
+    config = named(docs, "ConfigMap")["harmonicdet-config"]["data"]
+    storage = config["HDET_STORAGE_PATH"]
+    assert storage.startswith("s3://"), "Ray's storage_path must be storage every node sees"
+    bucket = storage.removeprefix("s3://").split("/")[0]
+    args = named(docs, "Deployment")["mlflow"]["spec"]["template"]["spec"]["containers"][0]["args"]
+    (dest,) = [a.split("=", 1)[1] for a in args if a.startswith("--artifacts-destination=")]
+    assert dest.startswith(f"s3://{bucket}/")
+    assert config["HDET_BUCKET"] == bucket
+    assert config["MLFLOW_TRACKING_URI"] == "http://mlflow:5000"
+    assert "mlflow" in named(docs, "Service")
+
+
+@pytest.mark.parametrize("name", OVERLAYS)
+def test_every_reference_resolves_or_is_documented(name: str, rendered: dict[str, Any]) -> None:
+    docs = rendered[name]
+    refs = referenced(docs)
+    assert refs["configmap"] <= set(named(docs, "ConfigMap"))
+    claims = set(named(docs, "PersistentVolumeClaim"))
+    assert refs["pvc"] <= claims
+    # Every Service selects the pods of some workload.
+    templates = [
+        d["spec"]["template"]["metadata"]["labels"]
+        for d in docs
+        if d["kind"] in ("Deployment", "StatefulSet")
+    ]
+    for svc_name, svc in named(docs, "Service").items():
+        sel = svc["spec"]["selector"]
+        assert any(sel.items() <= labels.items() for labels in templates), (
+            f"Service {svc_name} selects nothing"
+        )
+    # Secrets are created by hand (never committed): the README section shows each, with its keys.
+    readme = README_SECTION.read_text()
+    keyed: dict[str, set[str]] = {}
+    for ref in refs["secret"]:
+        secret, _, key = ref.partition("/")
+        keyed.setdefault(secret, set()).update({key} if key else set())
+    assert keyed, "no Secret referenced"
+    for secret, keys in keyed.items():
+        m = re.search(
+            rf"kubectl -n harmonicdet create secret generic {secret}\b(.*?)(?:\n\n|```)", readme, re.S
+        )
+        assert m, f"the README section does not show how to create the Secret {secret}"
+        for key in keys:
+            assert f"--from-literal={key}=" in m.group(1), f"Secret {secret}: key {key} not documented"
+
+
+@pytest.mark.parametrize(
+    "file, old, new, words",
+    [
+        # a typo in a RayCluster field (KubeRay CRD, strict)
+        (
+            "base/raycluster.yaml",
+            "    rayStartParams:\n      num-cpus",
+            "    rayStartParam:\n      num-cpus",
+            "rayStartParam",
+        ),
+        # a wrong type in a RayCluster field
+        ("base/raycluster.yaml", "minReplicas: 0", 'minReplicas: "none"', "minReplicas"),
+        # a wrong type in a Deployment (Kubernetes schema)
+        (
+            "base/mlflow.yaml",
+            "{name: http, containerPort: 5000}",
+            "{name: http, containerPort: five}",
+            "containerPort",
+        ),
+        # an unknown field in a StatefulSet (Kubernetes schema, strict)
+        ("base/postgres.yaml", "          readinessProbe:", "          readinesProbe:", "readinesProbe"),
+    ],
+)
+def test_a_broken_manifest_fails_validation(
+    tmp_path: Path, schemas: Path, file: str, old: str, new: str, words: str
+) -> None:
+    copy = mutated(KUBE, tmp_path / "kubernetes", file, old, new)
+    found = [p for name in OVERLAYS for p in problems(kustomize(copy / "overlays" / name), schemas)]
+    assert found, f"breaking {file} went unnoticed"
+    assert any(words in p for p in found), found
+
+
+def test_a_broken_rayjob_fails_validation(tmp_path: Path, schemas: Path) -> None:
+    copy = mutated(
+        KUBE,
+        tmp_path / "kubernetes",
+        "rayjob.yaml",
+        "  backoffLimit: 0",
+        "  backoffLimit: none\n  retries: 1",
+    )
+    found = problems(load(copy / "rayjob.yaml"), schemas)
+    assert any("backoffLimit" in p for p in found), found
+    assert any("retries" in p for p in found), found
+
+
+def test_without_the_schemas_folder_the_validation_fails_saying_what_is_missing(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.delenv("HDET_SCHEMAS_DIR", raising=False)
+    with pytest.raises(pytest.fail.Exception, match="HDET_SCHEMAS_DIR is not set.*kuberay-v1.7.0"):
+        schemas_dir()
+    monkeypatch.setenv("HDET_SCHEMAS_DIR", str(tmp_path))
+    with pytest.raises(pytest.fail.Exception, match="no kuberay-v1.7.0/ray.io_rayclusters.yaml"):
+        schemas_dir()
