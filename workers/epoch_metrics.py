@@ -32,6 +32,7 @@ __all__ = [
     "epoch_metrics",
 ]
 
+
 @dataclass
 class ShardTrainStats:
     """One rank's training epoch: loss sums per term, steps, images, median step time (data

@@ -195,6 +195,24 @@ def test_predict_takes_the_parent_run_and_draws_what_the_model_found(
     assert max(drawn.shape[1:]) >= DRAW_SIZE > record["width"]
 
 
+def test_report_of_a_single_run(tiny_run: dict[str, Any], home: Path) -> None:
+    """hdet report works for a run without a search: final metrics, history, plots, checkpoint."""
+    from workers.report import main as report_main
+
+    (child,) = tiny_run["children"]
+    out = home / "report-tiny"
+    assert report_main(["tiny", "--tracking-uri", tiny_run["uri"], "--out", str(out)]) == 0
+    text = (out / "report.md").read_text()
+    assert "## Final metrics" in text and "| AP |" in text and "| test_AP |" in text
+    assert f"hdet predict --run {child.info.run_id}" in text
+    assert "| 2 |" in text  # the second epoch's row
+    assert any(out.glob("*.png"))
+    # a store that does not exist is named, and not created
+    missing = home / "nowhere" / "mlflow.db"
+    assert report_main(["tiny", "--tracking-uri", f"sqlite:///{missing}"]) == 2
+    assert not missing.exists()
+
+
 def test_non_finite_loss_stops_at_once_naming_step_and_term(
     local_ray: None, home: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -1,5 +1,5 @@
-"""``hdet report EXPERIMENT``: a search's evidence report (Markdown or HTML) from MLflow alone.
-Also what a search writes under its parent run's ``evidence/`` (:func:`write_evidence`).
+"""``hdet report EXPERIMENT``: an experiment's report from MLflow alone: a search's evidence (Markdown
+or HTML), or a single run's metrics, history, plots and checkpoint; also a search's ``evidence/``.
 
 The report is rebuilt from the tracking server only: the parent run (its params, tags and
 ``evidence/`` artifacts) and its child runs (one per trial and seed, with their metrics and
@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 
     from workers.summary import SearchSummary
 
-__all__ = ["main", "build_report", "find_search_run", "write_evidence"]
+__all__ = ["main", "build_report", "find_parent_run", "find_search_run", "write_evidence"]
 
 
 def write_evidence(summary: SearchSummary, out: Path) -> None:
@@ -37,6 +37,32 @@ def write_evidence(summary: SearchSummary, out: Path) -> None:
     (out / "table.txt").write_text(format_table(summary) + "\n")
 
 
+def find_parent_run(c: MlflowClient, experiment: str, run_id: str | None = None) -> tuple[str, str, bool]:
+    """The experiment id, its latest parent run (or ``run_id``) and whether that run is a search.
+
+    Raises:
+        LookupError: no such experiment or run; the message says which and lists what there is.
+    """
+    exp = c.get_experiment_by_name(experiment)
+    if exp is None:
+        names = sorted(x.name for x in c.search_experiments() if x.name != "Default")
+        raise LookupError(f"no MLflow experiment {experiment!r} (experiments: {', '.join(names) or 'none'})")
+    if run_id:
+        run = c.get_run(run_id)
+        if run.info.experiment_id != exp.experiment_id:
+            raise LookupError(f"run {run_id} is not in experiment {experiment!r}")
+        return str(exp.experiment_id), run_id, Tag.SEARCH_COMPLETE in run.data.tags
+    runs = c.search_runs(
+        [exp.experiment_id],
+        filter_string=f"tags.`{Tag.ROLE}` = '{PARENT_ROLE}'",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
+    if not runs:
+        raise LookupError(f"experiment {experiment!r} has no run of hdet run")
+    return str(exp.experiment_id), str(runs[0].info.run_id), Tag.SEARCH_COMPLETE in runs[0].data.tags
+
+
 def find_search_run(c: MlflowClient, experiment: str, run_id: str | None = None) -> tuple[str, str]:
     """The experiment id and the parent run of its latest search (or ``run_id``).
 
@@ -44,14 +70,9 @@ def find_search_run(c: MlflowClient, experiment: str, run_id: str | None = None)
         LookupError: no such experiment, run, or search parent run; the message says which.
     """
     exp = c.get_experiment_by_name(experiment)
-    if exp is None:
-        names = sorted(x.name for x in c.search_experiments())
-        raise LookupError(f"no MLflow experiment {experiment!r} (experiments: {', '.join(names) or 'none'})")
-    if run_id:
-        run = c.get_run(run_id)
-        if run.info.experiment_id != exp.experiment_id:
-            raise LookupError(f"run {run_id} is not in experiment {experiment!r}")
-        return str(exp.experiment_id), run_id
+    if exp is None or run_id:
+        exp_id, parent, _ = find_parent_run(c, experiment, run_id)
+        return exp_id, parent
     runs = c.search_runs(
         [exp.experiment_id],
         filter_string=f"tags.`{Tag.ROLE}` = '{PARENT_ROLE}' and tags.`{Tag.SEARCH_COMPLETE}` != ''",
@@ -71,7 +92,11 @@ def build_report(
     """Write ``report.md`` (or ``report.html``) and its plots into ``out_dir``; returns the report file."""
     from workers.summary import collect_summary
 
-    exp_id, parent = find_search_run(c, experiment, run_id)
+    exp_id, parent, is_search = find_parent_run(c, experiment, run_id)
+    if not is_search:
+        from workers.report.single import build_run_report
+
+        return build_run_report(c, parent, out_dir)
     summary = collect_summary(c, exp_id, parent, experiment=experiment)
     wall = c.get_run(parent).data.metrics.get("search_wall_s")
     if wall is not None:
@@ -88,25 +113,39 @@ def build_report(
 def main(argv: list[str] | None = None) -> int:
     """``hdet report EXPERIMENT [--tracking-uri URI] [--run RUN_ID] [--format md|html] [--out DIR]``."""
     p = argparse.ArgumentParser(
-        prog="hdet report", description="Render a search's evidence report from MLflow (Markdown or HTML)."
+        prog="hdet report",
+        description=(
+            "Render an experiment's report from MLflow: a search's evidence (Markdown or HTML), or a single "
+            "run's metrics, history, plots and checkpoint (Markdown). Writes ./report-EXPERIMENT/ unless --out."
+        ),
     )
     p.add_argument("experiment", help="MLflow experiment name (the spec's tracking.experiment)")
     p.add_argument(
         "--tracking-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else the local store)"
     )
-    p.add_argument("--run", help="parent run id (default: the experiment's latest search)")
+    p.add_argument("--run", help="parent run id (default: the experiment's latest run of hdet run)")
     p.add_argument("--format", choices=("md", "html"), default="md")
     p.add_argument("--out", help="output folder (default: ./report-EXPERIMENT)")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
 
-    from workers.tracking import client, resolve_tracking_uri
+    import os
 
-    uri = resolve_tracking_uri(None, args.tracking_uri)
+    from workers.env import default_tracking_uri
+    from workers.tracking import client
+
+    uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri()
+    where = (
+        "run hdet report from the directory the experiment ran from, set HDET_HOME, or pass --tracking-uri"
+    )
+    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///") :]).is_file():
+        # Never create an empty store: say where the store was looked for.
+        print(f"hdet report: no MLflow store at {uri[len('sqlite:///') :]}; {where}", file=sys.stderr)
+        return 2
     out = Path(args.out or f"report-{args.experiment}")
     try:
         path = build_report(client(uri), args.experiment, out, fmt=args.format, run_id=args.run)
     except LookupError as e:
-        print(f"hdet report: {e.args[0]}", file=sys.stderr)
+        print(f"hdet report: {e.args[0]} in {uri}; {where}", file=sys.stderr)
         return 2
     print(f"report: {path}")
     return 0
