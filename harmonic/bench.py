@@ -3,7 +3,9 @@
 For each arch, two models with identical weights (one ``standard``, one ``harmonicdet``) train on
 the same generated batch; after a warm-up their steps (forward + backward + optimizer step) are
 measured interleaved, one of each in turn, so that machine load affects both alike. The table gives
-the median milliseconds of each and their ratio; the JSON has every sample.
+the median milliseconds of each and their ratio; the JSON has every sample. ``--clock cpu`` measures
+the CPU time of this process instead of the wall clock: with ``--threads 1`` it hardly depends on
+what else the machine runs (another job's load only slows the wall clock).
 """
 
 from __future__ import annotations
@@ -18,11 +20,25 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from harmonic.catalog import DSSD_REFINEDET_MIN_IMAGE_SIZE, SSD_MIN_IMAGE_SIZE, valid_backbones
 from harmonic.detectors import ARCHS, build_detector
 
 __all__ = ["loss_main", "bench_arch"]
 
-_SMALL_BACKBONE = {"ssd": "vgg16", "ssdlite": "mobilenet_v3"}
+#: The small backbone of each arch when ``--backbone`` does not fit it.
+_SMALL_BACKBONE = {"ssd": "vgg16", "ssdlite": "mobilenet_v3", "dssd": "resnet18", "refinedet": "resnet18"}
+_MIN_SIZE = {
+    "ssd": SSD_MIN_IMAGE_SIZE,
+    "dssd": DSSD_REFINEDET_MIN_IMAGE_SIZE,
+    "refinedet": DSSD_REFINEDET_MIN_IMAGE_SIZE,
+}
+
+
+def _backbone(arch: str, requested: str | None) -> str:
+    """``requested`` where ``arch`` takes it, else the arch's small backbone (the table names it)."""
+    if requested is not None and requested in valid_backbones(arch):
+        return requested
+    return _SMALL_BACKBONE.get(arch, "resnet18_fpn")
 
 
 def _batch(
@@ -55,16 +71,25 @@ def _batch(
     return images, targets
 
 
+#: what a step is timed with: the wall clock, or the CPU time of this process (all its threads)
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+
+
 def _step(
-    model: nn.Module, opt: torch.optim.Optimizer, images: list[Tensor], targets: list[dict[str, Tensor]]
+    model: nn.Module,
+    opt: torch.optim.Optimizer,
+    images: list[Tensor],
+    targets: list[dict[str, Tensor]],
+    clock: str = "wall",
 ) -> float:
-    t0 = time.perf_counter()
+    now = CLOCKS[clock]
+    t0 = now()
     losses = model(images, targets)
     loss = sum(losses.values())
     opt.zero_grad(set_to_none=True)
     loss.backward()  # type: ignore[union-attr]
     opt.step()
-    return (time.perf_counter() - t0) * 1000.0
+    return (now() - t0) * 1000.0
 
 
 def bench_arch(
@@ -76,9 +101,11 @@ def bench_arch(
     steps: int,
     warmup: int,
     num_classes: int = 4,
+    clock: str = "wall",
 ) -> dict[str, Any]:
-    """Median step time (ms) of ``standard`` and ``harmonicdet`` on one arch, measured interleaved."""
-    size = max(image_size, 268) if arch == "ssd" else image_size
+    """Median step time (ms, ``clock``: see :data:`CLOCKS`) of ``standard`` and ``harmonicdet`` on one
+    arch, measured interleaved."""
+    size = max(image_size, _MIN_SIZE.get(arch, 0))
     models = {}
     for kind in ("standard", "harmonicdet"):
         torch.manual_seed(0)  # identical initial weights
@@ -91,7 +118,7 @@ def bench_arch(
         order = ("standard", "harmonicdet") if i % 2 == 0 else ("harmonicdet", "standard")
         for kind in order:
             torch.manual_seed(i)  # same proposal/anchor sampling for both
-            ms = _step(models[kind], opts[kind], images, targets)
+            ms = _step(models[kind], opts[kind], images, targets, clock)
             if i >= warmup:
                 times[kind].append(ms)
     std, hdet = statistics.median(times["standard"]), statistics.median(times["harmonicdet"])
@@ -101,6 +128,7 @@ def bench_arch(
         "image_size": size,
         "batch": batch,
         "steps": steps,
+        "clock": clock,
         "standard_ms": std,
         "harmonicdet_ms": hdet,
         "ratio": hdet / std,
@@ -114,12 +142,25 @@ def loss_main(argv: list[str] | None = None) -> int:
         description="training-step time with the harmonicdet loss / with the standard loss",
     )
     parser.add_argument("--archs", nargs="+", default=list(ARCHS), choices=ARCHS)
-    parser.add_argument("--backbone", default=None, help="backbone for the FPN archs (default resnet18_fpn)")
-    parser.add_argument("--image-size", type=int, default=128, help="input size (SSD300 VGG16: at least 268)")
+    parser.add_argument(
+        "--backbone",
+        default=None,
+        help="backbone of every arch that takes it; the others use their small one (resnet18_fpn for "
+        "the FPN archs, resnet18 for dssd/refinedet, vgg16 for ssd, mobilenet_v3 for ssdlite)",
+    )
+    parser.add_argument(
+        "--image-size",
+        type=int,
+        default=128,
+        help="input size (SSD300 VGG16: at least 268; dssd/refinedet: 64)",
+    )
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--steps", type=int, default=10, help="measured steps per loss kind")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument(
+        "--clock", choices=sorted(CLOCKS), default="wall", help="wall clock, or this process's CPU time"
+    )
     parser.add_argument("--json", default=None, help="write the results here")
     args = parser.parse_args(argv)
     if args.steps < 1 or args.batch < 1:
@@ -134,7 +175,7 @@ def loss_main(argv: list[str] | None = None) -> int:
     print(header)
     print("-" * len(header))
     for arch in args.archs:
-        backbone = _SMALL_BACKBONE.get(arch, args.backbone or "resnet18_fpn")
+        backbone = _backbone(arch, args.backbone)
         r = bench_arch(
             arch,
             backbone=backbone,
@@ -142,6 +183,7 @@ def loss_main(argv: list[str] | None = None) -> int:
             batch=args.batch,
             steps=args.steps,
             warmup=args.warmup,
+            clock=args.clock,
         )
         rows.append(r)
         print(
@@ -156,6 +198,7 @@ def loss_main(argv: list[str] | None = None) -> int:
         "batch": args.batch,
         "steps": args.steps,
         "warmup": args.warmup,
+        "clock": args.clock,
         "results": rows,
     }
     if args.json:

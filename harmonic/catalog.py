@@ -7,13 +7,23 @@ from __future__ import annotations
 __all__ = [
     "ARCHS",
     "BACKBONES",
+    "PLAIN_RESNETS",
     "RESNETS",
     "check_detector",
     "default_backbone",
     "valid_backbones",
 ]
 
-ARCHS: tuple[str, ...] = ("faster_rcnn", "mask_rcnn", "retinanet", "ssd", "ssdlite", "fcos")
+ARCHS: tuple[str, ...] = (
+    "faster_rcnn",
+    "mask_rcnn",
+    "retinanet",
+    "ssd",
+    "ssdlite",
+    "fcos",
+    "dssd",
+    "refinedet",
+)
 
 #: FPN backbone name -> torchvision ResNet/ResNeXt constructor.
 RESNETS: dict[str, str] = {
@@ -23,7 +33,9 @@ RESNETS: dict[str, str] = {
     "resnet101_fpn": "resnet101",
     "resnext101_32x8d_fpn": "resnext101_32x8d",
 }
-BACKBONES: tuple[str, ...] = (*RESNETS, "mobilenet_v3", "vgg16")
+#: ResNets without an FPN (DSSD, RefineDet): the name is the torchvision constructor's.
+PLAIN_RESNETS: tuple[str, ...] = ("resnet18", "resnet34", "resnet50", "resnet101")
+BACKBONES: tuple[str, ...] = (*RESNETS, *PLAIN_RESNETS, "mobilenet_v3", "vgg16")
 
 _DEFAULT_BACKBONE = {
     "faster_rcnn": "resnet50_fpn",
@@ -32,10 +44,16 @@ _DEFAULT_BACKBONE = {
     "fcos": "resnet50_fpn",
     "ssd": "vgg16",
     "ssdlite": "mobilenet_v3",
+    # the original papers' ResNet (DSSD321/513; RefineDet on COCO); the HarmonicDet paper's VOC
+    # rows (Table 1) use resnet50, which its configs name
+    "dssd": "resnet101",
+    "refinedet": "resnet101",
 }
 _FPN_BACKBONES = (*RESNETS, "mobilenet_v3")
 #: SSD300's last two extra layers are 3x3 convolutions without padding.
 SSD_MIN_IMAGE_SIZE = 268
+#: DSSD and RefineDet: their deepest map (stride 64) must hold at least one cell.
+DSSD_REFINEDET_MIN_IMAGE_SIZE = 64
 
 
 def default_backbone(arch: str) -> str:
@@ -51,6 +69,10 @@ def valid_backbones(arch: str) -> tuple[str, ...]:
         return ("vgg16",)
     if arch == "ssdlite":
         return ("mobilenet_v3",)
+    if arch == "dssd":
+        return PLAIN_RESNETS
+    if arch == "refinedet":
+        return (*PLAIN_RESNETS, "vgg16")  # VGG16 is the original RefineDet320/512's
     return _FPN_BACKBONES
 
 
@@ -70,5 +92,10 @@ def check_detector(arch: str, backbone: str | None, image_size: int) -> str:
         raise ValueError(
             f"image_size: SSD300 VGG16 needs image_size >= {SSD_MIN_IMAGE_SIZE} (its last two extra layers "
             f"are 3x3 convolutions without padding), got {image_size}"
+        )
+    if arch in ("dssd", "refinedet") and image_size < DSSD_REFINEDET_MIN_IMAGE_SIZE:
+        raise ValueError(
+            f"image_size: {arch} needs image_size >= {DSSD_REFINEDET_MIN_IMAGE_SIZE} (its deepest map has "
+            f"stride 64), got {image_size}"
         )
     return name

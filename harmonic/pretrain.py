@@ -109,10 +109,13 @@ class PretrainResult:
 def body_name(arch: str, backbone: str | None) -> str:
     """The classification network a detector's backbone is built from.
 
-    ``resnet18`` ... ``resnext101_32x8d`` for the ``*_fpn`` backbones, ``mobilenet_v3_large`` (FPN
-    detectors), ``mobilenet_v3_large_reduced`` (SSDlite: MobileNetV3's reduced tail, as torchvision's
-    SSDlite builds it without ImageNet weights), ``vgg16`` (SSD).
+    ``resnet18`` ... ``resnext101_32x8d`` for the ``*_fpn`` backbones and the plain ResNets of DSSD and
+    RefineDet (``resnet18`` ... ``resnet101``: the same network; DSSD's conv5_x dilation changes no
+    weight), ``mobilenet_v3_large`` (FPN detectors), ``mobilenet_v3_large_reduced`` (SSDlite:
+    MobileNetV3's reduced tail, as torchvision's SSDlite builds it without ImageNet weights),
+    ``vgg16`` (SSD, RefineDet).
     """
+    from harmonic.catalog import PLAIN_RESNETS
     from harmonic.detectors.backbones import RESNETS
     from harmonic.detectors.factory import default_backbone, valid_backbones
 
@@ -125,8 +128,8 @@ def body_name(arch: str, backbone: str | None) -> str:
         return "mobilenet_v3_large_reduced"
     if name == "mobilenet_v3":
         return "mobilenet_v3_large"
-    if name == "vgg16":
-        return "vgg16"
+    if name == "vgg16" or name in PLAIN_RESNETS:
+        return name
     return RESNETS[name]
 
 

@@ -31,7 +31,8 @@ from harmonic.data.coco import Target
 MIN_BOX_SIZE = 1.0
 # per-box entries of a target, filtered together with the boxes
 PER_BOX_KEYS = ("boxes", "labels", "area", "iscrowd", "masks")
-SSD_ARCHS = ("ssd", "ssdlite")
+# DSSD and RefineDet train with SSD's augmentation in their papers
+SSD_ARCHS = ("ssd", "ssdlite", "dssd", "refinedet")
 # fill of the zoom-out canvas: the ImageNet mean, what SSD's reference recipe uses
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 
@@ -360,9 +361,9 @@ def build_transforms(arch: str, image_size: int, train: bool, augment: str = "de
         A callable ``(image, target) -> (image, target)``.
 
     Training pipelines:
-        ``ssd``/``ssdlite``: Resize, RandomPhotometricDistort, RandomZoomOut, RandomIoUCrop,
-        RandomHorizontalFlip, Resize, DropSmallBoxes (the first resize bounds the cost of a
-        zoom-out canvas up to 4x the image).
+        ``ssd``/``ssdlite``/``dssd``/``refinedet``: Resize, RandomPhotometricDistort, RandomZoomOut,
+        RandomIoUCrop, RandomHorizontalFlip, Resize, DropSmallBoxes (the first resize bounds the cost
+        of a zoom-out canvas up to 4x the image).
         others: Resize, RandomHorizontalFlip, DropSmallBoxes.
     """
     if image_size < 1:

@@ -1,4 +1,5 @@
-"""torchvision detectors trained with the Harmonic / HarmonicDet losses.
+"""torchvision detectors (and DSSD, RefineDet, which torchvision lacks, in its contract) trained with
+the Harmonic / HarmonicDet losses.
 
 ``build_detector(arch, num_classes, loss=..., backbone=..., image_size=..., pretrained_backbone=...)``
 returns a plain torchvision model whose loss-computing part is the adapter for the configured loss

@@ -37,6 +37,8 @@ from harmonic.catalog import BACKBONES, RESNETS
 __all__ = [
     "BACKBONES",
     "RESNETS",
+    "freeze_resnet_stages",
+    "freeze_vgg_stages",
     "group_norm",
     "is_group_norm_file",
     "read_state_dict",
@@ -44,6 +46,7 @@ __all__ = [
     "mobilenet_v3_body",
     "mobilenet_fpn",
     "resnet_fpn",
+    "resnet_network",
     "vgg16_features",
 ]
 
@@ -141,6 +144,49 @@ def _keys_of(path: str | os.PathLike[str]) -> list[str]:
         return []  # load_pretrained reports it
 
 
+def resnet_network(
+    name: str, pretrained: str | os.PathLike[str] | None, **kwargs: Any
+) -> tuple[nn.Module, bool]:
+    """torchvision's ResNet ``name`` (``resnet18`` ... ``resnext101_32x8d``) with the normalisation of
+    the module docstring, the file loaded; and whether it holds ImageNet weights (FrozenBatchNorm2d).
+    ``kwargs`` go to the constructor (``replace_stride_with_dilation``)."""
+
+    def build(norm: Callable[..., nn.Module]) -> nn.Module:
+        return getattr(resnet, name)(weights=None, norm_layer=norm, **kwargs)  # type: ignore[no-any-return]
+
+    imagenet = pretrained is not None and not is_group_norm_file(
+        pretrained, lambda: build(group_norm), ignore_prefixes=("fc.",)
+    )
+    body = build(FrozenBatchNorm2d if imagenet else group_norm)
+    if pretrained:
+        load_pretrained(body, pretrained, ignore_prefixes=("fc.",))
+    return body, imagenet
+
+
+def freeze_resnet_stages(body: nn.Module, trainable_layers: int) -> None:
+    """torchvision's rule (``_resnet_fpn_extractor``): only the last ``trainable_layers`` of conv1,
+    layer1 ... layer4 train (5: all, with bn1)."""
+    if not 0 <= trainable_layers <= 5:
+        raise ValueError(f"trainable_backbone_layers: must be in [0, 5], got {trainable_layers}")
+    train = ["layer4", "layer3", "layer2", "layer1", "conv1"][:trainable_layers]
+    if trainable_layers == 5:
+        train.append("bn1")
+    for name, p in body.named_parameters():
+        if not name.startswith(tuple(train)):
+            p.requires_grad_(False)
+
+
+def freeze_vgg_stages(features: nn.Sequential, trainable_layers: int | None) -> None:
+    """Freeze the first VGG stages of pretrained ``features``: torchvision's ssd300_vgg16 trains the
+    last 4 of the 5 stages of ImageNet weights; a GroupNorm pretraining of this project trains all
+    (module docstring). ``trainable_layers`` overrides the count."""
+    stages = [0] + [i for i, m in enumerate(features) if isinstance(m, nn.MaxPool2d)][:-1]
+    keep = (len(stages) if _has_group_norm(features) else 4) if trainable_layers is None else trainable_layers
+    for module in features[: stages[len(stages) - keep]] if keep < len(stages) else []:
+        for p in module.parameters():
+            p.requires_grad_(False)
+
+
 def resnet_fpn(
     name: str,
     pretrained: str | os.PathLike[str] | None,
@@ -150,16 +196,7 @@ def resnet_fpn(
     trainable_layers: int | None = None,
 ) -> nn.Module:
     """A ResNet/ResNeXt body with an FPN (torchvision's ``_resnet_fpn_extractor``)."""
-
-    def build(norm: Callable[..., nn.Module]) -> nn.Module:
-        return getattr(resnet, RESNETS[name])(weights=None, norm_layer=norm)  # type: ignore[no-any-return]
-
-    imagenet = pretrained is not None and not is_group_norm_file(
-        pretrained, lambda: build(group_norm), ignore_prefixes=("fc.",)
-    )
-    body = build(FrozenBatchNorm2d if imagenet else group_norm)
-    if pretrained:
-        load_pretrained(body, pretrained, ignore_prefixes=("fc.",))
+    body, imagenet = resnet_network(RESNETS[name], pretrained)
     layers = (3 if imagenet else 5) if trainable_layers is None else trainable_layers
     return _resnet_fpn_extractor(body, layers, returned_layers=returned_layers, extra_blocks=extra_blocks)
 

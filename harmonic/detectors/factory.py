@@ -10,14 +10,17 @@ module-level function is ever patched, so several models with different losses c
 Defaults (torchvision's recipe where it has one):
 
 * backbones: ``resnet50_fpn`` for Faster/Mask R-CNN, RetinaNet and FCOS (the paper's ResNet-50-FPN),
-  ``vgg16`` for ``ssd`` (SSD300 VGG16, the only one it takes) and ``mobilenet_v3`` for ``ssdlite``
-  (the only one it takes);
+  ``vgg16`` for ``ssd`` (SSD300 VGG16, the only one it takes), ``mobilenet_v3`` for ``ssdlite``
+  (the only one it takes), ``resnet101`` for ``dssd`` and ``refinedet`` (plain ResNets, no FPN;
+  RefineDet also takes ``vgg16``). DSSD (:mod:`.dssd`) is a torchvision ``SSD`` with DSSD's trunk and
+  head; RefineDet (:mod:`.refinedet`) is a model of this project in torchvision's contract;
 * input size: ``image_size`` is the transform's ``min_size = max_size`` (``size`` for SSD), for
   training and inference alike;
 * anchors: torchvision's anchor sizes are meant for 800-pixel images; they are scaled by
   ``image_size / 800`` (R-CNN, RetinaNet; the R-CNNs' proposal and RoI sample counts by the area
-  ratio, with floors of 100-200 proposals and 64 RoIs per image; FCOS's "anchors" are its strides and SSD's default boxes
-  are relative to the image, so those stay). ``anchor_generator``/``rpn_anchor_generator`` in
+  ratio, with floors of 100-200 proposals and 64 RoIs per image; FCOS's "anchors" are its strides,
+  SSD's and DSSD's default boxes are relative to the image and RefineDet's are 4x each map's stride,
+  so those stay). ``anchor_generator``/``rpn_anchor_generator`` in
   ``detector_kwargs`` override them;
 * ``detector_kwargs`` go to the torchvision model class (e.g. ``rpn_post_nms_top_n_train``,
   ``box_batch_size_per_image``, ``topk_candidates``), except ``trainable_backbone_layers`` (only
@@ -45,6 +48,7 @@ from harmonic.catalog import ARCHS, BACKBONES, check_detector, default_backbone,
 from harmonic.config import EvalProtocol, LossConfig
 
 from .backbones import (
+    freeze_vgg_stages,
     group_norm,
     is_group_norm_file,
     mobilenet_fpn,
@@ -52,8 +56,11 @@ from .backbones import (
     resnet_fpn,
     vgg16_features,
 )
+from .dssd import build_dssd
 from .fcos import HarmonicFCOSHead
 from .rcnn import HarmonicRoIHeads
+from .refinedet import RefineDet, build_refinedet
+from .refinedet_harmonic import HarmonicRefineDet
 from .retinanet import HarmonicRetinaNetHead
 from .ssd import HarmonicSSD
 
@@ -149,14 +156,7 @@ def _build_ssd(num_classes: int, image_size: int, pretrained: Any, kwargs: dict[
     layers = kwargs.pop("trainable_backbone_layers", None)
     features = vgg16_features(pretrained)
     if pretrained:
-        # torchvision's ssd300_vgg16 trains the last 4 of the 5 VGG stages of ImageNet weights; a
-        # GroupNorm pretraining of this project trains all (see backbones' module docstring)
-        stages = [0] + [i for i, m in enumerate(features) if isinstance(m, nn.MaxPool2d)][:-1]
-        group = any(isinstance(m, nn.GroupNorm) for m in features)
-        keep = (len(stages) if group else 4) if layers is None else layers
-        for module in features[: stages[len(stages) - keep]] if keep < len(stages) else []:
-            for p in module.parameters():
-                p.requires_grad_(False)
+        freeze_vgg_stages(features, layers)
     body = SSDFeatureExtractorVGG(features, highres=False)
     anchors = DefaultBoxGenerator(
         [[2], [2, 3], [2, 3], [2, 3], [2], [2]],
@@ -242,7 +242,8 @@ def build_torchvision_detector(
         **detector_kwargs: passed to the torchvision model class.
 
     Returns:
-        A ``FasterRCNN``, ``MaskRCNN``, ``RetinaNet``, ``SSD`` or ``FCOS`` in training mode.
+        A ``FasterRCNN``, ``MaskRCNN``, ``RetinaNet``, ``SSD`` (also DSSD), ``FCOS`` or
+        :class:`~.refinedet.RefineDet` in training mode.
     """
     name = _check(arch, num_classes, backbone, image_size)
     protocol = EvalProtocol.from_any(eval_protocol)  # validate before spending time on the model
@@ -254,6 +255,10 @@ def build_torchvision_detector(
         model = _build_one_stage(arch, num_classes, name, image_size, pretrained_backbone, kwargs)
     elif arch == "ssd":
         model = _build_ssd(num_classes, image_size, pretrained_backbone, kwargs)
+    elif arch == "dssd":
+        model = build_dssd(num_classes, name, image_size, pretrained_backbone, kwargs)
+    elif arch == "refinedet":
+        model = build_refinedet(num_classes, name, image_size, pretrained_backbone, kwargs)
     else:
         model = _build_ssdlite(num_classes, image_size, pretrained_backbone, kwargs)
     return set_eval_protocol(model, protocol)
@@ -268,7 +273,9 @@ def install_loss(model: nn.Module, loss: LossConfig | dict[str, Any] | str | Non
     cfg = LossConfig.from_any(loss)
     part: nn.Module
     adapter: type
-    if isinstance(model, FasterRCNN):  # MaskRCNN is a FasterRCNN
+    if isinstance(model, RefineDet):
+        part, adapter = model, HarmonicRefineDet
+    elif isinstance(model, FasterRCNN):  # MaskRCNN is a FasterRCNN
         part, adapter = model.roi_heads, HarmonicRoIHeads
     elif isinstance(model, RetinaNet):
         part, adapter = model.head, HarmonicRetinaNetHead
@@ -303,11 +310,12 @@ def build_detector(
 
     Args:
         arch: one of :data:`ARCHS` (``faster_rcnn``, ``mask_rcnn``, ``retinanet``, ``ssd``,
-            ``ssdlite``, ``fcos``).
+            ``ssdlite``, ``fcos``, ``dssd``, ``refinedet``).
         num_classes: number of classes *including* the background (K foreground classes -> K + 1).
         loss: a :class:`~harmonic.config.LossConfig`, a dict of its options, a kind name
             (``standard`` | ``harmonic`` | ``harmonicdet``) or None (the HarmonicDet defaults).
-        backbone: ``resnet18_fpn`` ... ``resnext101_32x8d_fpn``, ``mobilenet_v3``, ``vgg16`` (SSD);
+        backbone: ``resnet18_fpn`` ... ``resnext101_32x8d_fpn``, ``mobilenet_v3``, ``vgg16`` (SSD,
+            RefineDet), ``resnet18`` ... ``resnet101`` (DSSD, RefineDet);
             None picks the arch's default (see the module docstring).
         image_size: input size for training and inference.
         pretrained_backbone: local ImageNet ``state_dict`` file of the backbone body; None trains

@@ -57,6 +57,9 @@ SMALL: dict[str, dict] = {
     "fcos": dict(backbone="resnet18_fpn", image_size=128),
     "ssdlite": dict(backbone="mobilenet_v3", image_size=64),
     "ssd": dict(backbone="vgg16", image_size=268),
+    # the smallest input both take (their coarsest map has stride 64)
+    "dssd": dict(backbone="resnet18", image_size=64),
+    "refinedet": dict(backbone="resnet18", image_size=64),
 }
 SMALL["mask_rcnn"] = dict(SMALL["faster_rcnn"])
 

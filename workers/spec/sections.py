@@ -26,8 +26,10 @@ class DetectorSpec(BaseModel):
 
     model_config = _STRICT
 
-    arch: Literal["retinanet", "faster_rcnn", "mask_rcnn", "ssd", "ssdlite", "fcos"] = Field(
-        default="retinanet", description="the detector (torchvision's, with the loss of the loss section)"
+    arch: Literal["retinanet", "faster_rcnn", "mask_rcnn", "ssd", "ssdlite", "fcos", "dssd", "refinedet"] = (
+        Field(
+            default="retinanet", description="the detector (torchvision's, with the loss of the loss section)"
+        )
     )
     backbone: str | None = Field(default=None, description="e.g. resnet18_fpn; default: the arch's own")
     image_size: int = Field(default=256, ge=32, le=4096, description="shorter/target image side")
@@ -254,7 +256,7 @@ class TrainSpec(BaseModel):
         default="detector",
         description=(
             "training augmentation: detector = each detector's own recipe (SSD's photometric distortion, "
-            "zoom-out and IoU crop for ssd/ssdlite; resize + flip otherwise); flip = resize + flip for every arch"
+            "zoom-out and IoU crop for ssd/ssdlite/dssd/refinedet; resize + flip otherwise); flip = resize + flip for every arch"
         ),
     )
     nms_iou: float = Field(default=0.5, gt=0, le=1, description="IoU of the NMS audit")
