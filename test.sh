@@ -11,6 +11,6 @@ echo "== ruff"
 ruff check .
 ruff format --check .
 echo "== mypy"
-mypy harmonic workers
+mypy harmonic workers service
 echo "== pytest"
 pytest -q "$@"

@@ -21,6 +21,12 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str, str]] = {
     ("data", "synth"): ("harmonic.data.synth", "main", "write a synthetic COCO-format dataset"),
     ("data", "check"): ("harmonic.data.check", "main", "validate a dataset before training"),
     ("eval",): ("harmonic.eval_cli", "main", "evaluate a COCO results file against ground truth"),
+    ("serve",): ("service.cli", "main", "the REST service, with a local Ray head and MLflow server"),
+    ("bench", "api"): (
+        "service.bench",
+        "main",
+        "REST API latency under 32 concurrent clients (p50, p99, max)",
+    ),
     ("bench", "loss"): ("harmonic.bench", "loss_main", "step time with harmonicdet / with standard loss"),
     ("bench", "eval"): ("harmonic.eval.bench", "main", "evaluation time of this project / pycocotools"),
     ("bench", "train"): ("workers.bench", "train_main", "images/s of a Ray Train worker / a plain loop"),

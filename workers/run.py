@@ -38,9 +38,24 @@ __all__ = ["main", "check_dataset", "format_table", "single_run"]
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="hdet run", description="Train a HarmonicDet experiment spec on Ray.")
-    p.add_argument(
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument(
         "spec",
+        nargs="?",
         help="experiment spec (YAML or JSON); a YAML file of several documents is a suite, run in turn",
+    )
+    source.add_argument(
+        "--spec-json",
+        metavar="TEXT",
+        help="the spec itself as JSON text, instead of a file (how the REST service submits a job)",
+    )
+    p.add_argument(
+        "--tag",
+        action="append",
+        default=[],
+        type=_tag,
+        metavar="KEY=VALUE",
+        help="a tag of the MLflow parent run, e.g. hdet.experiment_id=<id> (repeatable)",
     )
     p.add_argument(
         "--tracking-uri", help="MLflow tracking URI (default: the spec's, else a local sqlite store)"
@@ -55,6 +70,27 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--storage-path", help="Ray Train/Tune storage (default: $HDET_HOME/ray_results)")
     p.add_argument("--dashboard", action="store_true", help="start the Ray dashboard with a local Ray")
     return p
+
+
+def _tag(text: str) -> tuple[str, str]:
+    """``KEY=VALUE`` of ``--tag``."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise argparse.ArgumentTypeError(f"{text!r} is not KEY=VALUE")
+    return key.strip(), value
+
+
+def _load(args: argparse.Namespace) -> list[Spec]:
+    """The experiments to run: the spec file's documents, or the one spec of ``--spec-json``."""
+    if args.spec_json is None:
+        return Spec.suite_from_file(args.spec)
+    import json
+
+    try:
+        data = json.loads(args.spec_json)
+    except json.JSONDecodeError as e:
+        raise SpecError([("", f"cannot parse: {e}")], "--spec-json") from None
+    return [Spec.parse(data, source="--spec-json")]
 
 
 def check_dataset(spec: Spec) -> dict[str, int]:
@@ -168,7 +204,7 @@ def single_run(spec: Spec, ctx: Any, storage_path: str, *, resume: bool) -> dict
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
     try:
-        suite = Spec.suite_from_file(args.spec)
+        suite = _load(args)
     except SpecError as e:
         print(f"hdet run: {e}", file=sys.stderr)
         return 2
@@ -234,7 +270,7 @@ def _run_one(spec: Spec, args: argparse.Namespace) -> int:
         return 2
 
     started = _start_ray(spec, args.address, args.dashboard)
-    ctx = open_parent_run(spec, tracking_uri, resume=args.resume)
+    ctx = open_parent_run(spec, tracking_uri, resume=args.resume, extra_tags=dict(args.tag))
     c = client(tracking_uri)
     if any(skipped.values()):
         log_metrics(c, ctx.parent_run_id, {f"dataset_skipped_{k}": v for k, v in skipped.items()}, step=0)
@@ -249,7 +285,7 @@ def _run_one(spec: Spec, args: argparse.Namespace) -> int:
             print()
             print(format_table(summary.get("history") or [], summary.get("best")))
         else:
-            from workers.search import run_search  # written alongside the Tune search
+            from workers.search import run_search  # prints its own table at the end
 
             search_summary = run_search(
                 spec, ctx, storage_path, resume=args.resume, retry_failed=args.retry_failed
@@ -257,6 +293,21 @@ def _run_one(spec: Spec, args: argparse.Namespace) -> int:
             if not search_summary.complete:
                 print("hdet run: the search was interrupted; continue it with --resume", file=sys.stderr)
                 status, rc = "KILLED", 1
+            arms = (
+                ("baseline", spec.search.baseline, search_summary.baseline),
+                ("confirmatory", spec.search.confirmatory, search_summary.confirmatory),
+            )
+            failed = [
+                f"{name}: "
+                + (rec.status if rec else "no training run")
+                + (f" ({rec.error.splitlines()[0][:300]})" if rec and rec.error else "")
+                for name, asked, rec in arms
+                if asked and (rec is None or rec.status != "completed")
+            ]
+            if failed and rc == 0:
+                # Without both sides of a comparison there is no evidence: the experiment failed.
+                print(f"hdet run: the comparison has no result: {'; '.join(failed)}", file=sys.stderr)
+                status, rc = "FAILED", 1
     except Exception as e:
         from ray.train import TrainingFailedError
 

@@ -222,11 +222,14 @@ def log_params(c: MlflowClient, run_id: str, params: Mapping[str, str]) -> None:
         c.log_batch(run_id, params=items[i : i + 100])
 
 
-def open_parent_run(spec: Spec, tracking_uri: str, resume: bool = False) -> TrackingContext:
+def open_parent_run(
+    spec: Spec, tracking_uri: str, resume: bool = False, extra_tags: Mapping[str, str] | None = None
+) -> TrackingContext:
     """Create (or, with ``resume``, re-open the latest) parent run of ``spec``'s experiment.
 
     The parent run gets the flattened spec as params, the resolved spec and the environment as
-    artifacts, and the filter tags of :func:`run_tags`.
+    artifacts, the filter tags of :func:`run_tags` and ``extra_tags`` (set by whoever submitted
+    the run, e.g. ``Tag.EXPERIMENT_ID`` by the REST service; the filter tags win a clash).
     """
     from workers.env import environment
 
@@ -243,8 +246,11 @@ def open_parent_run(spec: Spec, tracking_uri: str, resume: bool = False) -> Trac
         if runs:
             run_id = runs[0].info.run_id
             c.update_run(run_id, status="RUNNING")
+            for key, value in (extra_tags or {}).items():
+                c.set_tag(run_id, key, value)
     if run_id is None:
-        run = c.create_run(exp_id, run_name=spec.name, tags=run_tags(spec, PARENT_ROLE))
+        tags = {**(extra_tags or {}), **run_tags(spec, PARENT_ROLE)}
+        run = c.create_run(exp_id, run_name=spec.name, tags=tags)
         run_id = run.info.run_id
         log_params(c, run_id, flatten_params(spec.to_dict()))
         log_dict_artifact(c, run_id, spec.to_dict(), "spec.json")

@@ -78,3 +78,23 @@ def test_a_suite_runs_a_comparison_then_a_single_run(tmp_path: Path) -> None:
     diffs = [conf[s]["test_AP"] - base[s]["test_AP"] for s in ("0", "1")]
     assert comp["n_pairs"] == 2 and abs(comp["mean_diff"] - sum(diffs) / 2) < 1e-12
     assert summary["comparison"] == {}  # no search, no best configuration
+
+
+def test_a_comparison_whose_arms_failed_is_a_failed_experiment(tmp_path: Path) -> None:
+    """No evidence without both sides: exit 1, naming the arms, and the parent run ends FAILED."""
+    spec = tmp_path / "fail.yaml"
+    failing = {
+        **COMPARISON,
+        "name": "compare-fails",
+        "train": {**BASE["train"], "debug": {"nonfinite_step": 0}},
+    }
+    spec.write_text(yaml.safe_dump(failing))
+    done = _run(tmp_path, spec)
+    assert done.returncode == 1, (done.stdout + done.stderr)[-4000:]
+    assert "the comparison has no result" in done.stderr
+    assert "baseline: " in done.stderr and "confirmatory: " in done.stderr
+    c = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    exp = c.get_experiment_by_name("suite-test")
+    assert exp is not None
+    (parent,) = [r for r in c.search_runs([exp.experiment_id]) if r.data.tags.get("hdet.role") == "parent"]
+    assert parent.info.status == "FAILED"

@@ -1,0 +1,262 @@
+"""The record store: SQLite (WAL) by default, PostgreSQL by URL, through SQLAlchemy 2.
+Every status change is a compare-and-set ``UPDATE ... WHERE status = <expected>`` with its event in
+the same transaction, so two API replicas (or a replica and its restarted self) never both apply one.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import uuid
+from collections.abc import Iterable, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Engine, and_, create_engine, delete, event, func, or_, select, text, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import sessionmaker
+
+from service.models import Base, EventRow, ExperimentRow, MetaRow, utcnow
+from service.states import ACTIVE, TERMINAL, VISIBLE, Status, can_move
+
+__all__ = ["Store", "IdTaken", "BadCursor", "aware"]
+
+
+class IdTaken(Exception):
+    """A row with this id exists already (an idempotent repeat, or a concurrent one)."""
+
+
+class BadCursor(ValueError):
+    """A pagination cursor this service did not make."""
+
+
+def aware(dt: datetime | None) -> datetime | None:
+    """SQLite gives naive datetimes back; every time the store writes is UTC."""
+    if dt is None or dt.tzinfo is not None:
+        return dt
+    return dt.replace(tzinfo=UTC)
+
+
+def _make_engine(url: str) -> Engine:
+    if not url.startswith("sqlite"):
+        return create_engine(url, pool_pre_ping=True, future=True)
+    path = url.split(":///", 1)[1] if ":///" in url else ""
+    if path and path != ":memory:":
+        Path(path).expanduser().parent.mkdir(parents=True, exist_ok=True)
+    engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+
+    @event.listens_for(engine, "connect")
+    def _pragmas(dbapi_conn: Any, _record: Any) -> None:
+        cur = dbapi_conn.cursor()
+        # WAL: readers never wait for the writer (GETs stay fast while the reconciler writes).
+        cur.execute("PRAGMA journal_mode=WAL")
+        cur.execute("PRAGMA synchronous=NORMAL")
+        cur.execute("PRAGMA foreign_keys=ON")
+        cur.close()
+
+    return engine
+
+
+def encode_cursor(row: ExperimentRow) -> str:
+    created = aware(row.created_at)
+    assert created is not None
+    raw = json.dumps([created.isoformat(), row.id]).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> tuple[datetime, str]:
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
+        created, exp_id = json.loads(raw)
+        return datetime.fromisoformat(created).astimezone(UTC), str(exp_id)
+    except (ValueError, TypeError, binascii.Error, json.JSONDecodeError) as e:
+        raise BadCursor(f"cursor {cursor!r} is not one this service returned") from e
+
+
+class Store:
+    """All reads and writes of the records. Methods open their own short transaction."""
+
+    def __init__(self, url: str):
+        self.url = url
+        self.engine = _make_engine(url)
+        Base.metadata.create_all(self.engine)
+        self._session = sessionmaker(self.engine, expire_on_commit=False)
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    def ping(self) -> None:
+        with self.engine.connect() as conn:
+            conn.execute(text("SELECT 1"))
+
+    def service_id(self) -> str:
+        """The ``hdet.service`` of this database's jobs: made once, shared by every replica."""
+        with self._session.begin() as s:
+            row = s.get(MetaRow, "service_id")
+            if row is not None:
+                return row.value
+        try:
+            with self._session.begin() as s:
+                s.add(MetaRow(key="service_id", value=f"hdet-{uuid.uuid4().hex[:12]}"))
+        except IntegrityError:
+            pass  # another replica made it first
+        with self._session.begin() as s:
+            made = s.get(MetaRow, "service_id")
+            assert made is not None
+            return made.value
+
+    # ------------------------------------------------------------------ rows
+
+    def insert_submitting(self, row: ExperimentRow) -> None:
+        """Store a new hidden ``SUBMITTING`` row; :class:`IdTaken` if the id exists."""
+        row.status = Status.SUBMITTING
+        row.created_at = row.updated_at = utcnow()
+        try:
+            with self._session.begin() as s:
+                s.add(row)
+        except IntegrityError as e:
+            raise IdTaken(row.id) from e
+
+    def get(self, exp_id: str, *, hidden: bool = False) -> ExperimentRow | None:
+        """The record ``exp_id``; a ``SUBMITTING`` row only with ``hidden``."""
+        with self._session() as s:
+            row = s.get(ExperimentRow, exp_id)
+        if row is None or (not hidden and row.status not in VISIBLE):
+            return None
+        return row
+
+    def delete_submitting(self, exp_id: str) -> bool:
+        """Remove a row that never reached Ray (it has no events)."""
+        with self._session.begin() as s:
+            res = s.execute(
+                delete(ExperimentRow).where(
+                    ExperimentRow.id == exp_id, ExperimentRow.status == Status.SUBMITTING
+                )
+            )
+        return bool(getattr(res, "rowcount", 0))
+
+    def transition(self, exp_id: str, expected: str, to: str, reason: str, **fields: Any) -> bool:
+        """Compare-and-set ``expected -> to`` with ``fields``, recording the event; False if the
+        record was not in ``expected`` any more (someone else moved it first)."""
+        if not can_move(expected, to):
+            raise ValueError(f"{expected} -> {to} is not a transition of an experiment")
+        now = utcnow()
+        values: dict[str, Any] = {"status": to, "updated_at": now, **fields}
+        if to == Status.RUNNING:
+            values.setdefault("started_at", now)
+        if to in TERMINAL:
+            values.setdefault("ended_at", now)
+        with self._session.begin() as s:
+            res = s.execute(
+                update(ExperimentRow)
+                .where(ExperimentRow.id == exp_id, ExperimentRow.status == expected)
+                .values(**values)
+            )
+            if getattr(res, "rowcount", 0) != 1:
+                return False
+            last = s.scalar(select(func.max(EventRow.seq)).where(EventRow.experiment_id == exp_id))
+            s.add(
+                EventRow(
+                    experiment_id=exp_id,
+                    seq=(last or 0) + 1,
+                    at=now,
+                    # SUBMITTING is never shown: the first event is "(none) -> PENDING".
+                    from_status=None if expected == Status.SUBMITTING else expected,
+                    to_status=to,
+                    reason=reason,
+                )
+            )
+        return True
+
+    def update_fields(self, exp_id: str, expected: str, **fields: Any) -> bool:
+        """Set ``fields`` if the record is still in ``expected`` (never undoes a transition)."""
+        with self._session.begin() as s:
+            res = s.execute(
+                update(ExperimentRow)
+                .where(ExperimentRow.id == exp_id, ExperimentRow.status == expected)
+                .values(updated_at=utcnow(), **fields)
+            )
+        return bool(getattr(res, "rowcount", 0))
+
+    def update_many(self, changes: Sequence[tuple[str, str, dict[str, Any]]]) -> int:
+        """:meth:`update_fields` for many records in one transaction (a reconciler pass); how many applied."""
+        if not changes:
+            return 0
+        applied = 0
+        now = utcnow()
+        with self._session.begin() as s:
+            for exp_id, expected, fields in changes:
+                res = s.execute(
+                    update(ExperimentRow)
+                    .where(ExperimentRow.id == exp_id, ExperimentRow.status == expected)
+                    .values(updated_at=now, **fields)
+                )
+                applied += int(getattr(res, "rowcount", 0))
+        return applied
+
+    # ------------------------------------------------------------------ queries
+
+    def active(self) -> list[ExperimentRow]:
+        """Records the reconciler follows, oldest first."""
+        with self._session() as s:
+            q = select(ExperimentRow).where(ExperimentRow.status.in_(list(ACTIVE)))
+            return list(s.scalars(q.order_by(ExperimentRow.created_at)))
+
+    def submitting(self, older_than: datetime) -> list[ExperimentRow]:
+        """Hidden rows left by a submission that did not finish (a crash between insert and PENDING)."""
+        with self._session() as s:
+            q = select(ExperimentRow).where(
+                ExperimentRow.status == Status.SUBMITTING, ExperimentRow.created_at < older_than
+            )
+            return list(s.scalars(q))
+
+    def known_ids(self, ids: Iterable[str]) -> set[str]:
+        wanted = list(ids)
+        if not wanted:
+            return set()
+        with self._session() as s:
+            return set(s.scalars(select(ExperimentRow.id).where(ExperimentRow.id.in_(wanted))))
+
+    def page(
+        self,
+        *,
+        limit: int,
+        cursor: str | None = None,
+        status: Sequence[str] = (),
+        name: str | None = None,
+        loss: str | None = None,
+        arch: str | None = None,
+    ) -> tuple[list[ExperimentRow], str | None]:
+        """Newest first, ``limit`` at a time; the next page starts after the opaque ``cursor``."""
+        q = select(ExperimentRow).where(ExperimentRow.status.in_(list(status) if status else list(VISIBLE)))
+        if name is not None:
+            q = q.where(ExperimentRow.name == name)
+        if loss is not None:
+            q = q.where(ExperimentRow.loss == loss)
+        if arch is not None:
+            q = q.where(ExperimentRow.arch == arch)
+        if cursor:
+            created, last_id = decode_cursor(cursor)
+            q = q.where(
+                or_(
+                    ExperimentRow.created_at < created,
+                    and_(ExperimentRow.created_at == created, ExperimentRow.id < last_id),
+                )
+            )
+        q = q.order_by(ExperimentRow.created_at.desc(), ExperimentRow.id.desc()).limit(limit + 1)
+        with self._session() as s:
+            rows = list(s.scalars(q))
+        more = len(rows) > limit
+        rows = rows[:limit]
+        return rows, (encode_cursor(rows[-1]) if more and rows else None)
+
+    def events(self, exp_id: str, after: int = 0) -> list[EventRow]:
+        with self._session() as s:
+            q = (
+                select(EventRow)
+                .where(EventRow.experiment_id == exp_id, EventRow.seq > after)
+                .order_by(EventRow.seq)
+            )
+            return list(s.scalars(q))

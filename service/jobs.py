@@ -1,0 +1,153 @@
+"""Ray, as the service sees it: the Jobs HTTP API through ``JobSubmissionClient``, with timeouts.
+Never ``ray.init``, never torch: a job lives as long as the cluster, not as long as this process.
+
+Ray's client raises ``RuntimeError`` with the HTTP status in its message and plain ``requests``
+errors; they become :class:`RayUnavailable` (unreachable, refused, bad token) and
+:class:`JobNotFound` (the cluster does not know the submission id) here, so callers never parse text.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+__all__ = ["RayJobs", "RayUnavailable", "JobNotFound", "JobState", "TERMINAL_RAY"]
+
+log = logging.getLogger("hdet.service")
+T = TypeVar("T")
+
+#: Ray's terminal job statuses.
+TERMINAL_RAY = frozenset({"SUCCEEDED", "FAILED", "STOPPED"})
+
+
+class RayUnavailable(Exception):
+    """Ray's Jobs API did not answer, or refused the request; the message says which (never a token)."""
+
+
+class JobNotFound(Exception):
+    """Ray does not know this submission id (never submitted, or the head restarted)."""
+
+
+@dataclass(frozen=True)
+class JobState:
+    """What Ray says about one job."""
+
+    submission_id: str
+    status: str  # PENDING, RUNNING, STOPPED, SUCCEEDED, FAILED
+    message: str | None = None
+    exit_code: int | None = None
+    metadata: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def terminal(self) -> bool:
+        return self.status in TERMINAL_RAY
+
+
+def _client_class() -> type:
+    from ray.job_submission import JobSubmissionClient
+
+    class _TimedClient(JobSubmissionClient):  # type: ignore[misc, valid-type]
+        """Ray's client sends its HTTP requests without a timeout: a hung head would hang us."""
+
+        hdet_timeout_s: float = 10.0
+
+        def _do_request(self, method: str, endpoint: str, **kwargs: Any) -> Any:
+            kwargs.setdefault("timeout", self.hdet_timeout_s)
+            return super()._do_request(method, endpoint, **kwargs)
+
+    return _TimedClient
+
+
+class RayJobs:
+    """The Jobs API of one cluster; the client is made on first use and again after a failure."""
+
+    def __init__(self, address: str, token: str | None = None, timeout_s: float = 10.0):
+        self.address = address.rstrip("/")
+        self._headers = {"Authorization": f"Bearer {token}"} if token else None
+        self.timeout_s = timeout_s
+        self._client: Any = None
+        self._lock = threading.Lock()
+
+    def _get_client(self) -> Any:
+        with self._lock:
+            if self._client is None:
+                cls: Any = _client_class()
+                cls.hdet_timeout_s = self.timeout_s
+                self._client = cls(self.address, headers=dict(self._headers) if self._headers else None)
+            return self._client
+
+    def _call(self, what: str, fn: Callable[[Any], T]) -> T:
+        try:
+            return fn(self._get_client())
+        except Exception as e:
+            raise self._classify(what, e) from None
+
+    def _classify(self, what: str, e: Exception) -> Exception:
+        import requests
+        from ray.exceptions import AuthenticationError
+
+        text = str(e)
+        if isinstance(e, RuntimeError) and "status code 404" in text:
+            return JobNotFound(what)
+        with self._lock:
+            self._client = None  # make a fresh one (and check the connection) next time
+        if isinstance(e, AuthenticationError):
+            return RayUnavailable(f"Ray at {self.address} refused the service's Ray token ({what})")
+        if isinstance(e, requests.RequestException | OSError):
+            return RayUnavailable(f"Ray at {self.address} is unreachable ({what}: {type(e).__name__})")
+        first = text.strip().splitlines()[0][:300] if text.strip() else type(e).__name__
+        return RayUnavailable(f"Ray at {self.address} refused {what}: {first}")
+
+    # ------------------------------------------------------------------ calls
+
+    def version(self) -> str:
+        """The cluster's Ray version (a cheap "are you there")."""
+        return self._call("a version check", lambda c: f"Jobs API version {c.get_version()}")
+
+    def submit(self, submission_id: str, entrypoint: str, **options: Any) -> bool:
+        """Submit a job under ``submission_id``; True if Ray already had it (a retried submission:
+        no second job is ever started)."""
+        try:
+            self._get_client().submit_job(entrypoint=entrypoint, submission_id=submission_id, **options)
+            return False
+        except Exception as e:
+            if "already exists" in str(e):
+                return True
+            raise self._classify(f"submitting {submission_id}", e) from None
+
+    def info(self, submission_id: str) -> JobState:
+        info = self._call(f"job {submission_id}", lambda c: c.get_job_info(submission_id))
+        return _state(info)
+
+    def stop(self, submission_id: str) -> bool:
+        """Ask Ray to stop the job (SIGINT first, see the submission's runtime env); False if it had ended."""
+        return bool(self._call(f"stopping {submission_id}", lambda c: c.stop_job(submission_id)))
+
+    def logs(self, submission_id: str) -> str:
+        return str(self._call(f"logs of {submission_id}", lambda c: c.get_job_logs(submission_id)))
+
+    def list(self) -> list[JobState]:
+        return [_state(j) for j in self._call("the job list", lambda c: c.list_jobs()) if j.submission_id]
+
+    async def follow(self, submission_id: str) -> AsyncIterator[str]:
+        """The job's log as it is written, from its start, until the job ends."""
+        try:
+            client = self._get_client()
+        except Exception as e:
+            raise self._classify(f"logs of {submission_id}", e) from None
+        async for chunk in client.tail_job_logs(submission_id):
+            yield chunk
+
+
+def _state(info: Any) -> JobState:
+    status = getattr(info.status, "value", str(info.status))
+    return JobState(
+        submission_id=str(info.submission_id),
+        status=str(status),
+        message=info.message,
+        exit_code=getattr(info, "driver_exit_code", None),
+        metadata=dict(info.metadata or {}),
+    )

@@ -1,0 +1,239 @@
+"""MLflow, as the service reads it: an experiment's parent run (found by ``Tag.EXPERIMENT_ID``), its
+child runs, progress, results, the per-seed metrics a comparison needs, and closing orphaned runs.
+
+The layout is :mod:`workers.tracking`'s: one parent run per experiment, one child run per training
+run below it (``mlflow.parentRunId``), every tag name from :class:`workers.tracking.Tag`.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections import Counter
+from typing import Any
+
+from workers.tracking import CHILD_ROLE, PARENT_ROLE, Artifact, Tag, mark_run
+
+__all__ = ["MlflowView", "MlflowUnavailable", "finite", "split_metrics", "has_test", "COMPARE_METRICS"]
+
+#: the metrics ``/v1/compare`` puts side by side.
+COMPARE_METRICS = ("AP", "AP50", "AP75", "AP90", "aic", "spearman")
+_TEST_PREFIX = "test_"
+
+
+class MlflowUnavailable(Exception):
+    """The tracking server did not answer."""
+
+
+def finite(obj: Any) -> Any:
+    """``obj`` with NaN and infinities as None (JSON has no NaN)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {str(k): finite(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [finite(v) for v in obj]
+    return obj
+
+
+class MlflowView:
+    """Reads (and, for runs nobody else will end, closes) the runs of the service's experiments."""
+
+    def __init__(self, tracking_uri: str, ui_url: str | None = None):
+        self.tracking_uri = tracking_uri
+        self.ui_url = ui_url
+        # The client retries a dead server for minutes by default; the service would rather say so.
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+        self._client: Any = None
+
+    @property
+    def client(self) -> Any:
+        if self._client is None:
+            from mlflow import MlflowClient
+
+            self._client = MlflowClient(tracking_uri=self.tracking_uri)
+        return self._client
+
+    def ping(self, timeout_s: float = 3.0) -> None:
+        """Raise :class:`MlflowUnavailable` unless the tracking store answers."""
+        try:
+            if self.tracking_uri.startswith(("http://", "https://")):
+                import httpx
+
+                r = httpx.get(self.tracking_uri.rstrip("/") + "/health", timeout=timeout_s)
+                r.raise_for_status()
+            else:
+                self.client.search_experiments(max_results=1)
+        except Exception as e:
+            raise MlflowUnavailable(
+                f"MLflow at {self.tracking_uri} does not answer ({type(e).__name__})"
+            ) from e
+
+    def link(self, experiment_id: str | None, run_id: str | None) -> str | None:
+        """The MLflow UI page of a run."""
+        if not (self.ui_url and experiment_id and run_id):
+            return None
+        return f"{self.ui_url}/#/experiments/{experiment_id}/runs/{run_id}"
+
+    # ------------------------------------------------------------------ finding runs
+
+    def find_parent(self, exp_id: str, experiment_name: str, mlflow_experiment_id: str | None = None) -> Any:
+        """The parent run tagged ``Tag.EXPERIMENT_ID = exp_id`` (the newest), or None."""
+        c = self.client
+        eid = mlflow_experiment_id
+        if eid is None:
+            exp = c.get_experiment_by_name(experiment_name)
+            if exp is None:
+                return None
+            eid = exp.experiment_id
+        runs = c.search_runs(
+            [eid],
+            filter_string=f"tags.`{Tag.EXPERIMENT_ID}` = '{exp_id}' and tags.`{Tag.ROLE}` = '{PARENT_ROLE}'",
+            order_by=["attributes.start_time DESC"],
+            max_results=1,
+        )
+        return runs[0] if runs else None
+
+    def children(self, parent: Any) -> list[Any]:
+        """Every child run of ``parent``, oldest first."""
+        from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+
+        out: list[Any] = []
+        token = None
+        while True:
+            page = self.client.search_runs(
+                [parent.info.experiment_id],
+                filter_string=f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{parent.info.run_id}'",
+                order_by=["attributes.start_time ASC"],
+                max_results=1000,
+                page_token=token,
+            )
+            out.extend(page)
+            token = page.token
+            if not token:
+                return out
+
+    # ------------------------------------------------------------------ progress and closing
+
+    @staticmethod
+    def progress(parent: Any, children: list[Any], epochs: int) -> dict[str, Any]:
+        """How far an experiment got: its runs by status, the furthest epoch, the best AP so far."""
+        aps = [r.data.metrics["AP"] for r in children if "AP" in r.data.metrics]
+        trials = {r.data.tags.get(Tag.TRIAL_ID) for r in children} - {None}
+        return finite(
+            {
+                "parent_status": parent.info.status,
+                "runs": dict(Counter(r.info.status for r in children)),
+                "trials": len(trials),
+                "epoch": int(max((r.data.metrics.get("epoch", 0) for r in children), default=0)),
+                "epochs": epochs,
+                "best_AP": max(aps) if aps else None,
+            }
+        )
+
+    def close_running(self, parent: Any, status: str, error: str | None) -> list[str]:
+        """End the parent and child runs still RUNNING (their job is gone) with ``status``."""
+        closed = []
+        for run in [parent, *self.children(parent)]:
+            if run.info.status == "RUNNING":
+                mark_run(self.client, run.info.run_id, status, error)
+                closed.append(run.info.run_id)
+        return closed
+
+    # ------------------------------------------------------------------ results
+
+    def results(self, parent: Any, kind: str, name: str) -> dict[str, Any]:
+        """The parent run, every child run (status, final metrics, seed, trial, checkpoint, link),
+        and for a search its summary (``collect_summary``)."""
+        children = self.children(parent)
+        out: dict[str, Any] = {
+            "parent": self._run(parent, checkpoint=False),
+            "runs": [self._run(r, checkpoint=True) for r in children],
+            "summary": None,
+        }
+        if kind == "search":
+            collect_summary = _collect_summary()
+            summary = collect_summary(
+                self.client, parent.info.experiment_id, parent.info.run_id, experiment=name
+            )
+            out["summary"] = summary.to_dict()
+        return finite(out)
+
+    def _run(self, run: Any, *, checkpoint: bool) -> dict[str, Any]:
+        tags, info = run.data.tags, run.info
+        view: dict[str, Any] = {
+            "run_id": info.run_id,
+            "name": info.run_name,
+            "status": info.status,
+            "role": tags.get(Tag.ROLE),
+            "seed": _int(tags.get(Tag.SEED, run.data.params.get("train.seed"))),
+            "trial_id": tags.get(Tag.TRIAL_ID),
+            "arm": tags.get(Tag.ARM),
+            "metrics": dict(run.data.metrics),
+            "error": tags.get(Tag.ERROR),
+            "link": self.link(info.experiment_id, info.run_id),
+        }
+        if checkpoint:
+            view["checkpoint"] = self._checkpoint(info.run_id) if info.status == "FINISHED" else None
+        return view
+
+    def _checkpoint(self, run_id: str) -> str | None:
+        try:
+            names = {a.path for a in self.client.list_artifacts(run_id, Artifact.CHECKPOINT_DIR)}
+        except Exception:
+            return None
+        path = f"{Artifact.CHECKPOINT_DIR}/{Artifact.MODEL_FILE}"
+        return f"runs:/{run_id}/{path}" if path in names else None
+
+    # ------------------------------------------------------------------ comparison
+
+    def seed_metrics(self, parent: Any, kind: str, name: str) -> dict[int, dict[str, float]]:
+        """Final metrics per seed: a run's finished training runs; a search's best configuration.
+        Held-out ``test_`` metrics are kept beside the validation ones (the caller picks the split)."""
+        if kind == "search":
+            summary = _collect_summary()(
+                self.client, parent.info.experiment_id, parent.info.run_id, experiment=name
+            )
+            best = summary.best
+            return {int(s): dict(m) for s, m in best.per_seed.items()} if best else {}
+        out: dict[int, dict[str, float]] = {}
+        for run in self.children(parent):
+            if run.info.status != "FINISHED" or run.data.tags.get(Tag.ROLE) != CHILD_ROLE:
+                continue
+            seed = _int(run.data.tags.get(Tag.SEED, run.data.params.get("train.seed")))
+            if seed is not None:
+                out[seed] = dict(run.data.metrics)
+        return out
+
+
+def split_metrics(per_seed: dict[int, dict[str, float]], on_test: bool) -> dict[int, dict[str, float]]:
+    """``COMPARE_METRICS`` of each seed on one split (``test_AP`` read as ``AP`` when ``on_test``)."""
+    prefix = _TEST_PREFIX if on_test else ""
+    out: dict[int, dict[str, float]] = {}
+    for seed, metrics in per_seed.items():
+        row = {m: metrics[prefix + m] for m in COMPARE_METRICS if prefix + m in metrics}
+        out[seed] = {m: v for m, v in row.items() if isinstance(v, int | float) and math.isfinite(v)}
+    return out
+
+
+def has_test(per_seed: dict[int, dict[str, float]]) -> bool:
+    return bool(per_seed) and all(_TEST_PREFIX + "AP" in m for m in per_seed.values())
+
+
+def _int(value: Any) -> int | None:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def _collect_summary() -> Any:
+    """``collect_summary`` from :mod:`workers.summary` (importable without Ray); from
+    :mod:`workers.search` in a tree from before the move."""
+    try:
+        from workers.summary import collect_summary
+    except ImportError:  # pragma: no cover - the tree before workers/summary/
+        from workers.search import collect_summary  # type: ignore[no-redef, attr-defined]
+    return collect_summary

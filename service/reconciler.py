@@ -1,0 +1,256 @@
+"""The reconciler: a thread of the API process that brings the records in line with Ray and MLflow
+every ``reconcile_interval_s`` (2 s); GETs read only the database it writes.
+
+Each pass: adopt or delete ``SUBMITTING`` rows a crashed submission left; for every active record
+ask Ray (``get_job_info``) and MLflow (the parent run, its children: progress), apply
+:func:`service.verdict.decide` as a compare-and-set transition, keep an ended job's last 256 KiB
+of log, and close the MLflow runs a dead job left ``RUNNING``; stop Ray jobs of this service that
+have no record (never a job someone else submitted). Ray unreachable changes no status.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from datetime import timedelta
+from typing import Any
+
+from service.db import Store
+from service.jobs import JobNotFound, JobState, RayJobs, RayUnavailable
+from service.mlflow_view import MlflowView
+from service.models import ExperimentRow, utcnow
+from service.states import TERMINAL, Status
+from service.verdict import EXIT_REFUSED, Verdict, decide
+
+__all__ = ["Reconciler", "LOG_KEEP_BYTES", "log_tail"]
+
+log = logging.getLogger("hdet.service")
+
+#: how much of an ended job's log the record keeps (Ray's copy goes with its head).
+LOG_KEEP_BYTES = 256 * 1024
+#: lines of log a FAILED record quotes when the job refused its spec or dataset.
+FAILURE_LOG_LINES = 40
+#: orphan sweeps (a list of every Ray job) run every this many passes.
+ORPHAN_EVERY = 5
+#: above this many active records a pass asks Ray for its job list once, not for each job.
+LIST_ABOVE = 8
+
+
+def log_tail(text: str, max_bytes: int = LOG_KEEP_BYTES) -> str:
+    """The end of ``text``, at most ``max_bytes`` of UTF-8, from a line start where possible."""
+    raw = text.encode("utf-8", errors="replace")
+    if len(raw) <= max_bytes:
+        return text
+    cut = raw[-max_bytes:].decode("utf-8", errors="ignore")
+    newline = cut.find("\n")
+    return cut[newline + 1 :] if 0 <= newline < 4096 else cut
+
+
+class Reconciler:
+    """Follows the active records; :attr:`ready` is set after the first complete pass."""
+
+    def __init__(
+        self,
+        store: Store,
+        jobs: RayJobs,
+        mlflow: MlflowView,
+        service_id: str,
+        *,
+        interval_s: float = 2.0,
+        submit_grace_s: float = 60.0,
+    ):
+        self.store = store
+        self.jobs = jobs
+        self.mlflow = mlflow
+        self.service_id = service_id
+        self.interval_s = interval_s
+        self.submit_grace_s = submit_grace_s
+        self.ready = threading.Event()
+        self.ray_error: str | None = None
+        self.passes = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+        self._stop_sent: set[str] = set()
+
+    # ------------------------------------------------------------------ the thread
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="hdet-reconciler", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout_s)
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.run_once()
+            except Exception:  # a pass that failed is retried by the next one
+                log.exception("reconciler pass failed")
+            self._stop.wait(self.interval_s)
+
+    # ------------------------------------------------------------------ one pass
+
+    def run_once(self) -> None:
+        """One pass over every active record (callable directly, e.g. by tests)."""
+        with self._lock:
+            try:
+                self._adopt_submitting()
+                active = self.store.active()
+                # Many active records: one list of every job beats a request per record.
+                known = {j.submission_id: j for j in self.jobs.list()} if len(active) > LIST_ABOVE else None
+                checked: list[tuple[str, str, dict[str, Any]]] = []
+                for row in active:
+                    if self._stop.is_set():
+                        return
+                    self._reconcile(row, known, checked)
+                self.store.update_many(checked)
+                if self.passes % ORPHAN_EVERY == 0:
+                    self._stop_orphans()
+                self.ray_error = None
+            except RayUnavailable as e:
+                # Nothing changes while Ray cannot be asked; the next pass tries again.
+                self.ray_error = str(e)
+                log.warning("reconciler: %s", e)
+            self.passes += 1
+            self.ready.set()
+
+    def _adopt_submitting(self) -> None:
+        """A ``SUBMITTING`` row older than a submission can take: adopted if Ray has the job, else deleted."""
+        for row in self.store.submitting(utcnow() - timedelta(seconds=self.submit_grace_s)):
+            try:
+                self.jobs.info(row.id)
+            except JobNotFound:
+                self.store.delete_submitting(row.id)
+                log.info("deleted %s: its submission never reached Ray", row.id)
+                continue
+            self.store.transition(row.id, Status.SUBMITTING, Status.PENDING, "adopted: Ray has the job")
+
+    def _reconcile(
+        self,
+        row: ExperimentRow,
+        known: dict[str, JobState] | None,
+        checked: list[tuple[str, str, dict[str, Any]]],
+    ) -> None:
+        """Apply the verdict on ``row``; a record that stays where it is goes into ``checked``."""
+        ray: JobState | None
+        if known is not None:
+            ray = known.get(row.id)
+        else:
+            try:
+                ray = self.jobs.info(row.id)
+            except JobNotFound:
+                ray = None
+        now = utcnow()
+        fields: dict[str, Any] = {"status_checked_at": now}
+        if ray is not None:
+            fields.update(ray_status=ray.status, ray_message=ray.message, ray_exit_code=ray.exit_code)
+        parent, mlflow_ok = self._parent(row, fields, ray)
+        status = Status(row.status)
+        verdict = decide(status, ray, parent.info.status if parent is not None else None)
+        if (
+            status == Status.CANCELLING
+            and ray is not None
+            and not ray.terminal
+            and row.id not in self._stop_sent
+        ):
+            # Once per process: Ray queues a stop behind a start it waits for, and the cancel
+            # request's own stop may have found Ray unreachable (or died with its process).
+            self._stop_job(row.id)
+            self._stop_sent.add(row.id)
+        if not mlflow_ok and (ray is None or ray.status == "FAILED"):
+            verdict = Verdict(None)  # the verdict needs MLflow's word: wait for it
+        if verdict.to is None:
+            checked.append((row.id, row.status, fields))
+            return
+        if verdict.to in TERMINAL:
+            self._finish(row, verdict, ray, parent, fields)
+        if self.store.transition(row.id, row.status, verdict.to, verdict.reason, **fields):
+            log.info("%s: %s -> %s (%s)", row.id, row.status, verdict.to, verdict.reason)
+
+    def _parent(self, row: ExperimentRow, fields: dict[str, Any], ray: JobState | None) -> tuple[Any, bool]:
+        """The MLflow parent run or None (its ids and the progress go into ``fields``), and
+        whether MLflow answered."""
+        spec = json.loads(row.spec)
+        if ray is not None and ray.status == "PENDING" and row.mlflow_parent_run_id is None:
+            return None, True  # nothing can have started
+        try:
+            if row.mlflow_parent_run_id:
+                parent = self.mlflow.client.get_run(row.mlflow_parent_run_id)
+            else:
+                parent = self.mlflow.find_parent(row.id, spec["tracking"]["experiment"])
+            if parent is None:
+                return None, True
+            fields["mlflow_experiment_id"] = parent.info.experiment_id
+            fields["mlflow_parent_run_id"] = parent.info.run_id
+            epochs = int(spec["train"]["epochs"])
+            progress = self.mlflow.progress(parent, self.mlflow.children(parent), epochs)
+            fields["progress"] = json.dumps(progress)
+            return parent, True
+        except Exception as e:  # MLflow down: Ray's word alone, progress as it was
+            log.warning("reconciler: MLflow for %s: %s", row.id, e)
+            return None, False
+
+    def _finish(
+        self, row: ExperimentRow, verdict: Verdict, ray: JobState | None, parent: Any, fields: dict[str, Any]
+    ) -> None:
+        """Before a terminal transition: keep the log, say why it failed, end orphaned MLflow runs."""
+        text = None
+        if ray is not None:
+            try:
+                text = self.jobs.logs(row.id)
+            except (JobNotFound, RayUnavailable) as e:
+                log.warning("reconciler: no log of %s: %s", row.id, e)
+        if text is not None:
+            fields["log_tail"] = log_tail(text)
+        if verdict.failure is not None:
+            failure = dict(verdict.failure)
+            if failure.get("exit_code") == EXIT_REFUSED and text:
+                failure["log_tail"] = "\n".join(text.rstrip().splitlines()[-FAILURE_LOG_LINES:])
+            fields["failure"] = json.dumps(failure)
+        if parent is not None and verdict.close_runs_as is not None:
+            try:
+                closed = self.mlflow.close_running(parent, verdict.close_runs_as, verdict.reason)
+                if closed:
+                    log.info("%s: closed MLflow runs %s as %s", row.id, closed, verdict.close_runs_as)
+                    progress = self.mlflow.progress(
+                        self.mlflow.client.get_run(parent.info.run_id),
+                        self.mlflow.children(parent),
+                        int(json.loads(row.spec)["train"]["epochs"]),
+                    )
+                    fields["progress"] = json.dumps(progress)
+            except Exception as e:
+                log.warning("reconciler: closing the MLflow runs of %s: %s", row.id, e)
+
+    def _stop_job(self, exp_id: str) -> None:
+        try:
+            self.jobs.stop(exp_id)
+        except JobNotFound:
+            pass
+
+    def _stop_orphans(self) -> None:
+        """Stop running jobs this service submitted that have no record (a row deleted after its
+        submission timed out but reached Ray); jobs sent by ``ray job submit`` are never touched."""
+        from service.experiments import SERVICE_METADATA
+
+        mine = [
+            j
+            for j in self.jobs.list()
+            if j.metadata.get(SERVICE_METADATA) == self.service_id and not j.terminal
+        ]
+        known = self.store.known_ids(j.submission_id for j in mine)
+        for job in mine:
+            if job.submission_id not in known:
+                log.warning(
+                    "stopping Ray job %s: submitted by this service but it has no record", job.submission_id
+                )
+                self._stop_job(job.submission_id)
+
+    def wait_ready(self, timeout_s: float) -> bool:
+        deadline = time.monotonic() + timeout_s
+        return self.ready.wait(max(0.0, deadline - time.monotonic()))

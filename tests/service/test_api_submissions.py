@@ -1,0 +1,382 @@
+"""Submission without training: idempotency, the list's keyset pages and filters, cancelling a
+job Ray holds PENDING, Ray or MLflow down, and what the reconciler does with records and jobs that
+lost each other (LOST, an MLflow parent's outcome, adoption, orphans). Real Ray Jobs API, real
+MLflow server, real SQLite; the jobs ask for a resource no node has, so none of them trains."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Iterator
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+from mlflow import MlflowClient
+from sqlalchemy import update
+from svc_helpers import NEVER, Stack, auth, post_spec, settings_for, tiny_spec, wait_for
+
+from service.app import Service, create_app
+from service.experiments import SERVICE_METADATA
+from service.intake import canonical_json
+from service.models import ExperimentRow, utcnow
+from service.stack import free_port
+from service.states import Status
+from workers.spec import Spec
+from workers.tracking import PARENT_ROLE, Tag
+
+
+@pytest.fixture(scope="module")
+def client(stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestClient]:
+    db = tmp_path_factory.mktemp("submissions") / "service.db"
+    with TestClient(create_app(settings_for(stack, db, entrypoint_resources=NEVER))) as c:
+        yield c
+        # no job of this module stays behind on the shared cluster
+        for item in c.get("/v1/experiments", params={"limit": 200}, headers=auth()).json()["items"]:
+            if item["status"] in ("PENDING", "RUNNING"):
+                c.post(f"/v1/experiments/{item['id']}/cancel", headers=auth())
+
+
+def _service(client: TestClient) -> Service:
+    return client.app.state.service  # type: ignore[attr-defined, no-any-return]
+
+
+def _status(client: TestClient, exp_id: str) -> str:
+    return str(client.get(f"/v1/experiments/{exp_id}", headers=auth()).json()["status"])
+
+
+# ---------------------------------------------------------------------- idempotency
+
+
+def test_a_repeat_with_the_same_key_and_body_gets_the_same_record(client: TestClient) -> None:
+    first = post_spec(client, tiny_spec("idem-a"), **{"Idempotency-Key": "key-a"})
+    assert first.status_code == 202, first.text
+    again = post_spec(client, tiny_spec("idem-a"), **{"Idempotency-Key": "key-a"})
+    assert again.status_code == 202
+    assert again.json()["id"] == first.json()["id"]
+    assert again.headers["idempotent-replayed"] == "true"
+    assert again.headers["location"] == first.headers["location"] == f"/v1/experiments/{first.json()['id']}"
+    assert first.json()["status"] == "PENDING" and first.json()["ray"]["submission_id"] == first.json()["id"]
+
+
+def test_the_same_key_with_another_body_is_422(client: TestClient) -> None:
+    assert post_spec(client, tiny_spec("idem-b"), **{"Idempotency-Key": "key-b"}).status_code == 202
+    r = post_spec(client, tiny_spec("idem-b", **{"loss.alpha": 1.0}), **{"Idempotency-Key": "key-b"})
+    assert r.status_code == 422
+    assert r.json()["errors"][0]["field"] == "Idempotency-Key"
+
+
+def test_a_repeat_while_the_first_is_being_submitted_is_409(client: TestClient) -> None:
+    service = _service(client)
+    spec = Spec.parse(tiny_spec("idem-c"), check_paths=False)
+    exp_id = service.experiments.new_id("key-c")
+    from service.intake import body_hash
+
+    spec_json = canonical_json(spec)
+    row = ExperimentRow(
+        id=exp_id, name=spec.name, kind="run", loss=spec.loss.kind, arch=spec.detector.arch,
+        spec=spec_json, body_hash=body_hash(spec_json), idempotency_key="key-c",
+    )  # fmt: skip
+    service.store.insert_submitting(row)  # a submission in flight (another request, another replica)
+    r = post_spec(client, tiny_spec("idem-c"), **{"Idempotency-Key": "key-c"})
+    assert r.status_code == 409
+    assert r.headers["retry-after"]
+    service.store.delete_submitting(exp_id)
+
+
+def test_concurrent_repeats_make_one_record_and_one_ray_job(client: TestClient) -> None:
+    codes: list[int] = []
+    ids: set[str] = set()
+
+    def send() -> None:
+        r = post_spec(client, tiny_spec("idem-d"), **{"Idempotency-Key": "key-d"})
+        codes.append(r.status_code)
+        if r.status_code == 202:
+            ids.add(r.json()["id"])
+
+    threads = [threading.Thread(target=send) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert set(codes) <= {202, 409} and 202 in codes, codes
+    assert len(ids) == 1
+    (exp_id,) = ids
+    jobs = [j for j in _service(client).jobs.list() if j.submission_id == exp_id]
+    assert len(jobs) == 1
+    listed = client.get("/v1/experiments", params={"name": "idem-d"}, headers=auth()).json()["items"]
+    assert [i["id"] for i in listed] == [exp_id]
+
+
+def test_a_job_ray_already_has_counts_as_submitted(client: TestClient) -> None:
+    """A retried submission whose first attempt reached Ray: no second job, the record is PENDING."""
+    service = _service(client)
+    exp_id = service.experiments.new_id("key-e")
+    service.jobs.submit(exp_id, "echo first", entrypoint_resources=NEVER)
+    r = post_spec(client, tiny_spec("idem-e"), **{"Idempotency-Key": "key-e"})
+    assert r.status_code == 202 and r.json()["id"] == exp_id
+    events = client.get(f"/v1/experiments/{exp_id}/events", headers=auth()).json()["items"]
+    assert events[0]["to"] == "PENDING" and "already" in events[0]["reason"]
+
+
+# ---------------------------------------------------------------------- listing
+
+
+def test_pages_are_newest_first_without_gaps_or_repeats_and_filters_apply(client: TestClient) -> None:
+    made = []
+    for i in range(5):
+        kind = "standard" if i % 2 else "harmonicdet"
+        r = post_spec(client, tiny_spec(f"page-{i}", **{"loss.kind": kind}))
+        assert r.status_code == 202, r.text
+        made.append(r.json()["id"])
+    seen: list[str] = []
+    cursor = None
+    while True:
+        params: dict[str, Any] = {"limit": 2, **({"cursor": cursor} if cursor else {})}
+        page = client.get("/v1/experiments", params=params, headers=auth()).json()
+        assert len(page["items"]) <= 2
+        seen += [i["id"] for i in page["items"]]
+        cursor = page["next_cursor"]
+        if cursor is None:
+            break
+    assert len(seen) == len(set(seen))
+    assert [i for i in seen if i in made] == made[::-1]  # newest first
+    standard = client.get("/v1/experiments", params={"loss": "standard", "limit": 200}, headers=auth()).json()
+    assert {i["id"] for i in standard["items"]} >= {made[1], made[3]}
+    assert all(i["loss"] == "standard" for i in standard["items"])
+    one = client.get("/v1/experiments", params={"name": "page-2", "status": "PENDING"}, headers=auth()).json()
+    assert [i["id"] for i in one["items"]] == [made[2]]
+    both = client.get(
+        "/v1/experiments", params={"name": "page-2", "status": "SUCCEEDED,FAILED"}, headers=auth()
+    )
+    assert both.json()["items"] == []
+    assert client.get("/v1/experiments", params={"arch": "retinanet", "limit": 1}, headers=auth()).json()[
+        "next_cursor"
+    ]
+
+
+def test_a_bad_cursor_or_status_is_422(client: TestClient) -> None:
+    r = client.get("/v1/experiments", params={"cursor": "not-a-cursor"}, headers=auth())
+    assert r.status_code == 422 and r.json()["errors"][0]["field"] == "cursor"
+    r = client.get("/v1/experiments", params={"status": "SUBMITTING"}, headers=auth())
+    assert r.status_code == 422 and r.json()["errors"][0]["field"] == "status"
+
+
+# ---------------------------------------------------------------------- cancel
+
+
+def test_cancel_of_a_job_ray_holds_pending_is_cancelling_and_a_repeat_is_a_no_op(client: TestClient) -> None:
+    """Ray queues the stop of a job waiting for resources behind its start (the full path to
+    CANCELLED is the running job of test_api_lifecycle.py)."""
+    exp_id = post_spec(client, tiny_spec("cancel-pending")).json()["id"]
+    r = client.post(f"/v1/experiments/{exp_id}/cancel", headers=auth())
+    assert r.status_code == 202 and r.json()["status"] == "CANCELLING"
+    _service(client).reconciler.run_once()
+    again = client.post(f"/v1/experiments/{exp_id}/cancel", headers=auth())
+    assert again.status_code == 202 and again.json()["status"] == "CANCELLING"
+    events = client.get(f"/v1/experiments/{exp_id}/events", headers=auth()).json()["items"]
+    assert [(e["seq"], e["from"], e["to"]) for e in events] == [
+        (1, None, "PENDING"),
+        (2, "PENDING", "CANCELLING"),
+    ]
+    after = client.get(f"/v1/experiments/{exp_id}/events", params={"after": 1}, headers=auth()).json()
+    assert [e["seq"] for e in after["items"]] == [2]
+    assert client.post("/v1/experiments/exp-0000000000000000/cancel", headers=auth()).status_code == 404
+
+
+def test_cancel_of_an_ended_experiment_is_409(stack: Stack, client: TestClient) -> None:
+    service = _service(client)
+    exp_id = service.experiments.new_id(None)
+    _parent(stack, exp_id, "FINISHED")
+    _insert(service, "ended", Status.RUNNING, exp_id)
+    service.reconciler.run_once()
+    assert _status(client, exp_id) == "SUCCEEDED"
+    r = client.post(f"/v1/experiments/{exp_id}/cancel", headers=auth())
+    assert r.status_code == 409 and r.headers["content-type"].startswith("application/problem+json")
+
+
+# ---------------------------------------------------------------------- Ray or MLflow down
+
+
+def test_ray_down_post_is_503_with_nothing_stored_gets_work_and_readyz_names_ray(
+    stack: Stack, client: TestClient, tmp_path: Path
+) -> None:
+    db = tmp_path / "service.db"
+    nowhere = f"http://127.0.0.1:{free_port()}"
+    with TestClient(create_app(settings_for(stack, db, ray_address=nowhere, ray_timeout_s=2))) as down:
+        pending = _insert(_service(down), "made-before-ray-went-away", Status.PENDING)
+        r = post_spec(down, tiny_spec("while-ray-is-down"))
+        assert r.status_code == 503 and r.headers["retry-after"]
+        assert r.headers["content-type"].startswith("application/problem+json")
+        listed = down.get("/v1/experiments", headers=auth())
+        assert listed.status_code == 200 and [i["id"] for i in listed.json()["items"]] == [pending]
+        assert down.get(f"/v1/experiments/{pending}", headers=auth()).status_code == 200
+        ready = down.get("/readyz")
+        assert ready.status_code == 503
+        components = ready.json()["components"]
+        assert not components["ray"]["ok"] and "unreachable" in components["ray"]["detail"]
+        assert components["database"]["ok"] and components["mlflow"]["ok"]
+        _service(down).reconciler.run_once()
+        assert _status(down, pending) == "PENDING"  # Ray unreachable changes no status
+
+
+def test_mlflow_down_post_is_503_before_anything_is_stored(stack: Stack, tmp_path: Path) -> None:
+    nowhere = f"http://127.0.0.1:{free_port()}"
+    with TestClient(create_app(settings_for(stack, tmp_path / "db", mlflow_tracking_uri=nowhere))) as down:
+        jobs_before = {j.submission_id for j in _service(down).jobs.list()}
+        r = post_spec(down, tiny_spec("while-mlflow-is-down"))
+        assert r.status_code == 503 and "MLflow" in r.json()["title"]
+        assert down.get("/v1/experiments", headers=auth()).json()["items"] == []
+        assert {j.submission_id for j in _service(down).jobs.list()} == jobs_before
+
+
+# ---------------------------------------------------------------------- reconciler
+
+
+def _insert(service: Service, name: str, status: Status, exp_id: str | None = None) -> str:
+    """A record as a previous life of the service left it (its Ray job unknown to this Ray)."""
+    spec = Spec.parse(tiny_spec(name), check_paths=False)
+    exp_id = exp_id or service.experiments.new_id(None)
+    spec_json = canonical_json(spec)
+    row = ExperimentRow(
+        id=exp_id, name=name, kind="run", loss=spec.loss.kind, arch=spec.detector.arch, spec=spec_json,
+        body_hash="x", idempotency_key=None,
+    )  # fmt: skip
+    service.store.insert_submitting(row)
+    assert service.store.transition(exp_id, Status.SUBMITTING, Status.PENDING, "submitted to Ray")
+    if status != Status.PENDING:
+        assert service.store.transition(exp_id, Status.PENDING, status, "Ray started the job")
+    return exp_id
+
+
+def _parent(stack: Stack, exp_id: str, status: str) -> tuple[MlflowClient, str, str]:
+    c = MlflowClient(tracking_uri=stack.mlflow_uri)
+    exp = c.get_experiment_by_name("svc-tests")
+    eid = exp.experiment_id if exp else c.create_experiment("svc-tests")
+    run = c.create_run(eid, tags={Tag.EXPERIMENT_ID: exp_id, Tag.ROLE: PARENT_ROLE})
+    child = c.create_run(eid, tags={"mlflow.parentRunId": run.info.run_id, Tag.ROLE: "child"})
+    if status != "RUNNING":
+        c.set_terminated(run.info.run_id, status=status)
+        c.set_terminated(child.info.run_id, status=status)
+    return c, run.info.run_id, child.info.run_id
+
+
+def test_a_job_ray_no_longer_knows_becomes_lost_and_its_running_runs_are_closed(
+    stack: Stack, client: TestClient
+) -> None:
+    service = _service(client)
+    lost = service.experiments.new_id(None)
+    c, parent, child = _parent(stack, lost, "RUNNING")  # first: the reconciler runs all along
+    _insert(service, "forgotten", Status.RUNNING, lost)
+    bare = _insert(service, "forgotten-bare", Status.PENDING)
+    service.reconciler.run_once()
+    for exp_id in (lost, bare):
+        record = client.get(f"/v1/experiments/{exp_id}", headers=auth()).json()
+        assert record["status"] == "LOST", record
+        assert "no longer knows" in record["failure"]["reason"]
+    for run_id in (parent, child):
+        run = c.get_run(run_id)
+        assert run.info.status == "FAILED"
+        assert "no longer knows" in run.data.tags[Tag.ERROR]
+
+
+@pytest.mark.parametrize(("outcome", "expected"), [("FINISHED", "SUCCEEDED"), ("FAILED", "FAILED")])
+def test_a_job_ray_no_longer_knows_takes_its_mlflow_parents_outcome(
+    stack: Stack, client: TestClient, outcome: str, expected: str
+) -> None:
+    service = _service(client)
+    exp_id = service.experiments.new_id(None)
+    _, parent, _ = _parent(stack, exp_id, outcome)
+    _insert(service, f"outcome-{outcome.lower()}", Status.RUNNING, exp_id)
+    service.reconciler.run_once()
+    record = client.get(f"/v1/experiments/{exp_id}", headers=auth()).json()
+    assert record["status"] == expected
+    assert record["mlflow"]["parent_run_id"] == parent
+    assert record["mlflow"]["link"].endswith(f"/runs/{parent}")
+
+
+def test_a_leftover_submitting_row_is_adopted_if_ray_has_the_job_else_deleted(client: TestClient) -> None:
+    service = _service(client)
+    kept = service.experiments.new_id(None)
+    gone = service.experiments.new_id(None)
+    for exp_id in (kept, gone):
+        spec_json = canonical_json(Spec.parse(tiny_spec("leftover"), check_paths=False))
+        row = ExperimentRow(
+            id=exp_id, name="leftover", kind="run", loss="harmonicdet", arch="retinanet", spec=spec_json,
+            body_hash="x", idempotency_key=None,
+        )  # fmt: skip
+        service.store.insert_submitting(row)
+    service.jobs.submit(kept, "echo adopted", entrypoint_resources=NEVER)
+    service.reconciler.run_once()  # too young: a submission may still be under way
+    assert service.store.get(kept, hidden=True).status == Status.SUBMITTING  # type: ignore[union-attr]
+    with service.store._session.begin() as s:  # made long ago (a crash between insert and PENDING)
+        s.execute(update(ExperimentRow).values(created_at=utcnow() - timedelta(hours=1)).where(
+            ExperimentRow.id.in_([kept, gone])))  # fmt: skip
+    service.reconciler.run_once()
+    assert _status(client, kept) in ("PENDING", "CANCELLING", "CANCELLED")
+    assert service.store.get(gone, hidden=True) is None
+
+
+def test_a_job_of_this_service_without_a_record_is_stopped_and_others_are_not(client: TestClient) -> None:
+    service = _service(client)
+    orphan, foreign = service.experiments.new_id(None), service.experiments.new_id(None)
+    service.jobs.submit(orphan, "sleep 300", metadata={SERVICE_METADATA: service.experiments.service_id})
+    service.jobs.submit(foreign, "sleep 300", metadata={SERVICE_METADATA: "another"})
+    try:
+        for _ in range(5):  # the sweep runs every few passes
+            service.reconciler.run_once()
+        wait_for(lambda: service.jobs.info(orphan).status == "STOPPED", 60, "the orphan job to stop")
+        assert service.jobs.info(foreign).status in ("PENDING", "RUNNING")
+    finally:
+        service.jobs.stop(foreign)
+
+
+def test_a_lost_records_failure_is_an_object_saying_why(client: TestClient) -> None:
+    items = client.get("/v1/experiments", params={"status": "LOST"}, headers=auth()).json()["items"]
+    assert items and all(isinstance(i["failure"], dict) for i in items)
+    assert json.dumps(items)  # serialisable: no NaN
+
+
+def _seeded(stack: Stack, client: TestClient, name: str, ap: list[float]) -> str:
+    """A finished experiment whose training runs (one per seed) have final metrics in MLflow."""
+    service = _service(client)
+    exp_id = service.experiments.new_id(None)
+    c, parent, _ = _parent(stack, exp_id, "FINISHED")
+    eid = c.get_run(parent).info.experiment_id
+    for seed, value in enumerate(ap):
+        run = c.create_run(eid, tags={"mlflow.parentRunId": parent, Tag.ROLE: "child", Tag.SEED: str(seed)})
+        for split in ("", "test_"):
+            for metric, v in {"AP": value, "AP50": value + 0.2, "AP75": value / 2, "AP90": value / 4}.items():
+                c.log_metric(run.info.run_id, split + metric, v, step=1)
+            c.log_metric(run.info.run_id, split + "aic", 0.3 - value / 10, step=1)
+            c.log_metric(run.info.run_id, split + "spearman", 0.5, step=1)
+        c.set_terminated(run.info.run_id, "FINISHED")
+    _insert(service, name, Status.RUNNING, exp_id)
+    wait_for(lambda: _status(client, exp_id) == "SUCCEEDED", 30, f"{name} to take its parent's outcome")
+    return exp_id
+
+
+def test_compare_pairs_the_seeds_against_the_first_experiment(stack: Stack, client: TestClient) -> None:
+    base = _seeded(stack, client, "cmp-base", [0.30, 0.32, 0.31])
+    better = _seeded(stack, client, "cmp-better", [0.40, 0.43, 0.41])
+    r = client.get("/v1/compare", params={"ids": f"{base},{better}"}, headers=auth())
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["judged_on"] == "test"
+    assert [e["id"] for e in body["experiments"]] == [base, better]
+    assert body["experiments"][0]["mean"]["AP"] == pytest.approx(0.31)
+    paired = body["paired"][better]
+    assert paired["against"] == base and paired["shared_seeds"] == [0, 1, 2]
+    ap = paired["comparison"]["AP"]
+    assert ap["mean_diff"] == pytest.approx((0.10 + 0.11 + 0.10) / 3)
+    assert {"AP", "AP50", "AP75", "AP90", "aic"} <= set(paired["comparison"])
+    per_seed = paired["comparison"]["AP"]["per_seed"]
+    assert sorted(per_seed) == ["0", "1", "2"]
+    assert per_seed["1"]["treatment"] == pytest.approx(0.43) and per_seed["1"]["baseline"] == pytest.approx(
+        0.32
+    )
+    for bad in (base, f"{base},exp-0000000000000000", ",".join([base] * 11)):
+        r = client.get("/v1/compare", params={"ids": bad}, headers=auth())
+        assert r.status_code == 422 and r.json()["errors"][0]["field"] == "ids"

@@ -1,0 +1,44 @@
+"""``hdet serve`` refusing to start: a component that fails is named with its log (exit 1, what it
+started is stopped); settings it cannot run with exit 2 before anything starts. Starting and
+stopping the whole stack is the session fixture of conftest.py (SIGINT, inherited ignored)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from workers.cli import COMMANDS
+
+
+def _serve(home: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("HDET_", "RAY_", "MLFLOW_"))}
+    return subprocess.run(
+        [sys.executable, "-m", "workers.cli", "serve", *args],
+        env={**clean, "HDET_HOME": str(home), **env},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def test_serve_is_a_command_of_hdet() -> None:
+    assert COMMANDS[("serve",)][:2] == ("service.cli", "main")
+
+
+def test_a_component_that_fails_to_start_exits_1_naming_it_and_its_log(tmp_path: Path) -> None:
+    # Ray refuses a negative CPU count; MLflow is "given", so only Ray is started
+    r = _serve(tmp_path, "--num-cpus", "-1", "--mlflow-uri", "http://127.0.0.1:9", "--port", "0")
+    assert r.returncode == 1, r.stdout + r.stderr
+    log = tmp_path / "logs" / "ray-head.log"
+    assert f"Ray head exited during start-up; its log: {log}" in r.stderr
+    assert "Traceback" in log.read_text()  # Ray's own reason is in its log
+    assert "stopping Ray head" in r.stdout
+
+
+def test_a_public_bind_with_a_short_token_is_refused_before_anything_starts(tmp_path: Path) -> None:
+    r = _serve(tmp_path, "--host", "0.0.0.0", HDET_API_TOKEN="short")
+    assert r.returncode == 2
+    assert "at least 32 characters" in r.stderr
+    assert not (tmp_path / "logs").exists()
