@@ -286,6 +286,7 @@ def _run_one(spec: Spec, args: argparse.Namespace) -> int:
             print(format_table(summary.get("history") or [], summary.get("best")))
         else:
             from workers.search import run_search  # prints its own table at the end
+            from workers.summary import BASELINE_ID, CONFIRMATORY_ID
 
             search_summary = run_search(
                 spec, ctx, storage_path, resume=args.resume, retry_failed=args.retry_failed
@@ -294,8 +295,8 @@ def _run_one(spec: Spec, args: argparse.Namespace) -> int:
                 print("hdet run: the search was interrupted; continue it with --resume", file=sys.stderr)
                 status, rc = "KILLED", 1
             arms = (
-                ("baseline", spec.search.baseline, search_summary.baseline),
-                ("confirmatory", spec.search.confirmatory, search_summary.confirmatory),
+                (BASELINE_ID, spec.search.baseline, search_summary.baseline),
+                (CONFIRMATORY_ID, spec.search.confirmatory, search_summary.confirmatory),
             )
             failed = [
                 f"{name}: "

@@ -225,8 +225,8 @@ def make_trainer(
         A :class:`HarmonicTrainer`; its ``mlflow_run_id`` is the child run (unless ``defer_run``).
     """
     if spec.dataset.format == "synthetic" and spec.dataset.root is None:
-        # Workers run in their own folders (and maybe other machines): pin the generated set's path.
-        spec = spec.with_overrides({"dataset.root": spec.dataset.resolved_root()})
+        # Not resolved by the driver (hdet run does it): workers run in their own folders, so pin it here.
+        spec = spec.with_resolved_paths()
     use_gpu = resolve_use_gpu(spec)
     s = spec.scaling
     resources: dict[str, float] = {"CPU": s.cpus_per_worker}

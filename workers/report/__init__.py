@@ -10,7 +10,7 @@ Renderers read a :class:`workers.summary.SearchSummary`; ``hdet report`` rebuild
 Imports go one way: this package imports :mod:`workers.summary`, never the reverse at module level.
 """
 
-from workers.report.cli import build_report, find_search_run, main, write_evidence
+from workers.report.cli import build_report, find_parent_run, main, write_evidence
 from workers.report.document import render_html, render_markdown
 from workers.report.plots import draw_plots
 from workers.report.text import format_table
@@ -18,7 +18,7 @@ from workers.report.text import format_table
 __all__ = [
     "main",
     "build_report",
-    "find_search_run",
+    "find_parent_run",
     "write_evidence",
     "render_markdown",
     "render_html",

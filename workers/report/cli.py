@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 
     from workers.summary import SearchSummary
 
-__all__ = ["main", "build_report", "find_parent_run", "find_search_run", "write_evidence"]
+__all__ = ["main", "build_report", "find_parent_run", "write_evidence"]
 
 
 def write_evidence(summary: SearchSummary, out: Path) -> None:
@@ -61,29 +61,6 @@ def find_parent_run(c: MlflowClient, experiment: str, run_id: str | None = None)
     if not runs:
         raise LookupError(f"experiment {experiment!r} has no run of hdet run")
     return str(exp.experiment_id), str(runs[0].info.run_id), Tag.SEARCH_COMPLETE in runs[0].data.tags
-
-
-def find_search_run(c: MlflowClient, experiment: str, run_id: str | None = None) -> tuple[str, str]:
-    """The experiment id and the parent run of its latest search (or ``run_id``).
-
-    Raises:
-        LookupError: no such experiment, run, or search parent run; the message says which.
-    """
-    exp = c.get_experiment_by_name(experiment)
-    if exp is None or run_id:
-        exp_id, parent, _ = find_parent_run(c, experiment, run_id)
-        return exp_id, parent
-    runs = c.search_runs(
-        [exp.experiment_id],
-        filter_string=f"tags.`{Tag.ROLE}` = '{PARENT_ROLE}' and tags.`{Tag.SEARCH_COMPLETE}` != ''",
-        order_by=["attributes.start_time DESC"],
-        max_results=1,
-    )
-    if not runs:
-        raise LookupError(
-            f"experiment {experiment!r} has no search run (a parent run of a spec with a search section)"
-        )
-    return str(exp.experiment_id), str(runs[0].info.run_id)
 
 
 def build_report(
