@@ -12,7 +12,7 @@ import os
 from collections import Counter
 from typing import Any
 
-from workers.tracking import CHILD_ROLE, PARENT_ROLE, Artifact, Tag, mark_run
+from workers.tracking import CHILD_ROLE, PARENT_ROLE, Artifact, Tag, child_runs, close_running_runs
 
 __all__ = ["MlflowView", "MlflowUnavailable", "finite", "split_metrics", "has_test", "COMPARE_METRICS"]
 
@@ -98,22 +98,7 @@ class MlflowView:
 
     def children(self, parent: Any) -> list[Any]:
         """Every child run of ``parent``, oldest first."""
-        from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
-
-        out: list[Any] = []
-        token = None
-        while True:
-            page = self.client.search_runs(
-                [parent.info.experiment_id],
-                filter_string=f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{parent.info.run_id}'",
-                order_by=["attributes.start_time ASC"],
-                max_results=1000,
-                page_token=token,
-            )
-            out.extend(page)
-            token = page.token
-            if not token:
-                return out
+        return child_runs(self.client, parent.info.experiment_id, parent.info.run_id)
 
     # ------------------------------------------------------------------ progress and closing
 
@@ -135,12 +120,7 @@ class MlflowView:
 
     def close_running(self, parent: Any, status: str, error: str | None) -> list[str]:
         """End the parent and child runs still RUNNING (their job is gone) with ``status``."""
-        closed = []
-        for run in [parent, *self.children(parent)]:
-            if run.info.status == "RUNNING":
-                mark_run(self.client, run.info.run_id, status, error)
-                closed.append(run.info.run_id)
-        return closed
+        return close_running_runs(self.client, parent.info.experiment_id, parent.info.run_id, status, error)
 
     # ------------------------------------------------------------------ results
 

@@ -160,6 +160,9 @@ def init_local_ray(num_cpus: int | None = None, num_gpus: int | None = None, das
         # Ray Train's preemption watcher (one more actor process per training run) follows node
         # drains on a cluster; a one-machine Ray has no node to drain.
         "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+        # Trainings beyond the CPUs wait for others to end (hdet run sizes a local Ray to the
+        # cores): only they free resources here, so a wait is no sign of a misconfigured cluster.
+        "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": str(7 * 24 * 3600),
     }
     for k, v in local_env.items():
         os.environ.setdefault(k, v)

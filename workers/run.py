@@ -18,14 +18,21 @@ The one entrypoint used by the service, by ``ray job submit`` and by the local C
 ``--resume`` continues the latest run of the spec's name: the same parent and child runs, from
 the last checkpoint.
 
-Exit codes: 0 done, 1 training failed, 2 bad spec or dataset.
+Exit codes: 0 done, 1 training failed, 2 bad spec or dataset, 130 / 143 stopped by SIGINT /
+SIGTERM. A stop (Ctrl-C, ``ray job stop``, ``docker stop``, the REST service's cancel) ends the
+parent run and every child run still running ``KILLED`` with ``hdet.error`` naming the signal; a
+stopped search can be continued with ``--resume``. SIGTERM is handled as SIGINT: during a Tune
+search, Tune's own handler stops the trials (their trainers are aborted); elsewhere the training
+is interrupted at once. A second signal during that clean-up is ignored.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -69,6 +76,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--storage-path", help="Ray Train/Tune storage (default: $HDET_HOME/ray_results)")
     p.add_argument("--dashboard", action="store_true", help="start the Ray dashboard with a local Ray")
+    p.add_argument(
+        "--num-cpus",
+        type=float,
+        help="logical CPUs of a local Ray (default: this machine's cores; the trainings that do not fit "
+        "in them at once, at scaling.cpus_per_worker each, wait their turn)",
+    )
     return p
 
 
@@ -119,7 +132,7 @@ def check_dataset(spec: Spec) -> dict[str, int]:
     return skipped
 
 
-def _start_ray(spec: Spec, address: str | None, dashboard: bool) -> bool:
+def _start_ray(spec: Spec, args: argparse.Namespace) -> bool:
     """Join or start Ray; returns True when this process started a local Ray (and must stop it)."""
     import ray
 
@@ -127,16 +140,19 @@ def _start_ray(spec: Spec, address: str | None, dashboard: bool) -> bool:
 
     if ray.is_initialized():
         return False
-    if address or os.environ.get("RAY_ADDRESS"):
-        ray.init(address=address or os.environ["RAY_ADDRESS"])
+    address = args.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address)
         return False
-    from workers.search import required_cpus
+    from workers.search import least_cpus, trial_cpus
 
-    # Logical CPUs: at least what the spec runs at once (every seed's and the baseline's trainers
-    # of a search), so a small machine runs it oversubscribed rather than waiting forever for
-    # resources it does not have.
-    needed = math.ceil(required_cpus(spec))
-    init_local_ray(num_cpus=max(os.cpu_count() or 1, needed), dashboard=dashboard)
+    # As many logical CPUs for trainings as cores (plus the trials' own small reservations):
+    # trainings that do not fit wait for one to end, which runs faster than every seed of every arm
+    # at once, and fits in memory. At least what one training needs, so a small machine runs it
+    # oversubscribed instead of waiting forever.
+    cpus = args.num_cpus if args.num_cpus is not None else float(os.cpu_count() or 1)
+    need = max(cpus + trial_cpus(spec), least_cpus(spec))
+    init_local_ray(num_cpus=math.ceil(need - 1e-9), dashboard=args.dashboard)
     return True
 
 
@@ -230,6 +246,55 @@ def main(argv: list[str] | None = None) -> int:
     return max(rcs)
 
 
+class _Stop:
+    """Which signal asked this process to stop (None: none did)."""
+
+    signal: str | None = None
+
+
+def _on_sigint(signum: int, frame: Any) -> None:
+    _Stop.signal = _Stop.signal or "SIGINT"
+    raise KeyboardInterrupt
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    # SIGTERM does what SIGINT does now: Tune's graceful stop while a search runs (it replaces the
+    # SIGINT handler for that time), else the KeyboardInterrupt of _on_sigint.
+    _Stop.signal = _Stop.signal or "SIGTERM"
+    handler = signal.getsignal(signal.SIGINT)
+    if callable(handler) and handler is not _on_sigterm:
+        handler(signal.SIGINT, frame)
+    else:
+        raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def _stop_on_signals() -> Any:
+    """SIGINT and SIGTERM interrupt the experiment (main thread only, as Python's signals are)."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    signal.signal(signal.SIGINT, _on_sigint)
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        yield
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
+
+
+def _ignore_signals() -> None:
+    """The clean-up after a stop runs to its end: a second Ctrl-C would leave runs RUNNING."""
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, signal.SIG_IGN)
+
+
 def _run_one(spec: Spec, args: argparse.Namespace) -> int:
     """One experiment of ``hdet run`` (a training run, a search or a comparison); its exit code."""
     from harmonic.data import DatasetError
@@ -269,7 +334,7 @@ def _run_one(spec: Spec, args: argparse.Namespace) -> int:
         print(f"hdet run: pretraining images refused (pretrain):\n{e}", file=sys.stderr)
         return 2
 
-    started = _start_ray(spec, args.address, args.dashboard)
+    started = _start_ray(spec, args)
     ctx = open_parent_run(spec, tracking_uri, resume=args.resume, extra_tags=dict(args.tag))
     c = client(tracking_uri)
     if any(skipped.values()):
@@ -278,37 +343,26 @@ def _run_one(spec: Spec, args: argparse.Namespace) -> int:
         f"experiment {spec.tracking.experiment!r}: parent run {ctx.parent_run_id} ({tracking_uri})",
         flush=True,
     )
-    status, rc = "FINISHED", 0
+    status, rc, error = "FINISHED", 0, None
+    _Stop.signal = None
     try:
-        if spec.search is None:
-            summary = single_run(spec, ctx, storage_path, resume=args.resume)
-            print()
-            print(format_table(summary.get("history") or [], summary.get("best")))
-        else:
-            from workers.search import run_search  # prints its own table at the end
-            from workers.summary import BASELINE_ID, CONFIRMATORY_ID
-
-            search_summary = run_search(
-                spec, ctx, storage_path, resume=args.resume, retry_failed=args.retry_failed
-            )  # prints its own table
-            if not search_summary.complete:
-                print("hdet run: the search was interrupted; continue it with --resume", file=sys.stderr)
-                status, rc = "KILLED", 1
-            arms = (
-                (BASELINE_ID, spec.search.baseline, search_summary.baseline),
-                (CONFIRMATORY_ID, spec.search.confirmatory, search_summary.confirmatory),
-            )
-            failed = [
-                f"{name}: "
-                + (rec.status if rec else "no training run")
-                + (f" ({rec.error.splitlines()[0][:300]})" if rec and rec.error else "")
-                for name, asked, rec in arms
-                if asked and (rec is None or rec.status != "completed")
-            ]
-            if failed and rc == 0:
-                # Without both sides of a comparison there is no evidence: the experiment failed.
-                print(f"hdet run: the comparison has no result: {'; '.join(failed)}", file=sys.stderr)
-                status, rc = "FAILED", 1
+        with _stop_on_signals():
+            return_code = _train(spec, args, ctx, storage_path)
+        if return_code:
+            status, rc = return_code
+            if status == "KILLED" and _Stop.signal:  # Tune stopped the search on SIGTERM
+                error = f"stopped by {_Stop.signal}"
+                rc = 128 + int(getattr(signal, _Stop.signal))
+            elif status == "KILLED":  # Tune's own SIGINT handler stopped it
+                error = "the search was interrupted (SIGINT)"
+    except KeyboardInterrupt:
+        _ignore_signals()
+        stopped_by = _Stop.signal or "SIGINT"
+        error = f"stopped by {stopped_by}"
+        print(
+            f"hdet run: {error}; the runs still running end KILLED (continue with --resume)", file=sys.stderr
+        )
+        status, rc = "KILLED", 128 + int(getattr(signal, stopped_by))
     except Exception as e:
         from ray.train import TrainingFailedError
 
@@ -324,12 +378,49 @@ def _run_one(spec: Spec, args: argparse.Namespace) -> int:
             import ray
 
             ray.shutdown()
+    if status == "KILLED":
+        # What a stopped trainer or trial had no time to close (Ray stopped it first).
+        from workers.tracking import close_running_runs
+
+        close_running_runs(c, ctx.experiment_id, ctx.parent_run_id, "KILLED", error)
     c.set_terminated(ctx.parent_run_id, status=status)
     if tracking_uri.startswith("sqlite:"):
         print(f"\nMLflow UI: mlflow ui --backend-store-uri {tracking_uri}")
     else:
         print(f"\nMLflow: {tracking_uri} (experiment {spec.tracking.experiment!r})")
     return rc
+
+
+def _train(spec: Spec, args: argparse.Namespace, ctx: Any, storage_path: str) -> tuple[str, int] | None:
+    """Train the experiment: None when it is done, else the parent run's status and the exit code."""
+    if spec.search is None:
+        summary = single_run(spec, ctx, storage_path, resume=args.resume)
+        print()
+        print(format_table(summary.get("history") or [], summary.get("best")))
+        return None
+    from workers.search import run_search  # prints its own table at the end
+    from workers.summary import BASELINE_ID, CONFIRMATORY_ID
+
+    search_summary = run_search(spec, ctx, storage_path, resume=args.resume, retry_failed=args.retry_failed)
+    if not search_summary.complete:
+        print("hdet run: the search was interrupted; continue it with --resume", file=sys.stderr)
+        return "KILLED", 1
+    arms = (
+        (BASELINE_ID, spec.search.baseline, search_summary.baseline),
+        (CONFIRMATORY_ID, spec.search.confirmatory, search_summary.confirmatory),
+    )
+    failed = [
+        f"{name}: "
+        + (rec.status if rec else "no training run")
+        + (f" ({rec.error.splitlines()[0][:300]})" if rec and rec.error else "")
+        for name, asked, rec in arms
+        if asked and (rec is None or rec.status != "completed")
+    ]
+    if failed:
+        # Without both sides of a comparison there is no evidence: the experiment failed.
+        print(f"hdet run: the comparison has no result: {'; '.join(failed)}", file=sys.stderr)
+        return "FAILED", 1
+    return None
 
 
 if __name__ == "__main__":

@@ -49,6 +49,8 @@ __all__ = [
     "Tag",
     "Artifact",
     "mark_run",
+    "child_runs",
+    "close_running_runs",
 ]
 
 PARENT_ROLE = "parent"
@@ -304,6 +306,39 @@ def find_child_run(c: MlflowClient, ctx: TrackingContext, run_key: str) -> Any |
         max_results=1,
     )
     return found[0] if found else None
+
+
+def child_runs(c: MlflowClient, experiment_id: str, parent_run_id: str) -> list[Any]:
+    """Every child run of the parent run ``parent_run_id`` (``mlflow.parentRunId``), oldest first."""
+    from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+
+    out: list[Any] = []
+    token = None
+    while True:
+        page = c.search_runs(
+            [experiment_id],
+            filter_string=f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{parent_run_id}'",
+            order_by=["attributes.start_time ASC"],
+            max_results=1000,
+            page_token=token,
+        )
+        out.extend(page)
+        token = page.token
+        if not token:
+            return out
+
+
+def close_running_runs(
+    c: MlflowClient, experiment_id: str, parent_run_id: str, status: str, error: str | None = None
+) -> list[str]:
+    """End the parent run and its child runs that are still ``RUNNING`` with ``status`` (and
+    ``error``, see :func:`mark_run`); the ids of the runs it ended."""
+    closed = []
+    for run in [c.get_run(parent_run_id), *child_runs(c, experiment_id, parent_run_id)]:
+        if run.info.status == "RUNNING":
+            mark_run(c, run.info.run_id, status, error)
+            closed.append(str(run.info.run_id))
+    return closed
 
 
 def logged_steps(c: MlflowClient, run_id: str, key: str = "epoch") -> set[int]:

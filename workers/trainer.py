@@ -107,7 +107,7 @@ class HarmonicTrainer(TorchTrainer):
             if result.error:
                 raise result.error
         except BaseException as e:
-            if self._aborted:
+            if self._aborted or isinstance(e, KeyboardInterrupt):  # abort(), or SIGINT in this thread
                 self.close_mlflow_run("KILLED")
                 raise
             cause = deterministic_cause(e)

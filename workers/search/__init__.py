@@ -15,10 +15,12 @@ from workers.search.seeds import SeedEvent, SeedGroup, TrialFailure, run_key, tr
 from workers.search.space import (
     TRIAL_CPUS,
     SearchSpaceError,
+    least_cpus,
     make_scheduler,
     make_search_alg,
     num_trials,
     required_cpus,
+    trial_cpus,
     tune_param_space,
 )
 from workers.summary import (
@@ -61,7 +63,9 @@ __all__ = [
     "make_search_alg",
     "make_scheduler",
     "num_trials",
+    "least_cpus",
     "required_cpus",
+    "trial_cpus",
     "run_key",
     "train_on_seeds",
     "run_search",

@@ -23,6 +23,8 @@ __all__ = [
     "make_scheduler",
     "num_trials",
     "required_cpus",
+    "least_cpus",
+    "trial_cpus",
 ]
 
 #: What a trial itself reserves: it only drives its trainers, which request the real resources;
@@ -144,3 +146,19 @@ def required_cpus(spec: Spec) -> float:
     searched = spec.search.max_concurrent if spec.search.space else 0
     configs = searched + int(spec.search.baseline) + int(spec.search.confirmatory)
     return configs * len(spec.search.seeds) * per_trainer + searched * TRIAL_CPUS
+
+
+def least_cpus(spec: Spec) -> float:
+    """The fewest CPUs an experiment progresses with: one trainer (``num_workers`` x
+    ``cpus_per_worker``) plus :func:`trial_cpus`. Trainers beyond what the CPUs hold wait their
+    turn, so a comparison of many seeds runs a few trainings at a time instead of all of them
+    oversubscribed."""
+    s = spec.scaling
+    return s.num_workers * s.cpus_per_worker + trial_cpus(spec)
+
+
+def trial_cpus(spec: Spec) -> float:
+    """What the Tune trials running at once reserve themselves (:data:`TRIAL_CPUS` each)."""
+    if spec.search is None or not spec.search.space:
+        return 0.0
+    return spec.search.max_concurrent * TRIAL_CPUS
