@@ -20,7 +20,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 __all__ = ["train_main", "plain_loop_images_per_s", "bench_spec", "search_main"]
 
@@ -40,11 +40,11 @@ def bench_spec(args: argparse.Namespace, root: Path) -> dict[str, Any]:
     }  # fmt: skip
 
 
-def plain_loop_images_per_s(spec_dict: dict[str, Any], threads: int) -> tuple[float, float]:
-    """Images/s of a plain PyTorch training loop (no Ray) over every epoch but the first, and from
-    the median step time of those epochs (batch size / median step). The model, data, sampler and
-    optimizer are a worker's (:mod:`workers.recipe`); the step has no AMP, clipping, schedule or
-    diagnostics."""
+def plain_loop_images_per_s(spec_dict: dict[str, Any], threads: int) -> tuple[float, float, float]:
+    """Images/s of a plain PyTorch training loop (no Ray) over every epoch but the first, from
+    the median step time of those epochs (batch size / median step), and the cores this process
+    used meanwhile. The model, data, sampler and optimizer are a worker's (:mod:`workers.recipe`);
+    the step has no AMP, clipping, schedule or diagnostics."""
     import torch
 
     from workers import recipe
@@ -63,10 +63,10 @@ def plain_loop_images_per_s(spec_dict: dict[str, Any], threads: int) -> tuple[fl
         data_workers=t.data_workers,
     )  # fmt: skip
     opt = recipe.make_optimizer(model, spec)
-    images, seconds, step_times = 0, 0.0, []
+    images, seconds, cpu_seconds, step_times = 0, 0.0, 0.0, []
     for epoch in range(1, t.epochs + 1):
         sampler.set_epoch(epoch)
-        n, t0 = 0, time.perf_counter()
+        n, t0, cpu0 = 0, time.perf_counter(), time.process_time()
         t_step = t0
         for imgs, targets in loader:
             loss = sum(model(list(imgs), list(targets)).values())
@@ -80,12 +80,24 @@ def plain_loop_images_per_s(spec_dict: dict[str, Any], threads: int) -> tuple[fl
             t_step = now
         if epoch > 1:
             images, seconds = images + n, seconds + time.perf_counter() - t0
-    return images / seconds, t.batch_size / statistics.median(step_times)
+            cpu_seconds += time.process_time() - cpu0
+    return images / seconds, t.batch_size / statistics.median(step_times), cpu_seconds / seconds
 
 
-def _ray_worker_images_per_s(spec_dict: dict[str, Any], root: Path) -> tuple[float, float, Any]:
-    """The worker's images/s over every epoch but the first (each epoch's rate weighted by its
-    images), and at the median of those epochs' median step times."""
+class RayRun(NamedTuple):
+    """A Ray Train worker's side of ``hdet bench train``."""
+
+    rate: float  # images/s over every epoch but the first (each epoch's rate weighted by its images)
+    median_rate: float  # batch size / the median of those epochs' median step times
+    torch_threads: Any
+    cores: dict[str, float]  # cores used, from epoch 2's first step to the last epoch's end
+
+
+def _ray_worker_images_per_s(spec_dict: dict[str, Any], root: Path) -> RayRun:
+    """The worker's side of the bench (:class:`RayRun`); the local Ray must have ``HDET_TIMELINE``
+    set (the worker marks its epochs there)."""
+    from workers import timeline
+    from workers.cpu_share import CpuSampler
     from workers.spec import Spec
     from workers.tracking import open_parent_run
     from workers.trainer import make_trainer
@@ -95,13 +107,18 @@ def _ray_worker_images_per_s(spec_dict: dict[str, Any], root: Path) -> tuple[flo
     trainer = make_trainer(
         spec, run_name=f"bench-{int(time.time() * 1000)}", storage_path=str(root / "storage"), tracking=ctx
     )
-    result = trainer.fit()
+    with CpuSampler() as cpu:
+        result = trainer.fit()
     summary = result.return_value or {}
     timed = (summary.get("history") or [])[1:]
     seconds = sum(1.0 / float(h["images_per_s"]) for h in timed)  # per image, each epoch alike
     rate = len(timed) / seconds
     median_step = statistics.median(float(h["step_time_s"]) for h in timed)
-    return rate, spec.train.batch_size / median_step, summary.get("torch_threads")
+    marks = timeline.read(os.environ[timeline.ENV])  # this run's only: a timeline file per repeat
+    starts = [m["t"] for m in marks if m["label"] == "first_step"]
+    ends = [m["t"] for m in marks if m["label"] == "epoch_trained"]
+    cores = cpu.cores_used(starts[1], ends[-1]) if len(starts) > 1 and ends else {}
+    return RayRun(rate, spec.train.batch_size / median_step, summary.get("torch_threads"), cores)
 
 
 def train_main(argv: list[str]) -> int:
@@ -123,11 +140,18 @@ def train_main(argv: list[str]) -> int:
     import ray
 
     from harmonic.data import build_dataset
+    from workers import timeline
+    from workers.cpu_share import OTHER, WORKER, CpuSampler
     from workers.env import init_local_ray
     from workers.spec import Spec
 
+    if not CpuSampler.available():  # pragma: no cover - Linux has /proc
+        print("bench train: no /proc here: the cores used are not measured", file=sys.stderr)
     ratios: list[float] = []
     ratios_median: list[float] = []
+    worker_cores: list[float] = []
+    other_cores: list[float] = []
+    plain_cores: list[float] = []
     with tempfile.TemporaryDirectory(prefix="hdet-bench-") as tmp:
         root = Path(tmp)
         spec = bench_spec(args, root)
@@ -139,22 +163,36 @@ def train_main(argv: list[str]) -> int:
         for r in range(1, args.repeats + 1):
             before = plain_loop_images_per_s(spec, args.threads)
             started = not ray.is_initialized()
+            # The worker marks its epochs there (the local Ray's processes inherit it).
+            os.environ[timeline.ENV] = str(root / f"timeline-{r}.jsonl")
             init_local_ray(num_cpus=args.threads)
             try:
-                ray_rate, ray_median, worker_threads = _ray_worker_images_per_s(spec, root)
+                ray_run = _ray_worker_images_per_s(spec, root)
             finally:
                 if started:
                     ray.shutdown()
+                os.environ.pop(timeline.ENV, None)
             after = plain_loop_images_per_s(spec, args.threads)
-            ratios.append(ray_rate / ((before[0] + after[0]) / 2))
-            ratios_median.append(ray_median / ((before[1] + after[1]) / 2))
+            ratios.append(ray_run.rate / ((before[0] + after[0]) / 2))
+            ratios_median.append(ray_run.median_rate / ((before[1] + after[1]) / 2))
             print(f"  repeat {r}: plain {before[0]:.2f} / {after[0]:.2f} img/s (before / after), Ray Train worker "
-                  f"{ray_rate:.2f} img/s (torch threads {worker_threads}): ratio {ratios[-1]:.3f} over the "
-                  f"epochs, {ratios_median[-1]:.3f} at the median step", flush=True)  # fmt: skip
+                  f"{ray_run.rate:.2f} img/s (torch threads {ray_run.torch_threads}): ratio {ratios[-1]:.3f} over "
+                  f"the epochs, {ratios_median[-1]:.3f} at the median step", flush=True)  # fmt: skip
+            if ray_run.cores:
+                worker_cores.append(ray_run.cores[WORKER])
+                other_cores.append(ray_run.cores[OTHER])
+                plain_cores.append((before[2] + after[2]) / 2)
+                print(f"    cores used: plain loop {plain_cores[-1]:.2f}; Ray Train worker {worker_cores[-1]:.2f}, "
+                      f"every other process (Ray's own, the driver, the rest of the machine) "
+                      f"{other_cores[-1]:.2f} of {os.cpu_count()}", flush=True)  # fmt: skip
     print(f"Ray Train worker / plain loop: median {statistics.median(ratios):.3f} over the epochs "
           f"(range {min(ratios):.3f}-{max(ratios):.3f}, {len(ratios)} repeats), median "
           f"{statistics.median(ratios_median):.3f} at the median step "
           f"(range {min(ratios_median):.3f}-{max(ratios_median):.3f}); target >= 0.95")  # fmt: skip
+    if worker_cores:
+        print(f"cores used, median: plain loop {statistics.median(plain_cores):.2f}, Ray Train worker "
+              f"{statistics.median(worker_cores):.2f}, every other process {statistics.median(other_cores):.2f} "
+              f"(of {os.cpu_count()}); worker / plain {statistics.median(worker_cores) / statistics.median(plain_cores):.3f}")  # fmt: skip
     return 0
 
 

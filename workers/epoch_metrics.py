@@ -111,6 +111,8 @@ def train_epoch(
         now = time.perf_counter()
         step_times.append(now - t_step)  # data loading included, as in images_per_s
         t_step = now
+    if rank == 0:
+        timeline.mark("epoch_trained")
     median = statistics.median(step_times) if step_times else float("nan")
     return ShardTrainStats(sums, steps, images, median, diag.epoch_summary())
 

@@ -1,0 +1,36 @@
+"""The CPU sampler of ``hdet bench train``: a busy process whose command line names a Ray Train
+worker is counted as the worker, at about one core; nothing else is counted as the worker."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+from workers.cpu_share import OTHER, WORKER, CpuSampler
+
+BUSY = "import time\nt = time.time()\nwhile time.time() - t < 2.0:\n    pass\n"
+
+
+def test_a_busy_worker_process_uses_about_one_core() -> None:
+    assert CpuSampler.available()
+    with CpuSampler(interval=0.1) as cpu:
+        proc = subprocess.Popen([sys.executable, "-c", BUSY, "ray::RayTrainWorker"])
+        t0 = time.time()
+        proc.wait(timeout=30)
+        t1 = time.time()
+    used = cpu.cores_used(t0 + 0.3, t1 - 0.2)  # python's start and exit left out
+    # one busy thread: one core at most; at least a share of one even on a loaded 2-core machine
+    assert 0.3 < used[WORKER] <= 1.15, used
+    assert used[OTHER] >= 0.0
+
+
+def test_no_worker_no_worker_cpu() -> None:
+    with CpuSampler(interval=0.1) as cpu:
+        proc = subprocess.Popen([sys.executable, "-c", BUSY.replace("2.0", "0.8")])
+        t0 = time.time()
+        proc.wait(timeout=30)
+        t1 = time.time()
+    used = cpu.cores_used(t0, t1)
+    assert used[WORKER] == 0.0
+    assert used[OTHER] > 0.2, used

@@ -1,0 +1,115 @@
+"""Who used the CPUs while a Ray Train worker trained: ``hdet bench train`` samples every process's
+CPU time from ``/proc`` (Linux) and splits it into the training worker and everything else.
+
+:class:`CpuSampler` reads ``/proc/<pid>/stat`` of every process every ``interval`` seconds in a
+thread; :meth:`CpuSampler.cores_used` gives, for a time window, how many cores each group used on
+average (CPU seconds / wall seconds). A process is in the ``worker`` group when its command line
+(which Ray sets to the actor's name) holds ``RayTrainWorker`` and it descends from the sampling
+process (a local Ray's processes do); every other process is ``other``.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from bisect import bisect_left
+from pathlib import Path
+
+__all__ = ["CpuSampler", "WORKER", "OTHER"]
+
+WORKER = "worker"
+OTHER = "other"
+_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def _read_processes(root: int) -> dict[int, tuple[str, float]]:
+    """pid -> (group, CPU seconds so far) of every process this user can read; a Ray Train worker
+    counts as such only when it descends from ``root`` (another Ray on the machine is "other")."""
+    seen: dict[int, tuple[int, bool, float]] = {}  # pid -> (parent, names a worker, seconds)
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            cmdline = (entry / "cmdline").read_bytes()
+        except OSError:  # gone meanwhile, or not ours
+            continue
+        # Fields after the command name (which may hold spaces) start after the last ')'.
+        fields = stat[stat.rfind(")") + 2 :].split()
+        seconds = (int(fields[11]) + int(fields[12])) / _TICKS  # utime, stime
+        seen[int(entry.name)] = (int(fields[1]), b"RayTrainWorker" in cmdline, seconds)
+
+    def descends(pid: int) -> bool:
+        for _ in range(64):
+            if pid == root:
+                return True
+            if pid not in seen or pid <= 1:
+                return False
+            pid = seen[pid][0]
+        return False
+
+    return {
+        pid: (WORKER if is_worker and descends(pid) else OTHER, seconds)
+        for pid, (_, is_worker, seconds) in seen.items()
+    }
+
+
+class CpuSampler:
+    """Cumulative CPU seconds per group, sampled in a thread (see the module docstring)."""
+
+    def __init__(self, interval: float = 0.5):
+        self.interval = interval
+        self._root = os.getpid()
+        self.times: list[float] = []
+        self.totals: list[dict[str, float]] = []
+        self._first: dict[int, float] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="hdet-cpu-sampler", daemon=True)
+
+    @staticmethod
+    def available() -> bool:
+        return Path("/proc/self/stat").exists()
+
+    def __enter__(self) -> CpuSampler:
+        self._sample()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._sample()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self._sample()
+
+    def _sample(self) -> None:
+        now = time.time()
+        totals = {WORKER: 0.0, OTHER: 0.0}
+        for pid, (group, seconds) in _read_processes(self._root).items():
+            # A process counts from its first sample on (what it used before is not in any window).
+            first = self._first.setdefault(pid, seconds)
+            totals[group] += seconds - first
+        self.times.append(now)
+        self.totals.append(totals)
+
+    def _at(self, t: float) -> dict[str, float]:
+        """Cumulative totals at ``t``, interpolated between the samples around it."""
+        i = bisect_left(self.times, t)
+        if i <= 0:
+            return dict(self.totals[0])
+        if i >= len(self.times):
+            return dict(self.totals[-1])
+        t0, t1 = self.times[i - 1], self.times[i]
+        w = (t - t0) / (t1 - t0) if t1 > t0 else 1.0
+        a, b = self.totals[i - 1], self.totals[i]
+        return {k: a[k] + w * (b[k] - a[k]) for k in a}
+
+    def cores_used(self, start: float, end: float) -> dict[str, float]:
+        """Average cores each group used between ``start`` and ``end`` (time.time() values)."""
+        if end <= start or not self.times:
+            return {WORKER: float("nan"), OTHER: float("nan")}
+        a, b = self._at(start), self._at(end)
+        return {k: (b[k] - a[k]) / (end - start) for k in a}
