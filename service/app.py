@@ -44,7 +44,8 @@ class Service:
     reconciler: Reconciler
 
 
-def get_service(request: Request) -> Service:
+async def get_service(request: Request) -> Service:
+    # async: a sync dependency would cost every request a hop to the thread pool and back
     service: Service | None = getattr(request.app.state, "service", None)
     if service is None:  # a request before the lifespan started (never under uvicorn)
         raise Problem(503, "Starting", "the service is starting", headers={"Retry-After": "1"})
@@ -54,8 +55,8 @@ def get_service(request: Request) -> Service:
 ServiceDep = Annotated[Service, Depends(get_service)]
 
 
-def require_token(request: Request) -> None:
-    """401 unless ``Authorization: Bearer <one of the tokens>``."""
+async def require_token(request: Request) -> None:
+    """401 unless ``Authorization: Bearer <one of the tokens>`` (async: no thread-pool hop)."""
     settings: Settings = request.app.state.settings
     header = request.headers.get("authorization", "")
     scheme, _, given = header.partition(" ")

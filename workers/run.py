@@ -29,15 +29,14 @@ is interrupted at once. A second signal during that clean-up is ignored.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import math
 import os
-import signal
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
+from workers.signals import Stop, ignore_signals, stop_on_signals
 from workers.spec import Spec, SpecError
 
 __all__ = ["main", "check_dataset", "format_table", "single_run"]
@@ -246,55 +245,6 @@ def main(argv: list[str] | None = None) -> int:
     return max(rcs)
 
 
-class _Stop:
-    """Which signal asked this process to stop (None: none did)."""
-
-    signal: str | None = None
-
-
-def _on_sigint(signum: int, frame: Any) -> None:
-    _Stop.signal = _Stop.signal or "SIGINT"
-    raise KeyboardInterrupt
-
-
-def _on_sigterm(signum: int, frame: Any) -> None:
-    # SIGTERM does what SIGINT does now: Tune's graceful stop while a search runs (it replaces the
-    # SIGINT handler for that time), else the KeyboardInterrupt of _on_sigint.
-    _Stop.signal = _Stop.signal or "SIGTERM"
-    handler = signal.getsignal(signal.SIGINT)
-    if callable(handler) and handler is not _on_sigterm:
-        handler(signal.SIGINT, frame)
-    else:
-        raise KeyboardInterrupt
-
-
-@contextlib.contextmanager
-def _stop_on_signals() -> Any:
-    """SIGINT and SIGTERM interrupt the experiment (main thread only, as Python's signals are)."""
-    import threading
-
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    before = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
-    signal.signal(signal.SIGINT, _on_sigint)
-    signal.signal(signal.SIGTERM, _on_sigterm)
-    try:
-        yield
-    finally:
-        for sig, handler in before.items():
-            signal.signal(sig, handler)
-
-
-def _ignore_signals() -> None:
-    """The clean-up after a stop runs to its end: a second Ctrl-C would leave runs RUNNING."""
-    import threading
-
-    if threading.current_thread() is threading.main_thread():
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, signal.SIG_IGN)
-
-
 def _run_one(spec: Spec, args: argparse.Namespace) -> int:
     """One experiment of ``hdet run`` (a training run, a search or a comparison); its exit code."""
     from harmonic.data import DatasetError
@@ -344,25 +294,24 @@ def _run_one(spec: Spec, args: argparse.Namespace) -> int:
         flush=True,
     )
     status, rc, error = "FINISHED", 0, None
-    _Stop.signal = None
+    stop = Stop()
     try:
-        with _stop_on_signals():
+        with stop_on_signals(stop):
             return_code = _train(spec, args, ctx, storage_path)
         if return_code:
             status, rc = return_code
-            if status == "KILLED" and _Stop.signal:  # Tune stopped the search on SIGTERM
-                error = f"stopped by {_Stop.signal}"
-                rc = 128 + int(getattr(signal, _Stop.signal))
+            if status == "KILLED" and stop.signal:  # Tune stopped the search on SIGTERM
+                error = f"stopped by {stop.signal}"
+                rc = stop.exit_code()
             elif status == "KILLED":  # Tune's own SIGINT handler stopped it
                 error = "the search was interrupted (SIGINT)"
     except KeyboardInterrupt:
-        _ignore_signals()
-        stopped_by = _Stop.signal or "SIGINT"
-        error = f"stopped by {stopped_by}"
+        ignore_signals()
+        error = f"stopped by {stop.signal or 'SIGINT'}"
         print(
             f"hdet run: {error}; the runs still running end KILLED (continue with --resume)", file=sys.stderr
         )
-        status, rc = "KILLED", 128 + int(getattr(signal, stopped_by))
+        status, rc = "KILLED", stop.exit_code()
     except Exception as e:
         from ray.train import TrainingFailedError
 

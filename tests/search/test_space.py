@@ -15,10 +15,12 @@ from ray.tune.search.sample import Categorical, Float, LogUniform
 from workers.search import (
     TRIAL_CPUS,
     SearchSpaceError,
+    least_cpus,
     make_scheduler,
     make_search_alg,
     num_trials,
     required_cpus,
+    trial_cpus,
     tune_param_space,
 )
 from workers.spec import Spec, SpecError
@@ -106,6 +108,12 @@ def test_searchers_schedulers_and_budget():
     assert isinstance(make_scheduler(rnd), FIFOScheduler)
     # every trainer of the running trials and of the baseline, plus the trials themselves
     assert required_cpus(rnd) == pytest.approx((3 + 1) * 3 * 1.0 + 3 * TRIAL_CPUS)
+    # the least it progresses with (hdet run sizes a local Ray to the cores, at least this): one
+    # trainer and the running trials' own reservations; the other trainers wait their turn
+    assert trial_cpus(rnd) == pytest.approx(3 * TRIAL_CPUS)
+    assert least_cpus(rnd) == pytest.approx(1.0 + 3 * TRIAL_CPUS)
+    comparison = _spec({}, seeds=[0, 1, 2], baseline=True)
+    assert trial_cpus(comparison) == 0.0 and least_cpus(comparison) == pytest.approx(1.0)
     opt = _spec({"alpha": {"uniform": [0.5, 1.0]}}, algorithm="optuna", scheduler="asha", max_concurrent=2)
     alg = make_search_alg(opt)
     assert isinstance(alg, ConcurrencyLimiter) and isinstance(alg.searcher, OptunaSearch)
