@@ -333,7 +333,9 @@ class SeedGroup:
 
     def compute(self, now: float) -> dict[str, float]:
         """The compute used so far (:data:`COMPUTE_KEYS`)."""
-        busy = sum(self.ended.get(sd, now) - self.started[sd] for sd in self.started)
+        # From each training's first step: a training that waits for CPUs (trainings beyond the
+        # cluster's wait their turn) holds none meanwhile.
+        busy = sum(self.ended.get(sd, now) - at for sd, at in self.first_step.items())
         fs = [self.first_step[sd] - self.t_start for sd in self.first_step]
         return {
             "trial_wall_s": now - self.t_start,

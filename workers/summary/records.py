@@ -69,7 +69,8 @@ class TrialRecord:
         objective_std: standard deviation of it over seeds.
         per_seed: seed -> the last epoch's metrics.
         child_runs: seed -> MLflow run id.
-        wall_s, cpu_s, gpu_s: the trial's wall time and allocated CPU/GPU-seconds.
+        wall_s, cpu_s, gpu_s: the trial's wall time and allocated CPU/GPU-seconds (each training
+            from its first step: waiting for CPUs counts nothing).
         first_step_s: wall time from the trial's start to its first training step.
         epochs_run: epochs trained over all seeds.
     """
