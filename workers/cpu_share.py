@@ -63,7 +63,10 @@ class CpuSampler:
         self._root = os.getpid()
         self.times: list[float] = []
         self.totals: list[dict[str, float]] = []
-        self._first: dict[int, float] = {}
+        # pid -> (group, CPU seconds at its first sample, at its latest): a process that exits
+        # keeps what it used until its last sample.
+        self._seen: dict[int, tuple[str, float, float]] = {}
+        self._retired = {WORKER: 0.0, OTHER: 0.0}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="hdet-cpu-sampler", daemon=True)
 
@@ -87,11 +90,18 @@ class CpuSampler:
 
     def _sample(self) -> None:
         now = time.time()
-        totals = {WORKER: 0.0, OTHER: 0.0}
         for pid, (group, seconds) in _read_processes(self._root).items():
             # A process counts from its first sample on (what it used before is not in any window).
-            first = self._first.setdefault(pid, seconds)
-            totals[group] += seconds - first
+            known = self._seen.get(pid)
+            if known is None or seconds < known[2]:  # new, or its pid was reused
+                if known is not None:
+                    self._retired[known[0]] += known[2] - known[1]
+                self._seen[pid] = (group, seconds, seconds)
+            else:
+                self._seen[pid] = (known[0], known[1], seconds)
+        totals = dict(self._retired)
+        for group, first, last in self._seen.values():
+            totals[group] += last - first
         self.times.append(now)
         self.totals.append(totals)
 
