@@ -182,7 +182,7 @@ class LocalRay(ManagedProcess):
     term_group = False  # `ray start --block` stops its processes in 3 s; signalled all at once, 15+
 
     def __init__(self, home: Path, num_cpus: int, temp_dir: Path | None = None):
-        from workers.env import GIT_COMMIT_ENV, TRAIN_ENV_DEFAULTS, git_commit
+        from workers.env import GIT_COMMIT_ENV, LOCAL_RAY_ENV, git_commit
 
         self.home = home
         self.num_cpus = num_cpus
@@ -219,10 +219,9 @@ class LocalRay(ManagedProcess):
             {
                 "RAY_AUTH_MODE": "token",
                 "RAY_AUTH_TOKEN_PATH": str(self.token_path),
-                # one-machine Ray: no node to drain; settings of workers.env for short trials
-                "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
                 GIT_COMMIT_ENV: git_commit(),
-                **{k: os.environ.get(k, v) for k, v in TRAIN_ENV_DEFAULTS.items()},
+                # the settings of a one-machine Ray (workers.env), a value set by the user winning
+                **{k: os.environ.get(k, v) for k, v in LOCAL_RAY_ENV.items()},
             }
         )
         super().__init__(argv, env, home / "logs" / "ray-head.log")

@@ -135,6 +135,19 @@ TRAIN_ENV_DEFAULTS = {
 }
 
 
+#: Settings of a one-machine Ray (``hdet run``'s local one, ``hdet serve``'s head), set before it
+#: starts so that every process of it has them (a value set by the user wins).
+LOCAL_RAY_ENV = {
+    **TRAIN_ENV_DEFAULTS,
+    # Ray Train's preemption watcher (one more actor process per training run) follows node
+    # drains on a cluster; a one-machine Ray has no node to drain.
+    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+    # Trainings beyond the CPUs wait for others to end (hdet run sizes a local Ray to the cores):
+    # only they free resources here, so a wait is no sign of a misconfigured cluster.
+    "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": str(7 * 24 * 3600),
+}
+
+
 def init_local_ray(num_cpus: int | None = None, num_gpus: int | None = None, dashboard: bool = False) -> None:
     """Join ``RAY_ADDRESS`` if set, else start a local Ray bound to 127.0.0.1.
 
@@ -155,16 +168,7 @@ def init_local_ray(num_cpus: int | None = None, num_gpus: int | None = None, das
         os.environ[NO_STATE_API_ENV] = "1"
     os.environ.setdefault(GIT_COMMIT_ENV, git_commit())
     # Set before the local Ray starts, every process of it has these (a single run's too).
-    local_env = {
-        **TRAIN_ENV_DEFAULTS,
-        # Ray Train's preemption watcher (one more actor process per training run) follows node
-        # drains on a cluster; a one-machine Ray has no node to drain.
-        "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
-        # Trainings beyond the CPUs wait for others to end (hdet run sizes a local Ray to the
-        # cores): only they free resources here, so a wait is no sign of a misconfigured cluster.
-        "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": str(7 * 24 * 3600),
-    }
-    for k, v in local_env.items():
+    for k, v in LOCAL_RAY_ENV.items():
         os.environ.setdefault(k, v)
     ray.init(
         num_cpus=num_cpus,

@@ -303,8 +303,8 @@ def _run_one(spec: Spec, args: argparse.Namespace) -> int:
             if status == "KILLED" and stop.signal:  # Tune stopped the search on SIGTERM
                 error = f"stopped by {stop.signal}"
                 rc = stop.exit_code()
-            elif status == "KILLED":  # Tune's own SIGINT handler stopped it
-                error = "the search was interrupted (SIGINT)"
+            elif status == "KILLED":  # Tune's own handler stopped it (SIGINT)
+                error = "the search was interrupted"
     except KeyboardInterrupt:
         ignore_signals()
         error = f"stopped by {stop.signal or 'SIGINT'}"
