@@ -188,26 +188,53 @@ def multilabel_average_precision(scores: np.ndarray, labels: np.ndarray) -> floa
     return float(np.mean(aps)) if aps else float("nan")
 
 
+class _Items(torch.utils.data.Dataset):  # type: ignore[type-arg]
+    """``dataset[i]`` as (image at ``size`` px, multi-hot labels [K], semantic map with 0 = background)."""
+
+    def __init__(self, dataset: Any, size: int, num_classes: int) -> None:
+        self.dataset, self.size, self.num_classes = dataset, size, num_classes
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> tuple[Tensor, Tensor, Tensor]:
+        image, target = self.dataset[i]
+        semantic = torch.zeros(image.shape[-2:], dtype=torch.int64)
+        for mask, label in zip(target.get("masks", ()), target["labels"]):
+            semantic[mask.bool()] = int(label)
+        size = self.size
+        if tuple(image.shape[-2:]) != (size, size):
+            image = F.interpolate(image[None], size=(size, size), mode="bilinear", align_corners=False)[0]
+            semantic = F.interpolate(semantic[None, None].float(), size=(size, size), mode="nearest")[0, 0]
+        y = torch.zeros(self.num_classes)
+        y[target["labels"] - 1] = 1.0
+        return image, y, semantic.long()
+
+
 def _batches(
-    dataset: Any, indices: Sequence[int], batch_size: int, size: int, num_classes: int
+    dataset: Any,
+    indices: Sequence[int],
+    batch_size: int,
+    size: int,
+    num_classes: int,
+    *,
+    workers: int = 0,
+    seed: int = 0,
 ) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
-    """(images, multi-hot labels [B, K], semantic maps [B, size, size] with 0 = background)."""
-    for start in range(0, len(indices), batch_size):
-        images, labels, maps = [], [], []
-        for i in indices[start : start + batch_size]:
-            image, target = dataset[i]
-            semantic = torch.zeros(image.shape[-2:], dtype=torch.int64)
-            for mask, label in zip(target.get("masks", ()), target["labels"]):
-                semantic[mask.bool()] = int(label)
-            if tuple(image.shape[-2:]) != (size, size):
-                image = F.interpolate(image[None], size=(size, size), mode="bilinear", align_corners=False)[0]
-                resized = F.interpolate(semantic[None, None].float(), size=(size, size), mode="nearest")
-                semantic = resized[0, 0]
-            images.append(image)
-            maps.append(semantic.long())
-            y = torch.zeros(num_classes)
-            y[target["labels"] - 1] = 1.0
-            labels.append(y)
+    """(images, multi-hot labels [B, K], semantic maps [B, size, size] with 0 = background) of
+    ``indices`` in that order; ``workers`` > 0 assembles them in that many loader processes (their
+    random transforms then draw from generators seeded by ``seed``)."""
+    items = _Items(dataset, size, num_classes)
+    if workers > 0:
+        loader = torch.utils.data.DataLoader(
+            items, batch_size=batch_size, sampler=list(indices), num_workers=workers,
+            generator=torch.Generator().manual_seed(seed),
+        )  # fmt: skip
+        yield from loader
+        return
+    order = list(indices)
+    for start in range(0, len(order), batch_size):
+        images, labels, maps = zip(*(items[i] for i in order[start : start + batch_size]))
         yield torch.stack(images), torch.stack(labels), torch.stack(maps)
 
 
@@ -272,6 +299,8 @@ def pretrain_body(
     image_mean: Sequence[float],
     image_std: Sequence[float],
     on_epoch: Callable[[dict[str, float]], None] | None = None,
+    device: str | torch.device = "cpu",
+    data_workers: int = 0,
 ) -> PretrainResult:
     """Train ``body`` on the multi-label task of the module docstring.
 
@@ -283,6 +312,9 @@ def pretrain_body(
         image_size: side of the square inputs (images of another size are resized).
         image_mean, image_std: the detector's input normalisation.
         on_epoch: called with each epoch's metrics (e.g. to log them).
+        device: where the network trains (the batches are assembled on the CPU, then moved).
+        data_workers: processes that assemble the training batches (0: this one). With more, the
+            random flips draw from other generators: the result differs as another seed would.
 
     Returns:
         The body's weights without the head, and the per-epoch metrics.
@@ -291,9 +323,9 @@ def pretrain_body(
         raise ValueError(f"task: {config.task!r} is not one of {', '.join(TASKS)}")
     num_classes = int(train_ds.num_classes)
     torch.manual_seed(config.seed)
-    net = PretrainNet(body, num_classes, config.task)
-    mean = torch.tensor(list(image_mean)).view(1, 3, 1, 1)
-    std = torch.tensor(list(image_std)).view(1, 3, 1, 1)
+    net = PretrainNet(body, num_classes, config.task).to(device)
+    mean = torch.tensor(list(image_mean), device=device).view(1, 3, 1, 1)
+    std = torch.tensor(list(image_std), device=device).view(1, 3, 1, 1)
     optimizer = torch.optim.AdamW(net.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     steps_per_epoch = max(1, math.ceil(len(train_ds) / config.batch_size))
     total = steps_per_epoch * config.epochs
@@ -312,7 +344,12 @@ def pretrain_body(
         order = torch.randperm(len(train_ds), generator=generator).tolist()
         losses = []
         lr = optimizer.param_groups[0]["lr"]
-        for images, labels, maps in _batches(train_ds, order, config.batch_size, image_size, num_classes):
+        batches = _batches(
+            train_ds, order, config.batch_size, image_size, num_classes,
+            workers=data_workers, seed=config.seed + epoch,
+        )  # fmt: skip
+        for images, labels, maps in batches:
+            images, labels, maps = images.to(device), labels.to(device), maps.to(device)
             logits, dense = net((images - mean) / std)
             loss = F.binary_cross_entropy_with_logits(logits, labels)
             if dense is not None:
@@ -329,7 +366,9 @@ def pretrain_body(
         if on_epoch is not None:
             on_epoch(metrics)
     prefix = head_prefix(body)
-    state = {k: v.detach().clone() for k, v in net.body.state_dict().items() if not k.startswith(prefix)}
+    state = {
+        k: v.detach().cpu().clone() for k, v in net.body.state_dict().items() if not k.startswith(prefix)
+    }
     return PretrainResult(state, history, body, "group")
 
 
@@ -342,12 +381,13 @@ def _validate(
     union = np.zeros(num_classes + 1)
     with torch.no_grad():
         for images, y, maps in _batches(val_ds, range(len(val_ds)), batch_size, size, num_classes):
-            logits, dense = net((images - mean) / std)
+            logits, dense = net((images.to(mean.device) - mean) / std)
+            logits = logits.float().cpu()
             losses.append(float(F.binary_cross_entropy_with_logits(logits, y, reduction="sum")))
             scores.append(torch.sigmoid(logits).numpy())
             labels.append(y.numpy())
             if dense is not None:
-                pred = dense.argmax(1)
+                pred = dense.argmax(1).cpu()
                 for k in range(num_classes + 1):
                     inter[k] += float(((pred == k) & (maps == k)).sum())
                     union[k] += float(((pred == k) | (maps == k)).sum())

@@ -29,6 +29,7 @@ __all__ = [
     "ShardDetections",
     "train_epoch",
     "evaluate_shard",
+    "train_metrics",
     "epoch_metrics",
 ]
 
@@ -146,18 +147,10 @@ def _loss_key(term: str) -> str:
     return term if term.startswith("loss") else f"loss_{term}"
 
 
-def epoch_metrics(
-    train_all: list[ShardTrainStats],
-    dets: list[dict[str, Any]],
-    pre_nms: list[dict[str, Any]],
-    val_ds: Any,
-    is_voc: bool,
-    nms_iou: float,
-    train_time: float,
-) -> dict[str, Any]:
-    """Rank 0: the epoch's metrics from every rank's training stats and the gathered detections."""
-    from harmonic.analysis import TrainingDiagnostics, nms_audit
-    from harmonic.analysis.suite import detection_metrics
+def train_metrics(train_all: list[ShardTrainStats], train_time: float) -> dict[str, Any]:
+    """The training half of an epoch's metrics, from every rank's stats: the loss terms and their sum,
+    throughput, step time and the training-time consistency of the coupled loss (``train_*``)."""
+    from harmonic.analysis import TrainingDiagnostics
 
     m: dict[str, Any] = {}
     steps = sum(p.steps for p in train_all) or 1
@@ -180,7 +173,23 @@ def epoch_metrics(
     m["train_mean_score"] = diag["mean_score"]
     m["train_pushed_down_share"] = diag["pushed_down_share"]
     m["train_pushed_down_mean_score"] = diag["pushed_down_mean_score"]
+    return m
 
+
+def epoch_metrics(
+    train_all: list[ShardTrainStats],
+    dets: list[dict[str, Any]],
+    pre_nms: list[dict[str, Any]],
+    val_ds: Any,
+    is_voc: bool,
+    nms_iou: float,
+    train_time: float,
+) -> dict[str, Any]:
+    """Rank 0: the epoch's metrics from every rank's training stats and the gathered detections."""
+    from harmonic.analysis import nms_audit
+    from harmonic.analysis.suite import detection_metrics
+
+    m = train_metrics(train_all, train_time)
     m.update(detection_metrics(val_ds, dets, is_voc))
     if pre_nms:
         audit = nms_audit(val_ds.coco, pre_nms, nms_iou=nms_iou)

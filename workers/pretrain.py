@@ -132,7 +132,12 @@ def _cached(folder: Path) -> Pretrained | None:
 
 
 def ensure_pretrained(
-    spec: Spec, *, tracking_uri: str | None = None, say: Callable[[str], None] = print
+    spec: Spec,
+    *,
+    tracking_uri: str | None = None,
+    say: Callable[[str], None] = print,
+    device: str = "cpu",
+    data_workers: int = 0,
 ) -> Pretrained:
     """The backbone file of ``spec``'s ``pretrain`` section: from the cache, else trained now.
 
@@ -140,6 +145,10 @@ def ensure_pretrained(
         spec: a spec with a ``pretrain`` section.
         tracking_uri: MLflow store for the pretrain run; None: not tracked.
         say: where progress lines go.
+        device: where a pretraining that is not cached trains (``cpu``, ``cuda``); the result
+            does not depend on it beyond float rounding, so it is not part of the cache key.
+        data_workers: processes assembling its batches (:func:`harmonic.pretrain.pretrain_body`);
+            not part of the cache key either.
 
     Returns:
         The file, its metadata and whether it was cached.
@@ -157,7 +166,7 @@ def ensure_pretrained(
             return found
         tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=pretrained_dir()))
         try:
-            meta = _train_into(spec, key, tmp, tracking_uri, say)
+            meta = _train_into(spec, key, tmp, tracking_uri, say, device, data_workers)
             os.rename(tmp, folder)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -165,7 +174,13 @@ def ensure_pretrained(
 
 
 def _train_into(
-    spec: Spec, key: str, out: Path, tracking_uri: str | None, say: Callable[[str], None]
+    spec: Spec,
+    key: str,
+    out: Path,
+    tracking_uri: str | None,
+    say: Callable[[str], None],
+    device: str,
+    data_workers: int,
 ) -> dict[str, Any]:
     import torch
 
@@ -217,6 +232,8 @@ def _train_into(
             image_mean=transform.image_mean,
             image_std=transform.image_std,
             on_epoch=on_epoch,
+            device=device,
+            data_workers=data_workers,
         )
         torch.save(result.state_dict, out / BACKBONE_FILE)
         meta: dict[str, Any] = {
@@ -236,6 +253,7 @@ def _train_into(
             "history": result.history,
             "sha256": _sha256(out / BACKBONE_FILE),
             "seconds": round(time.time() - t0, 1),
+            "device": device,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "mlflow_run_id": run.run_id if run else None,
             "tracking_uri": tracking_uri,

@@ -83,8 +83,9 @@ def _voc_splits(spec: Any, split: Split) -> tuple[tuple[str, str], ...]:
         ) from None
 
 
-def ensure_synthetic(cfg: Mapping[str, Any]) -> Path:
-    """Generate the synthetic set of a ``format: synthetic`` spec unless it exists; return its root."""
+def ensure_synthetic(cfg: Mapping[str, Any], *, jobs: int = 1) -> Path:
+    """Generate the synthetic set of a ``format: synthetic`` spec unless it exists (in ``jobs``
+    processes; the files do not depend on it); return its root."""
     root = Path(cfg["root"])
     given = {k: v for k, v in cfg.items() if v is not None}
     kwargs: dict[str, Any] = {k: v for k, v in given.items() if k in _SYNTH_KEYS}
@@ -116,7 +117,7 @@ def ensure_synthetic(cfg: Mapping[str, Any]) -> Path:
     root.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.", dir=root.parent))
     try:
-        generate(tmp, **kwargs)
+        generate(tmp, **kwargs, jobs=jobs)
         try:
             if root.exists():
                 root.rmdir()  # empty folder (checked above)

@@ -73,6 +73,30 @@ def test_pretraining_gives_a_file_the_detector_loads_into_its_body(_home: Path) 
     assert not torch.equal(model.backbone.body.conv1.weight, scratch.backbone.body.conv1.weight)
 
 
+def test_loader_processes_assemble_the_same_batches() -> None:
+    """``data_workers`` only moves the batch assembly: same order, labels and maps; with the
+    training transforms' random flips off, the same images too."""
+    from harmonic.data import build_dataset
+    from harmonic.pretrain import _batches
+
+    spec = _spec()
+    assert spec.pretrain is not None
+    ds = build_dataset(spec.pretrain.dataset_spec(64).build_config(), "train", with_masks=True)
+    order = [5, 2, 9, 0, 11, 3, 7]
+    serial = list(_batches(ds, order, 3, 48, ds.num_classes))
+    loaded = list(_batches(ds, order, 3, 48, ds.num_classes, workers=2, seed=1))
+    assert [b[0].shape for b in loaded] == [(3, 3, 48, 48), (3, 3, 48, 48), (1, 3, 48, 48)]
+    for a, b in zip(serial, loaded, strict=True):
+        for x, y in zip(a, b, strict=True):
+            assert torch.equal(x, y)
+    assert int(serial[0][2].max()) > 0  # the maps hold objects
+
+
+def test_pretraining_with_loader_processes_is_recorded(_home: Path) -> None:
+    done = ensure_pretrained(_spec(seed=8), say=lambda _: None, data_workers=2)
+    assert done.meta["device"] == "cpu" and done.meta["final"]["train_loss"] > 0
+
+
 def test_ssdlite_body_is_pretrained_with_its_reduced_tail() -> None:
     done = ensure_pretrained(_spec("ssdlite", None), say=lambda _: None)
     assert done.meta["body"] == "mobilenet_v3_large_reduced"

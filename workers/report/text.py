@@ -12,7 +12,7 @@ from workers.report.cells import arm_mean_sd_cell, fmt_value, num, pval, scale_o
 if TYPE_CHECKING:
     from workers.summary import SearchSummary
 
-__all__ = ["format_table"]
+__all__ = ["format_table", "comparison_lines"]
 
 
 def format_table(summary: SearchSummary) -> str:
@@ -46,7 +46,7 @@ def format_table(summary: SearchSummary) -> str:
                     f"{title} vs baseline (standard loss) on the {summary.judged_on} split, "
                     f"paired over seeds {summary.seeds}:"
                 )
-                lines.extend(_comparison_lines(table, column, label, summary.objective))
+                lines.extend(comparison_lines(table, column, label, summary.objective))
         if summary.comparison and summary.judged_on != "test":
             lines.append(
                 "caution: the best configuration was selected on the split it is judged on; its difference "
@@ -78,7 +78,7 @@ def format_table(summary: SearchSummary) -> str:
     return "\n".join(lines)
 
 
-def _comparison_lines(
+def comparison_lines(
     comparison: Mapping[str, Mapping[str, Any]], column: str, label: str, primary: str
 ) -> list[str]:
     """One comparison table (one Holm family): per metric both arms' mean ± sd, diff, n, test, raw and
