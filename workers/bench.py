@@ -199,12 +199,25 @@ def train_main(argv: list[str]) -> int:
 # --------------------------------------------------------------------------- hdet bench search
 
 
+#: ``hdet bench search --regime``: what differs between the two regimes (each flag overrides its value).
+SEARCH_REGIMES: dict[str, dict[str, Any]] = {
+    # the demo's detector, data, pretrained body and recipe (configs/demo.yaml), on fewer images, with a
+    # 3x3 grid: the regime the demo's and the benchmark's verdicts come from
+    "pretrained": {"arch": "ssdlite", "backbone": None, "images": 320, "val_images": 100, "image_size": 96,
+                   "batch_size": 8, "lr": 0.001, "epochs": 6, "side": 3, "grace_period": 1, "reduction_factor": 3},
+    # FCOS from scratch on tiny images: cheap, for the fixed cost of a trial (AP 2-3: the ratio is noise)
+    "scratch": {"arch": "fcos", "backbone": "resnet18_fpn", "images": 128, "val_images": 32, "image_size": 64,
+                "batch_size": 8, "lr": 0.003, "epochs": 6, "side": 2, "grace_period": 2, "reduction_factor": 2},
+}  # fmt: skip
+
+DEMO_SPEC = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
+
+
 def _search_bench_spec(
     args: argparse.Namespace, root: Path, name: str, search: dict[str, Any]
 ) -> dict[str, Any]:
-    return {
+    spec: dict[str, Any] = {
         "name": name,
-        # the demo's data and recipe (configs/demo.yaml), smaller: enough for AP to tell configurations apart
         "dataset": {"format": "synthetic", "root": str(root / "data"), "train": args.images, "val": args.val_images,
                     "image_size": args.image_size, "seed": 0,
                     "synth": {"max_objects": 2, "min_scale": 0.25, "max_scale": 0.45, "clutter": 0, "occlusion": 0.2,
@@ -218,15 +231,31 @@ def _search_bench_spec(
         "search": {"seeds": args.seeds, "baseline": False, "max_concurrent": args.max_concurrent, **search},
         "tracking": {"experiment": name},
     }  # fmt: skip
+    if args.regime == "pretrained":
+        import yaml
+
+        if not DEMO_SPEC.is_file():
+            raise SystemExit(
+                f"hdet bench search --regime pretrained: {DEMO_SPEC} not found (run it from the repository)"
+            )
+        demo = yaml.safe_load(DEMO_SPEC.read_text())
+        # the demo's images, pretraining (the same definition: its cached body), evaluation and recipe
+        spec["dataset"]["synth"] = demo["dataset"]["synth"]
+        spec["pretrain"] = demo["pretrain"]
+        spec["eval"] = demo["eval"]
+        spec["train"] = {**demo["train"], "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr}
+    return spec
 
 
 def _bench_one_search(spec_dict: dict[str, Any], root: Path) -> Any:
     from workers.search import run_search
     from workers.spec import Spec
     from workers.tracking import open_parent_run
+    from workers.weights import resolve_start_weights
 
-    spec = Spec.parse(spec_dict)
-    ctx = open_parent_run(spec, f"sqlite:///{root / 'mlflow.db'}")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    spec = resolve_start_weights(Spec.parse(spec_dict), uri, say=lambda _: None)
+    ctx = open_parent_run(spec, uri)
     return run_search(spec, ctx, str(root / "storage"), verbose=0, print_table=False)
 
 
@@ -250,21 +279,29 @@ def search_main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(
         prog="hdet bench search", description="ASHA + TPE against grid search, and the fixed cost of a trial."
     )
-    p.add_argument("--arch", default="fcos")
-    p.add_argument("--backbone", default="resnet18_fpn")
-    p.add_argument("--images", type=int, default=128, help="training images (default 128)")
-    p.add_argument("--val-images", type=int, default=32)
-    p.add_argument("--image-size", type=int, default=64)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--lr", type=float, default=0.003)
-    p.add_argument("--epochs", type=int, default=6)
-    p.add_argument("--side", type=int, default=2, help="grid side: side x side configurations (default 2)")
+    p.add_argument(
+        "--regime", choices=sorted(SEARCH_REGIMES), default="pretrained",
+        help="pretrained: the demo's SSDlite with its pretrained body (default); scratch: FCOS from scratch, 64 px",
+    )  # fmt: skip
+    p.add_argument("--arch")
+    p.add_argument("--backbone")
+    p.add_argument("--images", type=int, help="training images")
+    p.add_argument("--val-images", type=int, help="validation images (the searches rank on them)")
+    p.add_argument("--image-size", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--side", type=int, help="grid side: side x side configurations")
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--max-concurrent", type=int, default=2)
-    p.add_argument("--grace-period", type=int, default=2, help="ASHA's grace period in epochs (default 2)")
+    p.add_argument("--grace-period", type=int, help="ASHA's grace period in epochs")
+    p.add_argument("--reduction-factor", type=int, help="ASHA's reduction factor")
     p.add_argument("--cpus-per-trainer", type=float, default=1.0)
     p.add_argument("--json", help="write the numbers to this JSON file too")
     args = p.parse_args(argv)
+    for key, value in SEARCH_REGIMES[args.regime].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
 
     import json
 
@@ -280,7 +317,12 @@ def search_main(argv: list[str]) -> int:
     alphas = [round(float(a), 3) for a in np.linspace(0.5, 2.5, args.side)]
     gammas = [round(float(g), 3) for g in np.linspace(0.2, 1.0, args.side)]
     n_configs = args.side * args.side
-    out: dict[str, Any] = {"configs": n_configs, "epochs": args.epochs, "seeds": args.seeds}
+    out: dict[str, Any] = {
+        "regime": args.regime,
+        "configs": n_configs,
+        "epochs": args.epochs,
+        "seeds": args.seeds,
+    }
     with tempfile.TemporaryDirectory(prefix="hdet-bench-search-") as tmp:
         root = Path(tmp)
         grid = _search_bench_spec(args, root, "bench-grid", {
@@ -289,12 +331,18 @@ def search_main(argv: list[str]) -> int:
         tpe = _search_bench_spec(args, root, "bench-asha-tpe", {
             "space": {"alpha": {"uniform": [alphas[0], alphas[-1]]}, "gamma": {"uniform": [gammas[0], gammas[-1]]}},
             "algorithm": "optuna", "scheduler": "asha", "num_samples": n_configs, "grace_period": args.grace_period,
+            "reduction_factor": args.reduction_factor,
         })  # fmt: skip
         build_dataset(Spec.parse(grid).dataset.build_config(), "train")  # generated outside the timings
+        if args.regime == "pretrained":  # trained (or found in the cache) outside the timings too
+            from workers.pretrain import ensure_pretrained
+
+            ensure_pretrained(Spec.parse(grid))
         # Every process of the local Ray inherits it: where each trial's start-up time goes.
         os.environ[timeline.ENV] = str(root / "timeline.jsonl")
-        print(f"bench search: {n_configs} configurations x {len(args.seeds)} seed(s), {args.epochs} epochs, "
-              f"{args.arch}/{args.backbone} on {args.images} images of {args.image_size}px", flush=True)  # fmt: skip
+        print(f"bench search ({args.regime}): {n_configs} configurations x {len(args.seeds)} seed(s), {args.epochs} "
+              f"epochs, {args.arch}/{args.backbone} on {args.images} images of {args.image_size}px, ASHA grace "
+              f"{args.grace_period} reduction {args.reduction_factor}", flush=True)  # fmt: skip
         started = not ray.is_initialized()
         need = max(required_cpus(Spec.parse(spec)) for spec in (grid, tpe))
         init_local_ray(num_cpus=max(os.cpu_count() or 1, math.ceil(need - 1e-9)))
@@ -328,6 +376,10 @@ def search_main(argv: list[str]) -> int:
     out["phase_medians_s"] = {k: _median([p[k] for p in phases]) for k in (phases[0] if phases else {})}
     print(f"best AP, ASHA+TPE / grid: {a['best_AP'] / g['best_AP'] if g['best_AP'] else float('nan'):.3f}  "
           f"(epochs used: {a['epochs_used']} / {g['epochs_used']} = {a['epochs_used'] / max(1, g['epochs_used']):.2f})")  # fmt: skip
+    out["ap_diff_points"] = 100 * (a["best_AP"] - g["best_AP"])
+    out["epochs_share"] = a["epochs_used"] / max(1, g["epochs_used"])
+    print(f"best AP, ASHA+TPE - grid: {out['ap_diff_points']:+.2f} points with {out['epochs_share']:.0%} of the epochs "
+          f"(goal: >= -0.5 points with <= 40%; one seed's best of {n_configs} configurations each, on the val split)")  # fmt: skip
     if phases:
         med = out["phase_medians_s"]
         print(f"where a trial's start goes (median of {len(phases)} training runs, s): "
