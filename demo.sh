@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The main job on the local embedded stack: a small Harmonic-loss search plus the standard-loss
-# baseline on 3 seeds, on generated data, tracked in a local MLflow (sqlite) store.
+# The main job on the local embedded stack: the standard loss against the paper's defaults and a
+# small search over alpha, on 5 seeds, on generated data, tracked in a local MLflow (sqlite) store.
 # Extra arguments go to `hdet run` (e.g. ./demo.sh --resume).
 set -euo pipefail
 cd "$(dirname "$0")"

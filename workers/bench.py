@@ -203,7 +203,7 @@ def train_main(argv: list[str]) -> int:
 SEARCH_REGIMES: dict[str, dict[str, Any]] = {
     # the demo's detector, data, pretrained body and recipe (configs/demo.yaml), on fewer images, with a
     # 3x3 grid: the regime the demo's and the benchmark's verdicts come from
-    "pretrained": {"arch": "ssdlite", "backbone": None, "images": 320, "val_images": 100, "image_size": 96,
+    "pretrained": {"arch": "ssdlite", "backbone": None, "images": 320, "val_images": 100, "image_size": 128,
                    "batch_size": 8, "lr": 0.001, "epochs": 6, "side": 3, "grace_period": 1, "reduction_factor": 3},
     # FCOS from scratch on tiny images: cheap, for the fixed cost of a trial (AP 2-3: the ratio is noise)
     "scratch": {"arch": "fcos", "backbone": "resnet18_fpn", "images": 128, "val_images": 32, "image_size": 64,
