@@ -34,6 +34,8 @@ log = logging.getLogger("hdet.service")
 
 #: Ray job metadata naming the service (the database) that submitted a job.
 SERVICE_METADATA = "hdet.service"
+#: a submission trusts an MLflow answer this recent (readyz always asks afresh)
+PING_MAX_AGE_S = 2.0
 RETRY_AFTER_S = 5
 #: Ray runs the entrypoint through ``sh -c``: one argument, which Linux caps at 128 KiB.
 MAX_ENTRYPOINT_CHARS = 120 * 1024
@@ -92,7 +94,7 @@ class Experiments:
                 errors=[{"field": "", "message": f"resolved, the spec is {len(spec_json)} characters"}],
             )
         try:
-            self.mlflow.ping()
+            self.mlflow.ping(max_age_s=PING_MAX_AGE_S)
         except MlflowUnavailable as e:
             raise _unavailable("MLflow is unavailable", str(e)) from None
         row = ExperimentRow(

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import math
 import os
+import threading
+import time
 from collections import Counter
 from typing import Any
 
@@ -47,6 +49,9 @@ class MlflowView:
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
         self._client: Any = None
+        self._http: Any = None  # one HTTP client for the pings (thread-safe; a new one builds an SSL context)
+        self._http_lock = threading.Lock()
+        self._answered_at = -math.inf  # monotonic time of the last ping MLflow answered
 
     @property
     def client(self) -> Any:
@@ -56,20 +61,31 @@ class MlflowView:
             self._client = MlflowClient(tracking_uri=self.tracking_uri)
         return self._client
 
-    def ping(self, timeout_s: float = 3.0) -> None:
-        """Raise :class:`MlflowUnavailable` unless the tracking store answers."""
-        try:
-            if self.tracking_uri.startswith(("http://", "https://")):
+    def _http_client(self) -> Any:
+        with self._http_lock:
+            if self._http is None:
                 import httpx
 
-                r = httpx.get(self.tracking_uri.rstrip("/") + "/health", timeout=timeout_s)
+                self._http = httpx.Client()
+            return self._http
+
+    def ping(self, timeout_s: float = 3.0, *, max_age_s: float = 0.0) -> None:
+        """Raise :class:`MlflowUnavailable` unless the tracking store answers; an answer less than
+        ``max_age_s`` old counts (a submission under load need not ask again for each request)."""
+        if max_age_s > 0 and time.monotonic() - self._answered_at < max_age_s:
+            return
+        try:
+            if self.tracking_uri.startswith(("http://", "https://")):
+                r = self._http_client().get(self.tracking_uri.rstrip("/") + "/health", timeout=timeout_s)
                 r.raise_for_status()
             else:
                 self.client.search_experiments(max_results=1)
         except Exception as e:
+            self._answered_at = -math.inf
             raise MlflowUnavailable(
                 f"MLflow at {self.tracking_uri} does not answer ({type(e).__name__})"
             ) from e
+        self._answered_at = time.monotonic()
 
     def link(self, experiment_id: str | None, run_id: str | None) -> str | None:
         """The MLflow UI page of a run."""

@@ -380,3 +380,16 @@ def test_compare_pairs_the_seeds_against_the_first_experiment(stack: Stack, clie
     for bad in (base, f"{base},exp-0000000000000000", ",".join([base] * 11)):
         r = client.get("/v1/compare", params={"ids": bad}, headers=auth())
         assert r.status_code == 422 and r.json()["errors"][0]["field"] == "ids"
+
+
+def test_a_recent_mlflow_answer_serves_submissions_and_a_failure_clears_it(stack: Stack) -> None:
+    from service.mlflow_view import MlflowUnavailable, MlflowView
+
+    view = MlflowView(stack.mlflow_uri)
+    view.ping()
+    view.tracking_uri = f"http://127.0.0.1:{free_port()}"  # the server goes away
+    view.ping(max_age_s=60)  # a submission trusts the answer of a moment ago
+    with pytest.raises(MlflowUnavailable):
+        view.ping()  # readyz asks afresh
+    with pytest.raises(MlflowUnavailable):
+        view.ping(max_age_s=60)  # and a failed answer is not trusted
