@@ -33,11 +33,14 @@ import time
 from collections.abc import Iterable
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-ARMS = {"baseline": {"loss.kind": "standard"}, "confirmatory": {}}
+from workers.search.runner import FIXED_ARMS  # noqa: E402 - the arms hdet run trains (no Ray imported)
+
+if TYPE_CHECKING:
+    from workers.spec import Spec
 METRICS = ("AP", "AP50", "AP75", "AP90", "aic")
 #: per-epoch training metrics kept in a training's line (the mechanism of the loss).
 HISTORY_KEYS = (
@@ -94,7 +97,7 @@ def train_one(
 
     torch.set_num_threads(threads)
     base = Spec.parse(spec_data, check_paths=False)
-    spec = base.with_overrides({**ARMS[arm], "train.seed": seed}, check_paths=False)
+    spec = base.with_overrides({**FIXED_ARMS[arm], "train.seed": seed}, check_paths=False)
     t = spec.train
     line: dict[str, Any] = {
         "key": _key(base.name, arm, seed), "spec": base.name, "arch": spec.detector.arch, "arm": arm,
@@ -191,7 +194,7 @@ def report(lines: Iterable[dict[str, Any]]) -> str:
     return "\n".join(out)
 
 
-def _documents(path: str, sets: list[str]) -> list[dict[str, Any]]:
+def _documents(path: str, sets: list[str]) -> list[Spec]:
     import yaml
 
     from workers.spec import Spec
@@ -210,7 +213,7 @@ def _documents(path: str, sets: list[str]) -> list[dict[str, Any]]:
             spec = spec.with_overrides(overrides)
         if spec.search is None or not (spec.search.baseline and spec.search.confirmatory):
             raise SystemExit(f"{spec.name}: needs search.baseline and search.confirmatory")
-        out.append(spec.model_dump(mode="json"))
+        out.append(spec)
     return out
 
 
@@ -231,12 +234,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if not args.suite:
         p.error("a suite, or --report")
-    docs = _documents(args.suite, args.set)
+    specs = _documents(args.suite, args.set)
     if args.only:
-        unknown = set(args.only) - {d["name"] for d in docs}
+        unknown = set(args.only) - {s.name for s in specs}
         if unknown:
             p.error(f"--only: no document named {', '.join(sorted(unknown))}")
-        docs = [d for d in docs if d["name"] in args.only]
+        specs = [s for s in specs if s.name in args.only]
     device = _device(args.device)
     threads = args.threads or max(1, (os.cpu_count() or 1) // args.jobs)
     out = Path(args.out)
@@ -244,12 +247,10 @@ def main(argv: list[str] | None = None) -> int:
     import multiprocessing
 
     from workers.pretrain import pretrain_key
-    from workers.spec import Spec
 
     ctx = multiprocessing.get_context("spawn")
     t0 = time.perf_counter()
     with ProcessPoolExecutor(max_workers=args.jobs, mp_context=ctx, max_tasks_per_child=1) as pool:
-        specs = [Spec.parse(d, check_paths=False) for d in docs]
         sets: dict[str, dict[str, Any]] = {}
         for s in specs:
             cfg = s.dataset.build_config()
@@ -259,42 +260,47 @@ def main(argv: list[str] | None = None) -> int:
                 pcfg = s.pretrain.dataset_spec(s.pretrain_image_size()).build_config()
                 sets[str(pcfg["root"])] = pcfg
         cores = os.cpu_count() or 1
-        for f in [pool.submit(_make_data, cfg, max(1, cores // len(sets))) for cfg in sets.values()]:
-            f.result()
+        for made in [pool.submit(_make_data, cfg, max(1, cores // len(sets))) for cfg in sets.values()]:
+            made.result()
         print(f"datasets ready ({time.perf_counter() - t0:.0f} s)", flush=True)
-        keys: dict[str, dict[str, Any]] = {}
-        for s, d in zip(specs, docs):
+        keys: dict[str, Spec] = {}
+        for s in specs:
             if s.pretrain is not None:
-                keys.setdefault(pretrain_key(s), d)
-        paths = {k: pool.submit(_pretrain, d, device, args.data_workers) for k, d in keys.items()}
-        for i, s in enumerate(specs):
-            if s.pretrain is not None:
-                path = paths[pretrain_key(s)].result()
-                docs[i] = s.with_overrides(
-                    {"detector.pretrained_backbone": path}, check_paths=False
-                ).model_dump(mode="json")
+                keys.setdefault(pretrain_key(s), s)
+        paths = {
+            k: pool.submit(_pretrain, s.model_dump(mode="json"), device, args.data_workers)
+            for k, s in keys.items()
+        }
+        docs = [
+            s.with_overrides(
+                {"detector.pretrained_backbone": paths[pretrain_key(s)].result()}, check_paths=False
+            )
+            if s.pretrain is not None
+            else s
+            for s in specs
+        ]
         print(f"pretrained bodies ready ({time.perf_counter() - t0:.0f} s)", flush=True)
         todo = [
             (d, arm, seed)
-            for d, s in zip(docs, specs)
-            for seed in s.search.seeds  # type: ignore[union-attr]
-            for arm in ARMS
-            if _key(s.name, arm, seed) not in done
+            for d in docs
+            for seed in d.search.seeds  # type: ignore[union-attr]
+            for arm in FIXED_ARMS
+            if _key(d.name, arm, seed) not in done
         ]
-        running: dict[Future[dict[str, Any]], str] = {
-            pool.submit(train_one, d, arm, seed, device, threads): _key(d["name"], arm, seed)
+        running: dict[Future[dict[str, Any]], tuple[str, str, int]] = {
+            pool.submit(train_one, d.model_dump(mode="json"), arm, seed, device, threads): (d.name, arm, seed)
             for d, arm, seed in todo
         }
         with out.open("a") as fh:
             while running:
                 finished, _ = wait(running, return_when=FIRST_COMPLETED)
                 for f in finished:
-                    key = running.pop(f)
+                    name, arm, seed = running.pop(f)
+                    key = _key(name, arm, seed)
                     try:
                         line = f.result()
                     except Exception as e:  # the training's process broke: say so, keep the others
-                        name, arm, seed = key.split("/")
-                        line = {"key": key, "spec": name, "arm": arm, "seed": int(seed[4:]), "status": "failed",
+                        line = {"key": key, "spec": name, "arm": arm, "seed": seed, "status": "failed",
                                 "error": f"{type(e).__name__}: {e}"}  # fmt: skip
                     fh.write(json.dumps(line) + "\n")
                     fh.flush()
