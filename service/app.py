@@ -7,6 +7,7 @@ Tokens: ``HDET_API_TOKEN``, comma-separated during a rotation, each compared wit
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
 from collections.abc import AsyncIterator
@@ -42,6 +43,9 @@ class Service:
     mlflow: MlflowView
     experiments: Experiments
     reconciler: Reconciler
+    #: admits ``settings.submit_concurrency`` submissions at a time (a bulkhead): a submission is
+    #: CPU (spec validation) and a Ray request; with many at once, reads queued behind them
+    submit_slots: asyncio.Semaphore
 
 
 async def get_service(request: Request) -> Service:
@@ -91,7 +95,8 @@ def build_service(settings: Settings) -> Service:
         submit_grace_s=max(60.0, 3 * settings.ray_timeout_s),
     )
     experiments = Experiments(store, jobs, mlflow, settings, service_id)
-    return Service(settings, store, jobs, mlflow, experiments, reconciler)
+    slots = asyncio.Semaphore(settings.submit_concurrency)
+    return Service(settings, store, jobs, mlflow, experiments, reconciler, slots)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:

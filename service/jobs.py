@@ -58,6 +58,17 @@ def _client_class() -> type:
             kwargs.setdefault("timeout", self.hdet_timeout_s)
             return super()._do_request(method, endpoint, **kwargs)
 
+        def _check_connection_and_version(
+            self, min_version: str = "1.9", version_error_message: str | None = None
+        ) -> None:
+            # Ray asks the cluster's version again before every submission with entrypoint
+            # resources: a third of a submission's requests. A client is made afresh after any
+            # failure, so a version it has checked once stays checked.
+            checked: set[str] = self.__dict__.setdefault("_hdet_versions_ok", set())
+            if min_version not in checked:
+                super()._check_connection_and_version(min_version, version_error_message)
+                checked.add(min_version)
+
     return _TimedClient
 
 

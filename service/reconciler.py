@@ -176,9 +176,9 @@ class Reconciler:
     def _parent(self, row: ExperimentRow, fields: dict[str, Any], ray: JobState | None) -> tuple[Any, bool]:
         """The MLflow parent run or None (its ids and the progress go into ``fields``), and
         whether MLflow answered."""
-        spec = json.loads(row.spec)
         if ray is not None and ray.status == "PENDING" and row.mlflow_parent_run_id is None:
             return None, True  # nothing can have started
+        spec = json.loads(row.spec)
         try:
             if row.mlflow_parent_run_id:
                 parent = self.mlflow.client.get_run(row.mlflow_parent_run_id)

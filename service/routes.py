@@ -5,8 +5,9 @@ and the spec's JSON Schema. Handlers stay short: the work is in :mod:`service.ex
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
-from functools import lru_cache
+from functools import lru_cache, partial
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Query, Request, Response
@@ -19,9 +20,9 @@ from service.app import Service, ServiceDep
 from service.db import BadCursor
 from service.jobs import JobNotFound, RayUnavailable
 from service.mlflow_view import COMPARE_METRICS, finite, has_test, split_metrics
-from service.models import ExperimentRow
+from service.models import ExperimentRow, RecordFields
 from service.problems import Problem
-from service.schemas import EventList, Experiment, ExperimentList, event, record
+from service.schemas import EventList, Experiment, ExperimentList, RecordJson, event
 from service.states import TERMINAL, VISIBLE
 
 __all__ = ["router"]
@@ -39,21 +40,35 @@ _SPEC_BODY = {
 }
 
 
-def _row(service: Service, exp_id: str) -> ExperimentRow:
-    row = service.store.get(exp_id)
+def _row(service: Service, exp_id: str, *, with_log: bool = False) -> ExperimentRow:
+    row = service.store.get(exp_id, with_log=with_log)
     if row is None:
         raise Problem(404, "Not Found", f"no experiment {exp_id}", kind="not-found")
     return row
 
 
-def _public(service: Service, row: ExperimentRow) -> Experiment:
-    return record(row, service.mlflow.link(row.mlflow_experiment_id, row.mlflow_parent_run_id))
+_RECORDS = RecordJson()
 
 
-def _send(model: BaseModel, status_code: int = 200, headers: dict[str, str] | None = None) -> Response:
-    """JSON of ``model`` serialised by pydantic in one step (the ``response_model`` documents it):
-    a list page is a tenth of the time of FastAPI's generic encoder, and GETs are most requests."""
-    return Response(model.model_dump_json(by_alias=True), status_code, headers, media_type="application/json")
+def _link(service: Service, row: RecordFields) -> str | None:
+    return service.mlflow.link(row.mlflow_experiment_id, row.mlflow_parent_run_id)
+
+
+def _send_record(
+    service: Service, row: RecordFields, status_code: int = 200, headers: dict[str, str] | None = None
+) -> Response:
+    """The public record of ``row`` (:class:`Experiment`, the ``response_model`` documents it) as JSON."""
+    return _json(_RECORDS(row, _link(service, row)), status_code, headers)
+
+
+def _json(body: bytes | str, status_code: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return Response(body, status_code, headers, media_type="application/json")
+
+
+def _send(model: BaseModel, status_code: int = 200) -> Response:
+    """JSON of ``model`` serialised by pydantic in one step (FastAPI's generic encoder is several
+    times slower)."""
+    return _json(model.model_dump_json(by_alias=True), status_code)
 
 
 @router.post(
@@ -81,9 +96,22 @@ async def submit_experiment(
         headers = {"Location": f"/v1/experiments/{sub.row.id}"}
         if sub.replayed:
             headers["Idempotent-Replayed"] = "true"
-        return _send(_public(service, sub.row), 202, headers)
+        return _send_record(service, sub.row, 202, headers)
 
-    return await run_in_threadpool(work)
+    try:
+        await asyncio.wait_for(service.submit_slots.acquire(), service.settings.submit_wait_s)
+    except TimeoutError:
+        raise Problem(
+            503,
+            "Busy",
+            f"other submissions held every slot for {service.settings.submit_wait_s:g} s; nothing was stored",
+            kind="unavailable",
+            headers={"Retry-After": "5"},
+        ) from None
+    try:
+        return await run_in_threadpool(work)
+    finally:
+        service.submit_slots.release()
 
 
 @router.get(
@@ -125,14 +153,14 @@ def list_experiments(
             kind="invalid-request",
             errors=[{"field": "cursor", "message": str(e)}],
         ) from None
-    return _send(ExperimentList(items=[_public(service, r) for r in rows], next_cursor=next_cursor))
+    return _json(_RECORDS.page([(r, _link(service, r)) for r in rows], next_cursor))
 
 
 @router.get(
     "/v1/experiments/{exp_id}", response_model=Experiment, tags=["experiments"], summary="One experiment."
 )
 def get_experiment(exp_id: str, service: ServiceDep) -> Response:
-    return _send(_public(service, _row(service, exp_id)))
+    return _send_record(service, _row(service, exp_id))
 
 
 @router.post(
@@ -144,7 +172,7 @@ def get_experiment(exp_id: str, service: ServiceDep) -> Response:
     responses={409: {"description": "the experiment has ended"}},
 )
 def cancel_experiment(exp_id: str, service: ServiceDep) -> Response:
-    return _send(_public(service, service.experiments.cancel(exp_id)), 202)
+    return _send_record(service, service.experiments.cancel(exp_id), 202)
 
 
 @router.get(
@@ -159,7 +187,7 @@ async def experiment_logs(
     tail: Annotated[int, Query(ge=1, le=1_000_000)] = 1000,
     follow: bool = False,
 ) -> Response:
-    row = await run_in_threadpool(_row, service, exp_id)
+    row = await run_in_threadpool(partial(_row, service, exp_id, with_log=True))
     text = row.log_tail if row.status in TERMINAL and row.log_tail is not None else None
     if text is None:
         try:
@@ -204,9 +232,9 @@ async def _follow(service: Service, exp_id: str, head: str, seen: int) -> AsyncI
     tags=["experiments"],
     summary="State transitions (seq, time, from, to, reason) after `after`.",
 )
-def experiment_events(exp_id: str, service: ServiceDep, after: Annotated[int, Query(ge=0)] = 0) -> EventList:
+def experiment_events(exp_id: str, service: ServiceDep, after: Annotated[int, Query(ge=0)] = 0) -> Response:
     _row(service, exp_id)
-    return EventList(items=[event(e) for e in service.store.events(exp_id, after)])
+    return _send(EventList(items=[event(e) for e in service.store.events(exp_id, after)]))
 
 
 @router.get(

@@ -5,13 +5,15 @@ the OpenAPI schema at ``/docs``). :func:`record` turns a database row into the p
 from __future__ import annotations
 
 import json
+import threading
+from collections import OrderedDict
 from datetime import datetime
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from service.db import aware
-from service.models import EventRow, ExperimentRow
+from service.models import EventRow, RecordFields
 
 __all__ = [
     "Experiment",
@@ -21,6 +23,7 @@ __all__ = [
     "Readiness",
     "Component",
     "record",
+    "RecordJson",
     "event",
 ]
 
@@ -109,7 +112,7 @@ class Readiness(BaseModel):
     components: dict[str, Component]
 
 
-def record(row: ExperimentRow, mlflow_link: str | None) -> Experiment:
+def record(row: RecordFields, mlflow_link: str | None) -> Experiment:
     """The public record of a row (never the hidden SUBMITTING status, never a token)."""
     base = f"/v1/experiments/{row.id}"
     spec = json.loads(row.spec)
@@ -152,6 +155,39 @@ def record(row: ExperimentRow, mlflow_link: str | None) -> Experiment:
             mlflow=mlflow_link,
         ),
     )
+
+
+class RecordJson:
+    """The JSON of :func:`record`, kept for the last ``size`` row versions: a list page is mostly
+    records that have not changed since the previous request, and parsing the stored spec and
+    serialising it again made a page of 50 about three quarters of a list request's time.
+
+    A row's version is its ``updated_at``: every write of :class:`service.db.Store` sets it, so a
+    transition or a reconciler's check makes a new entry. Thread-safe."""
+
+    def __init__(self, size: int = 2048):
+        self.size = size
+        self._cache: OrderedDict[tuple[Any, ...], bytes] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def __call__(self, row: RecordFields, mlflow_link: str | None) -> bytes:
+        key = (row.id, row.updated_at, row.status, mlflow_link)
+        with self._lock:
+            hit = self._cache.get(key)
+            if hit is not None:
+                self._cache.move_to_end(key)
+                return hit
+        made = record(row, mlflow_link).model_dump_json().encode()
+        with self._lock:
+            self._cache[key] = made
+            if len(self._cache) > self.size:
+                self._cache.popitem(last=False)
+        return made
+
+    def page(self, rows: list[tuple[RecordFields, str | None]], next_cursor: str | None) -> bytes:
+        """An :class:`ExperimentList` as JSON, from the records' cached JSON."""
+        items = b",".join(self(row, link) for row, link in rows)
+        return b'{"items":[' + items + b'],"next_cursor":' + json.dumps(next_cursor).encode() + b"}"
 
 
 def event(row: EventRow) -> Event:

@@ -79,6 +79,17 @@ class Settings(BaseSettings):
         default=None, description="environment variables of every job, JSON (hdet serve sets HDET_HOME)"
     )
     reconcile_interval_s: float = Field(default=2.0, gt=0)
+    submit_concurrency: int = Field(
+        default=1,
+        ge=1,
+        description="submissions handled at once; the others wait their turn without holding a thread "
+        "(one at a time submits as many jobs a second to a local Ray as four, and reads stay fast)",
+    )
+    submit_wait_s: float = Field(
+        default=30.0,
+        gt=0,
+        description="how long a submission waits for its turn before a 503 with Retry-After",
+    )
     service_name: str | None = Field(
         default=None, description="hdet.service metadata of its jobs (default: an id kept in the database)"
     )

@@ -232,6 +232,25 @@ def test_mlflow_down_post_is_503_before_anything_is_stored(stack: Stack, tmp_pat
         assert {j.submission_id for j in _service(down).jobs.list()} == jobs_before
 
 
+def test_a_submission_that_waits_too_long_for_its_turn_is_503_and_nothing_is_stored(
+    stack: Stack, tmp_path: Path
+) -> None:
+    settings = settings_for(stack, tmp_path / "db", entrypoint_resources=NEVER, submit_wait_s=0.5)
+    with TestClient(create_app(settings)) as c:
+        service = _service(c)
+        assert c.portal is not None
+        c.portal.call(service.submit_slots.acquire)  # a submission holds the only slot
+        jobs_before = {j.submission_id for j in service.jobs.list()}
+        r = post_spec(c, tiny_spec("while-busy"))
+        assert r.status_code == 503 and r.headers["retry-after"] and r.json()["title"] == "Busy"
+        assert c.get("/v1/experiments", headers=auth()).json()["items"] == []
+        assert {j.submission_id for j in service.jobs.list()} == jobs_before
+        c.portal.call(service.submit_slots.release)
+        r = post_spec(c, tiny_spec("while-busy"))
+        assert r.status_code == 202
+        assert c.post(f"/v1/experiments/{r.json()['id']}/cancel", headers=auth()).status_code == 202
+
+
 # ---------------------------------------------------------------------- reconciler
 
 

@@ -192,3 +192,60 @@ def test_sqlite_runs_in_wal_mode(tmp_path: Path) -> None:
 
         assert conn.execute(text("PRAGMA journal_mode")).scalar() == "wal"
     s.close()
+
+
+def test_a_reconciler_pass_updates_only_the_records_still_where_it_saw_them(store: Store) -> None:
+    for exp_id in ("exp-a", "exp-b", "exp-c"):
+        _pending(store, exp_id)
+    assert store.transition("exp-c", Status.PENDING, Status.CANCELLING, "cancel requested")
+    before = store.get("exp-a")
+    assert before is not None
+    applied = store.update_many(
+        [
+            ("exp-a", Status.PENDING, {"ray_status": "PENDING"}),
+            ("exp-b", Status.PENDING, {"ray_status": "RUNNING", "ray_message": "started"}),
+            ("exp-c", Status.PENDING, {"ray_status": "RUNNING"}),  # moved on meanwhile: untouched
+        ]
+    )
+    assert applied == 2
+    a, b, c = (store.get(i) for i in ("exp-a", "exp-b", "exp-c"))
+    assert a is not None and a.ray_status == "PENDING" and a.updated_at > before.updated_at
+    assert b is not None and (b.ray_status, b.ray_message) == ("RUNNING", "started")
+    assert c is not None and c.status == Status.CANCELLING and c.ray_status is None
+
+
+def test_the_kept_log_is_read_only_when_asked_for(store: Store) -> None:
+    from sqlalchemy.orm.exc import DetachedInstanceError
+
+    _pending(store, "exp-a")
+    assert store.transition("exp-a", Status.PENDING, Status.SUCCEEDED, "done", log_tail="epoch 2/2\n")
+    row = store.get("exp-a", with_log=True)
+    assert row is not None and row.log_tail == "epoch 2/2\n"
+    plain = store.get("exp-a")
+    with pytest.raises(DetachedInstanceError):
+        _ = plain.log_tail  # type: ignore[union-attr]  # a record never loads up to 256 KiB it does not show
+
+
+def test_a_page_reads_an_index_in_order_and_sorts_nothing(tmp_path: Path) -> None:
+    """With a row per submission, a page that sorted every record cost a list request more the
+    more experiments there were (SQLite read them all through the status index, then sorted)."""
+    from sqlalchemy import event
+
+    s = Store(f"sqlite:///{tmp_path / 'service.db'}")
+    pages: list[str] = []
+
+    @event.listens_for(s.engine, "before_cursor_execute")
+    def _capture(conn, cursor, statement, parameters, context, executemany):  # type: ignore[no-untyped-def]
+        if "ORDER BY" in statement:
+            pages.append(statement)
+
+    s.page(limit=50)
+    s.page(limit=50, status=["PENDING"])
+    event.remove(s.engine, "before_cursor_execute", _capture)
+    assert len(pages) == 2
+    with s.engine.connect() as conn:
+        for statement in pages:
+            plan = conn.exec_driver_sql("EXPLAIN QUERY PLAN " + statement, ("x",) * statement.count("?"))
+            details = " | ".join(str(r[-1]) for r in plan)
+            assert "TEMP B-TREE" not in details and "USING INDEX ix_experiments_" in details, details
+    s.close()
