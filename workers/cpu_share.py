@@ -97,6 +97,11 @@ class CpuSampler:
                 if known is not None:
                     self._retired[known[0]] += known[2] - known[1]
                 self._seen[pid] = (group, seconds, seconds)
+            elif group != known[0]:
+                # Ray starts idle workers ahead of need; one becomes the Train worker later (its
+                # name changes): what it used so far stays with its old group, the rest is new.
+                self._retired[known[0]] += known[2] - known[1]
+                self._seen[pid] = (group, known[2], seconds)
             else:
                 self._seen[pid] = (known[0], known[1], seconds)
         totals = dict(self._retired)

@@ -1,5 +1,6 @@
 """The CPU sampler of ``hdet bench train``: a busy process whose command line names a Ray Train
-worker is counted as the worker, at about one core; nothing else is counted as the worker."""
+worker is counted as the worker, at about one core, also when it took that name after it started
+(Ray starts idle workers ahead of need); nothing else is counted as the worker."""
 
 from __future__ import annotations
 
@@ -34,3 +35,19 @@ def test_no_worker_no_worker_cpu() -> None:
     used = cpu.cores_used(t0, t1)
     assert used[WORKER] == 0.0
     assert used[OTHER] > 0.2, used
+
+
+def test_a_process_that_becomes_the_worker_is_counted_as_the_worker_from_then_on() -> None:
+    # an idle worker Ray started ahead of need, sampled under its first name; then, same pid, the worker
+    becomes = (
+        "import os, sys, time\n"
+        "time.sleep(1.0)\n"
+        f"os.execv(sys.executable, [sys.executable, '-c', {BUSY!r}, 'ray::RayTrain' + 'Worker'])\n"
+    )
+    with CpuSampler(interval=0.1) as cpu:
+        proc = subprocess.Popen([sys.executable, "-c", becomes, "ray::IDLE"])
+        t0 = time.time()
+        proc.wait(timeout=30)
+        t1 = time.time()
+    used = cpu.cores_used(t0 + 1.3, t1 - 0.2)
+    assert 0.3 < used[WORKER] <= 1.15, used
