@@ -57,3 +57,12 @@ def test_kept_json_is_the_record_and_a_write_of_the_row_replaces_it(tmp_path: Pa
     assert json.loads(render(rows[0], link))["links"]["mlflow"] == link  # the link is part of the key
     assert len(render._cache) <= 8
     store.close()
+
+
+def test_the_record_protocol_names_every_record_column() -> None:
+    """:class:`RecordFields` types the plain rows a page reads: it must list the same columns."""
+    from service.models import RECORD_COLUMNS, RecordFields
+
+    declared = {name for name, value in vars(RecordFields).items() if isinstance(value, property)}
+    used = {c.key for c in RECORD_COLUMNS} - {"body_hash", "idempotency_key"}
+    assert declared == used
