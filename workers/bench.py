@@ -4,10 +4,11 @@ and ``hdet bench search`` (ASHA + TPE against grid search, and the fixed cost of
 ``hdet bench train``: training images/s of one Ray Train worker (the real per-worker loop of
 :mod:`workers.worker_loop`: model preparation, diagnostics, loss bookkeeping, per-epoch report and
 checkpoint) / images/s of a plain PyTorch loop, on the same model, data, batch size, sampler and
-thread count, measured in one run. Each side trains ``--epochs`` epochs and every epoch but the
-first is timed (the first pays for allocator warm-up); each repeat runs the plain loop before and
-after the Ray run and averages the two, so drift of a shared machine hits both sides alike. The
-ratio of every repeat is printed, then their median and range. Target: >= 0.95.
+thread count, measured in one run, each side in a fresh process. Each side trains ``--epochs``
+epochs and every epoch but the first is timed (the first pays for allocator warm-up); each repeat
+runs the plain loop before and after the Ray run and averages the two, so drift of a shared
+machine hits both sides alike. The ratio of every repeat is printed, then their median and range,
+and the cores each side and every other process used. Target: >= 0.95.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Any, NamedTuple
 
-__all__ = ["train_main", "plain_loop_images_per_s", "bench_spec", "search_main"]
+__all__ = ["train_main", "bench_spec", "search_main"]
 
 
 def bench_spec(args: argparse.Namespace, root: Path) -> dict[str, Any]:
@@ -38,50 +39,6 @@ def bench_spec(args: argparse.Namespace, root: Path) -> dict[str, Any]:
         "scaling": {"num_workers": 1, "use_gpu": False, "cpus_per_worker": args.threads, "max_failures": 0},
         "tracking": {"experiment": "bench-train"},
     }  # fmt: skip
-
-
-def plain_loop_images_per_s(spec_dict: dict[str, Any], threads: int) -> tuple[float, float, float]:
-    """Images/s of a plain PyTorch training loop (no Ray) over every epoch but the first, from
-    the median step time of those epochs (batch size / median step), and the cores this process
-    used meanwhile. The model, data, sampler and optimizer are a worker's (:mod:`workers.recipe`);
-    the step has no AMP, clipping, schedule or diagnostics."""
-    import torch
-
-    from workers import recipe
-    from workers.spec import Spec
-
-    spec = Spec.parse(spec_dict)
-    t = spec.train
-    torch.set_num_threads(threads)
-    recipe.seed_everything(t.seed)
-    ds = recipe.train_dataset(spec)
-    model = recipe.build_model(spec, ds.num_classes)
-    model.train()
-    # The same sampler stack as a worker of a one-worker run.
-    loader, sampler, _ = recipe.train_loader(
-        ds, batch_size=t.batch_size, aspect_ratio_groups=t.aspect_ratio_groups, seed=t.seed,
-        data_workers=t.data_workers,
-    )  # fmt: skip
-    opt = recipe.make_optimizer(model, spec)
-    images, seconds, cpu_seconds, step_times = 0, 0.0, 0.0, []
-    for epoch in range(1, t.epochs + 1):
-        sampler.set_epoch(epoch)
-        n, t0, cpu0 = 0, time.perf_counter(), time.process_time()
-        t_step = t0
-        for imgs, targets in loader:
-            loss = sum(model(list(imgs), list(targets)).values())
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            n += len(imgs)
-            now = time.perf_counter()
-            if epoch > 1:
-                step_times.append(now - t_step)
-            t_step = now
-        if epoch > 1:
-            images, seconds = images + n, seconds + time.perf_counter() - t0
-            cpu_seconds += time.process_time() - cpu0
-    return images / seconds, t.batch_size / statistics.median(step_times), cpu_seconds / seconds
 
 
 class RayRun(NamedTuple):
@@ -131,7 +88,7 @@ def train_main(argv: list[str]) -> int:
     p.add_argument("--image-size", type=int, default=128)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--epochs", type=int, default=4, help="epochs of each side; all but the first are timed")
-    p.add_argument("--repeats", type=int, default=3, help="plain / Ray / plain rounds (default 3)")
+    p.add_argument("--repeats", type=int, default=5, help="plain / Ray / plain rounds (default 5)")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="CPU threads of each side")
     args = p.parse_args(argv)
     if args.epochs < 2 or args.repeats < 1:
@@ -143,6 +100,7 @@ def train_main(argv: list[str]) -> int:
     from workers import timeline
     from workers.cpu_share import OTHER, WORKER, CpuSampler
     from workers.env import init_local_ray
+    from workers.plain_loop import plain_loop_images_per_s
     from workers.spec import Spec
 
     if not CpuSampler.available():  # pragma: no cover - Linux has /proc
@@ -152,6 +110,7 @@ def train_main(argv: list[str]) -> int:
     worker_cores: list[float] = []
     other_cores: list[float] = []
     plain_cores: list[float] = []
+    plain_other: list[float] = []
     with tempfile.TemporaryDirectory(prefix="hdet-bench-") as tmp:
         root = Path(tmp)
         spec = bench_spec(args, root)
@@ -173,26 +132,28 @@ def train_main(argv: list[str]) -> int:
                     ray.shutdown()
                 os.environ.pop(timeline.ENV, None)
             after = plain_loop_images_per_s(spec, args.threads)
-            ratios.append(ray_run.rate / ((before[0] + after[0]) / 2))
-            ratios_median.append(ray_run.median_rate / ((before[1] + after[1]) / 2))
-            print(f"  repeat {r}: plain {before[0]:.2f} / {after[0]:.2f} img/s (before / after), Ray Train worker "
-                  f"{ray_run.rate:.2f} img/s (torch threads {ray_run.torch_threads}): ratio {ratios[-1]:.3f} over "
-                  f"the epochs, {ratios_median[-1]:.3f} at the median step", flush=True)  # fmt: skip
+            ratios.append(ray_run.rate / ((before.rate + after.rate) / 2))
+            ratios_median.append(ray_run.median_rate / ((before.median_rate + after.median_rate) / 2))
+            print(f"  repeat {r}: plain {before.rate:.2f} / {after.rate:.2f} img/s (before / after), Ray Train "
+                  f"worker {ray_run.rate:.2f} img/s (torch threads {ray_run.torch_threads}): ratio {ratios[-1]:.3f} "
+                  f"over the epochs, {ratios_median[-1]:.3f} at the median step", flush=True)  # fmt: skip
             if ray_run.cores:
                 worker_cores.append(ray_run.cores[WORKER])
                 other_cores.append(ray_run.cores[OTHER])
-                plain_cores.append((before[2] + after[2]) / 2)
-                print(f"    cores used: plain loop {plain_cores[-1]:.2f}; Ray Train worker {worker_cores[-1]:.2f}, "
-                      f"every other process (Ray's own, the driver, the rest of the machine) "
-                      f"{other_cores[-1]:.2f} of {os.cpu_count()}", flush=True)  # fmt: skip
+                plain_cores.append((before.cores[WORKER] + after.cores[WORKER]) / 2)
+                plain_other.append((before.cores[OTHER] + after.cores[OTHER]) / 2)
+                print(f"    cores used: plain loop {plain_cores[-1]:.2f} (every other process {plain_other[-1]:.2f}); "
+                      f"Ray Train worker {worker_cores[-1]:.2f} (every other process: Ray's own, the driver, the "
+                      f"rest of the machine {other_cores[-1]:.2f}) of {os.cpu_count()}", flush=True)  # fmt: skip
     print(f"Ray Train worker / plain loop: median {statistics.median(ratios):.3f} over the epochs "
           f"(range {min(ratios):.3f}-{max(ratios):.3f}, {len(ratios)} repeats), median "
           f"{statistics.median(ratios_median):.3f} at the median step "
           f"(range {min(ratios_median):.3f}-{max(ratios_median):.3f}); target >= 0.95")  # fmt: skip
     if worker_cores:
-        print(f"cores used, median: plain loop {statistics.median(plain_cores):.2f}, Ray Train worker "
-              f"{statistics.median(worker_cores):.2f}, every other process {statistics.median(other_cores):.2f} "
-              f"(of {os.cpu_count()}); worker / plain {statistics.median(worker_cores) / statistics.median(plain_cores):.3f}")  # fmt: skip
+        print(f"cores used, median: plain loop {statistics.median(plain_cores):.2f} (every other process "
+              f"{statistics.median(plain_other):.2f}), Ray Train worker {statistics.median(worker_cores):.2f} "
+              f"(every other process {statistics.median(other_cores):.2f}) of {os.cpu_count()}; worker / plain "
+              f"{statistics.median(worker_cores) / statistics.median(plain_cores):.3f}")  # fmt: skip
     return 0
 
 

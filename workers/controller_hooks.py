@@ -13,6 +13,8 @@ start. So they live here, in a module that imports Ray and nothing else of this 
   of those classes' modules.
 * :class:`SeedReportCallback` and :class:`EventHub`: a trainer's per-epoch reports reach the Tune
   trial that started it (see :mod:`workers.search`).
+* :class:`FixedScalingWithoutAutoscaler`: Ray Train's fixed scaling policy for a Ray without an
+  autoscaler (a local one): the same decisions, no autoscaling coordinator.
 * :class:`TorchBackendConfig`: what ``TorchTrainer``'s ``TorchConfig`` is to the controller, without
   importing torch there (``ray.train.torch.config`` imports torch). The controller only
   orchestrates the process group: it runs Ray Train's own worker-side functions
@@ -32,6 +34,7 @@ from workers import ray_compat
 __all__ = [
     "DETERMINISTIC_ERRORS",
     "EventHub",
+    "FixedScalingWithoutAutoscaler",
     "start_event_hub",
     "TorchBackendConfig",
     "NoRetryOnDeterministic",
@@ -153,6 +156,29 @@ def start_event_hub() -> Any:
     )
 
 
+# --------------------------------------------------------------------------- scaling policy
+
+
+class FixedScalingWithoutAutoscaler(ray_compat.fixed_scaling_policy()):  # type: ignore[misc]
+    """Ray Train's fixed-size scaling policy without its resource requests.
+
+    Ray's sends the worker group's resources to a cluster-wide autoscaling coordinator (a detached
+    actor that Ray Data shares) at the controller's start and every 20 s, for an autoscaler to add
+    nodes. A one-machine Ray has no autoscaler: the requests go nowhere, and the coordinator is one
+    more process waking 100 times a second beside the training (about 1.5% of a 2-core machine's
+    training throughput). The decisions (start the group at its fixed size, keep it) are Ray's.
+    """
+
+    def after_controller_start(self, train_run_context: Any) -> None:
+        pass
+
+    def _maybe_send_resource_request(self) -> None:
+        pass
+
+    def _send_resource_request(self) -> None:
+        pass
+
+
 # --------------------------------------------------------------------------- torch process group
 
 
@@ -218,6 +244,14 @@ class _TorchProcessGroupBackend(_backend_base()):  # type: ignore[misc]
     def on_start(self, worker_group: Any, backend_config: TorchBackendConfig) -> None:
         import ray
 
+        n = len(worker_group)
+        # LOCAL_RANK, RANK, WORLD_SIZE... before init_process_group, as torch expects.
+        worker_group.execute(_set_distributed_env_vars)
+        if n == 1:
+            # One worker has no one to talk to: no process group (whose gloo loop thread would
+            # wake 100 times a second beside the training). The training function gathers only
+            # when a group is initialized and wraps in DDP only when the world is larger than 1.
+            return
         backend = backend_config.backend
         if backend is None:
             backend = "nccl" if worker_group.get_resources_per_worker().get("GPU", 0) > 0 else "gloo"
@@ -229,9 +263,6 @@ class _TorchProcessGroupBackend(_backend_base()):  # type: ignore[misc]
             url = f"tcp://{ray_compat.build_address()(addr, port)}"
         else:
             raise ValueError(f"init_method must be 'env' or 'tcp', not {backend_config.init_method!r}")
-        # LOCAL_RANK, RANK, WORLD_SIZE... before init_process_group, as torch expects.
-        worker_group.execute(_set_distributed_env_vars)
-        n = len(worker_group)
         ray.get(
             [
                 worker_group.execute_single_async(

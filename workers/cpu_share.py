@@ -5,7 +5,8 @@ CPU time from ``/proc`` (Linux) and splits it into the training worker and every
 thread; :meth:`CpuSampler.cores_used` gives, for a time window, how many cores each group used on
 average (CPU seconds / wall seconds). A process is in the ``worker`` group when its command line
 (which Ray sets to the actor's name) holds ``RayTrainWorker`` and it descends from the sampling
-process (a local Ray's processes do); every other process is ``other``.
+process (a local Ray's processes do), or when it is the process named as the worker (the plain
+loop's side: the sampling process itself); every other process is ``other``.
 """
 
 from __future__ import annotations
@@ -23,22 +24,23 @@ OTHER = "other"
 _TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 
-def _read_processes(root: int) -> dict[int, tuple[str, float]]:
-    """pid -> (group, CPU seconds so far) of every process this user can read; a Ray Train worker
-    counts as such only when it descends from ``root`` (another Ray on the machine is "other")."""
-    seen: dict[int, tuple[int, bool, float]] = {}  # pid -> (parent, names a worker, seconds)
+def _read_processes(root: int, worker_pid: int | None = None) -> dict[int, tuple[str, float]]:
+    """pid -> (group, CPU seconds so far) of every process this user can read. The worker is
+    ``worker_pid`` if given, else a process that descends from ``root`` (a local Ray's processes
+    do; another Ray on the machine is "other") and whose command line names a Ray Train worker:
+    only the descendants' command lines are read, to keep each sample cheap."""
+    seen: dict[int, tuple[int, float]] = {}  # pid -> (parent, seconds)
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         try:
             stat = (entry / "stat").read_text()
-            cmdline = (entry / "cmdline").read_bytes()
         except OSError:  # gone meanwhile, or not ours
             continue
         # Fields after the command name (which may hold spaces) start after the last ')'.
         fields = stat[stat.rfind(")") + 2 :].split()
         seconds = (int(fields[11]) + int(fields[12])) / _TICKS  # utime, stime
-        seen[int(entry.name)] = (int(fields[1]), b"RayTrainWorker" in cmdline, seconds)
+        seen[int(entry.name)] = (int(fields[1]), seconds)
 
     def descends(pid: int) -> bool:
         for _ in range(64):
@@ -49,18 +51,27 @@ def _read_processes(root: int) -> dict[int, tuple[str, float]]:
             pid = seen[pid][0]
         return False
 
-    return {
-        pid: (WORKER if is_worker and descends(pid) else OTHER, seconds)
-        for pid, (_, is_worker, seconds) in seen.items()
-    }
+    def is_worker(pid: int) -> bool:
+        if worker_pid is not None:
+            return pid == worker_pid
+        if pid == root or not descends(pid):
+            return False
+        try:
+            return b"RayTrainWorker" in Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            return False
+
+    return {pid: (WORKER if is_worker(pid) else OTHER, seconds) for pid, (_, seconds) in seen.items()}
 
 
 class CpuSampler:
-    """Cumulative CPU seconds per group, sampled in a thread (see the module docstring)."""
+    """Cumulative CPU seconds per group, sampled in a thread (see the module docstring).
+    ``worker_pid``: the process to count as the worker (default: a Ray Train worker, found by name)."""
 
-    def __init__(self, interval: float = 0.5):
+    def __init__(self, interval: float = 1.0, worker_pid: int | None = None):
         self.interval = interval
         self._root = os.getpid()
+        self._worker_pid = worker_pid
         self.times: list[float] = []
         self.totals: list[dict[str, float]] = []
         # pid -> (group, CPU seconds at its first sample, at its latest): a process that exits
@@ -90,7 +101,7 @@ class CpuSampler:
 
     def _sample(self) -> None:
         now = time.time()
-        for pid, (group, seconds) in _read_processes(self._root).items():
+        for pid, (group, seconds) in _read_processes(self._root, self._worker_pid).items():
             # A process counts from its first sample on (what it used before is not in any window).
             known = self._seen.get(pid)
             if known is None or seconds < known[2]:  # new, or its pid was reused

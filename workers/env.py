@@ -123,6 +123,10 @@ def environment(device: str | None = None) -> dict[str, Any]:
 # Marks a local Ray started without its dashboard (and so without the state API).
 NO_STATE_API_ENV = "HDET_RAY_NO_STATE_API"
 
+# Marks a one-machine Ray: no autoscaler, so no Train run asks for resources through Ray's
+# autoscaling coordinator (see workers.controller_hooks.FixedScalingWithoutAutoscaler).
+NO_AUTOSCALER_ENV = "HDET_RAY_NO_AUTOSCALER"
+
 #: Ray Train settings for short trials, applied with ``setdefault`` (a value set by the user wins).
 #: Ray propagates them to the Train controller and workers; a local Ray has them from its start.
 TRAIN_ENV_DEFAULTS = {
@@ -142,6 +146,9 @@ LOCAL_RAY_ENV = {
     # Ray Train's preemption watcher (one more actor process per training run) follows node
     # drains on a cluster; a one-machine Ray has no node to drain.
     "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+    # Nor an autoscaler: Ray Train's autoscaling coordinator (one more actor process, waking 100
+    # times a second beside the training) would forward resource requests to nobody.
+    NO_AUTOSCALER_ENV: "1",
     # Trainings beyond the CPUs wait for others to end (hdet run sizes a local Ray to the cores):
     # only they free resources here, so a wait is no sign of a misconfigured cluster.
     "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": str(7 * 24 * 3600),

@@ -23,6 +23,7 @@ __all__ = [
     "training_framework",
     "object_ref_wrapper",
     "create_scaling_policy",
+    "fixed_scaling_policy",
     "train_controller",
     "datasets_callback",
     "placement_group_cleaner_callback",
@@ -104,6 +105,9 @@ training_framework = _private("training_framework", "ray.train.v2._internal.util
 object_ref_wrapper = _private("object_ref_wrapper", "ray.train.v2._internal.util:ObjectRefWrapper")
 create_scaling_policy = _private(
     "create_scaling_policy", "ray.train.v2._internal.execution.scaling_policy:create_scaling_policy"
+)
+fixed_scaling_policy = _private(
+    "fixed_scaling_policy", "ray.train.v2._internal.execution.scaling_policy:FixedScalingPolicy"
 )
 train_controller = _private("train_controller", "ray.train.v2._internal.execution.controller:TrainController")
 datasets_callback = _private("datasets_callback", "ray.train.v2._internal.callbacks:DatasetsCallback")

@@ -86,12 +86,22 @@ class HarmonicTrainer(TorchTrainer):
         from workers.controller_hooks import NoRetryOnDeterministic
 
         return {
-            "scaling_policy": ray_compat.create_scaling_policy()(self.scaling_config),
+            "scaling_policy": self._scaling_policy(),
             "failure_policy": NoRetryOnDeterministic(self.run_config.failure_config),
             "train_run_context": self.train_run_context,
             "callbacks": self._create_default_callbacks(),
             "validation_config": self.validation_config,
         }
+
+    def _scaling_policy(self) -> Any:
+        """Ray Train's, but on a Ray without an autoscaler a fixed-size run's sends no resource
+        requests (:class:`workers.controller_hooks.FixedScalingWithoutAutoscaler`)."""
+        from workers.controller_hooks import FixedScalingWithoutAutoscaler
+        from workers.env import NO_AUTOSCALER_ENV
+
+        if os.environ.get(NO_AUTOSCALER_ENV) == "1" and not self.scaling_config.elasticity_enabled:
+            return FixedScalingWithoutAutoscaler(scaling_config=self.scaling_config)
+        return ray_compat.create_scaling_policy()(self.scaling_config)
 
     def fit(self) -> Result:
         from workers.controller_hooks import deterministic_cause

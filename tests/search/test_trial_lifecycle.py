@@ -25,7 +25,7 @@ from mlflow import MlflowClient
 
 from workers import timeline
 from workers.controller_hooks import DETERMINISTIC_ERRORS, deterministic_cause, is_deterministic_error
-from workers.env import NO_STATE_API_ENV
+from workers.env import NO_AUTOSCALER_ENV, NO_STATE_API_ENV
 from workers.errors import NonFiniteLossError
 from workers.search import TrialFailure
 from workers.search import train_on_seeds as run_configuration
@@ -69,6 +69,7 @@ def test_controller_unpickles_without_torch_mlflow_or_the_training_module(
     from workers.train import make_trainer
 
     monkeypatch.setenv(NO_STATE_API_ENV, "1")  # (no Ray here to ask for its dashboard)
+    monkeypatch.setenv(NO_AUTOSCALER_ENV, "1")  # (the policy of a local Ray is pickled too)
     spec = _spec(tmp_path).with_overrides({"scaling.num_workers": 2})
     ctx = TrackingContext(f"sqlite:///{tmp_path / 'none.db'}", "lifecycle", "0", "0" * 32)
     trainer = make_trainer(
@@ -88,6 +89,30 @@ def test_controller_unpickles_without_torch_mlflow_or_the_training_module(
     )
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+@pytest.mark.parametrize("local", [True, False])
+def test_a_local_ray_s_runs_ask_no_autoscaler_for_resources(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, local: bool
+) -> None:
+    from workers.controller_hooks import FixedScalingWithoutAutoscaler
+    from workers.train import make_trainer
+
+    monkeypatch.setenv(NO_STATE_API_ENV, "1")
+    monkeypatch.setenv(NO_AUTOSCALER_ENV, "1" if local else "0")
+    ctx = TrackingContext(f"sqlite:///{tmp_path / 'none.db'}", "lifecycle", "0", "0" * 32)
+    trainer = make_trainer(
+        _spec(tmp_path), run_name="r", storage_path=str(tmp_path), tracking=ctx, defer_run=True
+    )
+    policy = trainer.controller_init_kwargs()["scaling_policy"]
+    # Ray's own fixed policy on a cluster (its autoscaler adds nodes for the requests), ours on a
+    # one-machine Ray: the same decisions, and no coordinator client is ever made.
+    assert isinstance(policy, FixedScalingWithoutAutoscaler) is local
+    assert type(policy).__mro__[int(local)].__name__ == "FixedScalingPolicy"
+    if local:  # (Ray's would need its coordinator client, made at the controller's start)
+        policy.after_controller_start(trainer.train_run_context)
+        assert policy.make_decision_for_non_running_worker_group().num_workers == 1
+        assert policy._coordinator_client is None
 
 
 def test_deterministic_errors_are_told_by_name() -> None:

@@ -195,9 +195,14 @@ def _start_train_coordinator() -> None:
 
     Every Train V2 run asks a cluster-wide coordinator (a detached actor, created by the first run
     that needs it) for its resources; creating it here lets its process start while Tune starts
-    the trials. Ray-internal: if its place changes, the first run creates it as before.
+    the trials. Ray-internal: if its place changes, the first run creates it as before. A Ray
+    without an autoscaler (a local one) has no use for it: its runs do not ask it.
     """
     from workers import ray_compat
+    from workers.env import NO_AUTOSCALER_ENV
+
+    if os.environ.get(NO_AUTOSCALER_ENV) == "1":
+        return
 
     try:
         ray_compat.get_or_create_autoscaling_coordinator()()

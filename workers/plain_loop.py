@@ -1,0 +1,95 @@
+"""The baseline of ``hdet bench train``: a plain PyTorch training loop (no Ray) on a worker's model,
+data, sampler and optimizer, in a fresh Python process, with the cores it and the rest used.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any, NamedTuple
+
+__all__ = ["PlainRun", "plain_loop_images_per_s"]
+
+
+class PlainRun(NamedTuple):
+    """The plain loop's side of ``hdet bench train``."""
+
+    rate: float  # images/s over every epoch but the first
+    median_rate: float  # batch size / the median step time of those epochs
+    cores: dict[str, float]  # cores used over those epochs: this process (worker), every other one
+
+
+def plain_loop_images_per_s(spec_dict: dict[str, Any], threads: int) -> PlainRun:
+    """Images/s of a plain PyTorch training loop (no Ray) over every epoch but the first, from
+    the epochs and from their median step time, and the cores used meanwhile (the loop's process,
+    and every other one: sampled as on the Ray side, so that both sides pay the sampler alike).
+
+    The loop runs in a fresh Python process, as a Ray Train worker does: a long-lived process
+    that has built and freed several models trains at a rate that drifts from one run to the next
+    (here up to 12%), a fresh one does not. The model, data, sampler and optimizer are a worker's
+    (:mod:`workers.recipe`); the step has no AMP, clipping, schedule or diagnostics."""
+    import json
+    import subprocess
+
+    from workers.cpu_share import CpuSampler
+
+    code = "from workers.plain_loop import main; main()"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code, str(threads)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        cwd=Path(__file__).resolve().parent.parent,
+    )  # fmt: skip
+    with CpuSampler(worker_pid=proc.pid) as cpu:
+        out, _ = proc.communicate(json.dumps(spec_dict))
+    if proc.returncode != 0:
+        raise RuntimeError(f"bench train: the plain loop's process failed (exit {proc.returncode})")
+    got = json.loads(out.strip().splitlines()[-1])
+    return PlainRun(got["rate"], got["median_rate"], cpu.cores_used(*got["window"]))
+
+
+def main() -> None:
+    """The plain loop's process: the spec on stdin, the thread count in argv; prints one JSON line."""
+    import json
+
+    import torch
+
+    from workers import recipe
+    from workers.spec import Spec
+
+    spec = Spec.parse(json.loads(sys.stdin.read()))
+    t = spec.train
+    torch.set_num_threads(int(sys.argv[1]))
+    recipe.seed_everything(t.seed)
+    ds = recipe.train_dataset(spec)
+    model = recipe.build_model(spec, ds.num_classes)
+    model.train()
+    # The same sampler stack as a worker of a one-worker run.
+    loader, sampler, _ = recipe.train_loader(
+        ds, batch_size=t.batch_size, aspect_ratio_groups=t.aspect_ratio_groups, seed=t.seed,
+        data_workers=t.data_workers,
+    )  # fmt: skip
+    opt = recipe.make_optimizer(model, spec)
+    images, seconds, step_times, window = 0, 0.0, [], [math.inf, 0.0]
+    for epoch in range(1, t.epochs + 1):
+        sampler.set_epoch(epoch)
+        n, t0 = 0, time.perf_counter()
+        if epoch == 2:
+            window[0] = time.time()
+        t_step = t0
+        for imgs, targets in loader:
+            loss = sum(model(list(imgs), list(targets)).values())
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            n += len(imgs)
+            now = time.perf_counter()
+            if epoch > 1:
+                step_times.append(now - t_step)
+            t_step = now
+        if epoch > 1:
+            images, seconds = images + n, seconds + time.perf_counter() - t0
+    window[1] = time.time()
+    median_rate = t.batch_size / statistics.median(step_times)
+    print(json.dumps({"rate": images / seconds, "median_rate": median_rate, "window": window}), flush=True)
