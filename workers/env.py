@@ -127,6 +127,12 @@ NO_STATE_API_ENV = "HDET_RAY_NO_STATE_API"
 # autoscaling coordinator (see workers.controller_hooks.FixedScalingWithoutAutoscaler).
 NO_AUTOSCALER_ENV = "HDET_RAY_NO_AUTOSCALER"
 
+
+def ray_has_no_autoscaler() -> bool:
+    """True in the processes of a one-machine Ray started by this package (``LOCAL_RAY_ENV``)."""
+    return os.environ.get(NO_AUTOSCALER_ENV) == "1"
+
+
 #: Ray Train settings for short trials, applied with ``setdefault`` (a value set by the user wins).
 #: Ray propagates them to the Train controller and workers; a local Ray has them from its start.
 TRAIN_ENV_DEFAULTS = {

@@ -27,10 +27,10 @@ def plain_loop_images_per_s(spec_dict: dict[str, Any], threads: int) -> PlainRun
     the epochs and from their median step time, and the cores used meanwhile (the loop's process,
     and every other one: sampled as on the Ray side, so that both sides pay the sampler alike).
 
-    The loop runs in a fresh Python process, as a Ray Train worker does: a long-lived process
-    that has built and freed several models trains at a rate that drifts from one run to the next
-    (here up to 12%), a fresh one does not. The model, data, sampler and optimizer are a worker's
-    (:mod:`workers.recipe`); the step has no AMP, clipping, schedule or diagnostics."""
+    The loop runs in a fresh Python process, as a Ray Train worker does, so that neither side
+    inherits the other's heap or threads (the bench's driver has built several models and been a
+    Ray driver). The model, data, sampler and optimizer are a worker's (:mod:`workers.recipe`);
+    the step has no AMP, clipping, schedule or diagnostics."""
     import json
     import subprocess
 

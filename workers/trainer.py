@@ -97,9 +97,9 @@ class HarmonicTrainer(TorchTrainer):
         """Ray Train's, but on a Ray without an autoscaler a fixed-size run's sends no resource
         requests (:class:`workers.controller_hooks.FixedScalingWithoutAutoscaler`)."""
         from workers.controller_hooks import FixedScalingWithoutAutoscaler
-        from workers.env import NO_AUTOSCALER_ENV
+        from workers.env import ray_has_no_autoscaler
 
-        if os.environ.get(NO_AUTOSCALER_ENV) == "1" and not self.scaling_config.elasticity_enabled:
+        if ray_has_no_autoscaler() and not self.scaling_config.elasticity_enabled:
             return FixedScalingWithoutAutoscaler(scaling_config=self.scaling_config)
         return ray_compat.create_scaling_policy()(self.scaling_config)
 

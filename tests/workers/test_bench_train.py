@@ -25,7 +25,9 @@ def test_bench_train_prints_each_ratio_and_the_cores_of_each_side(tmp_path: Path
     assert ratio, out.stdout
     plain_before, plain_after, worker, r = map(float, ratio.groups())
     assert min(plain_before, plain_after, worker) > 0
-    assert abs(r - worker / ((plain_before + plain_after) / 2)) < 0.002
+    # the ratio of the unrounded rates: within what printing each to 2 (the ratio to 3) decimals moves it
+    mean = (plain_before + plain_after) / 2
+    assert abs(r - worker / mean) <= r * (0.005 / worker + 0.005 / mean) + 0.0005 + 1e-9
     cores = re.search(r"cores used: plain loop ([\d.]+) \(every other process ([\d.]+)\); Ray Train worker ([\d.]+)",
                       out.stdout)  # fmt: skip
     assert cores, out.stdout

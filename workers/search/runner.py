@@ -199,9 +199,9 @@ def _start_train_coordinator() -> None:
     without an autoscaler (a local one) has no use for it: its runs do not ask it.
     """
     from workers import ray_compat
-    from workers.env import NO_AUTOSCALER_ENV
+    from workers.env import ray_has_no_autoscaler
 
-    if os.environ.get(NO_AUTOSCALER_ENV) == "1":
+    if ray_has_no_autoscaler():
         return
 
     try:
