@@ -146,12 +146,13 @@ def load_run(run_id: str, tracking_uri: str | None = None, device: str = "cpu") 
     if why:
         print(f"run {run_id} is an experiment's parent run; using its {why}")
     run = c.get_run(model_run)
-    dst = Path(tempfile.mkdtemp(prefix="hdet-ckpt-"))
-    try:
-        local = c.download_artifacts(model_run, BEST_ARTIFACT_DIR, str(dst))
-    except Exception as e:
-        raise FileNotFoundError(f"run {model_run} has no {BEST_ARTIFACT_DIR}/ artifact ({e})") from None
-    loaded = load_checkpoint(local, device)
+    # the download lives only while it loads: the model is in memory afterwards
+    with tempfile.TemporaryDirectory(prefix="hdet-ckpt-") as dst:
+        try:
+            local = c.download_artifacts(model_run, BEST_ARTIFACT_DIR, dst)
+        except Exception as e:
+            raise FileNotFoundError(f"run {model_run} has no {BEST_ARTIFACT_DIR}/ artifact ({e})") from None
+        loaded = load_checkpoint(local, device)
     loaded.info["run_name"] = run.info.run_name
     loaded.info["run_id"] = model_run
     loaded.source = f"run {model_run}"

@@ -11,7 +11,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -209,10 +209,12 @@ def test_mlflow_allows_the_hosts_the_deployment_uses(
 
 
 @pytest.fixture(scope="module")
-def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def mlflow_server(
+    request: pytest.FixtureRequest, scratch: Callable[[pytest.FixtureRequest, str], Path]
+) -> Iterator[str]:
     """A real `mlflow server` with compose's --allowed-hosts and --cors-allowed-origins."""
     args = yaml.safe_load(COMPOSE.read_text())["services"]["mlflow"]["command"]
-    tmp = tmp_path_factory.mktemp("mlflow")
+    tmp = scratch(request, "mlflow")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

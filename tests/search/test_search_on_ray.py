@@ -20,6 +20,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -72,8 +73,10 @@ def _children(c: MlflowClient) -> list[Any]:
 
 
 @pytest.fixture(scope="module")
-def searched(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    home = tmp_path_factory.mktemp("search_home")
+def searched(
+    request: pytest.FixtureRequest, scratch: Callable[[pytest.FixtureRequest, str], Path]
+) -> dict[str, Any]:
+    home = scratch(request, "search_home")
     (home / "spec.yaml").write_text(yaml.safe_dump(SPEC))
     c = MlflowClient(tracking_uri=_uri(home))
 

@@ -15,7 +15,7 @@ import pickle
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -158,8 +158,10 @@ def test_timeline_phases_follow_a_trial_to_its_first_step(
 
 
 @pytest.fixture(scope="module")
-def local_ray(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    home = tmp_path_factory.mktemp("lifecycle")
+def local_ray(
+    request: pytest.FixtureRequest, scratch: Callable[[pytest.FixtureRequest, str], Path]
+) -> Iterator[Path]:
+    home = scratch(request, "lifecycle")
     ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", logging_level="WARNING")
     yield home
     ray.shutdown()

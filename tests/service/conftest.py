@@ -11,7 +11,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -39,8 +39,10 @@ def _processes() -> dict[int, tuple[int, str]]:
 
 
 @pytest.fixture(scope="session")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    home = tmp_path_factory.mktemp("serve")
+def stack(
+    request: pytest.FixtureRequest, scratch: Callable[[pytest.FixtureRequest, str], Path]
+) -> Iterator[Stack]:
+    home = scratch(request, "serve")
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("HDET_", "RAY_", "MLFLOW_"))}
     env.update(HDET_HOME=str(home), HDET_API_PORT=str(port), HDET_RECONCILE_INTERVAL_S="0.5")

@@ -12,7 +12,8 @@ from __future__ import annotations
 import json
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -40,8 +41,10 @@ def _post(c: httpx.Client, spec: dict[str, Any]) -> tuple[dict[str, Any], float]
 
 
 @pytest.fixture(scope="module")
-def lifecycle(stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
-    tmp = tmp_path_factory.mktemp("lifecycle")
+def lifecycle(
+    stack: Stack, request: pytest.FixtureRequest, scratch: Callable[[pytest.FixtureRequest, str], Path]
+) -> Iterator[dict[str, Any]]:
+    tmp = scratch(request, "lifecycle")
     db = tmp / "service.db"
     seen: dict[str, Any] = {"followed": []}
     first = ApiProcess(stack, db, tmp / "api-1.log")

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -42,8 +43,10 @@ def _run(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
 
 
 @pytest.fixture(scope="module")
-def finished(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, str]:
-    tmp = tmp_path_factory.mktemp("local")
+def finished(
+    request: pytest.FixtureRequest, scratch: Callable[[pytest.FixtureRequest, str], Path]
+) -> tuple[Path, Path, str]:
+    tmp = scratch(request, "local")
     suite = tmp / "suite.yaml"
     suite.write_text(yaml.safe_dump(SUITE))
     out = tmp / "lines.jsonl"

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,9 +29,11 @@ PLOTS = {"ap_vs_iou.png", "score_iou_density.png", "training_consistency.png", "
 
 
 @pytest.fixture(scope="module")
-def home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+def home(
+    request: pytest.FixtureRequest, scratch: Callable[[pytest.FixtureRequest, str], Path]
+) -> Iterator[Path]:
     """HDET_HOME for the module (generated data, storage), restored afterwards."""
-    path = tmp_path_factory.mktemp("hdet_home")
+    path = scratch(request, "hdet_home")
     old = os.environ.get("HDET_HOME")
     os.environ["HDET_HOME"] = str(path)
     yield path
@@ -138,10 +140,15 @@ def test_child_run_has_plots_spec_and_best_checkpoint(tiny_run: dict[str, Any]) 
 
 
 def test_predict_loads_the_run_checkpoint_into_plain_torchvision(
-    tiny_run: dict[str, Any], home: Path
+    tiny_run: dict[str, Any], home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """... and leaves no download behind: each call fetched the checkpoint into the temp folder
+    and left it there (74 MB a call here, gigabytes over a day of predictions)."""
+    import tempfile
+
     from workers.predict import main as predict_main
 
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     (child,) = tiny_run["children"]
     image = next((Path(Spec.from_file(TINY).dataset.resolved_root()) / "val").glob("*.png"))
     out = home / "pred"
@@ -155,6 +162,7 @@ def test_predict_loads_the_run_checkpoint_into_plain_torchvision(
     assert isinstance(record["detections"], list) and isinstance(record["compare_detections"], list)
     assert (out / f"{image.stem}.png").stat().st_size > 0
     assert (out / f"{image.stem}.compare.png").stat().st_size > 0
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_predict_takes_the_parent_run_and_draws_what_the_model_found(
