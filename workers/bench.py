@@ -9,6 +9,8 @@ epochs and every epoch but the first is timed (the first pays for allocator warm
 runs the plain loop before and after the Ray run and averages the two, so drift of a shared
 machine hits both sides alike. The ratio of every repeat is printed, then their median and range,
 and the cores each side and every other process used. Target: >= 0.95.
+The Ray run also trains the plain loop in a bare Ray actor (before the worker in odd repeats,
+after it in even ones): its ratio is what any Ray process gets, the rest is Ray Train's and ours.
 """
 
 from __future__ import annotations
@@ -100,13 +102,15 @@ def train_main(argv: list[str]) -> int:
     from workers import timeline
     from workers.cpu_share import OTHER, WORKER, CpuSampler
     from workers.env import init_local_ray
-    from workers.plain_loop import plain_loop_images_per_s
+    from workers.plain_loop import PlainRun, actor_loop_images_per_s, plain_loop_images_per_s
     from workers.spec import Spec
 
     if not CpuSampler.available():  # pragma: no cover - Linux has /proc
         print("bench train: no /proc here: the cores used are not measured", file=sys.stderr)
     ratios: list[float] = []
     ratios_median: list[float] = []
+    actor_ratios: list[float] = []  # the bare Ray actor / the plain loop
+    worker_actor: list[float] = []  # the Ray Train worker / the bare Ray actor
     worker_cores: list[float] = []
     other_cores: list[float] = []
     plain_cores: list[float] = []
@@ -126,7 +130,9 @@ def train_main(argv: list[str]) -> int:
             os.environ[timeline.ENV] = str(root / f"timeline-{r}.jsonl")
             init_local_ray(num_cpus=args.threads)
             try:
+                actor: PlainRun | None = actor_loop_images_per_s(spec, args.threads) if r % 2 else None
                 ray_run = _ray_worker_images_per_s(spec, root)
+                actor = actor or actor_loop_images_per_s(spec, args.threads)
             finally:
                 if started:
                     ray.shutdown()
@@ -134,9 +140,16 @@ def train_main(argv: list[str]) -> int:
             after = plain_loop_images_per_s(spec, args.threads)
             ratios.append(ray_run.rate / ((before.rate + after.rate) / 2))
             ratios_median.append(ray_run.median_rate / ((before.median_rate + after.median_rate) / 2))
+            actor_ratios.append(actor.rate / ((before.rate + after.rate) / 2))
+            worker_actor.append(ray_run.rate / actor.rate)
             print(f"  repeat {r}: plain {before.rate:.2f} / {after.rate:.2f} img/s (before / after), Ray Train "
                   f"worker {ray_run.rate:.2f} img/s (torch threads {ray_run.torch_threads}): ratio {ratios[-1]:.3f} "
                   f"over the epochs, {ratios_median[-1]:.3f} at the median step", flush=True)  # fmt: skip
+            print(
+                f"    plain loop in a bare Ray actor {actor.rate:.2f} img/s: bare actor / plain "
+                f"{actor_ratios[-1]:.3f}, Ray Train worker / bare actor {worker_actor[-1]:.3f}",
+                flush=True,
+            )
             if ray_run.cores:
                 worker_cores.append(ray_run.cores[WORKER])
                 other_cores.append(ray_run.cores[OTHER])
@@ -149,6 +162,10 @@ def train_main(argv: list[str]) -> int:
           f"(range {min(ratios):.3f}-{max(ratios):.3f}, {len(ratios)} repeats), median "
           f"{statistics.median(ratios_median):.3f} at the median step "
           f"(range {min(ratios_median):.3f}-{max(ratios_median):.3f}); target >= 0.95")  # fmt: skip
+    print(f"  of which any Ray process (the plain loop in a bare Ray actor / plain loop): median "
+          f"{statistics.median(actor_ratios):.3f} (range {min(actor_ratios):.3f}-{max(actor_ratios):.3f}); "
+          f"Ray Train and the worker loop (Ray Train worker / bare actor): median "
+          f"{statistics.median(worker_actor):.3f} (range {min(worker_actor):.3f}-{max(worker_actor):.3f})")  # fmt: skip
     if worker_cores:
         print(f"cores used, median: plain loop {statistics.median(plain_cores):.2f} (every other process "
               f"{statistics.median(plain_other):.2f}), Ray Train worker {statistics.median(worker_cores):.2f} "

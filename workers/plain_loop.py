@@ -1,5 +1,5 @@
-"""The baseline of ``hdet bench train``: a plain PyTorch training loop (no Ray) on a worker's model,
-data, sampler and optimizer, in a fresh Python process, with the cores it and the rest used.
+"""The baselines of ``hdet bench train``: a plain PyTorch training loop on a worker's model, data,
+sampler and optimizer, in a fresh Python process or in a bare Ray actor, with the cores used.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import Any, NamedTuple
 
-__all__ = ["PlainRun", "plain_loop_images_per_s"]
+__all__ = ["PlainRun", "plain_loop_images_per_s", "actor_loop_images_per_s", "train"]
 
 
 class PlainRun(NamedTuple):
@@ -49,18 +49,68 @@ def plain_loop_images_per_s(spec_dict: dict[str, Any], threads: int) -> PlainRun
     return PlainRun(got["rate"], got["median_rate"], cpu.cores_used(*got["window"]))
 
 
+def actor_loop_images_per_s(spec_dict: dict[str, Any], threads: int) -> PlainRun:
+    """:func:`plain_loop_images_per_s` with the loop in a bare Ray actor of the running Ray (no Ray
+    Train, none of the worker loop), in a second thread as Ray Train runs a worker's function: what
+    any Ray worker process gets of the machine, to tell it from what Ray Train and the worker loop
+    cost."""
+    import ray
+
+    from workers.cpu_share import CpuSampler
+
+    actor = ray.remote(num_cpus=threads)(_BareActor).remote()
+    try:
+        pid = ray.get(actor.pid.remote())
+        with CpuSampler(worker_pid=pid) as cpu:
+            got = ray.get(actor.train.remote(spec_dict, threads))
+    finally:
+        ray.kill(actor)
+    return PlainRun(got["rate"], got["median_rate"], cpu.cores_used(*got["window"]))
+
+
+class _BareActor:
+    def pid(self) -> int:
+        import os
+
+        return os.getpid()
+
+    def train(self, spec_dict: dict[str, Any], threads: int) -> dict[str, Any]:
+        import threading
+
+        got: dict[str, Any] = {}
+
+        def run() -> None:
+            try:
+                got.update(train(spec_dict, threads))
+            except BaseException as e:  # raised again in the actor's own thread, so Ray reports it
+                got["error"] = e
+
+        thread = threading.Thread(target=run, name="TrainingThread")
+        thread.start()
+        thread.join()
+        if "error" in got:
+            raise got["error"]
+        return got
+
+
 def main() -> None:
     """The plain loop's process: the spec on stdin, the thread count in argv; prints one JSON line."""
     import json
 
+    print(json.dumps(train(json.loads(sys.stdin.read()), int(sys.argv[1]))), flush=True)
+
+
+def train(spec_dict: dict[str, Any], threads: int) -> dict[str, Any]:
+    """Train the plain loop; its images/s over every epoch but the first (``rate``), batch size /
+    median step time of those epochs (``median_rate``) and their wall-clock ``window``."""
     import torch
 
     from workers import recipe
     from workers.spec import Spec
 
-    spec = Spec.parse(json.loads(sys.stdin.read()))
+    spec = Spec.parse(spec_dict)
     t = spec.train
-    torch.set_num_threads(int(sys.argv[1]))
+    torch.set_num_threads(threads)
     recipe.seed_everything(t.seed)
     ds = recipe.train_dataset(spec)
     model = recipe.build_model(spec, ds.num_classes)
@@ -92,4 +142,4 @@ def main() -> None:
             images, seconds = images + n, seconds + time.perf_counter() - t0
     window[1] = time.time()
     median_rate = t.batch_size / statistics.median(step_times)
-    print(json.dumps({"rate": images / seconds, "median_rate": median_rate, "window": window}), flush=True)
+    return {"rate": images / seconds, "median_rate": median_rate, "window": window}

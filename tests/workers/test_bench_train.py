@@ -36,3 +36,14 @@ def test_bench_train_prints_each_ratio_and_the_cores_of_each_side(tmp_path: Path
     assert re.search(r"median [\d.]+ over the epochs \(range [\d.]+-[\d.]+, 1 repeats\)", out.stdout), (
         out.stdout
     )
+    # the plain loop also trained in a bare Ray actor; the two ratios it splits the gap into agree
+    # with the rates printed
+    actor = re.search(r"bare Ray actor ([\d.]+) img/s: bare actor / plain ([\d.]+), Ray Train worker / bare actor "
+                      r"([\d.]+)", out.stdout)  # fmt: skip
+    assert actor, out.stdout
+    a, a_plain, w_a = map(float, actor.groups())
+    assert a > 0
+    assert abs(a_plain - a / mean) <= a_plain * (0.005 / a + 0.005 / mean) + 0.0005 + 1e-9
+    assert abs(w_a - worker / a) <= w_a * (0.005 / a + 0.005 / worker) + 0.0005 + 1e-9
+    assert re.search(r"of which any Ray process .*: median [\d.]+ \(range [\d.]+-[\d.]+\); Ray Train and the "
+                     r"worker loop .*: median [\d.]+", out.stdout), out.stdout  # fmt: skip
