@@ -138,9 +138,10 @@ def train_main(argv: list[str]) -> int:
                     ray.shutdown()
                 os.environ.pop(timeline.ENV, None)
             after = plain_loop_images_per_s(spec, args.threads)
-            ratios.append(ray_run.rate / ((before.rate + after.rate) / 2))
+            plain_rate = (before.rate + after.rate) / 2
+            ratios.append(ray_run.rate / plain_rate)
             ratios_median.append(ray_run.median_rate / ((before.median_rate + after.median_rate) / 2))
-            actor_ratios.append(actor.rate / ((before.rate + after.rate) / 2))
+            actor_ratios.append(actor.rate / plain_rate)
             worker_actor.append(ray_run.rate / actor.rate)
             print(f"  repeat {r}: plain {before.rate:.2f} / {after.rate:.2f} img/s (before / after), Ray Train "
                   f"worker {ray_run.rate:.2f} img/s (torch threads {ray_run.torch_threads}): ratio {ratios[-1]:.3f} "
