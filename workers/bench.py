@@ -1,16 +1,6 @@
-"""Benchmarks of the Ray layer: ``hdet bench train`` (a Ray Train worker against a plain loop)
-and ``hdet bench search`` (ASHA + TPE against grid search, and the fixed cost of a trial).
-
-``hdet bench train``: training images/s of one Ray Train worker (the real per-worker loop of
-:mod:`workers.worker_loop`: model preparation, diagnostics, loss bookkeeping, per-epoch report and
-checkpoint) / images/s of a plain PyTorch loop, on the same model, data, batch size, sampler and
-thread count, measured in one run, each side in a fresh process. Each side trains ``--epochs``
-epochs and every epoch but the first is timed (the first pays for allocator warm-up); each repeat
-runs the plain loop before and after the Ray run and averages the two, so drift of a shared
-machine hits both sides alike. The ratio of every repeat is printed, then their median and range,
-and the cores each side and every other process used. Target: >= 0.95.
-The Ray run also trains the plain loop in a bare Ray actor (before the worker in odd repeats,
-after it in even ones): its ratio is what any Ray process gets, the rest is Ray Train's and ours.
+"""``hdet bench search``: ASHA + TPE against grid search for the same number of configurations,
+and the fixed cost of a trial (its start to its first training step) with where it goes.
+(``hdet bench train`` lives in :mod:`workers.bench_train`.)
 """
 
 from __future__ import annotations
@@ -19,164 +9,12 @@ import argparse
 import math
 import os
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
-__all__ = ["train_main", "bench_spec", "search_main"]
-
-
-def bench_spec(args: argparse.Namespace, root: Path) -> dict[str, Any]:
-    """The spec both sides train: synthetic data, one worker, no warm-up or decay."""
-    return {
-        "name": "bench-train",
-        "dataset": {"format": "synthetic", "root": str(root / "data"), "train": args.images, "val": 4,
-                    "image_size": args.image_size, "seed": 0},
-        "detector": {"arch": args.arch, "backbone": args.backbone, "image_size": args.image_size},
-        "loss": {"kind": args.loss},
-        "train": {"epochs": args.epochs, "batch_size": args.batch_size, "lr": 0.005, "schedule": "constant",
-                  "warmup": {"iters": 0}, "seed": 0},
-        "scaling": {"num_workers": 1, "use_gpu": False, "cpus_per_worker": args.threads, "max_failures": 0},
-        "tracking": {"experiment": "bench-train"},
-    }  # fmt: skip
-
-
-class RayRun(NamedTuple):
-    """A Ray Train worker's side of ``hdet bench train``."""
-
-    rate: float  # images/s over every epoch but the first (each epoch's rate weighted by its images)
-    median_rate: float  # batch size / the median of those epochs' median step times
-    torch_threads: Any
-    cores: dict[str, float]  # cores used, from epoch 2's first step to the last epoch's end
-
-
-def _ray_worker_images_per_s(spec_dict: dict[str, Any], root: Path) -> RayRun:
-    """The worker's side of the bench (:class:`RayRun`); the local Ray must have ``HDET_TIMELINE``
-    set (the worker marks its epochs there)."""
-    from workers import timeline
-    from workers.cpu_share import CpuSampler
-    from workers.spec import Spec
-    from workers.tracking import open_parent_run
-    from workers.trainer import make_trainer
-
-    spec = Spec.parse(spec_dict)
-    ctx = open_parent_run(spec, f"sqlite:///{root / 'mlflow.db'}")
-    trainer = make_trainer(
-        spec, run_name=f"bench-{int(time.time() * 1000)}", storage_path=str(root / "storage"), tracking=ctx
-    )
-    with CpuSampler() as cpu:
-        result = trainer.fit()
-    summary = result.return_value or {}
-    timed = (summary.get("history") or [])[1:]
-    seconds = sum(1.0 / float(h["images_per_s"]) for h in timed)  # per image, each epoch alike
-    rate = len(timed) / seconds
-    median_step = statistics.median(float(h["step_time_s"]) for h in timed)
-    marks = timeline.read(os.environ[timeline.ENV])  # this run's only: a timeline file per repeat
-    starts = [m["t"] for m in marks if m["label"] == "first_step"]
-    ends = [m["t"] for m in marks if m["label"] == "epoch_trained"]
-    cores = cpu.cores_used(starts[1], ends[-1]) if len(starts) > 1 and ends else {}
-    return RayRun(rate, spec.train.batch_size / median_step, summary.get("torch_threads"), cores)
-
-
-def train_main(argv: list[str]) -> int:
-    """``hdet bench train``: print images/s of a Ray Train worker, of a plain loop, and their ratio."""
-    p = argparse.ArgumentParser(prog="hdet bench train", description=__doc__.split("\n\n")[1])
-    p.add_argument("--arch", default="retinanet")
-    p.add_argument("--backbone", default="resnet18_fpn")
-    p.add_argument("--loss", default="harmonicdet")
-    p.add_argument("--images", type=int, default=96, help="training images (default 96)")
-    p.add_argument("--image-size", type=int, default=128)
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--epochs", type=int, default=4, help="epochs of each side; all but the first are timed")
-    p.add_argument("--repeats", type=int, default=5, help="plain / Ray / plain rounds (default 5)")
-    p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="CPU threads of each side")
-    args = p.parse_args(argv)
-    if args.epochs < 2 or args.repeats < 1:
-        p.error("--epochs must be >= 2 and --repeats >= 1")
-
-    import ray
-
-    from harmonic.data import build_dataset
-    from workers import timeline
-    from workers.cpu_share import OTHER, WORKER, CpuSampler
-    from workers.env import init_local_ray
-    from workers.plain_loop import PlainRun, actor_loop_images_per_s, plain_loop_images_per_s
-    from workers.spec import Spec
-
-    if not CpuSampler.available():  # pragma: no cover - Linux has /proc
-        print("bench train: no /proc here: the cores used are not measured", file=sys.stderr)
-    ratios: list[float] = []
-    ratios_median: list[float] = []
-    actor_ratios: list[float] = []  # the bare Ray actor / the plain loop
-    worker_actor: list[float] = []  # the Ray Train worker / the bare Ray actor
-    worker_cores: list[float] = []
-    other_cores: list[float] = []
-    plain_cores: list[float] = []
-    plain_other: list[float] = []
-    with tempfile.TemporaryDirectory(prefix="hdet-bench-") as tmp:
-        root = Path(tmp)
-        spec = bench_spec(args, root)
-        # Generate the data outside the timings.
-        build_dataset(Spec.parse(spec).dataset.build_config(), "train")
-        print(f"bench train: {args.arch}/{args.backbone}, {args.images} images of {args.image_size}px, "
-              f"batch {args.batch_size}, {args.threads} thread(s), loss {args.loss}, {args.epochs} epochs "
-              f"({args.epochs - 1} timed), {args.repeats} repeat(s)", flush=True)  # fmt: skip
-        for r in range(1, args.repeats + 1):
-            before = plain_loop_images_per_s(spec, args.threads)
-            started = not ray.is_initialized()
-            # The worker marks its epochs there (the local Ray's processes inherit it).
-            os.environ[timeline.ENV] = str(root / f"timeline-{r}.jsonl")
-            init_local_ray(num_cpus=args.threads)
-            try:
-                actor: PlainRun | None = actor_loop_images_per_s(spec, args.threads) if r % 2 else None
-                ray_run = _ray_worker_images_per_s(spec, root)
-                actor = actor or actor_loop_images_per_s(spec, args.threads)
-            finally:
-                if started:
-                    ray.shutdown()
-                os.environ.pop(timeline.ENV, None)
-            after = plain_loop_images_per_s(spec, args.threads)
-            plain_rate = (before.rate + after.rate) / 2
-            ratios.append(ray_run.rate / plain_rate)
-            ratios_median.append(ray_run.median_rate / ((before.median_rate + after.median_rate) / 2))
-            actor_ratios.append(actor.rate / plain_rate)
-            worker_actor.append(ray_run.rate / actor.rate)
-            print(f"  repeat {r}: plain {before.rate:.2f} / {after.rate:.2f} img/s (before / after), Ray Train "
-                  f"worker {ray_run.rate:.2f} img/s (torch threads {ray_run.torch_threads}): ratio {ratios[-1]:.3f} "
-                  f"over the epochs, {ratios_median[-1]:.3f} at the median step", flush=True)  # fmt: skip
-            print(
-                f"    plain loop in a bare Ray actor {actor.rate:.2f} img/s: bare actor / plain "
-                f"{actor_ratios[-1]:.3f}, Ray Train worker / bare actor {worker_actor[-1]:.3f}",
-                flush=True,
-            )
-            if ray_run.cores:
-                worker_cores.append(ray_run.cores[WORKER])
-                other_cores.append(ray_run.cores[OTHER])
-                plain_cores.append((before.cores[WORKER] + after.cores[WORKER]) / 2)
-                plain_other.append((before.cores[OTHER] + after.cores[OTHER]) / 2)
-                print(f"    cores used: plain loop {plain_cores[-1]:.2f} (every other process {plain_other[-1]:.2f}); "
-                      f"Ray Train worker {worker_cores[-1]:.2f} (every other process: Ray's own, the driver, the "
-                      f"rest of the machine {other_cores[-1]:.2f}) of {os.cpu_count()}", flush=True)  # fmt: skip
-    print(f"Ray Train worker / plain loop: median {statistics.median(ratios):.3f} over the epochs "
-          f"(range {min(ratios):.3f}-{max(ratios):.3f}, {len(ratios)} repeats), median "
-          f"{statistics.median(ratios_median):.3f} at the median step "
-          f"(range {min(ratios_median):.3f}-{max(ratios_median):.3f}); target >= 0.95")  # fmt: skip
-    print(f"  of which any Ray process (the plain loop in a bare Ray actor / plain loop): median "
-          f"{statistics.median(actor_ratios):.3f} (range {min(actor_ratios):.3f}-{max(actor_ratios):.3f}); "
-          f"Ray Train and the worker loop (Ray Train worker / bare actor): median "
-          f"{statistics.median(worker_actor):.3f} (range {min(worker_actor):.3f}-{max(worker_actor):.3f})")  # fmt: skip
-    if worker_cores:
-        print(f"cores used, median: plain loop {statistics.median(plain_cores):.2f} (every other process "
-              f"{statistics.median(plain_other):.2f}), Ray Train worker {statistics.median(worker_cores):.2f} "
-              f"(every other process {statistics.median(other_cores):.2f}) of {os.cpu_count()}; worker / plain "
-              f"{statistics.median(worker_cores) / statistics.median(plain_cores):.3f}")  # fmt: skip
-    return 0
-
-
-# --------------------------------------------------------------------------- hdet bench search
-
+__all__ = ["search_main"]
 
 #: ``hdet bench search --regime``: what differs between the two regimes (each flag overrides its value).
 SEARCH_REGIMES: dict[str, dict[str, Any]] = {
@@ -239,7 +77,6 @@ def _bench_one_search(spec_dict: dict[str, Any], root: Path) -> Any:
 
 
 def _median(values: list[float]) -> float:
-    import statistics
 
     vals = [v for v in values if v == v]
     return statistics.median(vals) if vals else float("nan")
@@ -370,7 +207,3 @@ def search_main(argv: list[str]) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=2, default=str))
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(train_main(sys.argv[1:]))

@@ -29,7 +29,11 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str, str]] = {
     ),
     ("bench", "loss"): ("harmonic.bench", "loss_main", "step time with harmonicdet / with standard loss"),
     ("bench", "eval"): ("harmonic.eval.bench", "main", "evaluation time of this project / pycocotools"),
-    ("bench", "train"): ("workers.bench", "train_main", "images/s of a Ray Train worker / a plain loop"),
+    ("bench", "train"): (
+        "workers.bench_train",
+        "train_main",
+        "images/s of a Ray Train worker / a plain loop",
+    ),
     ("bench", "search"): ("workers.bench", "search_main", "ASHA+TPE vs grid search, and trial start cost"),
 }
 

@@ -19,6 +19,7 @@ from workers.errors import NonFiniteLossError
 from workers.summary.records import TEST_PREFIX  # the metric names' one home (light: no torch)
 
 if TYPE_CHECKING:
+    from workers.pace import Pacer
     from workers.spec import Spec
     from workers.train_state import TrainParts
     from workers.worker_loop import FaultInjector
@@ -66,9 +67,11 @@ def train_epoch(
     use_amp: bool,
     pop_diagnostics: Callable[[Any], dict[str, Any]],
     faults: FaultInjector | None = None,
+    pacer: Pacer | None = None,
 ) -> ShardTrainStats:
     """One pass over the shard with ``model`` (DDP-wrapped or not) and ``parts``' optimizer,
-    scheduler and scaler; raises :class:`NonFiniteLossError` on a NaN or infinite loss term."""
+    scheduler and scaler; raises :class:`NonFiniteLossError` on a NaN or infinite loss term.
+    ``pacer``: ``hdet bench train``'s turns (each step is reported to it; its waits are not timed)."""
     import torch
 
     from harmonic.analysis import TrainingDiagnostics
@@ -111,9 +114,9 @@ def train_epoch(
         images += len(imgs)
         now = time.perf_counter()
         step_times.append(now - t_step)  # data loading included, as in images_per_s
+        if pacer is not None and pacer.step(epoch, now - t_step, len(imgs), last=step == iters_per_epoch - 1):
+            now = time.perf_counter()
         t_step = now
-    if rank == 0:
-        timeline.mark("epoch_trained")
     median = statistics.median(step_times) if step_times else float("nan")
     return ShardTrainStats(sums, steps, images, median, diag.epoch_summary())
 

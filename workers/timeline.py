@@ -15,8 +15,6 @@ Marks, in the order a trial passes them:
 * ``worker_start`` (run key): rank 0's training function is called in its Ray Train worker.
 * ``data_ready``, ``model_ready``: datasets and the (DDP-wrapped) model are built.
 * ``first_step``: rank 0 starts its first training step (and every epoch's first step after it).
-* ``epoch_trained``: rank 0 ends an epoch's training steps (``hdet bench train`` times the epochs
-  between these marks).
 """
 
 from __future__ import annotations

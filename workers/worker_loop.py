@@ -38,6 +38,7 @@ from ray.train import Checkpoint
 
 from workers import ray_compat, recipe, timeline
 from workers.epoch_metrics import TEST_PREFIX, epoch_metrics, evaluate_shard, train_epoch
+from workers.pace import Pacer
 from workers.run_tracking import ChildRun, TrackedRun, log_best_model, log_final_artifacts, start_tracking
 from workers.spec import DebugSpec, Spec
 from workers.tracking import log_metrics, logged_steps
@@ -218,11 +219,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
         )  # fmt: skip
     run: TrackedRun | None = None
     faults = FaultInjector.of(t.debug, rank)
+    pacer = Pacer.from_env() if rank == 0 else None  # hdet bench train's turns (None otherwise)
     try:
         is_voc = spec.dataset.format == "voc"
         label_to_cat_id = data.val.label_to_cat_id
         epoch_times: list[float] = []
         summary: dict[str, Any] = {}
+        if pacer is not None:
+            pacer.start()
         for epoch in range(progress.epoch + 1, t.epochs + 1):
             t0 = time.perf_counter()
             train.sampler.set_epoch(epoch)
@@ -232,7 +236,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
             stats = train_epoch(
                 model, train.loader, parts, device, spec, epoch=epoch, rank=rank,
                 iters_per_epoch=train.iters_per_epoch, use_amp=use_amp, pop_diagnostics=pop_diagnostics,
-                faults=faults,
+                faults=faults, pacer=pacer,
             )  # fmt: skip
             t1 = time.perf_counter()
             final = epoch == t.epochs
