@@ -169,9 +169,14 @@ class Reconciler:
             checked.append((row.id, row.status, fields))
             return
         if verdict.to in TERMINAL:
-            self._finish(row, verdict, ray, parent, fields)
-        if self.store.transition(row.id, row.status, verdict.to, verdict.reason, **fields):
-            log.info("%s: %s -> %s (%s)", row.id, row.status, verdict.to, verdict.reason)
+            self._finish(row, verdict, ray, fields)
+        if not self.store.transition(row.id, row.status, verdict.to, verdict.reason, **fields):
+            return  # another reconciler (a second service on this database) moved it first
+        log.info("%s: %s -> %s (%s)", row.id, row.status, verdict.to, verdict.reason)
+        if verdict.to in TERMINAL and parent is not None and verdict.close_runs_as is not None:
+            # Only after the record's own transition: closed first, the runs would tell a second
+            # reconciler racing on this record their new status as the job's outcome.
+            self._close_runs(row, verdict, parent)
 
     def _parent(self, row: ExperimentRow, fields: dict[str, Any], ray: JobState | None) -> tuple[Any, bool]:
         """The MLflow parent run or None (its ids and the progress go into ``fields``), and
@@ -197,9 +202,9 @@ class Reconciler:
             return None, False
 
     def _finish(
-        self, row: ExperimentRow, verdict: Verdict, ray: JobState | None, parent: Any, fields: dict[str, Any]
+        self, row: ExperimentRow, verdict: Verdict, ray: JobState | None, fields: dict[str, Any]
     ) -> None:
-        """Before a terminal transition: keep the log, say why it failed, end orphaned MLflow runs."""
+        """Before a terminal transition: keep the log, say why it failed."""
         text = None
         if ray is not None:
             try:
@@ -213,19 +218,23 @@ class Reconciler:
             if failure.get("exit_code") == EXIT_REFUSED and text:
                 failure["log_tail"] = "\n".join(text.rstrip().splitlines()[-FAILURE_LOG_LINES:])
             fields["failure"] = json.dumps(failure)
-        if parent is not None and verdict.close_runs_as is not None:
-            try:
-                closed = self.mlflow.close_running(parent, verdict.close_runs_as, verdict.reason)
-                if closed:
-                    log.info("%s: closed MLflow runs %s as %s", row.id, closed, verdict.close_runs_as)
-                    progress = self.mlflow.progress(
-                        self.mlflow.client.get_run(parent.info.run_id),
-                        self.mlflow.children(parent),
-                        int(json.loads(row.spec)["train"]["epochs"]),
-                    )
-                    fields["progress"] = json.dumps(progress)
-            except Exception as e:
-                log.warning("reconciler: closing the MLflow runs of %s: %s", row.id, e)
+
+    def _close_runs(self, row: ExperimentRow, verdict: Verdict, parent: Any) -> None:
+        """After a terminal transition: end the job's MLflow runs still open (a job that ended
+        without closing them), and record the progress they show then."""
+        assert verdict.close_runs_as is not None and verdict.to is not None
+        try:
+            closed = self.mlflow.close_running(parent, verdict.close_runs_as, verdict.reason)
+            if closed:
+                log.info("%s: closed MLflow runs %s as %s", row.id, closed, verdict.close_runs_as)
+                progress = self.mlflow.progress(
+                    self.mlflow.client.get_run(parent.info.run_id),
+                    self.mlflow.children(parent),
+                    int(json.loads(row.spec)["train"]["epochs"]),
+                )
+                self.store.update_fields(row.id, verdict.to, progress=json.dumps(progress))
+        except Exception as e:
+            log.warning("reconciler: closing the MLflow runs of %s: %s", row.id, e)
 
     def _stop_job(self, exp_id: str) -> None:
         try:

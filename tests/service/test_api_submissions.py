@@ -301,6 +301,35 @@ def test_a_job_ray_no_longer_knows_becomes_lost_and_its_running_runs_are_closed(
         assert "no longer knows" in run.data.tags[Tag.ERROR]
 
 
+def test_a_second_reconciler_racing_on_a_lost_job_does_not_take_the_runs_it_closed_as_the_outcome(
+    stack: Stack, client: TestClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Two services on one database (here: this test's and the stack's `hdet serve`) follow the same
+    # records. One finds the job lost and closes its MLflow runs as FAILED; a second one that read
+    # the record before acts the moment those runs are closed: it must not make FAILED the outcome.
+    from service.reconciler import Reconciler
+
+    service = _service(client)
+    exp_id = service.experiments.new_id(None)
+    _parent(stack, exp_id, "RUNNING")
+    _insert(service, "raced", Status.RUNNING, exp_id)
+    stale = service.store.get(exp_id)
+    assert stale is not None and stale.status == Status.RUNNING
+    first = service.reconciler
+    second = Reconciler(service.store, first.jobs, first.mlflow, "a-second-service")
+    close = first.mlflow.close_running
+
+    def close_then_race(*args: Any, **kwargs: Any) -> Any:
+        closed = close(*args, **kwargs)
+        second._reconcile(stale, None, [])  # the other service's pass, on what it read before
+        return closed
+
+    monkeypatch.setattr(first.mlflow, "close_running", close_then_race)
+    first._reconcile(stale, None, [])
+    record = client.get(f"/v1/experiments/{exp_id}", headers=auth()).json()
+    assert record["status"] == "LOST", record
+
+
 @pytest.mark.parametrize(("outcome", "expected"), [("FINISHED", "SUCCEEDED"), ("FAILED", "FAILED")])
 def test_a_job_ray_no_longer_knows_takes_its_mlflow_parents_outcome(
     stack: Stack, client: TestClient, outcome: str, expected: str
