@@ -110,30 +110,32 @@ def _cores(cpu: CpuSampler, side: Side, group: str) -> tuple[float, float]:
     return mine, total - mine
 
 
-def _interval(ratios: list[float]) -> str:
-    """Median, range and the 95% interval of the ratio (Hodges-Lehmann on the log ratios, which
-    inverts the exact Wilcoxon signed-rank test), as one phrase."""
+def _log_interval(ratios: list[float]) -> tuple[float, float, float]:
+    """The 95% interval and the estimate of the ratio: Hodges-Lehmann on the log ratios, which
+    inverts the exact Wilcoxon signed-rank test (NaN bounds with too few ratios)."""
     from workers.evidence.paired import hodges_lehmann_interval
 
-    logs = [math.log(r) for r in ratios]
-    low, high, estimate, _ = hodges_lehmann_interval(logs)
+    low, high, estimate, _ = hodges_lehmann_interval([math.log(r) for r in ratios])
+    return math.exp(low), math.exp(high), math.exp(estimate)
+
+
+def _interval(ratios: list[float]) -> str:
+    """Median, range and :func:`_log_interval` of the ratio, as one phrase."""
+    low, high, estimate = _log_interval(ratios)
     text = f"median {statistics.median(ratios):.3f} (range {min(ratios):.3f}-{max(ratios):.3f}, {len(ratios)} epochs"
     if math.isnan(low):
         return text + "; too few epochs for a 95% interval)"
-    return (
-        text + f"; estimate {math.exp(estimate):.3f}, 95% interval {math.exp(low):.3f}-{math.exp(high):.3f})"
-    )
+    return text + f"; estimate {estimate:.3f}, 95% interval {low:.3f}-{high:.3f})"
 
 
 def _verdict(ratios: list[float], target: float) -> str:
-    from workers.evidence.paired import hodges_lehmann_interval
-
-    low, high, _, _ = hodges_lehmann_interval([math.log(r) for r in ratios])
+    """Met only if the whole 95% interval of :func:`_log_interval` is at or above ``target``."""
+    low, high, _ = _log_interval(ratios)
     if math.isnan(low):
         return "too few epochs to tell"
-    if math.exp(low) >= target:
+    if low >= target:
         return f"met (the whole interval is >= {target})"
-    if math.exp(high) < target:
+    if high < target:
         return f"not met (the whole interval is below {target})"
     return f"not resolved (the interval holds {target})"
 
@@ -235,9 +237,10 @@ def _bench_round(
     try:
         proc = plain_loop.start_process(spec, threads, batons["plain"].directory)
         bare, bare_pid, bare_ref = plain_loop.start_bare_actor(spec, threads, batons["actor"].directory)
-        ctx = open_parent_run(Spec.parse(spec), f"sqlite:///{root / 'mlflow.db'}")
+        parsed = Spec.parse(spec)
+        ctx = open_parent_run(parsed, f"sqlite:///{root / 'mlflow.db'}")
         trainer = make_trainer(
-            Spec.parse(spec), run_name=f"bench-{int(time.time() * 1000)}", storage_path=str(root / "storage"),
+            parsed, run_name=f"bench-{int(time.time() * 1000)}", storage_path=str(root / "storage"),
             tracking=ctx,
         )  # fmt: skip
 

@@ -24,23 +24,34 @@ OTHER = "other"
 _TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 
+def stat_fields(pid: int | str) -> list[str] | None:
+    """The fields of ``/proc/<pid>/stat`` after the command name (state, ppid, ... as ``proc(5)``
+    numbers them from 3), or None if the process is gone or not readable."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # The command name may hold spaces and parentheses: the fields start after the last ')'.
+    return stat[stat.rfind(")") + 2 :].split()
+
+
+def proc_stats() -> dict[int, list[str]]:
+    """:func:`stat_fields` of every process this user can read."""
+    out: dict[int, list[str]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and (fields := stat_fields(entry.name)) is not None:
+            out[int(entry.name)] = fields
+    return out
+
+
 def _read_processes(root: int, names: dict[int, str] | None = None) -> dict[int, tuple[str, float]]:
     """pid -> (group, CPU seconds so far) of every process this user can read. A pid in ``names`` is
     in the group it names; else the worker is a process that descends from ``root`` (a local Ray's
     processes do; another Ray on the machine is "other") and whose command line names a Ray Train
     worker: only the descendants' command lines are read, to keep each sample cheap."""
     seen: dict[int, tuple[int, float]] = {}  # pid -> (parent, seconds)
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:  # gone meanwhile, or not ours
-            continue
-        # Fields after the command name (which may hold spaces) start after the last ')'.
-        fields = stat[stat.rfind(")") + 2 :].split()
-        seconds = (int(fields[11]) + int(fields[12])) / _TICKS  # utime, stime
-        seen[int(entry.name)] = (int(fields[1]), seconds)
+    for pid, fields in proc_stats().items():
+        seen[pid] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / _TICKS)  # ppid; utime + stime
 
     def descends(pid: int) -> bool:
         for _ in range(64):
@@ -68,15 +79,11 @@ def _read_processes(root: int, names: dict[int, str] | None = None) -> dict[int,
 
 class CpuSampler:
     """Cumulative CPU seconds per group, sampled in a thread (see the module docstring).
-    ``worker_pid``: the process to count as the worker (default: a Ray Train worker, found by name);
     ``names``: more groups, pid -> group name (read at every sample: pids may be added meanwhile)."""
 
-    def __init__(
-        self, interval: float = 1.0, worker_pid: int | None = None, names: dict[int, str] | None = None
-    ):
+    def __init__(self, interval: float = 1.0, names: dict[int, str] | None = None):
         self.interval = interval
         self._root = os.getpid()
-        self._worker_pid = worker_pid
         self._names = names
         self.times: list[float] = []
         self.totals: list[dict[str, float]] = []

@@ -21,6 +21,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
 
+from workers.cpu_share import proc_stats, stat_fields
+
 __all__ = [
     "ENV",
     "Pacer",
@@ -182,23 +184,13 @@ def pids_named(names: tuple[bytes, ...]) -> set[int]:
 
 def niceness(pid: int) -> str:
     """The niceness of ``pid`` (from ``/proc``), or ``?``."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return "?"
-    return stat[stat.rfind(")") + 2 :].split()[16]
+    fields = stat_fields(pid)
+    return "?" if fields is None else fields[16]
 
 
 def descendants(root: int) -> set[int]:
     """Every process that descends from ``root`` (from ``/proc``)."""
-    parents: dict[int, int] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            parents[int(entry.name)] = int(stat[stat.rfind(")") + 2 :].split()[1])
+    parents = {pid: int(fields[1]) for pid, fields in proc_stats().items()}
     out: set[int] = set()
     frontier = {root}
     while frontier:

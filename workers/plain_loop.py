@@ -1,5 +1,5 @@
 """The baselines of ``hdet bench train``: a plain PyTorch training loop on a worker's model, data,
-sampler and optimizer, in a fresh Python process or in a bare Ray actor, each epoch on the bench's go.
+sampler and optimizer, in a fresh Python process or in a bare Ray actor, in turns on the bench's go.
 """
 
 from __future__ import annotations
@@ -84,12 +84,11 @@ class _BareActor:
 
 
 def main() -> None:
-    """The plain loop's process: the spec on stdin, the thread count and the pace directory (or
-    ``-``) in argv; prints one JSON line."""
+    """The plain loop's process: the spec on stdin, the thread count and the pace directory in argv;
+    prints one JSON line."""
     import json
 
-    pace = None if sys.argv[2] == "-" else sys.argv[2]
-    print(json.dumps(train(json.loads(sys.stdin.read()), int(sys.argv[1]), pace)), flush=True)
+    print(json.dumps(train(json.loads(sys.stdin.read()), int(sys.argv[1]), sys.argv[2])), flush=True)
 
 
 def train(spec_dict: dict[str, Any], threads: int, pace: str | None = None) -> dict[str, Any]:
