@@ -13,4 +13,4 @@ ruff format --check .
 echo "== mypy"
 mypy harmonic workers service
 echo "== pytest"
-pytest -q "$@"
+pytest -q --durations=30 "$@"

@@ -7,7 +7,10 @@ storage and MLflow artifacts hold gigabytes of checkpoints.
 
 from __future__ import annotations
 
+import os
 import shutil
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -46,3 +49,35 @@ class Scratch:
 @pytest.fixture(scope="session")
 def scratch(tmp_path_factory: pytest.TempPathFactory) -> Scratch:
     return Scratch(tmp_path_factory)
+
+
+def _left_running(home: Path, wait_s: float = 5.0) -> list[str]:
+    """Live processes (other than this one) whose environment has ``HDET_HOME=home``: what a run of
+    that data directory started and left running, given ``wait_s`` to end (command and pid)."""
+    needle = f"\0HDET_HOME={home}\0".encode()
+    deadline = time.monotonic() + wait_s
+    while True:
+        left = []
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit() or int(entry) == os.getpid():
+                continue
+            try:
+                if needle in b"\0" + Path(f"/proc/{entry}/environ").read_bytes():  # each ends with a NUL
+                    cmd = (
+                        Path(f"/proc/{entry}/cmdline")
+                        .read_bytes()
+                        .replace(b"\0", b" ")
+                        .decode(errors="replace")
+                    )
+                    left.append(f"{cmd[:80]} (pid {entry})")
+            except OSError:  # gone, or not ours to read
+                continue
+        if not left or time.monotonic() >= deadline:
+            return left
+        time.sleep(0.2)
+
+
+@pytest.fixture(scope="session")
+def left_running() -> Callable[[Path], list[str]]:
+    """``left_running(home)``: the processes a run of data directory ``home`` left running."""
+    return _left_running

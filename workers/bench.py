@@ -126,7 +126,7 @@ def search_main(argv: list[str]) -> int:
 
     from harmonic.data import build_dataset
     from workers import timeline
-    from workers.env import init_local_ray
+    from workers.env import init_local_ray, shutdown_local_ray
     from workers.search import required_cpus
     from workers.spec import Spec
 
@@ -181,7 +181,7 @@ def search_main(argv: list[str]) -> int:
                       f"{r['statuses']}", flush=True)  # fmt: skip
         finally:
             if started:
-                ray.shutdown()
+                shutdown_local_ray("hdet bench search")
         phases = timeline.phases(timeline.read(root / "timeline.jsonl"))
         os.environ.pop(timeline.ENV, None)
     out.update(runs)

@@ -222,7 +222,7 @@ def _bench_round(
     import ray
 
     from workers import plain_loop
-    from workers.env import init_local_ray
+    from workers.env import init_local_ray, shutdown_local_ray
     from workers.spec import Spec
     from workers.tracking import open_parent_run
     from workers.trainer import make_trainer
@@ -292,7 +292,7 @@ def _bench_round(
     finally:
         if proc is not None and proc.poll() is None:
             proc.kill()
-        ray.shutdown()
+        shutdown_local_ray("hdet bench train")
         os.environ.pop(pace.ENV, None)
         for baton in batons.values():
             baton.close()

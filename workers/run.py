@@ -324,9 +324,9 @@ def _run_one(spec: Spec, args: argparse.Namespace) -> int:
         status, rc = "FAILED", 1
     finally:
         if started:
-            import ray
+            from workers.env import shutdown_local_ray
 
-            ray.shutdown()
+            shutdown_local_ray("hdet run")
     if status == "KILLED":
         # What a stopped trainer or trial had no time to close (Ray stopped it first).
         from workers.tracking import close_running_runs

@@ -7,7 +7,7 @@ cores):
    the loss non-finite) plus the standard-loss baseline and the confirmatory arm (the spec's own
    loss section), and is interrupted (SIGINT) once two trainings have finished;
 2. ``hdet run --resume`` finishes it;
-3. MLflow then holds one child run per trial (never a second one), the finished trials were not
+3. nothing either run started is left running; MLflow then holds one child run per trial (never a second one), the finished trials were not
    trained again, the failed ones carry their reason, and the summary on the parent run agrees
    with the child runs' own metrics, judged on the held-out test split; ``hdet report`` renders it.
 """
@@ -74,7 +74,9 @@ def _children(c: MlflowClient) -> list[Any]:
 
 @pytest.fixture(scope="module")
 def searched(
-    request: pytest.FixtureRequest, scratch: Callable[[pytest.FixtureRequest, str], Path]
+    request: pytest.FixtureRequest,
+    scratch: Callable[[pytest.FixtureRequest, str], Path],
+    left_running: Callable[[Path], list[str]],
 ) -> dict[str, Any]:
     home = scratch(request, "search_home")
     (home / "spec.yaml").write_text(yaml.safe_dump(SPEC))
@@ -98,6 +100,7 @@ def searched(
     rc_second = second.wait(timeout=600)
     logs = "\n".join(p.read_text() for p in sorted(home.glob("run*.log")))
     return {
+        "left_running": left_running(home),
         "home": home,
         "client": c,
         "finished_before": finished_before,
@@ -126,6 +129,10 @@ def test_resumed_search_completes_with_one_child_run_per_trial_and_seed(searched
         assert {r.data.tags["hdet.trial_id"] for r in children if r.data.tags.get("hdet.arm") == arm} == {arm}
     parent = _parent(c)
     assert parent.data.tags["hdet.search_complete"] == "true"
+
+
+def test_nothing_of_the_interrupted_or_the_resumed_run_is_left_running(searched: dict[str, Any]):
+    assert searched["left_running"] == [], searched["logs"][-3000:]
 
 
 def test_finished_trials_were_not_trained_again(searched: dict[str, Any]):

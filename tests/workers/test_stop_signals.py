@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -86,15 +87,20 @@ def _assert_all_killed(home: Path, sig: signal.Signals, min_children: int) -> No
     assert f"stopped by {sig.name}" in log
 
 
-def test_sigterm_ends_a_single_run_and_its_child_run_killed(tmp_path: Path) -> None:
+def test_sigterm_ends_a_single_run_and_its_child_run_killed(
+    tmp_path: Path, left_running: Callable[[Path], list[str]]
+) -> None:
     proc = _start(tmp_path, {**BASE, "name": "single"})
     took = _stop_once_training(tmp_path, proc, signal.SIGTERM, children=1)
     assert proc.returncode == 128 + signal.SIGTERM, (tmp_path / "run.log").read_text()[-3000:]
     assert took < 45
     _assert_all_killed(tmp_path, signal.SIGTERM, min_children=1)
+    assert left_running(tmp_path) == []  # nothing the run started outlives it
 
 
-def test_sigint_ends_a_comparison_and_every_arm_killed(tmp_path: Path) -> None:
+def test_sigint_ends_a_comparison_and_every_arm_killed(
+    tmp_path: Path, left_running: Callable[[Path], list[str]]
+) -> None:
     spec = {
         **BASE,
         "name": "compare",
@@ -105,3 +111,4 @@ def test_sigint_ends_a_comparison_and_every_arm_killed(tmp_path: Path) -> None:
     assert proc.returncode == 128 + signal.SIGINT, (tmp_path / "run.log").read_text()[-3000:]
     assert took < 45
     _assert_all_killed(tmp_path, signal.SIGINT, min_children=2)
+    assert left_running(tmp_path) == []  # nothing the run started outlives it
