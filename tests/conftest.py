@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from workers.cpu_share import command_line
+
 #: Files at least this big (checkpoints) go even when a test failed; logs and databases stay.
 BIG_FILE_BYTES = 8 << 20
 
@@ -63,13 +65,7 @@ def _left_running(home: Path, wait_s: float = 5.0) -> list[str]:
                 continue
             try:
                 if needle in b"\0" + Path(f"/proc/{entry}/environ").read_bytes():  # each ends with a NUL
-                    cmd = (
-                        Path(f"/proc/{entry}/cmdline")
-                        .read_bytes()
-                        .replace(b"\0", b" ")
-                        .decode(errors="replace")
-                    )
-                    left.append(f"{cmd[:80]} (pid {entry})")
+                    left.append(f"{command_line(entry)} (pid {entry})")
             except OSError:  # gone, or not ours to read
                 continue
         if not left or time.monotonic() >= deadline:

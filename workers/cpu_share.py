@@ -17,7 +17,7 @@ import time
 from bisect import bisect_left
 from pathlib import Path
 
-__all__ = ["CpuSampler", "WORKER", "OTHER"]
+__all__ = ["CpuSampler", "WORKER", "OTHER", "stat_fields", "proc_stats", "command_line"]
 
 WORKER = "worker"
 OTHER = "other"
@@ -33,6 +33,16 @@ def stat_fields(pid: int | str) -> list[str] | None:
         return None
     # The command name may hold spaces and parentheses: the fields start after the last ')'.
     return stat[stat.rfind(")") + 2 :].split()
+
+
+def command_line(pid: int | str, limit: int = 80) -> str:
+    """The first ``limit`` characters of a process's command line (its arguments joined by spaces),
+    or ``?`` if the process is gone or not readable."""
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return "?"
+    return raw.replace(b"\0", b" ").decode(errors="replace").strip()[:limit]
 
 
 def proc_stats() -> dict[int, list[str]]:

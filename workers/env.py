@@ -220,19 +220,6 @@ def _ray_process(pid: int) -> bool:
         return False
 
 
-def _command(pid: int) -> str:
-    try:
-        return (
-            Path(f"/proc/{pid}/cmdline")
-            .read_bytes()
-            .replace(b"\0", b" ")
-            .decode(errors="replace")
-            .strip()[:80]
-        )
-    except OSError:
-        return "?"
-
-
 def end_orphans(grace_s: float = 5.0) -> list[str]:
     """End this process's children that run for a Ray (:func:`_ray_process`) and so outlived its
     shutdown: SIGTERM, SIGKILL after ``grace_s``, then reaped. Returns them as ``command (pid)``.
@@ -243,11 +230,11 @@ def end_orphans(grace_s: float = 5.0) -> list[str]:
     import signal
     import time
 
-    from workers.cpu_share import proc_stats
+    from workers.cpu_share import command_line, proc_stats
 
     me = os.getpid()
     left = {
-        pid: _command(pid)
+        pid: command_line(pid)
         for pid, fields in proc_stats().items()
         if int(fields[1]) == me and fields[0] != "Z" and _ray_process(pid)
     }
