@@ -8,8 +8,9 @@ worker; then the other way round; :mod:`workers.pace`), on the same batches, so 
 drift in speed, which moves a single epoch by 10% and more, hits each side alike; each trains as if
 alone (the others' processes are stopped meanwhile). Every epoch but the first is timed, from the
 sides' step times. Printed: each epoch's ratios, their median, range and 95% interval, whether the
-target (>= 0.95) is met, the cores each side and every other process used, and each side's
-niceness. The bare actor splits the ratio into what any Ray process gets (bare actor / plain) and
+target (>= 0.95) is met, the cores each side and every other process used, each side's niceness,
+and each side's first step of a turn against its other steps (a stopped side that paid for it when
+let go would show a slow first step). The bare actor splits the ratio into what any Ray process gets (bare actor / plain) and
 what Ray Train and the worker loop cost (worker / bare actor). ``--repeats`` runs it again with
 fresh processes and a fresh Ray.
 """
@@ -85,6 +86,15 @@ class Side:
             seconds[t.epoch] = seconds.get(t.epoch, 0.0) + t.seconds
             images[t.epoch] = images.get(t.epoch, 0) + t.images
         return {e: images[e] / seconds[e] for e in sorted(seconds)}
+
+    def first_step_slowdown(self) -> float:
+        """Median over the turns of: the turn's first step / the mean of its other steps (per image)."""
+        slow = [
+            (t.first_seconds / t.first_images) / ((t.seconds - t.first_seconds) / (t.images - t.first_images))
+            for t in self.turns
+            if t.steps >= 2
+        ]
+        return statistics.median(slow) if slow else float("nan")
 
 
 def _stopped_for(side: str, plain_pid: int, actor_pid: int) -> set[int]:
@@ -186,6 +196,9 @@ def train_main(argv: list[str]) -> int:
                 ratios["worker/actor"].append(wr / ar)
                 print(f"    epoch {k}: plain {pr:.2f}, bare actor {ar:.2f}, Ray Train worker {wr:.2f}: "
                       f"{wr / pr:.3f}, {ar / pr:.3f}, {wr / ar:.3f}", flush=True)  # fmt: skip
+            print(f"    a turn's first step / its other steps (median): plain loop {plain.first_step_slowdown():.3f}, "
+                  f"bare actor {actor.first_step_slowdown():.3f}, Ray Train worker {worker.first_step_slowdown():.3f}",
+                  flush=True)  # fmt: skip
             for side, group in ((plain, "plain"), (actor, "actor"), (worker, WORKER)):
                 cores[group].append(_cores(cpu, side, group))
             print(f"    cores used while each trained: plain loop {cores['plain'][-1][0]:.2f} (every other process "

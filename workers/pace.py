@@ -47,6 +47,8 @@ class Turn(NamedTuple):
     images: int
     start: float  # wall clock: the first step's start, the last step's end
     end: float
+    first_seconds: float  # the turn's first step (the side has just been let go)
+    first_images: int
 
 
 class Pacer:
@@ -59,6 +61,7 @@ class Pacer:
         self._ready = open(d / "ready", "wb", buffering=0)  # noqa: SIM115 - lives as long as the side
         self._go = open(d / "go", "rb", buffering=0)  # noqa: SIM115
         self._steps, self._seconds, self._images, self._start = 0, 0.0, 0, 0.0  # the turn so far
+        self._first: tuple[float, int] = (0.0, 0)
 
     @classmethod
     def from_env(cls) -> Pacer | None:
@@ -68,7 +71,7 @@ class Pacer:
 
     def start(self) -> None:
         """Tell the bench this side is ready to train, and wait for its go."""
-        self._report(Turn(0, 0, 0.0, 0, 0.0, 0.0))
+        self._report(Turn(0, 0, 0.0, 0, 0.0, 0.0, 0.0, 0))
 
     def step(self, epoch: int, seconds: float, images: int, *, last: bool) -> bool:
         """Count a training step of ``seconds``; at the end of a turn (``turn_steps`` steps, or the
@@ -77,12 +80,13 @@ class Pacer:
         now = time.time()
         if self._steps == 0:
             self._start = now - seconds
+            self._first = (seconds, images)
         self._steps += 1
         self._seconds += seconds
         self._images += images
         if self._steps < self.turn_steps and not last:
             return False
-        turn = Turn(epoch, self._steps, self._seconds, self._images, self._start, now)
+        turn = Turn(epoch, self._steps, self._seconds, self._images, self._start, now, *self._first)
         self._steps, self._seconds, self._images = 0, 0.0, 0
         self._report(turn)
         return True
@@ -124,8 +128,8 @@ class Baton:
                 if b"\n" not in self._buffer:
                     return None
         line, self._buffer = self._buffer.split(b"\n", 1)
-        e, s, sec, i, a, b = line.split()
-        return Turn(int(e), int(s), float(sec), int(i), float(a), float(b))
+        e, s, sec, i, a, b, fs, fi = line.split()
+        return Turn(int(e), int(s), float(sec), int(i), float(a), float(b), float(fs), int(fi))
 
     def go(self) -> None:
         """Let the side train its next turn."""

@@ -12,6 +12,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+from workers.bench_train import Side
+from workers.pace import Turn
+
 ROOT = Path(__file__).resolve().parents[2]
 NUM = r"([\d.]+)"
 
@@ -19,7 +22,7 @@ NUM = r"([\d.]+)"
 def test_bench_train_prints_each_epochs_ratios_their_interval_and_verdict(tmp_path: Path) -> None:
     out = subprocess.run(
         [sys.executable, "-m", "workers.cli", "bench", "train", "--images", "8", "--image-size", "48",
-         "--batch-size", "4", "--epochs", "7", "--repeats", "1", "--turn-steps", "1", "--backbone", "resnet18_fpn"],
+         "--batch-size", "4", "--epochs", "7", "--repeats", "1", "--turn-steps", "2", "--backbone", "resnet18_fpn"],
         cwd=ROOT, capture_output=True, text=True, timeout=600, env={**os.environ, "HDET_HOME": str(tmp_path)},
     )  # fmt: skip
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
@@ -70,3 +73,23 @@ def test_bench_train_prints_each_epochs_ratios_their_interval_and_verdict(tmp_pa
     )
     assert nice, out.stdout
     assert int(nice.group(1)) == os.nice(0)
+    slow = re.search(
+        rf"a turn's first step / its other steps \(median\): plain loop {NUM}, bare actor {NUM}, Ray Train worker {NUM}",
+        out.stdout,
+    )
+    assert slow, out.stdout
+    assert all(0 < float(v) < 100 for v in slow.groups()), slow.group(0)
+
+
+def test_a_turns_first_step_is_compared_with_its_other_steps_per_image() -> None:
+    side = Side("plain loop", baton=None, alive=lambda: True, cpu=None)  # type: ignore[arg-type]
+    # (epoch, steps, seconds, images, start, end, the first step's seconds and images)
+    side.turns = [
+        Turn(2, 4, 2.0, 16, 0.0, 2.0, 0.8, 4),  # first 0.2 s/image, the others 1.2 s / 12 images: 2.0
+        Turn(2, 2, 1.0, 7, 2.0, 3.0, 0.5, 4),  # 0.125 s/image against 0.5 s / 3 images: 0.75
+        Turn(3, 3, 1.5, 12, 3.0, 4.5, 0.5, 4),  # 0.125 against 1.0 s / 8 images: 1.0
+        Turn(3, 1, 0.5, 4, 4.5, 5.0, 0.5, 4),  # one step: nothing to compare it with
+    ]
+    assert math.isclose(side.first_step_slowdown(), 1.0)
+    side.turns = side.turns[-1:]
+    assert math.isnan(side.first_step_slowdown())

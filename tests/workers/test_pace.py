@@ -26,13 +26,13 @@ def test_a_side_trains_a_turn_of_steps_on_each_go_and_the_bench_sees_it_end(tmp_
     trained: list[tuple[int, int]] = []
     waited: list[bool] = []
 
-    def side() -> None:  # 2 epochs of 3 steps of 0.5 s and 4 images each: turns of 2, 1, 2, 1 steps
+    def side() -> None:  # 2 epochs of 3 steps (0.25, 0.5, 0.75 s; 4 images each): turns of 2, 1, 2, 1 steps
         pacer = Pacer(baton.directory)
         pacer.start()
         for epoch in (1, 2):
             for step in range(3):
                 trained.append((epoch, step))
-                waited.append(pacer.step(epoch, 0.5, 4, last=step == 2))
+                waited.append(pacer.step(epoch, 0.25 * (step + 1), 4, last=step == 2))
 
     thread = threading.Thread(target=side, daemon=True)
     thread.start()
@@ -40,13 +40,14 @@ def test_a_side_trains_a_turn_of_steps_on_each_go_and_the_bench_sees_it_end(tmp_
     assert ready is not None and ready.epoch == 0  # ready to start
     time.sleep(0.2)
     assert trained == []  # no go yet: it waits
-    expected = [(1, 2), (1, 1), (2, 2), (2, 1)]  # (epoch, steps): an epoch's last step ends a turn
-    for epoch, steps in expected:
+    # (epoch, steps, seconds, the first step's seconds): an epoch's last step ends a turn
+    expected = [(1, 2, 0.75, 0.25), (1, 1, 0.75, 0.75), (2, 2, 0.75, 0.25), (2, 1, 0.75, 0.75)]
+    for epoch, steps, seconds, first in expected:
         baton.go()
         turn = baton.next_turn(thread.is_alive)
         assert turn is not None
         assert (turn.epoch, turn.steps, turn.images) == (epoch, steps, 4 * steps)
-        assert turn.seconds == 0.5 * steps
+        assert (turn.seconds, turn.first_seconds, turn.first_images) == (seconds, first, 4)
         assert turn.start <= turn.end
     baton.go()
     thread.join()
