@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from workers.cpu_share import command_line
+from workers.cpu_share import command_line, environment
 
 #: Files at least this big (checkpoints) go even when a test failed; logs and databases stay.
 BIG_FILE_BYTES = 8 << 20
@@ -56,18 +56,15 @@ def scratch(tmp_path_factory: pytest.TempPathFactory) -> Scratch:
 def _left_running(home: Path, wait_s: float = 5.0) -> list[str]:
     """Live processes (other than this one) whose environment has ``HDET_HOME=home``: what a run of
     that data directory started and left running, given ``wait_s`` to end (command and pid)."""
-    needle = f"\0HDET_HOME={home}\0".encode()
     deadline = time.monotonic() + wait_s
     while True:
         left = []
         for entry in os.listdir("/proc"):
             if not entry.isdigit() or int(entry) == os.getpid():
                 continue
-            try:
-                if needle in b"\0" + Path(f"/proc/{entry}/environ").read_bytes():  # each ends with a NUL
-                    left.append(f"{command_line(entry)} (pid {entry})")
-            except OSError:  # gone, or not ours to read
-                continue
+            # (None: gone, or not ours to read)
+            if (environment(entry) or {}).get("HDET_HOME") == str(home):
+                left.append(f"{command_line(entry)} (pid {entry})")
         if not left or time.monotonic() >= deadline:
             return left
         time.sleep(0.2)

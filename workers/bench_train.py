@@ -10,9 +10,9 @@ alone (the others' processes are stopped meanwhile). Every epoch but the first i
 sides' step times. Printed: each epoch's ratios, their median, range and 95% interval, whether the
 target (>= 0.95) is met, the cores each side and every other process used, each side's niceness,
 and each side's first step of a turn against its other steps (a stopped side that paid for it when
-let go would show a slow first step). The bare actor splits the ratio into what any Ray process gets (bare actor / plain) and
-what Ray Train and the worker loop cost (worker / bare actor). ``--repeats`` runs it again with
-fresh processes and a fresh Ray.
+let go would show a slow first step). The bare actor splits the ratio into what any Ray process
+gets (bare actor / plain) and what Ray Train and the worker loop cost (worker / bare actor).
+``--repeats`` runs it again with fresh processes and a fresh Ray.
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ import time
 from bisect import bisect_left
 from pathlib import Path
 
-__all__ = ["CpuSampler", "WORKER", "OTHER", "stat_fields", "proc_stats", "command_line"]
+__all__ = ["CpuSampler", "WORKER", "OTHER", "stat_fields", "proc_stats", "command_line", "environment"]
 
 WORKER = "worker"
 OTHER = "other"
@@ -35,14 +35,24 @@ def stat_fields(pid: int | str) -> list[str] | None:
     return stat[stat.rfind(")") + 2 :].split()
 
 
-def command_line(pid: int | str, limit: int = 80) -> str:
-    """The first ``limit`` characters of a process's command line (its arguments joined by spaces),
-    or ``?`` if the process is gone or not readable."""
+def command_line(pid: int | str, limit: int | None = 80) -> str:
+    """The first ``limit`` characters (None: all) of a process's command line (its arguments joined
+    by spaces), or ``?`` if the process is gone or not readable."""
     try:
         raw = Path(f"/proc/{pid}/cmdline").read_bytes()
     except OSError:
         return "?"
     return raw.replace(b"\0", b" ").decode(errors="replace").strip()[:limit]
+
+
+def environment(pid: int | str) -> dict[str, str] | None:
+    """A process's environment (as it started), or None if it is gone or not ours to read."""
+    try:
+        raw = Path(f"/proc/{pid}/environ").read_bytes()
+    except OSError:
+        return None
+    pairs = (entry.decode(errors="replace").partition("=") for entry in raw.split(b"\0") if entry)
+    return {key: value for key, _, value in pairs}
 
 
 def proc_stats() -> dict[int, list[str]]:
@@ -73,12 +83,7 @@ def _read_processes(root: int, names: dict[int, str] | None = None) -> dict[int,
         return False
 
     def is_worker(pid: int) -> bool:
-        if pid == root or not descends(pid):
-            return False
-        try:
-            return b"RayTrainWorker" in Path(f"/proc/{pid}/cmdline").read_bytes()
-        except OSError:
-            return False
+        return pid != root and descends(pid) and "RayTrainWorker" in command_line(pid, limit=None)
 
     named = names or {}
     return {

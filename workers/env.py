@@ -214,10 +214,9 @@ def adopt_orphans() -> bool:
 
 def _ray_process(pid: int) -> bool:
     """The process runs for a Ray: the raylet gives every worker (and what a worker starts) its pid."""
-    try:
-        return b"\0RAY_RAYLET_PID=" in b"\0" + Path(f"/proc/{pid}/environ").read_bytes()
-    except OSError:
-        return False
+    from workers.cpu_share import environment
+
+    return "RAY_RAYLET_PID" in (environment(pid) or {})
 
 
 def end_orphans(grace_s: float = 5.0) -> list[str]:

@@ -21,7 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
 
-from workers.cpu_share import proc_stats, stat_fields
+from workers.cpu_share import command_line, proc_stats, stat_fields
 
 __all__ = [
     "ENV",
@@ -171,19 +171,12 @@ class Freezer:
 
 
 #: The processes of a Ray Train run besides the local Ray's own (their command lines, as Ray sets them).
-RAY_TRAIN_PROCESSES = (b"ray::RayTrainWorker", b"ray::TrainController", b"ray::SynchronizationActor")
+RAY_TRAIN_PROCESSES = ("ray::RayTrainWorker", "ray::TrainController", "ray::SynchronizationActor")
 
 
-def pids_named(names: tuple[bytes, ...]) -> set[int]:
+def pids_named(names: tuple[str, ...]) -> set[int]:
     """This process's descendants whose command line starts with one of ``names``."""
-    out = set()
-    for pid in descendants(os.getpid()):
-        try:
-            if Path(f"/proc/{pid}/cmdline").read_bytes().startswith(names):
-                out.add(pid)
-        except OSError:
-            continue
-    return out
+    return {pid for pid in descendants(os.getpid()) if command_line(pid).startswith(names)}
 
 
 def niceness(pid: int) -> str:

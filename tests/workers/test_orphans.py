@@ -13,6 +13,8 @@ import sys
 import time
 from pathlib import Path
 
+from workers.cpu_share import stat_fields
+
 ROOT = Path(__file__).resolve().parents[2]
 
 # The process under test: adopts orphans, starts a child that starts three grandchildren (two with
@@ -34,7 +36,8 @@ print(" ".join(map(str, pids)), flush=True)
 out = subprocess.run([sys.executable, "-c", starter, sleeper], capture_output=True, text=True, check=True).stdout
 polite, stubborn, other = map(int, out.split())
 time.sleep(1.0)  # the grandchildren are this process's children now
-ppids = {pid: int(open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[1]) for pid in (polite, stubborn, other)}
+from workers.cpu_share import stat_fields
+ppids = {pid: int(stat_fields(pid)[1]) for pid in (polite, stubborn, other)}
 t0 = time.monotonic()
 ended = end_orphans(grace_s=1.0)
 print(json.dumps({"polite": polite, "stubborn": stubborn, "other": other, "ppids": ppids, "ended": ended,
@@ -43,11 +46,8 @@ print(json.dumps({"polite": polite, "stubborn": stubborn, "other": other, "ppids
 
 
 def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
+    fields = stat_fields(pid)
+    return fields is not None and fields[0] != "Z"
 
 
 def test_orphans_that_run_for_a_ray_are_ended_and_reaped_and_others_left() -> None:
