@@ -139,17 +139,12 @@ class ManagedProcess:
 
 def session_members(sid: int) -> list[int]:
     """Live processes of the session ``sid`` (Linux ``/proc``; none elsewhere)."""
-    out = []
-    for entry in os.listdir("/proc") if os.path.isdir("/proc") else []:
-        if not entry.isdigit():
-            continue
-        try:
-            fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[3]) == sid and fields[0] != "Z":  # state ppid pgrp session; not a zombie
-            out.append(int(entry))
-    return out
+    from workers.cpu_share import proc_stats
+
+    if not os.path.isdir("/proc"):
+        return []
+    # state ppid pgrp session ...; not a zombie
+    return [pid for pid, fields in proc_stats().items() if int(fields[3]) == sid and fields[0] != "Z"]
 
 
 def _signal_group(pgid: int, sig: signal.Signals) -> None:

@@ -1,5 +1,6 @@
 """Who used the CPUs while a Ray Train worker trained: ``hdet bench train`` samples every process's
-CPU time from ``/proc`` (Linux) and splits it into the training worker and everything else.
+CPU time from ``/proc`` (Linux) and splits it into the training worker and everything else. Also
+the package's readers of ``/proc/<pid>`` (stat fields, CPU seconds, command line, environment).
 
 :class:`CpuSampler` reads ``/proc/<pid>/stat`` of every process every ``interval`` seconds in a
 thread; :meth:`CpuSampler.cores_used` gives, for a time window, how many cores each group used on
@@ -17,7 +18,16 @@ import time
 from bisect import bisect_left
 from pathlib import Path
 
-__all__ = ["CpuSampler", "WORKER", "OTHER", "stat_fields", "proc_stats", "command_line", "environment"]
+__all__ = [
+    "CpuSampler",
+    "WORKER",
+    "OTHER",
+    "stat_fields",
+    "proc_stats",
+    "cpu_seconds",
+    "command_line",
+    "environment",
+]
 
 WORKER = "worker"
 OTHER = "other"
@@ -33,6 +43,11 @@ def stat_fields(pid: int | str) -> list[str] | None:
         return None
     # The command name may hold spaces and parentheses: the fields start after the last ')'.
     return stat[stat.rfind(")") + 2 :].split()
+
+
+def cpu_seconds(fields: list[str]) -> float:
+    """The CPU seconds (user + system) a process has used, from its :func:`stat_fields`."""
+    return (int(fields[11]) + int(fields[12])) / _TICKS
 
 
 def command_line(pid: int | str, limit: int | None = 80) -> str:
@@ -71,7 +86,7 @@ def _read_processes(root: int, names: dict[int, str] | None = None) -> dict[int,
     worker: only the descendants' command lines are read, to keep each sample cheap."""
     seen: dict[int, tuple[int, float]] = {}  # pid -> (parent, seconds)
     for pid, fields in proc_stats().items():
-        seen[pid] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / _TICKS)  # ppid; utime + stime
+        seen[pid] = (int(fields[1]), cpu_seconds(fields))  # ppid
 
     def descends(pid: int) -> bool:
         for _ in range(64):

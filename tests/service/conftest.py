@@ -19,23 +19,16 @@ import pytest
 from svc_helpers import Stack, wait_for
 
 from service.stack import free_port
+from workers.cpu_share import command_line, proc_stats
 
 
 def _processes() -> dict[int, tuple[int, str]]:
-    """pid -> (session id, command line) of every process."""
-    out = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-            cmd = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        fields = stat.rsplit(")", 1)[1].split()  # state ppid pgrp session ...
-        if fields[0] != "Z":
-            out[int(entry)] = (int(fields[3]), cmd)
-    return out
+    """pid -> (session id, command line) of every process but zombies."""
+    return {
+        pid: (int(fields[3]), command_line(pid, limit=None))  # state ppid pgrp session ...
+        for pid, fields in proc_stats().items()
+        if fields[0] != "Z"
+    }
 
 
 @pytest.fixture(scope="session")

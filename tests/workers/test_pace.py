@@ -11,14 +11,16 @@ import threading
 import time
 from pathlib import Path
 
+from workers.cpu_share import cpu_seconds, stat_fields
 from workers.pace import Baton, Freezer, Pacer, descendants
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def _cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    fields = stat_fields(pid)
+    assert fields is not None, f"process {pid} is gone"
+    return cpu_seconds(fields)
 
 
 def test_a_side_trains_a_turn_of_steps_on_each_go_and_the_bench_sees_it_end(tmp_path: Path) -> None:
