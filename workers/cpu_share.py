@@ -1,6 +1,5 @@
-"""Who used the CPUs while a Ray Train worker trained: ``hdet bench train`` samples every process's
-CPU time from ``/proc`` (Linux) and splits it into the training worker and everything else. Also
-the package's readers of ``/proc/<pid>`` (stat fields, CPU seconds, command line, environment).
+"""The package's readers of ``/proc/<pid>`` (stat fields, CPU seconds, command line, environment),
+and who used the CPUs while a Ray Train worker trained (``hdet bench train``: worker, the rest).
 
 :class:`CpuSampler` reads ``/proc/<pid>/stat`` of every process every ``interval`` seconds in a
 thread; :meth:`CpuSampler.cores_used` gives, for a time window, how many cores each group used on
