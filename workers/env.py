@@ -163,7 +163,7 @@ LOCAL_RAY_ENV = {
     NO_AUTOSCALER_ENV: "1",
     # Ray's log monitor (it streams the workers' output to the driver) lists the log folder 10
     # times a second unless there are over this many files; at 0 it lists it every 0.5 s (new
-    # workers' logs are found 0.4 s later) and uses half the CPU beside the training.
+    # workers' logs are found up to 0.4 s later) and uses half the CPU beside the training.
     "RAY_LOG_MONITOR_MANY_FILES_THRESHOLD": "0",
     # Trainings beyond the CPUs wait for others to end (hdet run sizes a local Ray to the cores):
     # only they free resources here, so a wait is no sign of a misconfigured cluster.

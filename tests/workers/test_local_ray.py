@@ -1,6 +1,6 @@
 """The settings of a local Ray (``workers.env.LOCAL_RAY_ENV``, and with its dashboard off the node
 agent's reporting interval) reach the processes that read them: Ray's log monitor, its node agent,
-and a Train run's controller. A real local Ray, in a process of its own."""
+and a Ray actor (as a Train run's controller and workers are). A real local Ray, in a process of its own."""
 
 from __future__ import annotations
 
@@ -12,11 +12,12 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 
-# Starts a local Ray as `hdet run` does, starts a Train-like actor, and prints the environment of
+# Starts a local Ray as `hdet run` does, starts an actor, and prints the environment of
 # each of the Ray processes named below, as it started.
 SCRIPT = r"""
 import json, os, ray
-from workers.cpu_share import command_line, environment, proc_stats
+from workers.cpu_share import command_line, environment
+from workers.pace import descendants
 from workers.env import init_local_ray, shutdown_local_ray
 init_local_ray(num_cpus=1)
 
@@ -26,17 +27,10 @@ class TrainController:
         return os.getpid()
 
 pids = {"controller": ray.get(TrainController.remote().pid.remote())}
-parents = {pid: int(fields[1]) for pid, fields in proc_stats().items()}
-def ours(pid):  # descends from this process (another Ray may run on the machine)
-    while pid in parents and pid > 1:
-        pid = parents[pid]
-        if pid == os.getpid():
-            return True
-    return False
-for pid in parents:
+for pid in sorted(descendants(os.getpid())):  # this Ray's (another may run on the machine)
     line = command_line(pid, limit=None)
     for name, marks in (("log monitor", ("log_monitor.py",)), ("agent", ("dashboard/agent.py", "DashboardAgent"))):
-        if any(mark in line for mark in marks) and ours(pid):
+        if any(mark in line for mark in marks):
             pids.setdefault(name, pid)
 envs = {name: environment(pid) for name, pid in pids.items()}
 shutdown_local_ray("test")
