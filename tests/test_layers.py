@@ -61,6 +61,8 @@ def test_evaluation_does_not_import_the_analyses() -> None:
         ("workers.spec", ("torch", "scipy", "pycocotools", "PIL", "ray", "mlflow")),
         ("workers.tracking", ("torch", "ray")),
         ("workers.cli", ("torch", "ray", "mlflow")),
+        # opening a dataset (every trial does) does not load the synthetic generator's stack
+        ("harmonic.data.factory", ("scipy", "contourpy")),
     ],
 )
 def test_light_entry_points(module: str, absent: tuple[str, ...]) -> None:

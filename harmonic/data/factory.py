@@ -35,7 +35,7 @@ from torch.utils.data import Dataset
 
 from harmonic.data.check import DatasetError
 from harmonic.data.coco import CocoDetection, Transforms
-from harmonic.data.synth import SynthParams
+from harmonic.data.synth_params import SynthParams
 
 Split = Literal["train", "val", "test"]
 SPLITS: tuple[str, ...] = ("train", "val", "test")
