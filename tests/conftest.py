@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from workers.cpu_share import command_line, environment
+from workers.cpu_share import command_line, environment, pids
 
 #: Files at least this big (checkpoints) go even when a test failed; logs and databases stay.
 BIG_FILE_BYTES = 8 << 20
@@ -59,12 +59,10 @@ def _left_running(home: Path, wait_s: float = 5.0) -> list[str]:
     deadline = time.monotonic() + wait_s
     while True:
         left = []
-        for entry in os.listdir("/proc"):
-            if not entry.isdigit() or int(entry) == os.getpid():
-                continue
+        for pid in pids():
             # (None: gone, or not ours to read)
-            if (environment(entry) or {}).get("HDET_HOME") == str(home):
-                left.append(f"{command_line(entry)} (pid {entry})")
+            if pid != os.getpid() and (environment(pid) or {}).get("HDET_HOME") == str(home):
+                left.append(f"{command_line(pid)} (pid {pid})")
         if not left or time.monotonic() >= deadline:
             return left
         time.sleep(0.2)

@@ -21,6 +21,7 @@ __all__ = [
     "CpuSampler",
     "WORKER",
     "OTHER",
+    "pids",
     "stat_fields",
     "proc_stats",
     "cpu_seconds",
@@ -69,12 +70,17 @@ def environment(pid: int | str) -> dict[str, str] | None:
     return {key: value for key, _, value in pairs}
 
 
+def pids() -> list[int]:
+    """Every process's pid (the numbered entries of ``/proc``)."""
+    return [int(entry) for entry in os.listdir("/proc") if entry.isdigit()]
+
+
 def proc_stats() -> dict[int, list[str]]:
     """:func:`stat_fields` of every process this user can read."""
     out: dict[int, list[str]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit() and (fields := stat_fields(entry.name)) is not None:
-            out[int(entry.name)] = fields
+    for pid in pids():
+        if (fields := stat_fields(pid)) is not None:
+            out[pid] = fields
     return out
 
 
