@@ -5,8 +5,6 @@ set -euo pipefail
 cd "$(dirname "$0")"
 scripts/bootstrap.sh
 export PATH="$PWD/.venv/bin:$PATH"
-# The KubeRay CRD schemas the deploy tests validate against (CI keeps them beside the project).
-export HDET_SCHEMAS_DIR=${HDET_SCHEMAS_DIR:-$PWD/../shared/schemas}
 echo "== ruff"
 ruff check .
 ruff format --check .

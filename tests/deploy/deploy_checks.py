@@ -4,8 +4,8 @@ and, for RayCluster/RayJob, against the KubeRay v1.7.0 CRDs' openAPIV3Schema (ma
 way: an object schema that lists its properties rejects others, as `kubectl apply
 --validate=strict` does); the compose file against the Compose specification (compose-spec).
 
-The CRD folder is not part of the repository: ``HDET_SCHEMAS_DIR`` names the folder that holds
-``kuberay-v1.7.0/`` (``.ci/run`` sets it to ``../shared/schemas``).
+The CRDs are kept in ``deploy/schemas/kuberay-v1.7.0/`` (Apache-2.0, with their licence);
+``HDET_SCHEMAS_DIR`` may name another folder that holds ``kuberay-v1.7.0/``.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ OVERLAYS = ("dev", "gpu")
 #: The oldest Kubernetes minor the manifests are checked against (kubernetes-validate's schemas).
 K8S_VERSION = "1.30.0"
 SCHEMAS_ENV = "HDET_SCHEMAS_DIR"
+SCHEMAS = DEPLOY / "schemas"
 KUBERAY = "kuberay-v1.7.0"
 CRD_FILES = ("ray.io_rayclusters.yaml", "ray.io_rayjobs.yaml")
 
@@ -39,14 +40,9 @@ _Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
 def schemas_dir() -> Path:
-    """The folder holding ``kuberay-v1.7.0/``; fails the test (not a skip) when it is not given."""
-    value = os.environ.get(SCHEMAS_ENV)
-    if not value:
-        pytest.fail(
-            f"{SCHEMAS_ENV} is not set: it must name the folder that holds {KUBERAY}/ (the KubeRay CRDs "
-            f"the RayCluster/RayJob manifests are validated against), e.g. "
-            f"{SCHEMAS_ENV}=$PWD/../shared/schemas as .ci/run sets it"
-        )
+    """The folder holding ``kuberay-v1.7.0/``: ``$HDET_SCHEMAS_DIR``, else ``deploy/schemas``; fails the
+    test (not a skip) when the CRDs are not there."""
+    value = os.environ.get(SCHEMAS_ENV) or str(SCHEMAS)
     missing = [f for f in CRD_FILES if not (Path(value) / KUBERAY / f).is_file()]
     if missing:
         pytest.fail(f"{SCHEMAS_ENV}={value}: no {', '.join(f'{KUBERAY}/{m}' for m in missing)} there")
