@@ -150,7 +150,8 @@ class _Stack:
         print(f"Ray Jobs API      {settings.ray_address}")
         print(f"MLflow            {settings.resolved_tracking_uri()}")
         if "api_token" in updates:
-            print(f"API token         {settings.tokens()[0]}  (in {token_file})")
+            # stdout is a log under a process manager: a prefix to tell tokens apart, never the token
+            print(f"API token         {settings.tokens()[0][:4]}... (mode 0600 in {token_file})")
         print(f"records           {settings.resolved_database_url()}", flush=True)
         return settings
 

@@ -4,18 +4,22 @@ a :class:`~service.problems.Problem` naming the field; nothing is stored before 
 
 The service's own rules: ``tracking.tracking_uri`` null or the service's MLflow (every experiment is
 recorded where the service reads); no fault injection (``train.debug``); a training run must fit the
-embedded cluster's CPUs (``scaling``), or it would wait forever.
+embedded cluster's CPUs (``scaling``), or it would wait forever; every path under the data roots,
+taken literally (:mod:`service.paths`), and every ``runs:/`` reference a run of the service's MLflow.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import yaml
 from fastapi import Request
 
+from service.paths import confine, run_refs
 from service.problems import Problem, field_errors
 from workers.spec import DebugSpec, Spec, SpecError
 
@@ -101,13 +105,27 @@ def _no_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
 
 
-def validate(data: dict[str, Any], *, tracking_uri: str, cluster_cpus: float | None) -> Spec:
-    """The validated spec: the spec's own rules, then the service's; 422 naming every bad field."""
+def validate(
+    data: dict[str, Any],
+    *,
+    tracking_uri: str,
+    cluster_cpus: float | None,
+    data_roots: Sequence[Path],
+    run_exists: Callable[[str], bool] | None = None,
+) -> Spec:
+    """The validated spec, its paths placed under ``data_roots``: the spec's own rules, then the
+    service's; 422 naming every bad field. ``run_exists(run_id)`` checks ``runs:/`` references."""
     try:
         spec = Spec.parse(data, check_paths=False)
     except SpecError as e:
         raise _invalid(e.problems) from None
-    problems: list[tuple[str, str]] = []
+    spec, problems = confine(spec, data_roots)
+    if run_exists is not None:
+        problems += [
+            (field, f"no run {run_id!r} in this service's MLflow")
+            for field, run_id in run_refs(spec)
+            if not run_exists(run_id)
+        ]
     uri = spec.tracking.tracking_uri
     if uri is not None and uri.rstrip("/") != tracking_uri.rstrip("/"):
         problems.append(

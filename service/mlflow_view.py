@@ -87,6 +87,18 @@ class MlflowView:
             ) from e
         self._answered_at = time.monotonic()
 
+    def run_exists(self, run_id: str) -> bool:
+        """Whether this MLflow has the run ``run_id``; :class:`MlflowUnavailable` if it does not answer."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            self.client.get_run(run_id)
+        except MlflowException as e:
+            if e.error_code == "RESOURCE_DOES_NOT_EXIST":
+                return False
+            raise MlflowUnavailable(f"MLflow at {self.tracking_uri} does not answer ({e.error_code})") from e
+        return True
+
     def link(self, experiment_id: str | None, run_id: str | None) -> str | None:
         """The MLflow UI page of a run."""
         if not (self.ui_url and experiment_id and run_id):

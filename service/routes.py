@@ -19,7 +19,7 @@ from service import intake
 from service.app import Service, ServiceDep
 from service.db import BadCursor
 from service.jobs import JobNotFound, RayUnavailable
-from service.mlflow_view import COMPARE_METRICS, finite, has_test, split_metrics
+from service.mlflow_view import COMPARE_METRICS, MlflowUnavailable, finite, has_test, split_metrics
 from service.models import ExperimentRow, RecordFields
 from service.problems import Problem
 from service.schemas import EventList, Experiment, ExperimentList, RecordJson, event
@@ -87,11 +87,16 @@ async def submit_experiment(
     raw, kind = await intake.read_body(request)
 
     def work() -> Response:
-        spec = intake.validate(
-            intake.parse_body(raw, kind),
-            tracking_uri=service.mlflow.tracking_uri,
-            cluster_cpus=service.settings.ray_cpus,
-        )
+        try:
+            spec = intake.validate(
+                intake.parse_body(raw, kind),
+                tracking_uri=service.mlflow.tracking_uri,
+                cluster_cpus=service.settings.ray_cpus,
+                data_roots=service.settings.data_root_paths(),
+                run_exists=service.mlflow.run_exists,
+            )
+        except MlflowUnavailable as e:
+            raise _mlflow_down(e) from None
         sub = service.experiments.submit(spec, idempotency_key)
         headers = {"Location": f"/v1/experiments/{sub.row.id}"}
         if sub.replayed:

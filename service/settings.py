@@ -15,10 +15,10 @@ from typing import Any
 from pydantic import AliasChoices, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-__all__ = ["Settings", "SettingsError", "MIN_PUBLIC_TOKEN_LENGTH", "is_loopback"]
+__all__ = ["Settings", "SettingsError", "MIN_TOKEN_LENGTH", "is_loopback"]
 
-#: a token guarding an API reachable from other machines must be at least this long.
-MIN_PUBLIC_TOKEN_LENGTH = 32
+#: every API token must be at least this long, on loopback too.
+MIN_TOKEN_LENGTH = 32
 
 
 class SettingsError(ValueError):
@@ -66,6 +66,13 @@ class Settings(BaseSettings):
     )
     mlflow_ui_url: str | None = Field(default=None, description="base URL of the MLflow UI for links")
     home: str | None = Field(default=None, validation_alias=AliasChoices("HDET_HOME", "home"))
+    data_roots: str | None = Field(
+        default=None,
+        description=(
+            "folders, separated by ':', that the paths of a submitted spec must lie under "
+            "(default: $HDET_HOME/data); as the cluster's jobs see them"
+        ),
+    )
     entrypoint_python: str | None = Field(
         default=None, description="interpreter of the job on the cluster (default: this one)"
     )
@@ -105,13 +112,22 @@ class Settings(BaseSettings):
                     f"{name}={other!r} overrides the Ray address the service is given "
                     f"(HDET_RAY_ADDRESS={self.ray_address!r}); unset it or make them equal"
                 )
-        if not is_loopback(self.api_host):
-            short = [t for t in self.tokens() if len(t) < MIN_PUBLIC_TOKEN_LENGTH]
-            if not self.tokens() or short:
-                raise SettingsError(
-                    f"HDET_API_HOST={self.api_host} is reachable from other machines: every HDET_API_TOKEN "
-                    f"must be at least {MIN_PUBLIC_TOKEN_LENGTH} characters (bind 127.0.0.1 otherwise)"
-                )
+        relative = [
+            r for r in (self.data_roots or "").split(":") if r.strip() and not Path(r.strip()).is_absolute()
+        ]
+        if relative:
+            raise SettingsError(f"HDET_DATA_ROOTS: {', '.join(relative)} is not an absolute path")
+        short = [t for t in self.tokens() if len(t) < MIN_TOKEN_LENGTH]
+        if short:
+            raise SettingsError(
+                f"every HDET_API_TOKEN must be at least {MIN_TOKEN_LENGTH} characters "
+                "(`hdet serve` generates one when none is set)"
+            )
+        if not is_loopback(self.api_host) and not self.tokens():
+            raise SettingsError(
+                f"HDET_API_HOST={self.api_host} is reachable from other machines: set HDET_API_TOKEN "
+                f"(at least {MIN_TOKEN_LENGTH} characters), or bind 127.0.0.1"
+            )
         return self
 
     def tokens(self) -> list[str]:
@@ -127,6 +143,11 @@ class Settings(BaseSettings):
         from workers.env import hdet_home
 
         return hdet_home()
+
+    def data_root_paths(self) -> list[Path]:
+        """``HDET_DATA_ROOTS`` as absolute folders, else ``$HDET_HOME/data``."""
+        given = [Path(r.strip()) for r in (self.data_roots or "").split(":") if r.strip()]
+        return given or [self.home_dir() / "data"]
 
     def resolved_database_url(self) -> str:
         return self.database_url or f"sqlite:///{self.home_dir() / 'service.db'}"

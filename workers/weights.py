@@ -21,7 +21,6 @@ gives them). On a cluster, ``$HDET_HOME`` must then be storage the workers share
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -44,14 +43,18 @@ def fetch_run_artifact(ref: str, default_path: str, tracking_uri: str, field: st
     from mlflow.exceptions import MlflowException
 
     from workers.env import hdet_home
-    from workers.spec import RUN_REF_PATTERN, SpecError
+    from workers.spec import SpecError, parse_run_ref
     from workers.tracking import client
 
-    m = re.match(RUN_REF_PATTERN, ref)
-    if m is None:
-        raise SpecError([(field, f"{ref!r} is not an MLflow run reference runs:/<run_id>[/<artifact path>]")])
-    run_id, artifact = m.group(1), m.group(2) or default_path
-    local = hdet_home() / "artifacts" / run_id / artifact
+    try:
+        run_id, given = parse_run_ref(ref)
+    except ValueError as e:
+        raise SpecError([(field, str(e))]) from None
+    artifact = given or default_path
+    cache = (hdet_home() / "artifacts" / run_id).resolve()
+    local = (cache / artifact).resolve()
+    if not local.is_relative_to(cache):
+        raise SpecError([(field, f"{ref!r}: the artifact path leaves the run's artifacts")])
     if local.is_file():
         return local
     c = client(tracking_uri)
@@ -61,7 +64,7 @@ def fetch_run_artifact(ref: str, default_path: str, tracking_uri: str, field: st
         raise SpecError([(field, f"no MLflow run {run_id!r} in {tracking_uri}")]) from None
     local.parent.mkdir(parents=True, exist_ok=True)
     try:
-        got = Path(c.download_artifacts(run_id, artifact, str(hdet_home() / "artifacts" / run_id)))
+        got = Path(c.download_artifacts(run_id, artifact, str(cache)))
     except (MlflowException, OSError) as e:
         raise SpecError([(field, f"MLflow run {run_id} has no artifact {artifact!r} ({e})")]) from None
     if not got.is_file():

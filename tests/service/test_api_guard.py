@@ -80,10 +80,21 @@ def test_the_api_refuses_to_start_without_a_token(stack: Stack, tmp_path: Path) 
         create_app(settings_for(stack, tmp_path / "db", api_token=None))
 
 
-def test_a_public_bind_needs_a_long_token(stack: Stack, tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="at least 32 characters"):
-        settings_for(stack, tmp_path / "db", api_host="0.0.0.0", api_token="short")
+def test_every_token_is_long_on_loopback_too(stack: Stack, tmp_path: Path) -> None:
+    for host in ("0.0.0.0", "127.0.0.1"):
+        with pytest.raises(ValueError, match="at least 32 characters"):
+            settings_for(stack, tmp_path / "db", api_host=host, api_token="x")
+        with pytest.raises(ValueError, match="at least 32 characters"):
+            settings_for(stack, tmp_path / "db", api_host=host, api_token=f"{TOKENS[0]},{'y' * 31}")
     assert settings_for(stack, tmp_path / "db", api_host="0.0.0.0").api_host == "0.0.0.0"
+
+
+def test_data_roots_must_be_absolute(stack: Stack, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="HDET_DATA_ROOTS: data is not an absolute path"):
+        settings_for(stack, tmp_path / "db", data_roots=f"{tmp_path}:data")
+    got = settings_for(stack, tmp_path / "db", data_roots=f"{tmp_path}:/srv/coco").data_root_paths()
+    assert got == [tmp_path, Path("/srv/coco")]
+    assert settings_for(stack, tmp_path / "db").data_root_paths() == [stack.home / "data"]
 
 
 def test_ray_address_overrides_that_disagree_are_refused(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -24,6 +24,7 @@ from workers.spec.sections import (
     TrackingSpec,
     TrainSpec,
     WarmupSpec,
+    parse_run_ref,
 )
 from workers.spec.space import NOT_SEARCHABLE, SearchSpec, resolve_param_path, search_space_problems
 
@@ -43,6 +44,7 @@ __all__ = [
     "TrackingSpec",
     "TrainSpec",
     "WarmupSpec",
+    "parse_run_ref",
     "check_main",
     "resolve_param_path",
     "schema_main",

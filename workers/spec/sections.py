@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -19,6 +20,25 @@ from workers.spec.base import _DEFAULT_EVAL, _DEFAULT_LOSS, _STRICT, _check_path
 
 # An MLflow run reference: runs:/<run_id> or runs:/<run_id>/<artifact path>.
 RUN_REF_PATTERN = r"^runs:/([A-Za-z0-9_-]+)(?:/(.+))?$"
+
+
+def parse_run_ref(ref: str) -> tuple[str, str | None]:
+    """``(run_id, artifact path or None)`` of ``runs:/<run_id>[/<artifact path>]``.
+
+    Raises:
+        ValueError: not such a reference, or its artifact path leaves the run (``..``, absolute, ``\\``).
+    """
+    m = re.match(RUN_REF_PATTERN, ref)
+    if m is None:
+        raise ValueError(f"{ref!r} is not an MLflow run reference runs:/<run_id>[/<artifact path>]")
+    artifact = m.group(2)
+    if artifact is not None and (
+        artifact.startswith("/") or "\\" in artifact or ".." in artifact.split("/") or "\0" in artifact
+    ):
+        raise ValueError(
+            f"the artifact path of {ref!r} must stay inside the run (no '..', '/' first or '\\')"
+        )
+    return m.group(1), artifact
 
 
 class DetectorSpec(BaseModel):
@@ -58,13 +78,10 @@ class DetectorSpec(BaseModel):
     @field_validator("pretrained_backbone", "init_from")
     @classmethod
     def _weights_exist(cls, v: str | None, info: ValidationInfo) -> str | None:
-        import re
-
         if v is None:
             return v
         if v.startswith("runs:"):
-            if not re.match(RUN_REF_PATTERN, v):
-                raise ValueError(f"{v!r} is not an MLflow run reference runs:/<run_id>[/<artifact path>]")
+            parse_run_ref(v)
             return v
         if _check_paths(info) and not Path(_expand(v)).exists():
             raise ValueError(f"path {v!r} does not exist")
