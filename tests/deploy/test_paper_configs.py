@@ -101,6 +101,6 @@ def test_the_paper_specs_refuse_a_missing_dataset(monkeypatch: pytest.MonkeyPatc
 
 
 def test_the_gpu_hours_table_in_the_readme_section_is_current() -> None:
-    text = (DEPLOY.parent / "README.md").read_text()
+    text = (DEPLOY.parent / "docs" / "deploy.md").read_text()
     current = text.split("<!-- gpu-hours:begin -->\n")[1].split("<!-- gpu-hours:end -->")[0]
     assert current == table(), "stale GPU-hours table: paste `python tests/deploy/gpu_hours.py` into it"

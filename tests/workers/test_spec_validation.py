@@ -136,6 +136,7 @@ def test_schema_exports_every_section() -> None:
         "train",
         "scaling",
         "search",
+        "evidence",
         "tracking",
         "pretrain",
     }
@@ -218,12 +219,12 @@ def test_an_empty_space_needs_the_confirmatory_arm() -> None:
 
 # --------------------------------------------------------------------------- complete, light, once
 
-README = Path(__file__).resolve().parents[2] / "README.md"
+SPEC_DOC = Path(__file__).resolve().parents[2] / "docs" / "spec.md"
 
 
 def _readme_invalid_spaces() -> list[tuple[str, str]]:
-    """(space entry, field path) of every line of the README's list of refused search spaces."""
-    text = README.read_text()
+    """(space entry, field path) of every line of docs/spec.md's list of refused search spaces."""
+    text = SPEC_DOC.read_text()
     block = text.split("<!-- invalid-search-spaces")[1].split("```text\n")[1].split("```")[0]
     out = []
     for line in block.strip().splitlines():
@@ -301,9 +302,9 @@ def test_a_detector_that_cannot_be_built_is_refused_by_the_spec(detector: dict[s
 def test_the_readme_option_table_is_the_generated_one() -> None:
     from workers.spec.cli import options_markdown
 
-    text = README.read_text()
+    text = SPEC_DOC.read_text()
     table = text.split("<!-- spec-options:begin -->\n")[1].split("<!-- spec-options:end -->")[0]
-    assert table == options_markdown(), "README option table is stale: paste `hdet spec options` into it"
+    assert table == options_markdown(), "docs/spec.md option table is stale: paste `hdet spec options` into it"
 
 
 def test_the_option_table_covers_every_schema_field() -> None:
