@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -46,6 +47,17 @@ class Service:
     #: admits ``settings.submit_concurrency`` submissions at a time (a bulkhead): a submission is
     #: CPU (spec validation) and a Ray request; with many at once, reads queued behind them
     submit_slots: asyncio.Semaphore
+    _nodes: tuple[float, list[dict[str, float]]] | None = None
+
+    def cluster_nodes(self, max_age_s: float = 10.0) -> tuple[list[dict[str, float]], bool]:
+        """The nodes a training can land on, and whether they are declared node types of an
+        autoscaling cluster (``HDET_CLUSTER_NODE_TYPES``) rather than the nodes Ray reports alive."""
+        if self.settings.cluster_node_types is not None:
+            return [dict(n) for n in self.settings.cluster_node_types], True
+        now = time.monotonic()
+        if self._nodes is None or now - self._nodes[0] > max_age_s:
+            self._nodes = (now, self.jobs.nodes())
+        return self._nodes[1], False
 
 
 async def get_service(request: Request) -> Service:

@@ -114,7 +114,6 @@ class _Stack:
             updates.update(
                 ray_address=ray.address,
                 ray_auth_token_path=str(ray.token_path),
-                ray_cpus=float(self.num_cpus),
                 entrypoint_python=s.entrypoint_python or sys.executable,
                 job_env={**ray.job_env(), "HDET_HOME": str(self.home), **(s.job_env or {})},
             )

@@ -4,7 +4,7 @@ a :class:`~service.problems.Problem` naming the field; nothing is stored before 
 
 The service's own rules: ``tracking.tracking_uri`` null or the service's MLflow (every experiment is
 recorded where the service reads); no fault injection (``train.debug``); a training run must fit the
-embedded cluster's CPUs (``scaling``), or it would wait forever; every path under the data roots,
+cluster's nodes (:mod:`service.admission`), or it would wait forever; every path under the data roots,
 taken literally (:mod:`service.paths`), and every ``runs:/`` reference a run of the service's MLflow.
 """
 
@@ -19,6 +19,7 @@ from typing import Any
 import yaml
 from fastapi import Request
 
+from service.admission import admission_problems
 from service.paths import confine, run_refs
 from service.problems import Problem, field_errors
 from workers.spec import DebugSpec, Spec, SpecError
@@ -109,12 +110,13 @@ def validate(
     data: dict[str, Any],
     *,
     tracking_uri: str,
-    cluster_cpus: float | None,
+    cluster: tuple[list[dict[str, float]], bool] | None,
     data_roots: Sequence[Path],
     run_exists: Callable[[str], bool] | None = None,
 ) -> Spec:
     """The validated spec, its paths placed under ``data_roots``: the spec's own rules, then the
-    service's; 422 naming every bad field. ``run_exists(run_id)`` checks ``runs:/`` references."""
+    service's; 422 naming every bad field. ``run_exists(run_id)`` checks ``runs:/`` references;
+    ``cluster`` is ``(nodes, autoscaling)`` of :func:`service.admission.admission_problems`."""
     try:
         spec = Spec.parse(data, check_paths=False)
     except SpecError as e:
@@ -139,16 +141,9 @@ def validate(
         problems.append(
             ("train.debug", "fault injection is for the tests of recovery; the service refuses it")
         )
-    s = spec.scaling
-    need = s.num_workers * s.cpus_per_worker
-    if cluster_cpus is not None and need > cluster_cpus:
-        problems.append(
-            (
-                "scaling",
-                f"a training run needs {need:g} CPUs (num_workers {s.num_workers} x cpus_per_worker "
-                f"{s.cpus_per_worker:g}); the cluster has {cluster_cpus:g}, so it would never start",
-            )
-        )
+    if cluster is not None:
+        nodes, autoscaling = cluster
+        problems += admission_problems(spec, nodes, autoscaling=autoscaling)
     if problems:
         raise _invalid(problems)
     return spec

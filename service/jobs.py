@@ -129,6 +129,18 @@ class RayJobs:
                 return True
             raise self._classify(f"submitting {submission_id}", e) from None
 
+    def nodes(self) -> list[dict[str, float]]:
+        """``resources_total`` of every alive node, as Ray's state API reports them."""
+
+        def fetch(c: Any) -> Any:
+            r = c._do_request("GET", "/api/v0/nodes?detail=true&limit=10000")
+            if r.status_code != 200:
+                raise RuntimeError(f"status code {r.status_code}: {r.text[:200]}")
+            return r.json()["data"]["result"]["result"]
+
+        rows = self._call("the node list", fetch)
+        return [dict(n.get("resources_total") or {}) for n in rows if n.get("state") == "ALIVE"]
+
     def info(self, submission_id: str) -> JobState:
         info = self._call(f"job {submission_id}", lambda c: c.get_job_info(submission_id))
         return _state(info)

@@ -87,11 +87,16 @@ async def submit_experiment(
     raw, kind = await intake.read_body(request)
 
     def work() -> Response:
+        data = intake.parse_body(raw, kind)
+        try:
+            cluster = service.cluster_nodes()
+        except RayUnavailable:
+            cluster = None  # the submission itself answers 503 with the reason
         try:
             spec = intake.validate(
-                intake.parse_body(raw, kind),
+                data,
                 tracking_uri=service.mlflow.tracking_uri,
-                cluster_cpus=service.settings.ray_cpus,
+                cluster=cluster,
                 data_roots=service.settings.data_root_paths(),
                 run_exists=service.mlflow.run_exists,
             )

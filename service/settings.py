@@ -57,8 +57,12 @@ class Settings(BaseSettings):
     ray_auth_token_path: str | None = Field(
         default=None, validation_alias=AliasChoices("RAY_AUTH_TOKEN_PATH", "ray_auth_token_path")
     )
-    ray_cpus: float | None = Field(
-        default=None, description="CPUs of the (embedded) Ray cluster: a run needing more is refused"
+    cluster_node_types: list[dict[str, float]] | None = Field(
+        default=None,
+        description=(
+            'node types an autoscaling cluster can start, JSON: [{"CPU": 8, "GPU": 1, '
+            '"accelerator_type:A100": 1}]; a spec no type can hold is refused (default: the nodes Ray reports)'
+        ),
     )
     ray_timeout_s: float = Field(default=10.0, gt=0, description="timeout of one Jobs API request")
     mlflow_tracking_uri: str | None = Field(

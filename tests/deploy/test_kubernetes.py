@@ -6,6 +6,7 @@ object storage, probes, requests/limits, /dev/shm), and a broken manifest is cau
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,7 @@ from deploy_checks import (
     schemas_dir,
 )
 
-README_SECTION = DEPLOY.parent / "README.md"
+README_SECTION = DEPLOY.parent / "docs" / "deploy.md"
 
 
 @pytest.fixture(scope="module")
@@ -54,13 +55,20 @@ def test_every_rendered_manifest_validates(name: str, rendered: dict[str, Any], 
         "StatefulSet",
         "Service",
     } <= kinds
-    assert {"Job", "RayCluster"} <= kinds
+    assert {"Job", "RayCluster", "NetworkPolicy"} <= kinds
     assert {d["metadata"].get("namespace") for d in docs if d["kind"] != "Namespace"} == {"harmonicdet"}
 
 
-def test_the_rayjob_example_validates(schemas: Path) -> None:
-    (job,) = load(KUBE / "rayjob.yaml")
+@pytest.mark.parametrize("name", OVERLAYS)
+def test_the_rayjob_example_renders_with_each_overlays_image(
+    name: str, rendered: dict[str, Any], schemas: Path
+) -> None:
+    (job,) = kustomize(KUBE / "overlays" / name / "rayjob")
     assert problems([job], schemas) == []
+    (cluster,) = named(rendered[name], "RayCluster").values()
+    images = {c["image"] for _, pod in pod_specs(cluster) for c in pod["containers"]}
+    (submitter,) = job["spec"]["submitterPodTemplate"]["spec"]["containers"]
+    assert images == {submitter["image"]}, "the submitter must pull the image the cluster runs"
     assert job["spec"]["entrypoint"].startswith("python -m workers.run /app/configs/")
     spec_path = job["spec"]["entrypoint"].split()[-1].replace("/app/", "")
     assert (DEPLOY.parent / spec_path).is_file(), (
@@ -109,6 +117,65 @@ def test_the_gpu_overlay_has_one_autoscaling_group_per_accelerator(rendered: dic
         (accel,) = re.findall(r"accelerator_type:([A-Za-z0-9]+)", group["rayStartParams"]["resources"])
         types.append(accel)
     assert len(types) >= 2 and len(set(types)) == len(types)
+
+
+@pytest.mark.parametrize("name", OVERLAYS)
+def test_the_api_is_deployed_with_probes_its_token_and_postgres(name: str, rendered: dict[str, Any]) -> None:
+    docs = rendered[name]
+    api = named(docs, "Deployment")["harmonicdet-api"]
+    (container,) = api["spec"]["template"]["spec"]["containers"]
+    assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    env = {e["name"]: e for e in container["env"]}
+    assert env["HDET_API_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": "harmonicdet-api", "key": "token"}
+    assert env["HDET_DATABASE_URL"]["valueFrom"]["secretKeyRef"]["name"] == "harmonicdet-api-db"
+    (cluster,) = named(docs, "RayCluster")
+    assert f"--ray-address=http://{cluster}-head-svc:8265" in container["args"]  # KubeRay's head Service
+    assert "--mlflow-uri=http://mlflow:5000" in container["args"]
+    assert "HDET_DATA_ROOTS" in named(docs, "ConfigMap")["harmonicdet-config"]["data"]
+    init = named(docs, "ConfigMap")["postgres-init"]["data"]
+    assert any("CREATE DATABASE harmonicdet" in script for script in init.values())
+    svc = named(docs, "Service")["harmonicdet-api"]
+    assert svc["spec"]["selector"].items() <= api["spec"]["template"]["metadata"]["labels"].items()
+
+
+def _pod_labels(doc: dict[str, Any]) -> Iterator[tuple[str, dict[str, str]]]:
+    """``(where, labels)`` of every pod template of a manifest."""
+    spec = doc.get("spec") or {}
+    templates = []
+    if doc["kind"] in ("Deployment", "StatefulSet", "Job"):
+        templates = [(doc["metadata"]["name"], spec["template"])]
+    elif doc["kind"] == "RayCluster":
+        templates = [("ray head", spec["headGroupSpec"]["template"])]
+        templates += [(f"ray {g['groupName']}", g["template"]) for g in spec["workerGroupSpecs"]]
+    for where, template in templates:
+        yield where, (template.get("metadata") or {}).get("labels") or {}
+
+
+@pytest.mark.parametrize("name", OVERLAYS)
+def test_only_the_api_and_ray_reach_mlflow_postgres_and_minio(name: str, rendered: dict[str, Any]) -> None:
+    docs = rendered[name]
+    pods = dict(p for d in docs for p in _pod_labels(d))
+    policies = list(named(docs, "NetworkPolicy").values())
+
+    def reach(target: str) -> set[str]:
+        """The pods a NetworkPolicy lets in to the pods of ``target`` (every pod, without one)."""
+        labels = pods[target]
+        mine = [p for p in policies if p["spec"]["podSelector"]["matchLabels"].items() <= labels.items()]
+        if not mine:
+            return set(pods)
+        froms = [
+            f["podSelector"]["matchLabels"]
+            for p in mine
+            for rule in p["spec"]["ingress"]
+            for f in rule["from"]
+        ]
+        return {w for w, lab in pods.items() if any(sel.items() <= lab.items() for sel in froms)}
+
+    rays = {w for w in pods if w.startswith("ray ")}
+    assert reach("mlflow") == {"harmonicdet-api", *rays}
+    assert reach("postgres") == {"harmonicdet-api", "mlflow"}
+    assert reach("minio") == {"mlflow", "minio-make-bucket", *rays}
 
 
 def test_the_dev_overlay_asks_for_no_gpu(rendered: dict[str, Any]) -> None:
@@ -203,11 +270,11 @@ def test_a_broken_rayjob_fails_validation(tmp_path: Path, schemas: Path) -> None
     copy = mutated(
         KUBE,
         tmp_path / "kubernetes",
-        "rayjob.yaml",
+        "rayjob/rayjob.yaml",
         "  backoffLimit: 0",
         "  backoffLimit: none\n  retries: 1",
     )
-    found = problems(load(copy / "rayjob.yaml"), schemas)
+    found = problems(load(copy / "rayjob" / "rayjob.yaml"), schemas)
     assert any("backoffLimit" in p for p in found), found
     assert any("retries" in p for p in found), found
 
@@ -224,3 +291,16 @@ def test_a_schemas_folder_without_the_crds_fails_saying_what_is_missing(
     monkeypatch.setenv("HDET_SCHEMAS_DIR", str(tmp_path))
     with pytest.raises(pytest.fail.Exception, match="no kuberay-v1.7.0/ray.io_rayclusters.yaml"):
         schemas_dir()
+
+
+PINNED = re.compile(r"@sha256:[0-9a-f]{64}$|:(\d+\.\d+(\.\d+)?([-.][\w.]+)?|RELEASE\.[\w.-]+)$")
+
+
+def test_every_image_is_pinned_by_digest_or_a_full_version_tag(rendered: dict[str, Any]) -> None:
+    docs = [d for docs in rendered.values() for d in docs]
+    docs += [d for name in OVERLAYS for d in kustomize(KUBE / "overlays" / name / "rayjob")]
+    images = {c["image"] for d in docs for _, pod in pod_specs(d) for c in pod["containers"]}
+    images |= {s["image"] for s in load(DEPLOY / "compose.yaml")[0]["services"].values()}
+    assert {"postgres:16.6-alpine3.20", "harmonicdet:0.1.0"} <= images
+    assert [i for i in images if not PINNED.search(i)] == []
+    assert not PINNED.search("postgres:16-alpine") and not PINNED.search("minio/minio:latest")
