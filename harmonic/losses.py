@@ -3,6 +3,10 @@
 Every function is per sample (one value per positive sample, no hidden reduction), in the style of
 ``torchvision.ops.sigmoid_focal_loss``; an optional ``reduction`` is offered where it is cheap.
 Options the paper leaves open are documented once, in :mod:`harmonic.config`.
+
+Every function computes in float32 at least: under mixed precision (AMP) its inputs may be fp16 or
+bf16, whose range and resolution are too small for ``exp``, entropies and probability clamps; the
+inputs are per-positive ``[N]``/``[N, C]`` tensors, so the cast costs nothing next to the network.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "upcast",
     "harmonic_loss",
     "hiou_loss",
     "iou_loss",
@@ -24,6 +29,12 @@ __all__ = [
     "cls_loss_grad",
     "harmonic_score_gradient",
 ]
+
+
+def upcast(t: Tensor) -> Tensor:
+    """``t`` as float32 unless it is float32 or float64 already (then ``t`` itself, no copy);
+    gradient flows through the cast. torchvision's box losses do the same (``_upcast_non_float``)."""
+    return t if t.dtype in (torch.float32, torch.float64) else t.float()
 
 
 def _reduce(loss: Tensor, reduction: str) -> Tensor:
@@ -62,6 +73,7 @@ def harmonic_loss(
     Returns:
         Loss tensor with the reduction applied.
     """
+    cls_loss, loc_loss = upcast(cls_loss), upcast(loc_loss)
     beta_r = torch.exp(-loc_loss)
     beta_c = torch.exp(-cls_loss)
     if detach_factors:
@@ -71,7 +83,7 @@ def harmonic_loss(
 
 def iou_loss(iou: Tensor, reduction: str = "none") -> Tensor:
     """IoU loss, Eq. 9: ``1 - IoU``."""
-    return _reduce(1 - iou, reduction)
+    return _reduce(1 - upcast(iou), reduction)
 
 
 def hiou_loss(iou: Tensor, gamma: float = 0.8, reduction: str = "none") -> Tensor:
@@ -90,12 +102,13 @@ def hiou_loss(iou: Tensor, gamma: float = 0.8, reduction: str = "none") -> Tenso
         Loss tensor with the reduction applied.
     """
     _check_gamma(gamma)
-    iou = iou.clamp(0.0, 1.0)
+    iou = upcast(iou).clamp(0.0, 1.0)
     return _reduce((1 + iou).pow(gamma) * (1 - iou), reduction)
 
 
 def entropy(probs: Tensor) -> Tensor:
     """Shannon entropy over the last dimension, ``-sum p log p`` with ``0 log 0 = 0``."""
+    probs = upcast(probs)
     return -torch.special.xlogy(probs, probs).sum(dim=-1)
 
 
@@ -129,6 +142,7 @@ def tc_loss(
     """
     if margin < 0:
         raise ValueError(f"margin={margin} must be >= 0")
+    score, iou = upcast(score), upcast(iou)
     weight = 1.0 / (1.0 + torch.exp(entropy(probs)))
     if detach_weight:
         weight = weight.detach()
@@ -189,7 +203,9 @@ def harmonic_det_terms(
         raise ValueError(f"coupling={coupling!r} is not one of loss, score")
     if iou_term not in ("none", "iou", "hiou"):
         raise ValueError(f"iou_term={iou_term!r} is not one of none, iou, hiou")
-    loc = smooth_l1
+    cls_loss, loc = upcast(cls_loss), upcast(smooth_l1)
+    iou = None if iou is None else upcast(iou)
+    score = None if score is None else upcast(score)
     if iou_term != "none":
         if iou is None:
             raise ValueError(f"iou_term={iou_term!r} needs the IoU of each positive")
@@ -290,7 +306,7 @@ def cls_loss_grad(score: Tensor, form: str) -> Tensor:
     Returns:
         ``[N]`` tensor (always < 0: a higher score lowers the loss).
     """
-    p = score.clamp(min=1e-12, max=1.0)
+    p = upcast(score).clamp(min=1e-12, max=1.0)  # (1e-12 is 0 in fp16: the clamp needs float32)
     if form == "ce":
         return -1.0 / p
     if form == "focal":
@@ -335,12 +351,12 @@ def harmonic_score_gradient(
         d_cls = cls_loss_grad(score.detach(), form)
         if not harmonic:
             return d_cls
-        loc = loc_loss.detach()
+        loc = upcast(loc_loss.detach())
         beta_r = torch.exp(-loc)
         if detach_factors:
             d_beta_c = torch.zeros_like(d_cls)
         elif coupling == "score":
             d_beta_c = torch.ones_like(d_cls)
         else:
-            d_beta_c = -torch.exp(-cls_loss.detach()) * d_cls
+            d_beta_c = -torch.exp(-upcast(cls_loss.detach())) * d_cls
         return (1.0 + beta_r) * d_cls + d_beta_c * loc

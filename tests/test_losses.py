@@ -9,13 +9,16 @@ import torch
 
 from harmonic.config import LossConfig, LossConfigError
 from harmonic.losses import (
+    cls_loss_grad,
     entropy,
     harmonic_det_loss,
     harmonic_det_terms,
     harmonic_loss,
+    harmonic_score_gradient,
     hiou_loss,
     iou_loss,
     tc_loss,
+    upcast,
 )
 from harmonic.metrics import average_inconsistency
 
@@ -258,6 +261,62 @@ def test_harmonic_det_degenerate_inputs_stay_finite() -> None:
     assert torch.isfinite(loss)
     assert cls.grad is not None and torch.isfinite(cls.grad).all()
     assert sl1.grad is not None and torch.isfinite(sl1.grad).all()
+
+
+def _half_precision_inputs(dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Per-positive inputs as an AMP head gives them, in ``dtype``: large and tiny losses, scores of
+    0 and 1e-5 (fp16 subnormal), probabilities with zeros."""
+    g = torch.Generator().manual_seed(0)
+    n = 32
+    cls = torch.cat([torch.tensor([0.0, 12.0, 30.0]), torch.rand(n - 3, generator=g) * 4])
+    loc = torch.cat([torch.tensor([0.0, 9.0, 0.001]), torch.rand(n - 3, generator=g) * 2])
+    iou = torch.cat([torch.tensor([0.0, 1.0, 0.999]), torch.rand(n - 3, generator=g)])
+    score = torch.cat([torch.tensor([0.0, 1e-5, 1.0]), torch.rand(n - 3, generator=g)])
+    probs = torch.softmax(torch.randn(n, 6, generator=g) * 4, dim=-1)
+    probs[0] = torch.tensor([1.0, 0, 0, 0, 0, 0])
+    return {k: v.to(dtype) for k, v in dict(cls=cls, loc=loc, iou=iou, score=score, probs=probs).items()}
+
+
+def test_upcast_copies_only_half_precision() -> None:
+    # the float32 training path pays nothing: the same tensor comes back
+    for dtype in (torch.float32, torch.float64):
+        x = torch.ones(3, dtype=dtype)
+        assert upcast(x) is x
+    half = torch.ones(3, dtype=torch.float16, requires_grad=True)
+    up = upcast(half)
+    assert up.dtype == torch.float32
+    up.sum().backward()
+    assert half.grad is not None and torch.equal(half.grad, torch.ones(3, dtype=torch.float16))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_harmonic_det_terms_of_half_precision_inputs_are_the_float32_terms(dtype: torch.dtype) -> None:
+    half = _half_precision_inputs(dtype)
+    full = {k: v.float() for k, v in half.items()}  # the same rounded values, in float32
+    args = ("cls", "loc", "iou", "score", "probs")
+    got = harmonic_det_terms(*(half[k] for k in args), coupling="score")
+    want = harmonic_det_terms(*(full[k] for k in args), coupling="score")
+    for name, g_value, w_value in zip(got._fields, got, want):
+        assert g_value.dtype == torch.float32, name
+        assert torch.isfinite(g_value).all(), name
+        torch.testing.assert_close(g_value, w_value, rtol=1e-6, atol=0.0, msg=name)
+    torch.testing.assert_close(
+        harmonic_loss(half["cls"], half["loc"]), harmonic_loss(full["cls"], full["loc"]), rtol=1e-6, atol=0.0
+    )
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("form", ["ce", "focal"])
+def test_score_gradient_of_half_precision_scores_is_finite(dtype: torch.dtype, form: str) -> None:
+    # a clamp to 1e-12 in fp16 is a clamp to 0, and -1/0 is -inf
+    x = _half_precision_inputs(dtype)
+    d = harmonic_score_gradient(x["score"], x["cls"], x["loc"], form=form, coupling="loss")
+    assert d.dtype == torch.float32 and torch.isfinite(d).all()
+    want = harmonic_score_gradient(
+        x["score"].float(), x["cls"].float(), x["loc"].float(), form=form, coupling="loss"
+    )
+    torch.testing.assert_close(d, want, rtol=1e-6, atol=0.0)
+    assert torch.isfinite(cls_loss_grad(x["score"], form)).all()
 
 
 def test_harmonic_det_needs_iou_for_iou_terms() -> None:

@@ -65,12 +65,14 @@ def train_epoch(
     rank: int,
     iters_per_epoch: int,
     use_amp: bool,
+    amp_dtype: Any = None,
     pop_diagnostics: Callable[[Any], dict[str, Any]],
     faults: FaultInjector | None = None,
     pacer: Pacer | None = None,
 ) -> ShardTrainStats:
     """One pass over the shard with ``model`` (DDP-wrapped or not) and ``parts``' optimizer,
     scheduler and scaler; raises :class:`NonFiniteLossError` on a NaN or infinite loss term.
+    ``amp_dtype``: the autocast dtype when ``use_amp`` (None: torch's default for the device).
     ``pacer``: ``hdet bench train``'s turns (each step is reported to it; its waits are not timed)."""
     import torch
 
@@ -88,7 +90,7 @@ def train_epoch(
             timeline.mark("first_step")  # (the first step of every epoch: the reader keeps the first)
         imgs = [im.to(device, non_blocking=True) for im in imgs]
         targets = [{k: (v.to(device) if hasattr(v, "to") else v) for k, v in tg.items()} for tg in targets]
-        with torch.autocast(device_type=device.type, enabled=use_amp):
+        with torch.autocast(device_type=device.type, dtype=amp_dtype, enabled=use_amp):
             loss_dict = model(imgs, targets)
         global_step = (epoch - 1) * iters_per_epoch + step
         if faults is not None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["NonFiniteLossError", "DeterministicTrainingError"]
+__all__ = ["DeviceMismatchError", "NonFiniteLossError", "DeterministicTrainingError"]
 
 
 class DeterministicTrainingError(RuntimeError):
@@ -35,3 +35,8 @@ class NonFiniteLossError(DeterministicTrainingError):
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (self.__class__, (self.step, self.epoch, self.term, self.value, self.rank))
+
+
+class DeviceMismatchError(DeterministicTrainingError):
+    """A worker was not given the device its spec asks for (``scaling.use_gpu`` against the GPUs
+    Ray assigned it and the CUDA devices torch sees); the message names both sides."""

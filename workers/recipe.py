@@ -1,4 +1,5 @@
-"""The training recipe of a spec: datasets, detector, data loaders, optimizer, LR schedule, seeding.
+"""The training recipe of a spec: datasets, detector, data loaders, optimizer, LR schedule, seeding,
+and the device and mixed precision a worker trains with.
 One definition for the Ray Train worker, ``hdet bench train``'s plain loop and ``scripts/finetune.py``.
 
 Nothing here knows Ray or MLflow: a loader is built for one shard (``rank`` of ``world``), which is
@@ -10,26 +11,34 @@ from __future__ import annotations
 import bisect
 import math
 import random
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple
 
+from workers.errors import DeviceMismatchError
+
 if TYPE_CHECKING:
+    import torch
+
     from workers.spec import Spec
 
 __all__ = [
     "Datasets",
     "TrainLoader",
     "WarmupDecay",
+    "amp_dtype",
     "build_datasets",
     "build_model",
     "dataset_config",
     "eval_dataset",
     "eval_loader",
+    "grad_scaler",
     "make_optimizer",
     "make_scheduler",
     "seed_everything",
     "train_dataset",
     "train_loader",
     "use_amp",
+    "worker_device_type",
 ]
 
 
@@ -43,10 +52,83 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def use_amp(spec: Spec, device_type: str) -> bool:
-    """``train.amp``: mixed precision; ``auto`` means on a GPU only."""
+# --------------------------------------------------------------------------- device and precision
+
+
+def worker_device_type(use_gpu: bool, gpu_ids: Sequence[Any], cuda_available: bool) -> str:
+    """The device a worker trains on, ``cuda`` or ``cpu``, from what it was given; refuses a mismatch.
+
+    Args:
+        use_gpu: ``scaling.use_gpu`` as resolved for the run (``auto`` already decided by the driver).
+        gpu_ids: the GPUs Ray assigned this worker (``ray.get_gpu_ids()``).
+        cuda_available: ``torch.cuda.is_available()`` in the worker.
+
+    Returns:
+        ``cuda`` when GPUs were asked for, assigned and usable; ``cpu`` when none were asked for,
+        even where CUDA devices are visible (they belong to whoever reserved them).
+
+    Raises:
+        DeviceMismatchError: GPUs asked for but none assigned or none usable by torch, or none asked
+            for but some assigned (the worker would hold GPUs it does not use).
+    """
+    ids = [str(i) for i in gpu_ids]
+    if use_gpu and not ids:
+        raise DeviceMismatchError(
+            "scaling.use_gpu is true but Ray assigned this worker no GPU: check that the cluster's nodes "
+            "declare their GPUs (ray start --num-gpus) and that scaling.gpus_per_worker is > 0"
+        )
+    if use_gpu and not cuda_available:
+        raise DeviceMismatchError(
+            f"scaling.use_gpu is true and Ray assigned this worker GPU {', '.join(ids)}, but torch sees no "
+            "CUDA device (torch.cuda.is_available() is False: a CPU build of torch, a missing driver, or "
+            "GPUs declared to Ray that this node does not have); fix the node, or set scaling.use_gpu: false"
+        )
+    if not use_gpu and ids:
+        raise DeviceMismatchError(
+            f"scaling.use_gpu is false but Ray assigned this worker GPU {', '.join(ids)}: it would hold "
+            "GPUs it does not train on; set scaling.use_gpu: true, or reserve no GPU for the workers"
+        )
+    return "cuda" if use_gpu else "cpu"
+
+
+def amp_dtype(spec: Spec, device_type: str) -> torch.dtype | None:
+    """``train.amp`` on ``device_type``: the autocast dtype, or None for full precision.
+
+    ``auto`` is fp16 on a GPU and off elsewhere; ``true`` is torch's autocast default (fp16 on a GPU,
+    bf16 on CPU). Refused (:class:`~workers.spec.SpecError` on ``train.amp``): fp16 on CPU, whose
+    convolutions run hundreds of times slower than float32, and bf16 on a GPU without bf16.
+    """
+    import torch
+
+    from workers.spec import SpecError
+
     amp = spec.train.amp
-    return (amp is True) or (amp == "auto" and device_type == "cuda")
+    if amp is False or amp == "off" or (amp == "auto" and device_type != "cuda"):
+        return None
+    if amp == "bf16":
+        if device_type == "cuda" and not torch.cuda.is_bf16_supported():
+            raise SpecError([("train.amp", "bf16: this GPU has no bfloat16 support; use fp16")])
+        return torch.bfloat16
+    if amp == "fp16" or device_type == "cuda":
+        if device_type != "cuda":
+            raise SpecError(
+                [("train.amp", f"fp16 on {device_type} is far slower than float32; use bf16 or off")]
+            )
+        return torch.float16
+    return torch.bfloat16
+
+
+def use_amp(spec: Spec, device_type: str) -> bool:
+    """``train.amp``: whether ``device_type`` trains in mixed precision (see :func:`amp_dtype`)."""
+    return amp_dtype(spec, device_type) is not None
+
+
+def grad_scaler(device_type: str, dtype: torch.dtype | None) -> Any:
+    """A ``torch.amp.GradScaler``, enabled for fp16 only: bf16 has float32's range, so its gradients
+    need no scaling."""
+    import torch
+
+    return torch.amp.GradScaler(device_type, enabled=dtype == torch.float16)
 
 
 # --------------------------------------------------------------------------- data

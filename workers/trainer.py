@@ -255,6 +255,7 @@ def make_trainer(
             "run_tags": dict(tags or {}),
             "tracking": tracking,
             "resume_from": resume_from,
+            "use_gpu": use_gpu,
         },
         scaling_config=ScalingConfig(
             num_workers=s.num_workers,

@@ -69,6 +69,19 @@ def _all_gather(obj: Any) -> list[Any]:
     return out
 
 
+def _device(use_gpu: Any) -> Any:
+    """This worker's torch device: the GPU Ray assigned it, or the CPU; a mismatch between
+    ``use_gpu`` (resolved by the driver; ``auto`` here means: whatever Ray assigned) and what the
+    worker has is refused (:func:`workers.recipe.worker_device_type`)."""
+    import torch
+
+    gpu_ids = ray.get_gpu_ids()
+    wanted = bool(gpu_ids) if use_gpu == "auto" else bool(use_gpu)
+    if recipe.worker_device_type(wanted, gpu_ids, torch.cuda.is_available()) == "cuda":
+        return ray.train.torch.get_device()
+    return torch.device("cpu")
+
+
 def say(line: str) -> None:
     """One line to the job log. Not ``print``: Ray Train patches it to also go through logging, and
     once MLflow has wrapped ``sys.stdout`` every printed line would appear twice."""
@@ -151,7 +164,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
     Args:
         config: ``spec`` (the resolved spec dict), ``run_id`` (MLflow child run; empty when the
             trainer left it to rank 0), ``run_name``, ``run_key``, ``run_tags``, ``tracking``,
-            ``resume_from`` (a checkpoint directory used when Ray has none).
+            ``resume_from`` (a checkpoint directory used when Ray has none), ``use_gpu`` (the
+            driver's resolved ``scaling.use_gpu``, checked against the worker's device).
 
     Returns:
         On rank 0, a summary: ``run_id``, ``best`` (metrics of the best epoch), ``history``.
@@ -160,8 +174,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
     if rank == 0:
         timeline.set_key(config.get("run_key") or config["run_name"])
         timeline.mark("worker_start")
-    import torch
-
     ray_compat.quiet_train_report_log()  # our progress line says the same, readably
     from harmonic.analysis.suite import detection_metrics
     from harmonic.detectors import pop_diagnostics
@@ -171,15 +183,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
     run_name: str = config["run_name"]
     recipe.seed_everything(t.seed + rank)
 
-    device = ray.train.torch.get_device()
-    use_amp = recipe.use_amp(spec, device.type)
+    device = _device(config.get("use_gpu", spec.scaling.use_gpu))
+    amp_dtype = recipe.amp_dtype(spec, device.type)
     data = recipe.build_datasets(spec)
     if rank == 0:
         timeline.mark("data_ready")
 
     model = recipe.build_model(spec, data.num_classes)
     # Ray wraps the model in DDP (gloo/NCCL process group set up by the TorchTrainer) and moves it.
-    model = ray.train.torch.prepare_model(model)
+    model = ray.train.torch.prepare_model(model, move_to_device=device)
     if rank == 0:
         timeline.mark("model_ready")
     inner: Any = model.module if hasattr(model, "module") else model
@@ -198,7 +210,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
 
     optimizer = recipe.make_optimizer(model, spec)
     scheduler = recipe.make_scheduler(optimizer, spec, train.iters_per_epoch)
-    scaler = torch.amp.GradScaler(device.type, enabled=use_amp)
+    scaler = recipe.grad_scaler(device.type, amp_dtype)
     parts = TrainParts(inner, optimizer, scheduler, scaler)
 
     progress = Progress()
@@ -235,7 +247,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
                 faults.before_epoch(epoch)
             stats = train_epoch(
                 model, train.loader, parts, device, spec, epoch=epoch, rank=rank,
-                iters_per_epoch=train.iters_per_epoch, use_amp=use_amp, pop_diagnostics=pop_diagnostics,
+                iters_per_epoch=train.iters_per_epoch, use_amp=amp_dtype is not None, amp_dtype=amp_dtype,
+                pop_diagnostics=pop_diagnostics,
                 faults=faults, pacer=pacer,
             )  # fmt: skip
             t1 = time.perf_counter()

@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from torchvision.ops import complete_box_iou_loss, distance_box_iou_loss, generalized_box_iou_loss
 
 from harmonic.config import LossConfig
-from harmonic.losses import HarmonicTerms, harmonic_det_terms, harmonic_score_gradient
+from harmonic.losses import HarmonicTerms, harmonic_det_terms, harmonic_score_gradient, upcast
 
 __all__ = [
     "HarmonicPart",
@@ -51,8 +51,10 @@ def paired_iou(boxes1: Tensor, boxes2: Tensor, eps: float = 1e-7) -> Tensor:
     """IoU of each box with the box at the same index, ``[N, 4] x [N, 4] -> [N]`` (x1, y1, x2, y2).
 
     Unlike :func:`torchvision.ops.box_iou` (all pairs) this is the element-wise IoU; it carries
-    gradient to both inputs and lies in [0, 1] (degenerate boxes give 0, never NaN).
+    gradient to both inputs and lies in [0, 1] (degenerate boxes give 0, never NaN). It computes in
+    float32 whatever the inputs' dtype: an fp16 area overflows past 256 x 256 px (AMP's decoded boxes).
     """
+    boxes1, boxes2 = upcast(boxes1), upcast(boxes2)
     lt = torch.max(boxes1[:, :2], boxes2[:, :2])
     rb = torch.min(boxes1[:, 2:], boxes2[:, 2:])
     wh = (rb - lt).clamp(min=0)
@@ -103,7 +105,9 @@ def per_sample_box_loss(
 
 
 def sigmoid_class_probs(probs_sigmoid: Tensor) -> Tensor:
-    """Per-class sigmoid scores normalised to sum to one (the TC entropy of a sigmoid head)."""
+    """Per-class sigmoid scores normalised to sum to one (the TC entropy of a sigmoid head), in float32
+    (the clamp's 1e-12 is 0 in fp16)."""
+    probs_sigmoid = upcast(probs_sigmoid)
     return probs_sigmoid / probs_sigmoid.sum(dim=-1, keepdim=True).clamp(min=1e-12)
 
 

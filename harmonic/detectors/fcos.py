@@ -28,6 +28,8 @@ from torch import Tensor
 from torchvision.models.detection.fcos import FCOSHead
 from torchvision.ops import generalized_box_iou_loss, sigmoid_focal_loss
 
+from harmonic.losses import upcast
+
 from .common import HarmonicPart, paired_iou, sigmoid_class_probs
 
 __all__ = ["HarmonicFCOSHead"]
@@ -68,11 +70,13 @@ class HarmonicFCOSHead(HarmonicPart, FCOSHead):
             logits_fg = cls_logits[fg]
             gt_fg = all_boxes[fg]
             anchors_fg = all_anchors[fg]
-            pred_fg = self.box_coder.decode(head_outputs["bbox_regression"][fg], anchors_fg)
+            # the positives' offsets in float32: decoded in fp16 (AMP) a box's area overflows
+            regression_fg = upcast(head_outputs["bbox_regression"][fg])
+            pred_fg = self.box_coder.decode(regression_fg, anchors_fg)
             giou = generalized_box_iou_loss(pred_fg, gt_fg, reduction="none")
             if not standard and cfg.fcos_loc == "smooth_l1":
                 box_loss = F.smooth_l1_loss(
-                    head_outputs["bbox_regression"][fg],
+                    regression_fg,
                     self.box_coder.encode(anchors_fg, gt_fg),
                     beta=1 / 9,
                     reduction="none",

@@ -26,6 +26,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torchvision.models.detection.roi_heads import RoIHeads
 
+from harmonic.losses import upcast
+
 from .common import HarmonicPart, paired_iou
 
 __all__ = ["HarmonicRoIHeads"]
@@ -94,13 +96,15 @@ class HarmonicRoIHeads(HarmonicPart, RoIHeads):
         labels_pos = labels[pos]
 
         with torch.set_grad_enabled(harmonic and torch.is_grad_enabled()):
-            dtype = proposals[0].dtype
+            # float32 at least: under AMP the RPN's proposals are fp16, too coarse for the IoU
+            dtype = torch.promote_types(proposals[0].dtype, torch.float32)
             gt_boxes = [
-                t["boxes"].to(dtype) if t["boxes"].numel() else proposals[0].new_zeros((1, 4))
+                t["boxes"].to(dtype) if t["boxes"].numel() else proposals[0].new_zeros((1, 4), dtype=dtype)
                 for t in targets
             ]
             matched_gt = torch.cat([g[m] for g, m in zip(gt_boxes, matched_idxs)], dim=0)[pos]
-            offsets = box_regression.reshape(num_sampled, -1, 4)[pos, labels_pos]
+            # the positives' offsets in float32: decoded in fp16 (AMP) a box's area overflows
+            offsets = upcast(box_regression.reshape(num_sampled, -1, 4)[pos, labels_pos])
             smooth_l1 = F.smooth_l1_loss(
                 offsets, torch.cat(regression_targets, dim=0)[pos], beta=1 / 9, reduction="none"
             ).sum(dim=1)

@@ -41,6 +41,8 @@ from torchvision.models.detection.ssd import SSDHead
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import boxes as box_ops
 
+from harmonic.losses import upcast
+
 from .multibox import MultiboxTargets, match, multibox_loss, multibox_targets
 from .trunks import RESNET_MEAN, RESNET_STD, VGG_MEAN, VGG_STD, refinedet_trunk, xavier_init
 
@@ -164,8 +166,10 @@ class RefineDet(nn.Module):
             tcb_maps.insert(0, above)
         odm = self.head(tcb_maps)
         anchors = self.anchor_generator(image_list, features)
+        # decoded in float32: under AMP the ARM's offsets are fp16, too coarse for anchors of 300+ px
         refined = [
-            self.box_coder.decode_single(r.detach(), a) for r, a in zip(arm["bbox_regression"], anchors)
+            self.box_coder.decode_single(upcast(r.detach()), a)
+            for r, a in zip(arm["bbox_regression"], anchors)
         ]
         with torch.no_grad():
             keep = F.softmax(arm["cls_logits"], dim=-1)[..., 0] <= self.objectness_thresh
@@ -218,7 +222,9 @@ class RefineDet(nn.Module):
         for regression, scores, anchors, shape in zip(
             odm["bbox_regression"], scores_all, refined, image_shapes
         ):
-            boxes = box_ops.clip_boxes_to_image(self.box_coder.decode_single(regression, anchors), shape)
+            boxes = box_ops.clip_boxes_to_image(
+                self.box_coder.decode_single(upcast(regression), anchors), shape
+            )
             out_boxes, out_scores, out_labels = [], [], []
             for label in range(1, scores.size(-1)):
                 score = scores[:, label]

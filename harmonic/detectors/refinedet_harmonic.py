@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from harmonic.losses import upcast
+
 from .common import HarmonicPart, paired_iou
 from .multibox import MultiboxTargets, hard_negatives, smooth_l1
 from .refinedet import RefineDet
@@ -68,7 +70,8 @@ class HarmonicRefineDet(HarmonicPart, RefineDet):
             ce_pos = F.cross_entropy(logits_pos, labels_pos, reduction="none")
         regression = odm["bbox_regression"]
         loc = smooth_l1(self.box_coder, regression, t)
-        iou = paired_iou(self.box_coder.decode_single(regression[t.positive], t.anchors), t.gt_boxes)
+        # the positives' offsets decoded in float32 (AMP: fp16 areas overflow)
+        iou = paired_iou(self.box_coder.decode_single(upcast(regression[t.positive]), t.anchors), t.gt_boxes)
         probs = F.softmax(logits_pos, dim=-1)
         score = probs.gather(1, labels_pos[:, None])[:, 0]
         return ce_pos, loc, iou, score, probs

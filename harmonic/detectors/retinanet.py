@@ -27,6 +27,8 @@ from torch import Tensor
 from torchvision.models.detection.retinanet import RetinaNetHead
 from torchvision.ops import sigmoid_focal_loss
 
+from harmonic.losses import upcast
+
 from .common import HarmonicPart, paired_iou, per_sample_box_loss, sigmoid_class_probs
 
 __all__ = ["HarmonicRetinaNetHead"]
@@ -105,7 +107,7 @@ class HarmonicRetinaNetHead(HarmonicPart, RetinaNetHead):
                 )
             else:
                 cls_pos = focal.sum(dim=1)
-            offsets = regression[fg]
+            offsets = upcast(regression[fg])  # decoded in float32 (AMP: fp16 areas overflow)
             anchors_fg = anchors_i[fg]
             pred = reg_head.box_coder.decode_single(offsets, anchors_fg)
             loc_l.append(

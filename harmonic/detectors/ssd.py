@@ -22,6 +22,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torchvision.models.detection.ssd import SSD
 
+from harmonic.losses import upcast
+
 from .common import HarmonicPart, paired_iou
 
 __all__ = ["HarmonicSSD"]
@@ -82,7 +84,7 @@ class HarmonicSSD(HarmonicPart, SSD):
         ):
             fg = torch.where(matched >= 0)[0]
             gt = tgt["boxes"][matched[fg]]
-            offsets = regression[fg]
+            offsets = upcast(regression[fg])  # decoded in float32 (AMP: fp16 areas overflow)
             anchors_fg = anchors_i[fg]
             target_regression = self.box_coder.encode_single(gt, anchors_fg)
             loc_l.append(F.smooth_l1_loss(offsets, target_regression, reduction="none").sum(dim=1))

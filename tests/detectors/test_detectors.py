@@ -106,6 +106,7 @@ def _standard_loss(model: nn.Module, images, targets, cfg) -> float:
     return float(sum(v for k, v in losses.items() if k != "bbox_ctrness"))
 
 
+@pytest.mark.e2e  # a whole small training per detector: 3-130 s each on 2 cores
 @pytest.mark.parametrize(("arch", "kind"), OVERFIT)
 def test_overfits_a_tiny_batch(arch: str, kind: str) -> None:
     """Trained with its loss, the model fits one image: judged by torchvision's standard loss.

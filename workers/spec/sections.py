@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from pydantic import (
     BaseModel,
@@ -17,6 +17,10 @@ from pydantic import (
 
 from harmonic.config import EvalProtocol, EvalProtocolError, LossConfig, LossConfigError
 from workers.spec.base import _DEFAULT_EVAL, _DEFAULT_LOSS, _STRICT, _check_paths, _expand, _init_error
+
+#: ``train.amp``'s named settings (a boolean is also accepted: true = on, false = off).
+AmpChoice = Literal["auto", "off", "fp16", "bf16"]
+AMP_CHOICES: tuple[str, ...] = get_args(AmpChoice)
 
 # An MLflow run reference: runs:/<run_id> or runs:/<run_id>/<artifact path>.
 RUN_REF_PATTERN = r"^runs:/([A-Za-z0-9_-]+)(?:/(.+))?$"
@@ -266,7 +270,13 @@ class TrainSpec(BaseModel):
         default=None, gt=0, description="max gradient norm (null: no clipping)"
     )
     seed: int = Field(default=0, ge=0, description="each worker seeds with seed + rank")
-    amp: Literal["auto"] | bool = Field(default="auto", description="mixed precision; auto = on GPU only")
+    amp: AmpChoice | bool = Field(
+        default="auto",
+        description=(
+            "mixed precision: auto = fp16 on GPU, off on CPU; fp16 (with a gradient scaler); bf16 "
+            "(no scaler; GPUs from Ampere on, or CPU); off; true = fp16 on GPU, bf16 on CPU"
+        ),
+    )
     data_workers: int = Field(default=0, ge=0, description="DataLoader processes per worker")
     aspect_ratio_groups: int = Field(default=3, ge=0, description="aspect-ratio grouping bins (0: off)")
     augment: Literal["detector", "flip"] = Field(
@@ -280,6 +290,13 @@ class TrainSpec(BaseModel):
     debug: DebugSpec = Field(
         default_factory=DebugSpec, description="fault injection, for the tests of recovery only"
     )
+
+    @field_validator("amp", mode="before")
+    @classmethod
+    def _amp_choice(cls, v: Any) -> Any:
+        if isinstance(v, bool) or v in AMP_CHOICES:
+            return v
+        raise ValueError(f"{v!r} is not one of {', '.join(AMP_CHOICES)} (or true/false)")
 
     @model_validator(mode="after")
     def _steps_in_range(self) -> TrainSpec:
@@ -306,7 +323,14 @@ class ScalingSpec(BaseModel):
 
     num_workers: int = Field(default=1, ge=1, description="Ray Train workers (DDP ranks) per training run")
     use_gpu: Literal["auto"] | bool = Field(default="auto", description="auto: GPUs if the cluster has any")
-    gpus_per_worker: float = Field(default=1, gt=0, description="GPUs each worker reserves (with use_gpu)")
+    gpus_per_worker: float = Field(
+        default=1,
+        gt=0,
+        description=(
+            "GPUs each worker reserves (with use_gpu): a whole number, or a fraction below 1 for "
+            "single-worker trainings that share a GPU"
+        ),
+    )
     cpus_per_worker: float = Field(
         default=1, gt=0, description="CPUs each worker reserves (fractions share a core)"
     )
@@ -314,6 +338,24 @@ class ScalingSpec(BaseModel):
     max_failures: int = Field(
         default=2, ge=-1, description="worker failures a run recovers from (-1: forever)"
     )
+
+    @model_validator(mode="after")
+    def _whole_gpus_or_one_shared(self) -> ScalingSpec:
+        g = self.gpus_per_worker
+        if self.use_gpu is False:  # reserved only with use_gpu
+            return self
+        if g > 1 and not g.is_integer():
+            raise ValueError(
+                f"gpus_per_worker: {g} is neither a whole number of GPUs nor a fraction below 1; "
+                f"use {int(g)} or {int(g) + 1}"
+            )
+        if g < 1 and self.num_workers > 1:
+            raise ValueError(
+                f"gpus_per_worker: a fraction of a GPU ({g}) is for single-worker trainings that share "
+                f"a GPU; with num_workers: {self.num_workers} each DDP worker needs whole GPUs "
+                "(set gpus_per_worker: 1, or num_workers: 1)"
+            )
+        return self
 
 
 class TrackingSpec(BaseModel):
