@@ -304,7 +304,9 @@ def test_the_readme_option_table_is_the_generated_one() -> None:
 
     text = SPEC_DOC.read_text()
     table = text.split("<!-- spec-options:begin -->\n")[1].split("<!-- spec-options:end -->")[0]
-    assert table == options_markdown(), "docs/spec.md option table is stale: paste `hdet spec options` into it"
+    assert table == options_markdown(), (
+        "docs/spec.md option table is stale: paste `hdet spec options` into it"
+    )
 
 
 def test_the_option_table_covers_every_schema_field() -> None:
@@ -329,3 +331,45 @@ def test_every_shipped_config_passes_spec_check(path: str) -> None:
     from workers.spec import check_main
 
     assert check_main(["--no-paths", str(CONFIGS / path)]) == 0
+
+
+# --------------------------------------------------------------------------- precision and GPUs
+
+
+@pytest.mark.parametrize("amp", ["auto", "off", "fp16", "bf16", True, False])
+def test_every_amp_setting_is_accepted_as_given(amp: Any) -> None:
+    assert Spec.parse(_with(train={"amp": amp})).train.amp == amp
+
+
+@pytest.mark.parametrize("amp", ["fp32", "half", "on", 1])
+def test_an_unknown_amp_setting_is_refused_naming_the_choices(amp: Any) -> None:
+    msg = dict(_error(_with(train={"amp": amp})).problems)["train.amp"]
+    assert "auto, off, fp16, bf16" in msg and repr(amp) in msg
+
+
+@pytest.mark.parametrize(
+    ("scaling", "words"),
+    [
+        ({"gpus_per_worker": 0}, "greater than 0"),
+        ({"gpus_per_worker": -1}, "greater than 0"),
+        ({"gpus_per_worker": 1.5}, "neither a whole number"),
+        ({"gpus_per_worker": 0.5, "num_workers": 2}, "single-worker trainings"),
+    ],
+)
+def test_a_gpu_share_that_ray_cannot_honour_is_refused(scaling: dict[str, Any], words: str) -> None:
+    msg = dict(_error(_with(scaling=scaling)).problems)["scaling.gpus_per_worker"]
+    assert words in msg
+
+
+@pytest.mark.parametrize(("gpus", "workers"), [(0.25, 1), (0.5, 1), (1, 4), (2, 2), (2.0, 1)])
+def test_whole_gpus_or_a_share_of_one_for_a_single_worker_are_accepted(gpus: float, workers: int) -> None:
+    spec = Spec.parse(_with(scaling={"gpus_per_worker": gpus, "num_workers": workers}))
+    assert spec.scaling.gpus_per_worker == gpus
+
+
+def test_the_gpu_share_of_a_cpu_training_is_not_checked() -> None:
+    # use_gpu: false reserves no GPU, so gpus_per_worker is not used
+    scaling = {"use_gpu": False, "gpus_per_worker": 0.5, "num_workers": 2}
+    assert Spec.parse(_with(scaling=scaling)).scaling.num_workers == 2
+    with pytest.raises(SpecError, match="scaling.gpus_per_worker"):
+        Spec.parse(_with(scaling={**scaling, "use_gpu": "auto"}))

@@ -15,11 +15,24 @@ Test and interval, by the number of pairs n (:func:`paired_comparison`)
     * n >= 10: a studentised bootstrap interval of the mean difference is added (a percentile
       bootstrap on few seeds under-covers: with 3 seeds it is exactly [min d, max d]).
 
+Point estimate and interval estimate the same quantity: ``estimate`` is the mean difference beside
+a t-interval (or the sequence below) and the Hodges-Lehmann pseudo-median beside the Wilcoxon one.
+
 Verdict (:func:`compare_metrics`, :func:`decide`)
-    p-values are Holm-adjusted over the metrics of one table; an arm is called better only when
-    its adjusted p < 0.05 **and** its interval excludes 0. Otherwise the verdict is
-    :data:`NO_DIFFERENCE`, said in those words, and :func:`verdict_sentence` says when few seeds
-    make the interval wide.
+    With a primary metric named before the run, it is tested alone at alpha and gets four outcomes
+    (better, worse, equivalent within ±margin, undecided: with the seeds likely to decide it and
+    the smallest difference detectable at 80 % power); the other metrics are secondary, their
+    p-values Holm-adjusted among themselves. Without one, p-values are Holm-adjusted over the
+    metrics of one table. An arm is called better only when its adjusted p < alpha **and** its
+    interval excludes 0. Otherwise the verdict is :data:`NO_DIFFERENCE` (the primary's:
+    "undecided"), said in those words, and :func:`verdict_sentence` says when few seeds make the
+    interval wide.
+
+Seeds in rounds (:mod:`workers.evidence.sequential`)
+    When the user asks for a precision (a target half-width), seeds run in rounds until the
+    primary's interval is that narrow; its interval is then a t-mixture confidence sequence
+    (Lai 1976; Wang & Ramdas 2023), valid whenever the rounds stopped (a t-interval recomputed
+    after each round is not).
 """
 
 from __future__ import annotations
@@ -35,6 +48,7 @@ from workers.evidence.paired import (
     hodges_lehmann_interval,
     holm_adjust,
     paired_comparison,
+    points_scale,
     studentized_bootstrap_interval,
     wilcoxon_min_p,
 )
@@ -49,6 +63,7 @@ from workers.evidence.verdict import (
     interval_cell,
     interval_header,
     method_note,
+    metric_cell,
     verdict_sentence,
 )
 
@@ -69,7 +84,9 @@ __all__ = [
     "interval_cell",
     "interval_header",
     "method_note",
+    "metric_cell",
     "paired_comparison",
+    "points_scale",
     "sensitivity",
     "studentized_bootstrap_interval",
     "verdict_sentence",

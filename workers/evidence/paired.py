@@ -30,6 +30,15 @@ TESTS = {"t": "paired t-test", "wilcoxon": "exact Wilcoxon signed-rank test", "n
 LOWER_IS_BETTER = frozenset({"aic", "train_aic", "loss"})
 
 
+#: the estimate each interval is about (``ci_method`` -> ``estimand``): a row prints one with the other.
+ESTIMANDS = {"t": "mean", "wilcoxon-hl": "pseudo-median", "t-mixture-cs": "mean", "none": "mean"}
+
+
+def points_scale(metric: str) -> float:
+    """How a metric is written in tables: AP-like metrics in points (x100), the others as measured."""
+    return 100.0 if metric.startswith("AP") or metric.startswith("ap_iou") else 1.0
+
+
 class EvidenceError(ValueError):
     """The inputs of a comparison are unusable; the message says which and why."""
 
@@ -167,7 +176,9 @@ def paired_comparison(
         ``boot_ci_low``/``boot_ci_high``/``boot_method`` (studentised bootstrap; NaN, NaN,
         None below ``BOOTSTRAP_MIN_PAIRS`` pairs), ``wins`` (seeds where treatment >
         baseline), ``per_seed`` ({seed: {treatment, baseline, diff}}), ``unpaired_seeds``,
-        ``confidence`` and a human-readable ``note``. With a single pair every statistic except
+        ``confidence``, a human-readable ``note``, and ``estimate``/``estimand``: the point
+        estimate of the quantity the interval is about (``mean`` for ``t``, ``pseudo-median`` =
+        ``hl_estimate`` for ``wilcoxon-hl``). With a single pair every statistic except
         ``mean_diff`` is NaN.
 
     Raises:
@@ -220,6 +231,7 @@ def paired_comparison(
     }
     if n < 2:
         result["note"] = "only one paired seed: no interval or test is possible"
+        _set_estimate(result)
         return result
 
     from scipy import stats  # (0.7 s to import: not at module import, which Tune trials pay)
@@ -279,7 +291,17 @@ def paired_comparison(
             f"Use >= {WILCOXON_MIN_PAIRS} seeds for a distribution-free test."
         )
     result["ci95_low"], result["ci95_high"] = result["ci_low"], result["ci_high"]
+    _set_estimate(result)
     return result
+
+
+def _set_estimate(result: dict[str, Any]) -> None:
+    """``estimate`` and ``estimand``: the quantity the row's interval is about (mean beside a
+    t-interval, Hodges-Lehmann pseudo-median beside the Wilcoxon interval)."""
+    result["estimand"] = ESTIMANDS.get(result["ci_method"], "mean")
+    result["estimate"] = (
+        result["hl_estimate"] if result["estimand"] == "pseudo-median" else result["mean_diff"]
+    )
 
 
 def holm_adjust(p_values: Mapping[str, float]) -> dict[str, float]:

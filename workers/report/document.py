@@ -26,7 +26,10 @@ def _comparison_blocks(
     from workers import evidence
 
     label = f"HarmonicDet ({column})"
-    main = primary if primary in comparison else next(iter(comparison))
+    main = next(
+        (m for m, c in comparison.items() if c.get("role") == "primary"),
+        primary if primary in comparison else next(iter(comparison)),
+    )
     b: list[Block] = [
         ("p", "Verdict: " + evidence.verdict_sentence(comparison, label, "the standard-loss baseline", primary=main))
     ]  # fmt: skip
@@ -38,10 +41,10 @@ def _comparison_blocks(
         boot = [f"[{points(lo, scale, digits, True)}, {points(hi, scale, digits, True)}]"]
         rows.append(
             [
-                metric,
+                evidence.metric_cell(comparison, metric),
                 arm_mean_sd_cell(comp, "treatment", metric),
                 arm_mean_sd_cell(comp, "baseline", metric),
-                points(comp["mean_diff"], scale, digits, sign=True),
+                points(comp.get("estimate", comp["mean_diff"]), scale, digits, sign=True),
                 str(comp.get("n_pairs", "-")),
                 comp["test"],
                 pval(comp["p_value"]),
@@ -62,7 +65,8 @@ def _comparison_blocks(
             "p",
             "AIC is the average inconsistency |score - IoU| of the detections (lower is better); "
             f"spearman is the rank correlation of score and IoU (higher is better). 'diff' is {column} minus "
-            f"baseline, mean over the paired seeds; 'seeds better' counts the seeds where {column} > baseline.",
+            "baseline over the paired seeds, the estimate its interval is about (mean, or Hodges-Lehmann "
+            f"pseudo-median beside a Wilcoxon interval); 'seeds better' counts the seeds where {column} > baseline.",
         )
     )
     b.append(("h", 3, "Per seed"))

@@ -81,29 +81,37 @@ def format_table(summary: SearchSummary) -> str:
 def comparison_lines(
     comparison: Mapping[str, Mapping[str, Any]], column: str, label: str, primary: str
 ) -> list[str]:
-    """One comparison table (one Holm family): per metric both arms' mean ± sd, diff, n, test, raw and
-    Holm-adjusted p, the interval named by its method, the verdict; then the method and the verdict
-    sentence on ``primary``. ``column`` heads the treatment's column, ``label`` names it in words."""
+    """One comparison table: per metric both arms' mean ± sd, diff (the estimate its interval is
+    about), n, test, raw and adjusted p (the primary's alone, the secondaries' Holm), the interval
+    named by its method, the verdict; then the method and the verdict sentence on ``primary``.
+    ``column`` heads the treatment's column, ``label`` names it in words."""
     from workers import evidence
 
+    names = {m: evidence.metric_cell(comparison, m) for m in comparison}
+    w = max(8, *(len(v) + 1 for v in names.values()))
+    tw = max(9, *(len(str(c["test"])) + 1 for c in comparison.values()))
+    cw = max(20, *(len(evidence.interval_cell(comparison, m, *scale_of(m))) for m in comparison))
     head = (
-        f"{'metric':<8}{column:>15}{'baseline':>15}{'diff':>8}{'n':>4}  {'test':<9}{'p':>9}{'p adj':>9}"
-        f"  {evidence.interval_header(comparison):<20}  verdict"
+        f"{'metric':<{w}}{column:>15}{'baseline':>15}{'diff':>8}{'n':>4}  {'test':<{tw}}{'p':>9}{'p adj':>9}"
+        f"  {evidence.interval_header(comparison):<{cw}}  verdict"
     )
     lines = [head, "-" * (len(head) + len(evidence.NO_DIFFERENCE) - len("verdict"))]
     for metric, comp in comparison.items():
         scale, digits = scale_of(metric)
         b = arm_mean_sd_cell(comp, "treatment", metric)
         a = arm_mean_sd_cell(comp, "baseline", metric)
-        diff = f"{scale * comp['mean_diff']:+.{digits}f}"
+        diff = f"{scale * comp.get('estimate', comp['mean_diff']):+.{digits}f}"
         ci = evidence.interval_cell(comparison, metric, scale, digits)
         p, p_adj = comp["p_value"], comp.get("p_adjusted", float("nan"))
         lines.append(
-            f"{metric:<8}{b:>15}{a:>15}{diff:>8}{comp.get('n_pairs', '-'):>4}  {comp['test']:<9}"
-            f"{pval(p):>9}{pval(p_adj):>9}  {ci:<20}  {comp.get('verdict', evidence.NO_DIFFERENCE)}"
+            f"{names[metric]:<{w}}{b:>15}{a:>15}{diff:>8}{comp.get('n_pairs', '-'):>4}  {comp['test']:<{tw}}"
+            f"{pval(p):>9}{pval(p_adj):>9}  {ci:<{cw}}  {comp.get('verdict', evidence.NO_DIFFERENCE)}"
         )
     lines.append(evidence.method_note(comparison))
-    main = primary if primary in comparison else next(iter(comparison))
+    main = next(
+        (m for m, c in comparison.items() if c.get("role") == "primary"),
+        primary if primary in comparison else next(iter(comparison)),
+    )
     sentence = evidence.verdict_sentence(comparison, label, "the standard-loss baseline", primary=main)
     lines.append(f"verdict: {sentence}")
     return lines

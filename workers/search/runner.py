@@ -5,7 +5,9 @@ Each trial and each fixed arm trains one configuration on every seed (workers.se
   same recipe and data order (``train.seed`` is the data-order seed), as a Ray task started next to
   the search: not a Tune trial, so no scheduler stops it early and no searcher learns from it.
   ``search.confirmatory`` adds, the same way, the spec's own ``loss`` section: a configuration
-  fixed before the search, so its comparison with the baseline involves no selection.
+  fixed before the search, so its comparison with the baseline involves no selection. With
+  ``evidence.target_halfwidth`` these two arms run on seeds in rounds (workers.search.rounds)
+  until the primary metric is known that precisely.
 * **Select on one split, judge on another.** Configurations are ranked on ``val`` (what Tune
   sees); when the dataset has a held-out ``test`` split, every completed training is also
   evaluated on it at its last epoch, and the evidence is computed on ``test`` only, so picking the
@@ -24,6 +26,7 @@ Ray, MLflow and torch are imported inside the functions: a trial process imports
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from collections.abc import Mapping
@@ -32,6 +35,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 from workers import timeline
 from workers.env import TRAIN_ENV_DEFAULTS
+from workers.search.rounds import first_round, rounds_rule, run_rounds, with_seeds
 from workers.search.seeds import TrialFailure, compute_metrics, run_key, short_reason, train_on_seeds
 from workers.search.space import (
     TRIAL_CPUS,
@@ -46,6 +50,8 @@ from workers.summary import (
     BASELINE_ID,
     CONFIRMATORY_ID,
     OBJECTIVE,
+    ROUNDS_STOP_TAG,
+    SEEDS_RUN_TAG,
     SearchSummary,
     collect_summary,
     log_summary,
@@ -295,24 +301,53 @@ def run_search(
 
     arm_refs: dict[str, Any] = {}
     task = ray.remote(num_cpus=0, max_retries=0)(_fixed_arm_task)
-    for arm, wanted in ((BASELINE_ID, spec.search.baseline), (CONFIRMATORY_ID, spec.search.confirmatory)):
-        if wanted:
-            arm_refs[arm] = task.remote(spec_data, ctx, storage_path, resume, hub, arm)
+    in_rounds = rounds_rule(spec) is not None
+    first_seeds = first_round(spec)
+    if in_rounds:
+        c.set_tag(ctx.parent_run_id, SEEDS_RUN_TAG, json.dumps(first_seeds))
+
+    wanted_arms = ((BASELINE_ID, spec.search.baseline), (CONFIRMATORY_ID, spec.search.confirmatory))
+
+    def start_arms(seeds: list[int]) -> None:
+        data = with_seeds(spec_data, seeds)
+        for arm, wanted in wanted_arms:
+            if wanted:
+                arm_refs[arm] = task.remote(data, ctx, storage_path, resume, hub, arm)
+
+    def wait_arms() -> dict[str, str | None]:
+        """arm -> why it failed (None: it completed)."""
+        failures: dict[str, str | None] = {}
+        for arm, ref in arm_refs.items():
+            try:
+                out = ray.get(ref)
+                failures[arm] = out.get("error") if out.get("status") == "failed" else None
+            except KeyboardInterrupt:
+                raise
+            except Exception as e:  # the arm's child runs say what happened; the search stands
+                failures[arm] = short_reason(e)
+                print(f"{arm}: {failures[arm]}", flush=True)
+        return failures
+
+    def train_round(seeds: list[int]) -> dict[str, str | None]:
+        start_arms(seeds)
+        return wait_arms()
+
+    start_arms(first_seeds)
     outcomes: dict[str, TrialOutcome] = {}
     try:
         if tuner is not None:
             outcomes = _trial_outcomes(tuner.fit(), spec.train.epochs)
         interrupted = searching and (any(o.status == "incomplete" for o in outcomes.values()) or not outcomes)
-        for arm, ref in arm_refs.items():
-            if interrupted:
+        if interrupted:
+            for ref in arm_refs.values():
                 ray.cancel(ref, force=True)
-                continue
-            try:
-                ray.get(ref)
-            except KeyboardInterrupt:
-                raise
-            except Exception as e:  # the arm's child runs say what happened; the search stands
-                print(f"{arm}: {short_reason(e)}", flush=True)
+        else:
+            failures = {arm: why for arm, why in wait_arms().items() if why}
+            if in_rounds and failures:
+                reason = "; ".join(f"{arm}: {why}" for arm, why in failures.items())
+                c.set_tag(ctx.parent_run_id, ROUNDS_STOP_TAG, f"failed: {reason}"[:4000])
+            elif in_rounds:
+                run_rounds(spec, ctx, first_seeds, train_round)
     except BaseException:
         for ref in arm_refs.values():
             ray.cancel(ref, force=True)

@@ -142,7 +142,7 @@ class SeedGroup:
         self.seeds = list(spec.search.seeds)
         self.keys = {run_key(trial_id, seed): seed for seed in self.seeds}
         self.config_json = json.dumps(dict(overrides), sort_keys=True, default=str)
-        self.base = spec.model_copy(update={"search": None})
+        self.base = spec.model_copy(update={"search": None, "evidence": None})  # one training per seed
         self.seed_specs = self._seed_specs(overrides)
         sc = spec.scaling
         use_gpu = resolve_use_gpu(spec)

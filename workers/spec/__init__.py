@@ -1,7 +1,8 @@
 """The experiment spec: one schema for the REST API, the CLI and the Ray entrypoint.
 
 A spec is a YAML or JSON document with the sections ``name``, ``dataset``, ``detector``,
-``loss``, ``train``, ``scaling``, ``search`` (optional), ``tracking`` and ``pretrain`` (optional:
+``loss``, ``train``, ``scaling``, ``search`` (optional), ``evidence`` (optional: the primary metric
+and the precision asked for, see :class:`EvidenceSpec`), ``tracking`` and ``pretrain`` (optional:
 pretrain the backbone body first, see :class:`PretrainSpec`). Unknown keys are
 errors everywhere, and every error names the field it is about, e.g.
 ``loss.gamma: 1.5 is outside [0, 1] ...``.
@@ -13,6 +14,7 @@ validated by it, so the ranges live in one place.
 from workers.spec.base import SpecError
 from workers.spec.cli import check_main, schema_main
 from workers.spec.data import DatasetSpec, PretrainSpec
+from workers.spec.evidence import PRIMARY_METRICS, EvidenceSpec
 from workers.spec.model import Spec
 from workers.spec.sections import (
     RUN_REF_PATTERN,
@@ -30,11 +32,13 @@ from workers.spec.space import NOT_SEARCHABLE, SearchSpec, resolve_param_path, s
 
 __all__ = [
     "NOT_SEARCHABLE",
+    "PRIMARY_METRICS",
     "RUN_REF_PATTERN",
     "DatasetSpec",
     "DebugSpec",
     "DetectorSpec",
     "EvalSpec",
+    "EvidenceSpec",
     "LossSpec",
     "PretrainSpec",
     "ScalingSpec",

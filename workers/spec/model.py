@@ -20,6 +20,7 @@ from pydantic import (
 from harmonic.config import LossConfig
 from workers.spec.base import _STRICT, SpecError, _expand, _problems
 from workers.spec.data import DatasetSpec, PretrainSpec
+from workers.spec.evidence import EvidenceSpec
 from workers.spec.sections import DetectorSpec, EvalSpec, LossSpec, ScalingSpec, TrackingSpec, TrainSpec
 from workers.spec.space import SearchSpec, _space_path_problems, resolve_param_path, search_space_problems
 
@@ -42,6 +43,10 @@ class Spec(BaseModel):
     train: TrainSpec = Field(default_factory=TrainSpec)
     scaling: ScalingSpec = Field(default_factory=ScalingSpec)
     search: SearchSpec | None = None
+    evidence: EvidenceSpec | None = Field(
+        default=None,
+        description="the primary metric and the precision asked for (absent: AP, on search.seeds)",
+    )
     tracking: TrackingSpec = Field(default_factory=TrackingSpec)
     pretrain: PretrainSpec | None = Field(
         default=None,
@@ -200,6 +205,19 @@ class Spec(BaseModel):
                 raise ValueError(
                     f"search.space: {', '.join(fixed)} cannot be searched with a pretrain section (the "
                     "pretraining runs once, before the search, for one backbone and image size)"
+                )
+        return self
+
+    @model_validator(mode="after")
+    def _rounds_need_a_comparison(self) -> Spec:
+        """Seeds in rounds extend the baseline and the confirmatory arm of a search: both must be there.
+        (A spec without ``search`` is one training, as each seed's own spec is: nothing to extend.)"""
+        ev = self.evidence
+        if ev is not None and ev.target_halfwidth is not None and self.search is not None:
+            if not (self.search.baseline and self.search.confirmatory):
+                raise ValueError(
+                    "evidence.target_halfwidth: seeds in rounds compare the confirmatory arm with the "
+                    "baseline; set search.baseline and search.confirmatory to true"
                 )
         return self
 

@@ -13,16 +13,23 @@ from workers.summary.records import (
     MECHANISM_METRICS,
     NEAR_BEST,
     OBJECTIVE,
+    PRIMARY_OUTCOME_TAG,
     REPORTED_METRICS,
+    ROUNDS_STOP_TAG,
+    SEEDS_RUN_TAG,
     SUMMARY_ARTIFACT,
     TEST_PREFIX,
     SearchSummary,
     TrialRecord,
+    split_metrics,
 )
 from workers.summary.store import collect_summary, log_summary
 
 __all__ = [
     "OBJECTIVE",
+    "PRIMARY_OUTCOME_TAG",
+    "ROUNDS_STOP_TAG",
+    "SEEDS_RUN_TAG",
     "COMPARED_METRICS",
     "MECHANISM_METRICS",
     "REPORTED_METRICS",
@@ -32,6 +39,7 @@ __all__ = [
     "CONFIRMATORY_ID",
     "SUMMARY_ARTIFACT",
     "TrialRecord",
+    "split_metrics",
     "SearchSummary",
     "collect_summary",
     "log_summary",

@@ -15,10 +15,14 @@ __all__ = [
     "MECHANISM_METRICS",
     "REPORTED_METRICS",
     "TEST_PREFIX",
+    "split_metrics",
     "NEAR_BEST",
     "BASELINE_ID",
     "CONFIRMATORY_ID",
     "SUMMARY_ARTIFACT",
+    "PRIMARY_OUTCOME_TAG",
+    "ROUNDS_STOP_TAG",
+    "SEEDS_RUN_TAG",
     "TrialRecord",
     "SearchSummary",
 ]
@@ -45,6 +49,18 @@ REPORTED_METRICS = (
 )
 #: prefix of the held-out test split's metrics (the trainer's name for them; workers.train has the same).
 TEST_PREFIX = "test_"
+
+
+def split_metrics(per_seed: Mapping[int, Mapping[str, float]], prefix: str) -> dict[int, dict[str, float]]:
+    """Per-seed metrics of one split: ``test_AP`` -> ``AP`` with ``prefix="test_"``; the split's
+    metrics only (never the other split's value under the same name)."""
+    if not prefix:
+        return {s: {k: v for k, v in m.items() if not k.startswith(TEST_PREFIX)} for s, m in per_seed.items()}
+    return {
+        s: {k[len(prefix) :]: v for k, v in m.items() if k.startswith(prefix)} for s, m in per_seed.items()
+    }
+
+
 #: "within 0.5 AP of the best", on the [0, 1] scale the trainer reports AP in.
 NEAR_BEST = 0.005
 
@@ -52,6 +68,12 @@ NEAR_BEST = 0.005
 BASELINE_ID = "baseline"
 CONFIRMATORY_ID = "confirmatory"
 SUMMARY_ARTIFACT = "evidence/summary.json"
+#: parent-run tag (``<tag>.diff``, ``<tag>.confirmatory_diff``) holding a comparison's primary outcome.
+PRIMARY_OUTCOME_TAG = "hdet.primary_outcome"
+#: parent-run tag: the seeds the fixed arms were started on, when seeds ran in rounds (JSON list).
+SEEDS_RUN_TAG = "hdet.seeds_run"
+#: parent-run tag: why the rounds stopped (target reached, max seeds, budget, or a failure).
+ROUNDS_STOP_TAG = "hdet.rounds_stop"
 
 
 @dataclass

@@ -7,14 +7,16 @@ be made for a search that ran on any cluster, or was interrupted.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from workers.evidence import aggregate_seeds, compare_metrics, sensitivity
+from workers.evidence.sequential import Rule
 from workers.summary.records import (
     BASELINE_ID,
     COMPARED_METRICS,
@@ -22,18 +24,21 @@ from workers.summary.records import (
     MECHANISM_METRICS,
     NEAR_BEST,
     OBJECTIVE,
+    PRIMARY_OUTCOME_TAG,
     REPORTED_METRICS,
+    SEEDS_RUN_TAG,
     SUMMARY_ARTIFACT,
     TEST_PREFIX,
     SearchSummary,
     TrialRecord,
+    split_metrics,
 )
 from workers.tracking import Tag
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
 
-__all__ = ["collect_summary", "log_summary", "epoch_history"]
+__all__ = ["collect_summary", "log_summary", "epoch_history", "evidence_plan"]
 
 
 def collect_summary(
@@ -64,6 +69,8 @@ def collect_summary(
     p = parent.data.params
     epochs = int(p.get("train.epochs", "0") or 0)
     seeds = json.loads(p.get("search.seeds", "[]") or "[]")
+    # seeds in rounds extend the fixed arms beyond search.seeds; the searched configurations keep them
+    fixed_seeds = json.loads(parent.data.tags.get(SEEDS_RUN_TAG, "null") or "null") or seeds
     children: list[Any] = []
     token = None
     while True:
@@ -83,7 +90,8 @@ def collect_summary(
     records: list[TrialRecord] = []
     fixed: dict[str, TrialRecord] = {}
     for tid, runs in groups.items():
-        rec = _record(tid, runs, seeds, epochs)
+        is_fixed = runs[0].data.tags.get(Tag.ARM) in (BASELINE_ID, CONFIRMATORY_ID)
+        rec = _record(tid, runs, fixed_seeds if is_fixed else seeds, epochs)
         if rec.arm in (BASELINE_ID, CONFIRMATORY_ID):
             fixed[rec.arm] = rec
         else:
@@ -95,20 +103,26 @@ def collect_summary(
     best = max(completed, key=lambda r: r.objective or -1.0, default=None)
     # Judge on the held-out test split when every arm compared has it on every seed.
     arms = [a for a in (best, confirmatory, baseline) if a is not None]
-    on_test = bool(arms) and all(_has_test(a, seeds) for a in arms)
+    on_test = bool(arms) and all(
+        _has_test(a, fixed_seeds if a.arm in (BASELINE_ID, CONFIRMATORY_ID) else seeds) for a in arms
+    )
     prefix = TEST_PREFIX if on_test else ""
     comparison: dict[str, dict[str, Any]] = {}
     confirmatory_comparison: dict[str, dict[str, Any]] = {}
+    primary, rule = evidence_plan(p)
     if baseline is not None and baseline.per_seed:
         base_metrics = _split_metrics(baseline, prefix)
         if best is not None:
+            # the best configuration ran on the fixed seeds only: its primary gets the fixed-n interval
             comparison = compare_metrics(
-                _split_metrics(best, prefix), base_metrics, COMPARED_METRICS, n_boot=n_boot
-            )
+                _split_metrics(best, prefix), base_metrics, COMPARED_METRICS, n_boot=n_boot, primary=primary,
+                rule=dataclasses.replace(rule, target_halfwidth=None, margin=rule.equivalence_margin),
+            )  # fmt: skip
         if confirmatory is not None and confirmatory.per_seed:
             confirmatory_comparison = compare_metrics(
-                _split_metrics(confirmatory, prefix), base_metrics, COMPARED_METRICS, n_boot=n_boot
-            )
+                _split_metrics(confirmatory, prefix), base_metrics, COMPARED_METRICS, n_boot=n_boot,
+                primary=primary, rule=rule,
+            )  # fmt: skip
     sens = sensitivity(
         [{"params": r.params, "objective": r.objective} for r in completed],
         params=_searched_params(records),
@@ -135,7 +149,7 @@ def collect_summary(
         experiment=experiment or parent.data.tags.get(Tag.SPEC_NAME, ""),
         parent_run_id=parent_run_id,
         objective=OBJECTIVE,
-        seeds=[int(s) for s in seeds],
+        seeds=[int(s) for s in fixed_seeds],
         algorithm=p.get("search.algorithm", ""),
         scheduler=p.get("search.scheduler", ""),
         epochs=epochs,
@@ -151,6 +165,23 @@ def collect_summary(
         ap_vs_iou=curves,
         complete=parent.data.tags.get(Tag.SEARCH_COMPLETE, "true") == "true",
     )
+
+
+def evidence_plan(params: Mapping[str, str]) -> tuple[str, Rule]:
+    """The primary metric and the evidence rule of a run, from its parent run's params (the flattened
+    spec, ``evidence.*``); a spec without an ``evidence`` section: AP, at alpha 0.05, fixed seeds."""
+    from workers.spec import EvidenceSpec
+
+    raw: dict[str, Any] = {}
+    prefix = "evidence."
+    for key, value in params.items():
+        if key.startswith(prefix):
+            try:
+                raw[key[len(prefix) :]] = json.loads(value)
+            except ValueError:
+                raw[key[len(prefix) :]] = value
+    section = EvidenceSpec.model_validate(raw)
+    return section.primary, section.rule()
 
 
 def _epoch_means(c: MlflowClient, rec: TrialRecord) -> dict[str, dict[int, float]]:
@@ -182,16 +213,7 @@ def _has_test(rec: TrialRecord, seeds: list[int]) -> bool:
 
 
 def _split_metrics(rec: TrialRecord, prefix: str) -> dict[int, dict[str, float]]:
-    """Per-seed metrics of one split: ``test_AP`` -> ``AP`` with ``prefix="test_"``; the split's
-    metrics only (never the other split's value under the same name)."""
-    if not prefix:
-        return {
-            s: {k: v for k, v in m.items() if not k.startswith(TEST_PREFIX)} for s, m in rec.per_seed.items()
-        }
-    return {
-        s: {k[len(prefix) :]: v for k, v in m.items() if k.startswith(prefix)}
-        for s, m in rec.per_seed.items()
-    }
+    return split_metrics(rec.per_seed, prefix)
 
 
 def _searched_params(records: list[TrialRecord]) -> list[str]:
@@ -292,7 +314,9 @@ def log_summary(
 
     Metrics (step 0), for each arm label ``best``, ``baseline``, ``confirmatory``: ``<arm>_<m>``
     (seed means) and ``<arm>_<m>_seed<s>``; for each comparison (``diff``, ``confirmatory_diff``):
-    ``<c>_<m>``, ``<c>_<m>_ci95_low``/``_high``, ``<c>_<m>_p`` and ``<c>_<m>_p_adjusted``; then
+    ``<c>_<m>``, ``<c>_<m>_ci95_low``/``_high``, ``<c>_<m>_p`` and ``<c>_<m>_p_adjusted``, and of
+    the primary metric ``<c>_primary_n``, ``_halfwidth`` and ``_mde`` (its outcome: the tag
+    ``PRIMARY_OUTCOME_TAG.<c>``, e.g. ``AP: undecided``); then
     ``share_within_0.5AP``, ``n_trials_<status>``, ``search_cpu_s``, ``search_wall_s``. Params:
     ``best.<path>`` and ``best.trial_id`` (a tag when a resumed search finds another best). Tags:
     ``Tag.JUDGED_ON``, ``Tag.BEST_TRIAL_ID``, ``Tag.BEST_CONFIG``, ``Tag.SEARCH_COMPLETE``.
@@ -324,6 +348,11 @@ def log_summary(
             metrics[f"{label}_{m}_p"] = comp["p_value"]
             if "p_adjusted" in comp:
                 metrics[f"{label}_{m}_p_adjusted"] = comp["p_adjusted"]
+            if comp.get("role") == "primary":
+                metrics[f"{label}_primary_n"] = float(comp["n_pairs"])
+                metrics[f"{label}_primary_halfwidth"] = (comp["ci_high"] - comp["ci_low"]) / 2
+                metrics[f"{label}_primary_mde"] = comp["mde"]
+                c.set_tag(parent_run_id, f"{PRIMARY_OUTCOME_TAG}.{label}", f"{m}: {comp['outcome']}")
     c.set_tag(parent_run_id, Tag.JUDGED_ON, summary.judged_on)
     if summary.sensitivity.get("n_configs"):
         metrics["share_within_0.5AP"] = summary.sensitivity["share_within"]

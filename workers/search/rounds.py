@@ -1,0 +1,136 @@
+"""Seeds in rounds for the fixed arms: with ``evidence.target_halfwidth`` the baseline and the
+confirmatory arm train on ``min_seeds`` seeds, then ``round_size`` more at a time, until the
+primary's t-mixture interval (:mod:`workers.evidence.sequential`) is that narrow or the seed cap
+(``max_seeds``, ``max_trainings``) is reached. The search's trials keep ``search.seeds``.
+
+The seeds are ``search.seeds`` followed by the integers after its largest, so a round's seeds are
+known before it starts and a resumed run finds the same ones. After each round the parent run's
+``SEEDS_RUN_TAG`` lists every seed started, so the summary pairs them all.
+
+Ray and MLflow are imported inside the functions, like the rest of the search.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+import numpy as np
+
+from workers.evidence import points_scale
+from workers.evidence.sequential import Decision, Rule, should_stop
+from workers.spec import Spec
+from workers.summary import BASELINE_ID, CONFIRMATORY_ID, ROUNDS_STOP_TAG, SEEDS_RUN_TAG
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
+
+    from workers.tracking import TrackingContext
+
+__all__ = ["RoundsOutcome", "first_round", "run_rounds", "seed_sequence"]
+
+#: the arms extended by the rounds.
+ARMS = (BASELINE_ID, CONFIRMATORY_ID)
+
+
+class RoundsOutcome(NamedTuple):
+    """How the rounds ended: the decision at the last look, the seeds run, and a failure's reason."""
+
+    decision: Decision | None
+    seeds: list[int]
+    error: str | None = None
+
+
+def seed_sequence(spec: Spec, n: int) -> list[int]:
+    """The seeds of the fixed arms up to ``n``: ``search.seeds`` (all of them, however many), then the
+    integers after its largest."""
+    assert spec.search is not None
+    seeds = list(spec.search.seeds)
+    nxt = max(seeds) + 1
+    while len(seeds) < n:
+        seeds.append(nxt)
+        nxt += 1
+    return seeds
+
+
+def rounds_rule(spec: Spec) -> Rule | None:
+    """The evidence rule when the spec asks for seeds in rounds, else None."""
+    ev = spec.evidence
+    return ev.rule() if ev is not None and ev.target_halfwidth is not None else None
+
+
+def first_round(spec: Spec) -> list[int]:
+    """The seeds of the fixed arms' first round: ``search.seeds``, extended to ``min_seeds`` with rounds."""
+    assert spec.search is not None
+    rule = rounds_rule(spec)
+    if rule is None:
+        return list(spec.search.seeds)
+    return seed_sequence(spec, min(max(rule.min_seeds, len(spec.search.seeds)), rule.seed_cap))
+
+
+def with_seeds(spec_data: dict[str, Any], seeds: list[int]) -> dict[str, Any]:
+    """A spec dict whose ``search.seeds`` are ``seeds`` (what a fixed arm's task trains)."""
+    return {**spec_data, "search": {**spec_data["search"], "seeds": list(seeds)}}
+
+
+def primary_diffs(c: MlflowClient, ctx: TrackingContext, primary: str) -> list[float]:
+    """The primary's paired differences (confirmatory - baseline, in table units) over the seeds both
+    fixed arms finished, in seed order, on the split the summary judges on."""
+    from workers.summary import collect_summary
+
+    summary = collect_summary(c, ctx.experiment_id, ctx.parent_run_id, experiment=ctx.experiment, n_boot=1)
+    comp = summary.confirmatory_comparison.get(primary)
+    if comp is None:
+        return []
+    per_seed = comp["per_seed"]
+    return [points_scale(primary) * float(per_seed[s]["diff"]) for s in sorted(per_seed)]
+
+
+def run_rounds(
+    spec: Spec,
+    ctx: TrackingContext,
+    seeds: list[int],
+    train_round: Callable[[list[int]], dict[str, str | None]],
+) -> RoundsOutcome:
+    """Look after each round; train the next until the rule stops (the first round has run).
+
+    Args:
+        spec: the spec (its ``evidence`` section asks for rounds).
+        ctx: the experiment's tracking context.
+        seeds: the seeds the first round trained.
+        train_round: trains both fixed arms on new seeds; returns arm -> failure reason or None.
+
+    Returns:
+        RoundsOutcome: the last decision (its reason also the parent run's ``ROUNDS_STOP_TAG``), every
+        seed started, and the failure that ended the rounds early.
+    """
+    from workers.tracking import client
+
+    rule = rounds_rule(spec)
+    assert rule is not None and spec.evidence is not None
+    c = client(ctx.tracking_uri)
+    seeds = list(seeds)
+    while True:
+        diffs = primary_diffs(c, ctx, spec.evidence.primary)
+        if len(diffs) < len(seeds):
+            reason = f"{len(seeds) - len(diffs)} seed(s) have no {spec.evidence.primary} in both arms"
+            c.set_tag(ctx.parent_run_id, ROUNDS_STOP_TAG, f"stopped: {reason}")
+            return RoundsOutcome(None, seeds, reason)
+        decision = should_stop(np.asarray(diffs), rule)
+        print(
+            f"rounds: {len(diffs)} seeds, {spec.evidence.primary} half-width {decision.halfwidth:.3g} "
+            f"(target {rule.target_halfwidth:g}): {decision.reason}",
+            flush=True,
+        )
+        if decision.stop:
+            c.set_tag(ctx.parent_run_id, ROUNDS_STOP_TAG, decision.reason)
+            return RoundsOutcome(decision, seeds)
+        new = seed_sequence(spec, min(len(seeds) + rule.round_size, rule.seed_cap))[len(seeds) :]
+        seeds += new
+        c.set_tag(ctx.parent_run_id, SEEDS_RUN_TAG, json.dumps(seeds))
+        failures = {arm: why for arm, why in train_round(new).items() if why}
+        if failures:
+            reason = "; ".join(f"{arm}: {why}" for arm, why in failures.items())
+            c.set_tag(ctx.parent_run_id, ROUNDS_STOP_TAG, f"failed: {reason}"[:4000])
+            return RoundsOutcome(decision, seeds, reason)
