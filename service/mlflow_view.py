@@ -7,20 +7,22 @@ run below it (``mlflow.parentRunId``), every tag name from :class:`workers.track
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import threading
 import time
 from collections import Counter
 from typing import Any
+from urllib.parse import urlencode
 
+from workers.summary.records import TEST_PREFIX
 from workers.tracking import CHILD_ROLE, PARENT_ROLE, Artifact, Tag, child_runs, close_running_runs
 
-__all__ = ["MlflowView", "MlflowUnavailable", "finite", "split_metrics", "has_test", "COMPARE_METRICS"]
+__all__ = ["MlflowView", "MlflowUnavailable", "finite", "has_test", "COMPARE_METRICS"]
 
 #: the metrics ``/v1/compare`` puts side by side.
 COMPARE_METRICS = ("AP", "AP50", "AP75", "AP90", "aic", "spearman")
-_TEST_PREFIX = "test_"
 
 
 class MlflowUnavailable(Exception):
@@ -162,12 +164,12 @@ class MlflowView:
             "summary": None,
         }
         if kind == "search":
-            collect_summary = _collect_summary()
-            summary = collect_summary(
-                self.client, parent.info.experiment_id, parent.info.run_id, experiment=name
-            )
-            out["summary"] = summary.to_dict()
+            out["summary"] = self.summary(parent, name).to_dict()
         return finite(out)
+
+    def summary(self, parent: Any, name: str) -> Any:
+        """The :class:`~workers.summary.SearchSummary` of a search's or comparison's parent run."""
+        return _collect_summary()(self.client, parent.info.experiment_id, parent.info.run_id, experiment=name)
 
     def _run(self, run: Any, *, checkpoint: bool) -> dict[str, Any]:
         tags, info = run.data.tags, run.info
@@ -197,37 +199,50 @@ class MlflowView:
 
     # ------------------------------------------------------------------ comparison
 
-    def seed_metrics(self, parent: Any, kind: str, name: str) -> dict[int, dict[str, float]]:
-        """Final metrics per seed: a run's finished training runs; a search's best configuration.
-        Held-out ``test_`` metrics are kept beside the validation ones (the caller picks the split)."""
-        if kind == "search":
-            summary = _collect_summary()(
-                self.client, parent.info.experiment_id, parent.info.run_id, experiment=name
-            )
-            best = summary.best
-            return {int(s): dict(m) for s, m in best.per_seed.items()} if best else {}
-        out: dict[int, dict[str, float]] = {}
-        for run in self.children(parent):
-            if run.info.status != "FINISHED" or run.data.tags.get(Tag.ROLE) != CHILD_ROLE:
-                continue
-            seed = _int(run.data.tags.get(Tag.SEED, run.data.params.get("train.seed")))
-            if seed is not None:
-                out[seed] = dict(run.data.metrics)
-        return out
+    def arm(self, parent: Any, kind: str, name: str) -> dict[str, Any]:
+        """What an experiment contributes to a comparison: every metric of every finished seed
+        (``test_`` ones beside the validation ones), the seeds' run ids, and which configuration
+        that is. A single run: its training runs. A search: its best configuration, else (a
+        comparison, whose space is empty) its confirmatory arm."""
+        if kind != "search":
+            per_seed: dict[int, dict[str, float]] = {}
+            runs: dict[int, str] = {}
+            for run in self.children(parent):
+                if run.info.status != "FINISHED" or run.data.tags.get(Tag.ROLE) != CHILD_ROLE:
+                    continue
+                seed = _int(run.data.tags.get(Tag.SEED, run.data.params.get("train.seed")))
+                if seed is not None:
+                    per_seed[seed], runs[seed] = dict(run.data.metrics), run.info.run_id
+            return {"arm": "run", "config": None, "per_seed": per_seed, "runs": runs}
+        summary = _collect_summary()(
+            self.client, parent.info.experiment_id, parent.info.run_id, experiment=name
+        )
+        rec = summary.best or summary.confirmatory
+        if rec is None:
+            return {"arm": None, "config": None, "per_seed": {}, "runs": {}}
+        metrics = {
+            r.info.run_id: dict(r.data.metrics) for r in self.children(parent)
+        }  # all, not the summary's
+        runs = {int(s): r for s, r in rec.child_runs.items() if s in rec.per_seed}
+        return {
+            "arm": "best" if rec is summary.best else "confirmatory",
+            "config": dict(rec.params),
+            "per_seed": {s: metrics.get(r, {}) for s, r in runs.items()},
+            "runs": runs,
+        }
 
-
-def split_metrics(per_seed: dict[int, dict[str, float]], on_test: bool) -> dict[int, dict[str, float]]:
-    """``COMPARE_METRICS`` of each seed on one split (``test_AP`` read as ``AP`` when ``on_test``)."""
-    prefix = _TEST_PREFIX if on_test else ""
-    out: dict[int, dict[str, float]] = {}
-    for seed, metrics in per_seed.items():
-        row = {m: metrics[prefix + m] for m in COMPARE_METRICS if prefix + m in metrics}
-        out[seed] = {m: v for m, v in row.items() if isinstance(v, int | float) and math.isfinite(v)}
-    return out
+    def compare_link(self, experiment_ids: list[str], run_ids: list[str]) -> str | None:
+        """MLflow's own compare view of ``run_ids`` (None without a UI URL)."""
+        if not (self.ui_url and run_ids):
+            return None
+        query = urlencode(
+            {"runs": json.dumps(run_ids), "experiments": json.dumps(sorted(set(experiment_ids)))}
+        )
+        return f"{self.ui_url}/#/compare-runs?{query}"
 
 
 def has_test(per_seed: dict[int, dict[str, float]]) -> bool:
-    return bool(per_seed) and all(_TEST_PREFIX + "AP" in m for m in per_seed.values())
+    return bool(per_seed) and all(TEST_PREFIX + "AP" in m for m in per_seed.values())
 
 
 def _int(value: Any) -> int | None:

@@ -6,9 +6,10 @@ and the spec's JSON Schema. Handlers stay short: the work is in :mod:`service.ex
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import AsyncIterator
 from functools import lru_cache, partial
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
@@ -19,7 +20,7 @@ from service import intake
 from service.app import Service, ServiceDep
 from service.db import BadCursor
 from service.jobs import JobNotFound, RayUnavailable
-from service.mlflow_view import COMPARE_METRICS, MlflowUnavailable, finite, has_test, split_metrics
+from service.mlflow_view import COMPARE_METRICS, MlflowUnavailable, finite, has_test
 from service.models import ExperimentRow, RecordFields
 from service.problems import Problem
 from service.schemas import EventList, Experiment, ExperimentList, RecordJson, event
@@ -250,18 +251,39 @@ def experiment_events(exp_id: str, service: ServiceDep, after: Annotated[int, Qu
 @router.get(
     "/v1/experiments/{exp_id}/results",
     tags=["experiments"],
-    summary="From MLflow, partial while running: parent and child runs, a search's summary.",
+    summary="From MLflow, partial while running: parent and child runs, a search's or comparison's "
+    "evidence (per arm, per seed, the primary's verdict); `format=markdown` renders it as the report does.",
+    responses={200: {"content": {"text/markdown": {"schema": {"type": "string"}}}}},
 )
-def experiment_results(exp_id: str, service: ServiceDep) -> dict[str, Any]:
+def experiment_results(
+    exp_id: str, service: ServiceDep, format: Annotated[Literal["json", "markdown"], Query()] = "json"
+) -> Any:
     row = _row(service, exp_id)
     out: dict[str, Any] = {"id": row.id, "status": row.status, "partial": row.status not in TERMINAL}
     parent = _parent_run(service, row)
-    if parent is None:
-        return {**out, "parent": None, "runs": [], "summary": None}
     try:
-        return {**out, **service.mlflow.results(parent, row.kind, row.name)}
+        if format == "markdown" and parent is not None and row.kind == "search":
+            from workers.report.document import render_markdown
+
+            text = render_markdown(service.mlflow.summary(parent, row.name))
+            return PlainTextResponse(text, media_type="text/markdown")
+        out |= service.mlflow.results(parent, row.kind, row.name) if parent else {"parent": None, "runs": []}
     except Exception as e:
         raise _mlflow_down(e) from None
+    if format == "markdown":
+        return PlainTextResponse(_runs_markdown(row.name, out), media_type="text/markdown")
+    return {"summary": None, **out}
+
+
+def _runs_markdown(name: str, res: dict[str, Any]) -> str:
+    """A single run's report: its training runs, a row per seed."""
+    metrics = [m for m in COMPARE_METRICS if any(m in r["metrics"] for r in res["runs"])]
+    lines = [f"# {name}", "", f"status {res['status']}" + (" (partial)" if res["partial"] else ""), ""]
+    lines += ["| run | seed | status | " + " | ".join(metrics) + " |", "|---" * (3 + len(metrics)) + "|"]
+    for r in res["runs"]:
+        values = [f"{r['metrics'][m]:.4g}" if m in r["metrics"] else "" for m in metrics]
+        lines.append(f"| {r['name']} | {r['seed']} | {r['status']} | " + " | ".join(values) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def _parent_run(service: Service, row: ExperimentRow) -> Any:
@@ -289,61 +311,121 @@ def _mlflow_down(e: Exception) -> Problem:
 @router.get(
     "/v1/compare",
     tags=["experiments"],
-    summary="AP, AP50, AP75, AP90, aic, spearman side by side; paired differences against the first.",
+    summary="2-10 finished experiments side by side: params, every metric per seed, paired differences.",
 )
 def compare(
-    service: ServiceDep, ids: Annotated[str, Query(description="2 to 10 experiment ids, comma-separated")]
+    service: ServiceDep,
+    ids: Annotated[
+        str,
+        Query(
+            description="2 to 10 ids, comma-separated: this service's experiment ids, or MLflow parent "
+            "run ids of experiments run elsewhere (`hdet run`, `ray job submit`, a RayJob)"
+        ),
+    ],
 ) -> dict[str, Any]:
     from workers.evidence import compare_metrics
+    from workers.summary import TEST_PREFIX, split_metrics
 
     wanted = list(dict.fromkeys(i.strip() for i in ids.split(",") if i.strip()))
     if not 2 <= len(wanted) <= 10:
         raise _bad_ids(f"2 to 10 distinct ids, got {len(wanted)}")
-    rows = [service.store.get(i) for i in wanted]
-    missing = [i for i, r in zip(wanted, rows) if r is None]
+    found = [_compared(service, i) for i in wanted]
+    missing = [i for i, f in zip(wanted, found) if f is None]
     if missing:
-        raise _bad_ids(f"no experiment {', '.join(missing)}")
-    per_seed: dict[str, dict[int, dict[str, float]]] = {}
-    for row in rows:
-        assert row is not None
-        parent = _parent_run(service, row)
+        raise _bad_ids(
+            f"no experiment {', '.join(missing)} (neither a record of this service nor an MLflow parent run)"
+        )
+    arms: dict[str, dict[str, Any]] = {}
+    for f in found:
+        assert f is not None
+        parent = f.pop("parent")
+        if parent is None:  # not started yet: nothing measured
+            arms[f["id"]] = {"arm": None, "config": None, "per_seed": {}, "runs": {}}
+            continue
         try:
-            per_seed[row.id] = service.mlflow.seed_metrics(parent, row.kind, row.name) if parent else {}
+            arms[f["id"]] = service.mlflow.arm(parent, f["kind"], f["name"])
         except Exception as e:
             raise _mlflow_down(e) from None
-    on_test = all(has_test(p) for p in per_seed.values())
-    split = {i: split_metrics(p, on_test) for i, p in per_seed.items()}
-    experiments = []
-    for row in rows:
-        assert row is not None
-        seeds = split[row.id]
-        means = {m: _mean([s[m] for s in seeds.values() if m in s]) for m in COMPARE_METRICS}
+    on_test = all(has_test(a["per_seed"]) for a in arms.values())
+    split = {i: split_metrics(a["per_seed"], TEST_PREFIX if on_test else "") for i, a in arms.items()}
+    experiments, run_ids, mlflow_experiments = [], [], []
+    for f in found:
+        assert f is not None
+        arm, seeds = arms[f["id"]], split[f["id"]]
+        names = sorted({m for metrics in seeds.values() for m in metrics})
+        means = {m: _mean([s[m] for s in seeds.values() if m in s]) for m in names}
         experiments.append(
-            {"id": row.id, "name": row.name, "loss": row.loss, "arch": row.arch, "status": row.status,
-             "seeds": sorted(seeds), "mean": means, "per_seed": {str(k): v for k, v in seeds.items()}}
+            {**f, "arm": arm["arm"], "config": arm["config"], "seeds": sorted(seeds), "mean": means,
+             "per_seed": {str(k): v for k, v in seeds.items()},
+             "runs": {str(k): v for k, v in arm["runs"].items()}}
         )  # fmt: skip
+        run_ids += list(arm["runs"].values())
+        mlflow_experiments.append(f["mlflow_experiment_id"])
     first = wanted[0]
+    first_name = experiments[0]["name"]
     paired: dict[str, Any] = {}
-    for row in rows[1:]:
-        assert row is not None
-        shared = sorted(set(split[first]) & set(split[row.id]))
+    for other in experiments[1:]:
+        shared = sorted(set(split[first]) & set(split[other["id"]]))
         entry: dict[str, Any] = {"against": first, "shared_seeds": shared}
         if len(shared) >= 2:
             entry["comparison"] = compare_metrics(
-                {s: split[row.id][s] for s in shared},
+                {s: split[other["id"]][s] for s in shared},
                 {s: split[first][s] for s in shared},
                 COMPARE_METRICS,
-                treatment_label=row.name,
-                baseline_label=rows[0].name if rows[0] else first,
+                treatment_label=other["name"],
+                baseline_label=first_name,
             )
         else:
             entry["comparison"] = None
             entry["note"] = "paired differences need at least 2 seeds measured in both"
-        paired[row.id] = entry
+        paired[other["id"]] = entry
     return finite(
         {"judged_on": "test" if on_test else "val", "metrics": list(COMPARE_METRICS),
-         "experiments": experiments, "paired": paired}
+         "experiments": experiments, "paired": paired,
+         "mlflow_compare": service.mlflow.compare_link(mlflow_experiments, run_ids)}
     )  # fmt: skip
+
+
+_RUN_ID = re.compile(r"^[0-9a-f]{32}$")
+
+
+def _compared(service: Service, any_id: str) -> dict[str, Any] | None:
+    """One experiment to compare, by this service's id or its MLflow parent run id; None if neither."""
+    from workers.tracking import PARENT_ROLE, Tag
+
+    row = service.store.get(any_id)
+    if row is not None:
+        parent = _parent_run(service, row)
+        params = dict(parent.data.params) if parent is not None else {}
+        return {"id": row.id, "name": row.name, "kind": row.kind, "loss": row.loss, "arch": row.arch,
+                "status": row.status, "params": params, "parent": parent,
+                "parent_run_id": parent.info.run_id if parent is not None else None,
+                "mlflow_experiment_id": parent.info.experiment_id if parent is not None else None,
+                "link": service.mlflow.link(parent.info.experiment_id, parent.info.run_id) if parent else None}  # fmt: skip
+    if not _RUN_ID.match(any_id):
+        return None
+    try:
+        parent = service.mlflow.client.get_run(any_id)
+    except Exception as e:
+        if getattr(e, "error_code", None) == "RESOURCE_DOES_NOT_EXIST":
+            return None
+        raise _mlflow_down(e) from None
+    tags, params = parent.data.tags, dict(parent.data.params)
+    if tags.get(Tag.ROLE) != PARENT_ROLE:
+        return None
+    return {
+        "id": any_id,
+        "name": tags.get(Tag.SPEC_NAME) or parent.info.run_name,
+        "kind": "search" if "search.algorithm" in params else "run",
+        "loss": tags.get(Tag.LOSS),
+        "arch": tags.get(Tag.ARCH),
+        "status": parent.info.status,
+        "params": params,
+        "parent": parent,
+        "parent_run_id": any_id,
+        "mlflow_experiment_id": parent.info.experiment_id,
+        "link": service.mlflow.link(parent.info.experiment_id, any_id),
+    }
 
 
 def _bad_ids(message: str) -> Problem:

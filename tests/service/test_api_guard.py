@@ -132,7 +132,7 @@ BAD_BODIES = [
     pytest.param({"name": "x"}, "dataset", id="missing-dataset"),
     pytest.param(tiny_spec(**{"tracking.tracking_uri": "sqlite:///elsewhere.db"}), "tracking.tracking_uri", id="foreign-mlflow"),
     pytest.param(tiny_spec(**{"train.debug.nonfinite_step": 3}), "train.debug", id="fault-injection"),
-    pytest.param(tiny_spec(**{"scaling.num_workers": 8}), "scaling", id="more-cpus-than-the-cluster"),
+    pytest.param(tiny_spec(**{"scaling.num_workers": 8}), "scaling.num_workers", id="more-cpus-than-the-cluster"),
 ]  # fmt: skip
 
 

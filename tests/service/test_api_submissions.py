@@ -254,13 +254,13 @@ def test_a_submission_that_waits_too_long_for_its_turn_is_503_and_nothing_is_sto
 # ---------------------------------------------------------------------- reconciler
 
 
-def _insert(service: Service, name: str, status: Status, exp_id: str | None = None) -> str:
+def _insert(service: Service, name: str, status: Status, exp_id: str | None = None, kind: str = "run") -> str:
     """A record as a previous life of the service left it (its Ray job unknown to this Ray)."""
     spec = Spec.parse(tiny_spec(name), check_paths=False)
     exp_id = exp_id or service.experiments.new_id(None)
     spec_json = canonical_json(spec)
     row = ExperimentRow(
-        id=exp_id, name=name, kind="run", loss=spec.loss.kind, arch=spec.detector.arch, spec=spec_json,
+        id=exp_id, name=name, kind=kind, loss=spec.loss.kind, arch=spec.detector.arch, spec=spec_json,
         body_hash="x", idempotency_key=None,
     )  # fmt: skip
     service.store.insert_submitting(row)
@@ -428,6 +428,95 @@ def test_compare_pairs_the_seeds_against_the_first_experiment(stack: Stack, clie
     for bad in (base, f"{base},exp-0000000000000000", ",".join([base] * 11)):
         r = client.get("/v1/compare", params={"ids": bad}, headers=auth())
         assert r.status_code == 422 and r.json()["errors"][0]["field"] == "ids"
+
+
+def _comparison_run_elsewhere(stack: Stack, ap: dict[str, list[float]], **tags: str) -> tuple[str, list[str]]:
+    """An MLflow parent run of a comparison (empty search space: baseline and confirmatory arms)
+    that no service submitted, as `hdet run` or `ray job submit` leaves it; its child run ids."""
+    c = MlflowClient(tracking_uri=stack.mlflow_uri)
+    exp = c.get_experiment_by_name("svc-tests")
+    eid = exp.experiment_id if exp else c.create_experiment("svc-tests")
+    parent = c.create_run(
+        eid, tags={Tag.ROLE: PARENT_ROLE, Tag.SPEC_NAME: "cmp-elsewhere", Tag.LOSS: "harmonicdet", **tags}
+    )
+    pid = parent.info.run_id
+    for key, value in {
+        "search.algorithm": "random",
+        "search.seeds": "[0, 1, 2]",
+        "train.epochs": "1",
+    }.items():
+        c.log_param(pid, key, value)
+    children = []
+    for arm, values in ap.items():
+        for seed, value in enumerate(values):
+            tags = {"mlflow.parentRunId": pid, Tag.ROLE: "child", Tag.SEED: str(seed), Tag.TRIAL_ID: arm,
+                    Tag.ARM: arm, Tag.CONFIG: json.dumps({"loss.kind": arm})}  # fmt: skip
+            run = c.create_run(eid, tags=tags)
+            for metric, v in {
+                "epoch": 1,
+                "AP": value,
+                "test_AP": value,
+                "test_AP50": value + 0.2,
+                "test_APs": value / 3,
+            }.items():
+                c.log_metric(run.info.run_id, metric, v, step=1)
+            c.set_terminated(run.info.run_id, "FINISHED")
+            children.append(run.info.run_id)
+    c.set_terminated(pid, "FINISHED")
+    return pid, children
+
+
+def test_compare_takes_a_comparisons_confirmatory_arm_and_experiments_run_elsewhere(
+    stack: Stack, client: TestClient
+) -> None:
+    base = _seeded(stack, client, "cmp-single", [0.30, 0.32, 0.31])
+    pid, children = _comparison_run_elsewhere(
+        stack, {"baseline": [0.3, 0.3, 0.3], "confirmatory": [0.35, 0.36, 0.34]}
+    )
+    r = client.get("/v1/compare", params={"ids": f"{base},{pid}"}, headers=auth())
+    assert r.status_code == 200, r.text
+    body = r.json()
+    single, comparison = body["experiments"]
+    assert (
+        comparison["id"] == pid and comparison["name"] == "cmp-elsewhere" and comparison["kind"] == "search"
+    )
+    assert comparison["arm"] == "confirmatory" and comparison["config"] == {"loss.kind": "confirmatory"}
+    assert comparison["seeds"] == [0, 1, 2] and comparison["params"]["search.algorithm"] == "random"
+    assert comparison["mean"]["AP"] == pytest.approx(0.35)
+    assert "APs" in comparison["mean"]  # every metric the runs logged, not a fixed list
+    assert single["params"] == {} and "AP90" in single["mean"]
+    paired = body["paired"][pid]["comparison"]["AP"]
+    assert paired["mean_diff"] == pytest.approx(0.35 - 0.31)
+    link = body["mlflow_compare"]
+    assert link.startswith(stack.mlflow_uri) and "compare-runs" in link
+    assert all(run_id in link for run_id in children[3:])  # the confirmatory seeds' runs
+    r = client.get(f"/v1/experiments/{base}/results", params={"format": "markdown"}, headers=auth())
+    assert r.status_code == 200 and "| run | seed | status | AP |" in r.text, r.text
+    r = client.get("/v1/compare", params={"ids": f"{base},{'0' * 32}"}, headers=auth())
+    assert r.status_code == 422 and "neither a record" in r.json()["detail"]
+
+
+def test_results_of_a_comparison_carry_its_evidence_as_json_and_markdown(
+    stack: Stack, client: TestClient
+) -> None:
+    service = _service(client)
+    exp_id = service.experiments.new_id(None)
+    arms = {"baseline": [0.30, 0.31, 0.29], "confirmatory": [0.36, 0.35, 0.37]}
+    _comparison_run_elsewhere(stack, arms, **{Tag.EXPERIMENT_ID: exp_id})
+    _insert(service, "cmp-results", Status.RUNNING, exp_id, kind="search")
+    wait_for(
+        lambda: _status(client, exp_id) == "SUCCEEDED", 30, "the comparison to take its parent's outcome"
+    )
+    body = client.get(f"/v1/experiments/{exp_id}/results", headers=auth()).json()
+    summary = body["summary"]
+    assert summary["confirmatory"]["arm"] == "confirmatory" and summary["baseline"]["arm"] == "baseline"
+    ap = summary["confirmatory_comparison"]["AP"]
+    assert ap["mean_diff"] == pytest.approx(0.06) and ap["n_pairs"] == 3 and ap["role"] == "primary"
+    r = client.get(f"/v1/experiments/{exp_id}/results", params={"format": "markdown"}, headers=auth())
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/markdown")
+    assert "confirmatory" in r.text and "| AP" in r.text
+    r = client.get(f"/v1/experiments/{exp_id}/results", params={"format": "pdf"}, headers=auth())
+    assert r.status_code == 422
 
 
 def test_a_recent_mlflow_answer_serves_submissions_and_a_failure_clears_it(stack: Stack) -> None:
