@@ -72,3 +72,66 @@ def _left_running(home: Path, wait_s: float = 5.0) -> list[str]:
 def left_running() -> Callable[[Path], list[str]]:
     """``left_running(home)``: the processes a run of data directory ``home`` left running."""
     return _left_running
+
+
+# ------------------------------------------------------------------------------------------ tiers
+#: Tiers (pytest markers): ``unit`` (pure code, no process beyond a short tool run: ``pytest -m unit``
+#: is a developer's loop), ``integration`` (real Ray, MLflow server, PostgreSQL or service stack),
+#: ``e2e`` (whole trainings, searches and jobs). ``./test.sh`` runs them all. A test may carry its
+#: tier as a marker; otherwise its module's tier below decides, and a test that uses the service
+#: stack is integration whatever its module.
+TIERS = ("unit", "integration", "e2e")
+E2E_MODULES = {
+    "tests/search/test_comparison_on_ray.py",
+    "tests/search/test_search_on_ray.py",
+    "tests/search/test_trial_lifecycle.py",
+    "tests/search/test_rounds_on_ray.py",
+    "tests/workers/test_train_on_ray.py",
+    "tests/workers/test_stop_signals.py",
+    "tests/workers/test_pretrain.py",
+    "tests/workers/test_evidence_local.py",
+    "tests/workers/test_bench_train.py",
+    "tests/service/test_api_lifecycle.py",
+    "tests/service/test_client.py",
+    "tests/deploy/test_ray_job_submit.py",
+}
+INTEGRATION_MODULES = {
+    "tests/deploy/test_compose.py",
+    "tests/search/test_imports.py",
+    "tests/search/test_space.py",
+    "tests/service/test_api_guard.py",
+    "tests/service/test_api_paths.py",
+    "tests/service/test_api_submissions.py",
+    "tests/service/test_serve_cli.py",
+    "tests/service/test_store.py",
+    "tests/test_layers.py",
+    "tests/test_readme.py",
+    "tests/workers/test_cpu_share.py",
+    "tests/workers/test_local_ray.py",
+    "tests/workers/test_orphans.py",
+    "tests/workers/test_pace.py",
+    "tests/workers/test_ray_compat.py",
+    "tests/workers/test_run_args.py",
+}
+#: Fixtures that start real parts: a test that uses one is integration at least.
+REAL_FIXTURES = {"stack"}
+
+
+def tier_of(item: pytest.Item) -> str:
+    """The tier of one collected test (see :data:`TIERS`)."""
+    given = [m.name for m in item.iter_markers() if m.name in TIERS]
+    if given:
+        return given[0]
+    module = Path(str(item.path)).relative_to(Path(__file__).resolve().parents[1]).as_posix()
+    if module in E2E_MODULES:
+        return "e2e"
+    if module in INTEGRATION_MODULES or REAL_FIXTURES & set(getattr(item, "fixturenames", ())):
+        return "integration"
+    return "unit"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        tier = tier_of(item)
+        if not any(m.name == tier for m in item.iter_markers()):
+            item.add_marker(getattr(pytest.mark, tier))
