@@ -12,6 +12,8 @@ from workers.evidence import (
     aggregate_seeds,
     compare_metrics,
     paired_comparison,
+    pairing_gain,
+    pairing_sentence,
     sensitivity,
     wilcoxon_min_p,
 )
@@ -179,3 +181,60 @@ def test_sensitivity_of_nothing():
     assert s["n_configs"] == 0 and s["n_failed"] == 1 and math.isnan(s["share_within"])
     with pytest.raises(EvidenceError, match="tolerance"):
         sensitivity([], tolerance=-1)
+
+
+def test_identical_arms_shifted_by_a_constant_leave_differences_without_spread():
+    baseline = {0: 0.30, 1: 0.32, 2: 0.35, 3: 0.31}
+    treatment = {s: v + 0.05 for s, v in baseline.items()}
+    r = paired_comparison(treatment, baseline)
+    sd = float(np.std(list(baseline.values()), ddof=1))
+    assert r["sd_treatment"] == pytest.approx(sd) and r["sd_baseline"] == pytest.approx(sd)
+    assert r["sd_diff"] == pytest.approx(0.0, abs=1e-12) and r["sd_diff"] == pytest.approx(r["std_diff"])
+    assert r["correlation"] == pytest.approx(1.0)
+    assert r["sd_unpaired"] == pytest.approx(math.sqrt(2) * sd)
+
+
+def test_mirrored_arms_are_perfectly_anticorrelated_and_double_the_spread():
+    baseline = {0: 0.30, 1: 0.32, 2: 0.35}
+    treatment = {s: 0.70 - v for s, v in baseline.items()}
+    r = pairing_gain([treatment[s] for s in (0, 1, 2)], [baseline[s] for s in (0, 1, 2)])
+    sd = float(np.std(list(baseline.values()), ddof=1))
+    assert r["correlation"] == pytest.approx(-1.0)
+    assert r["sd_diff"] == pytest.approx(2 * sd)
+
+
+def test_the_variance_of_the_differences_follows_from_the_arms_and_their_correlation():
+    rng = np.random.default_rng(3)
+    shared = rng.normal(0.3, 0.02, 8)
+    t, b = shared + rng.normal(0.01, 0.01, 8), shared + rng.normal(0.0, 0.01, 8)
+    r = pairing_gain(t, b)
+    assert r["correlation"] == pytest.approx(float(np.corrcoef(t, b)[0, 1]))
+    var = (
+        r["sd_treatment"] ** 2
+        + r["sd_baseline"] ** 2
+        - 2 * r["correlation"] * r["sd_treatment"] * r["sd_baseline"]
+    )
+    assert r["sd_diff"] ** 2 == pytest.approx(var)
+    assert r["sd_diff"] < r["sd_unpaired"]  # the shared seed effect is what pairing removes
+
+
+def test_no_correlation_with_two_seeds_or_an_arm_without_spread():
+    assert pairing_gain([0.3, 0.4], [0.2, 0.25])["correlation"] is None
+    flat = pairing_gain([0.3, 0.3, 0.3], [0.2, 0.25, 0.21])
+    assert flat["correlation"] is None and flat["sd_treatment"] == 0.0
+    one = paired_comparison({0: 0.3}, {0: 0.2})
+    assert one["correlation"] is None and math.isnan(one["sd_diff"])
+    with pytest.raises(EvidenceError):
+        pairing_gain([0.3, 0.4], [0.2])
+
+
+def test_every_compared_metric_says_what_the_pairing_bought_in_table_units():
+    baseline = {0: {"AP": 0.30}, 1: {"AP": 0.32}, 2: {"AP": 0.35}}
+    treatment = {s: {"AP": m["AP"] + 0.01} for s, m in baseline.items()}
+    comp = compare_metrics(treatment, baseline, ("AP",))["AP"]
+    assert comp["correlation"] == pytest.approx(1.0) and comp["sd_diff"] == pytest.approx(0.0, abs=1e-12)
+    assert pairing_sentence(comp, "AP", "HarmonicDet (best)") == (
+        "AP: SD baseline 2.52, HarmonicDet (best) 2.52, of the paired differences 0.00, correlation +1.00; "
+        "independent arms: 3.56"
+    )
+    assert pairing_sentence({"mean_diff": 0.1}, "AP") == ""  # a comparison from before these values

@@ -47,6 +47,7 @@ SPEC: dict[str, Any] = {
         "seeds": [0],
         "baseline": True,
         "confirmatory": True,
+        "confirm_best": False,  # the confirmation on fresh seeds: tests/search/test_confirm_best_on_ray.py
     },
     "tracking": {"experiment": "search-test"},
 }

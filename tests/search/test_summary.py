@@ -162,3 +162,38 @@ def test_means_come_from_the_judged_split_not_the_selection_split():
     assert "on the test split" in table and "winner's curse" not in table
     assert "| AP | 26.1 ± 1.1 | 21.0 ± 1.0 | +5.0 |" in render_markdown(s)
     assert "| 2 | 27.1 / 22.0 |" in render_markdown(s)  # per-seed values of the judged split
+
+
+def test_table_and_report_say_what_the_pairing_bought_on_the_primary():
+    s = _noisy(_summary())
+    table = s.format_table()
+    (line,) = [x for x in table.splitlines() if x.startswith("pairing: ")]
+    # best AP 34, 35, 36 and baseline 33, 34.5, 34 points: SDs 1 and sqrt(7/12), differences 1, 0.5, 2
+    # (SD sqrt(7/12) too), covariance 0.5, so r = 0.5 / sqrt(7/12) = 0.65
+    assert line == (
+        "pairing: AP: SD baseline 0.76, HarmonicDet (best) 1.00, of the paired differences 0.76, "
+        "correlation +0.65; independent arms: 1.26"
+    )
+    assert "Pairing by seed: AP: SD baseline 0.76, HarmonicDet (best) 1.00" in render_markdown(s)
+
+
+def test_table_and_report_say_beside_the_verdict_whether_the_arms_had_converged():
+    from workers.evidence import plateau
+
+    s = _summary()
+    s.convergence = {
+        "baseline": plateau({0: {1: 0.20, 2: 0.23, 3: 0.26}, 1: {1: 0.21, 2: 0.24, 3: 0.27}}),
+        "best": plateau({0: {1: 0.30, 2: 0.33, 3: 0.336}, 1: {1: 0.31, 2: 0.34, 3: 0.35}}),
+    }
+    lines = s.format_table().splitlines()
+    at = next(i for i, line in enumerate(lines) if line.startswith("verdict:"))
+    assert lines[at + 2 : at + 4] == [
+        "convergence: baseline still improving: +3.0 AP over the last 1 of 3 epochs against a seed SD of 0.7; "
+        "the verdict compares arms before they converged",
+        "convergence: HarmonicDet (best) plateaued: +0.8 AP over the last 1 of 3 epochs against a seed SD of 1.0",
+    ]
+    back = SearchSummary.from_dict(json.loads(json.dumps(s.to_dict())))
+    assert back.convergence["baseline"]["plateaued"] is False and back.format_table() == s.format_table()
+    md = render_markdown(s)
+    assert "Convergence (validation AP): baseline still improving: +3.0 AP" in md
+    assert "HarmonicDet (best) plateaued" in md

@@ -162,7 +162,13 @@ def local_ray(
     request: pytest.FixtureRequest, scratch: Callable[[pytest.FixtureRequest, str], Path]
 ) -> Iterator[Path]:
     home = scratch(request, "lifecycle")
-    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", logging_level="WARNING")
+    ray.init(
+        address="local",
+        num_cpus=2,
+        include_dashboard=False,
+        _node_ip_address="127.0.0.1",
+        logging_level="WARNING",
+    )
     yield home
     ray.shutdown()
 

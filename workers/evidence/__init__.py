@@ -28,6 +28,10 @@ Verdict (:func:`compare_metrics`, :func:`decide`)
     "undecided"), said in those words, and :func:`verdict_sentence` says when few seeds make the
     interval wide.
 
+Convergence (:mod:`workers.evidence.convergence`)
+    Whether each arm's validation AP had stopped improving when the verdict was taken: a gain over
+    the last quarter of the epochs no larger than the seeds' SD (:func:`plateau`).
+
 Seeds in rounds (:mod:`workers.evidence.sequential`)
     When the user asks for a precision (a target half-width), seeds run in rounds until the
     primary's interval is that narrow; its interval is then a t-mixture confidence sequence
@@ -37,6 +41,7 @@ Seeds in rounds (:mod:`workers.evidence.sequential`)
 
 from __future__ import annotations
 
+from workers.evidence.convergence import plateau, plateau_sentence
 from workers.evidence.paired import (
     ALPHA,
     BOOTSTRAP_MIN_PAIRS,
@@ -48,6 +53,7 @@ from workers.evidence.paired import (
     hodges_lehmann_interval,
     holm_adjust,
     paired_comparison,
+    pairing_gain,
     points_scale,
     studentized_bootstrap_interval,
     wilcoxon_min_p,
@@ -64,6 +70,7 @@ from workers.evidence.verdict import (
     interval_header,
     method_note,
     metric_cell,
+    pairing_sentence,
     verdict_sentence,
 )
 
@@ -86,6 +93,10 @@ __all__ = [
     "method_note",
     "metric_cell",
     "paired_comparison",
+    "pairing_gain",
+    "pairing_sentence",
+    "plateau",
+    "plateau_sentence",
     "points_scale",
     "sensitivity",
     "studentized_bootstrap_interval",

@@ -83,6 +83,47 @@ def _signed_rank_null_cdf(n: int) -> np.ndarray:
     return np.cumsum(pmf)
 
 
+#: fewest pairs for which :func:`pairing_gain` gives a correlation (two points always lie on a line).
+CORRELATION_MIN_PAIRS = 3
+
+
+def pairing_gain(treatment: ArrayLike, baseline: ArrayLike) -> dict[str, float | None]:
+    """What pairing by seed bought: each arm's SD over seeds, the SD of the paired differences, and
+    the correlation of the arms over seeds.
+
+    ``var(d) = var(t) + var(b) - 2 r sd(t) sd(b)``: a positive correlation r (a seed good for one arm
+    is good for the other) makes the differences less noisy than two independent arms would be,
+    which is what pairing buys; ``sd_unpaired`` is the SD of the difference of independent arms
+    with the same spreads, ``sqrt(var(t) + var(b))``.
+
+    Args:
+        treatment, baseline (ArrayLike): the arms' values on the same seeds, in the same order.
+
+    Returns:
+        dict: ``sd_treatment``, ``sd_baseline``, ``sd_diff`` (sample SDs, NaN with one seed),
+        ``sd_unpaired`` and ``correlation`` (Pearson; None with fewer than
+        :data:`CORRELATION_MIN_PAIRS` seeds or when an arm does not vary).
+    """
+    t = np.asarray(treatment, dtype=float)
+    b = np.asarray(baseline, dtype=float)
+    if t.shape != b.shape:
+        raise EvidenceError(f"pairing_gain: {t.size} treatment values but {b.size} baseline values")
+    nan = float("nan")
+    n = t.size
+    sd_t = float(t.std(ddof=1)) if n > 1 else nan
+    sd_b = float(b.std(ddof=1)) if n > 1 else nan
+    correlation = None
+    if n >= CORRELATION_MIN_PAIRS and sd_t > 0 and sd_b > 0:
+        correlation = float(np.clip(np.corrcoef(t, b)[0, 1], -1.0, 1.0))
+    return {
+        "sd_treatment": sd_t,
+        "sd_baseline": sd_b,
+        "sd_diff": float((t - b).std(ddof=1)) if n > 1 else nan,
+        "sd_unpaired": math.sqrt(sd_t**2 + sd_b**2) if n > 1 else nan,
+        "correlation": correlation,
+    }
+
+
 def hodges_lehmann_interval(diffs: ArrayLike, confidence: float = 0.95) -> tuple[float, float, float, float]:
     """The interval of the Walsh averages that inverts the exact Wilcoxon signed-rank test.
 
@@ -176,10 +217,11 @@ def paired_comparison(
         ``boot_ci_low``/``boot_ci_high``/``boot_method`` (studentised bootstrap; NaN, NaN,
         None below ``BOOTSTRAP_MIN_PAIRS`` pairs), ``wins`` (seeds where treatment >
         baseline), ``per_seed`` ({seed: {treatment, baseline, diff}}), ``unpaired_seeds``,
-        ``confidence``, a human-readable ``note``, and ``estimate``/``estimand``: the point
-        estimate of the quantity the interval is about (``mean`` for ``t``, ``pseudo-median`` =
-        ``hl_estimate`` for ``wilcoxon-hl``). With a single pair every statistic except
-        ``mean_diff`` is NaN.
+        ``confidence``, a human-readable ``note``, what the pairing bought (:func:`pairing_gain`:
+        ``sd_treatment``, ``sd_baseline``, ``sd_diff``, ``sd_unpaired``, ``correlation``), and
+        ``estimate``/``estimand``: the point estimate of the quantity the interval is about
+        (``mean`` for ``t``, ``pseudo-median`` = ``hl_estimate`` for ``wilcoxon-hl``). With a single
+        pair every statistic except ``mean_diff`` is NaN (``correlation`` None).
 
     Raises:
         EvidenceError: no seed is shared by both arms, or ``n_boot``/``confidence`` are invalid.
@@ -228,6 +270,10 @@ def paired_comparison(
             s: {"treatment": t_vals[s], "baseline": b_vals[s], "diff": t_vals[s] - b_vals[s]} for s in seeds
         },
         "unpaired_seeds": unpaired,
+        **pairing_gain(
+            np.array([t_vals[s] for s in seeds], dtype=float),
+            np.array([b_vals[s] for s in seeds], dtype=float),
+        ),
     }
     if n < 2:
         result["note"] = "only one paired seed: no interval or test is possible"

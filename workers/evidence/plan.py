@@ -178,7 +178,7 @@ def sd_from_run(run_id: str, tracking_uri: str | None = None) -> tuple[float, st
         run = c.get_run(run_id)
     except MlflowException as e:
         raise LookupError(f"--from-run: {e.message}") from None
-    summary = collect_summary(c, run.info.experiment_id, run_id, n_boot=1)
+    summary = collect_summary(c, run.info.experiment_id, run_id, n_boot=1, history=False)
     for name, table in (("confirmatory", summary.confirmatory_comparison), ("best", summary.comparison)):
         primary = next((m for m, comp in table.items() if comp.get("role") == "primary"), None)
         if primary is not None:

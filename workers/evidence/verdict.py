@@ -332,6 +332,27 @@ def _primary_sentence(comp: Mapping[str, Any], metric: str, treatment_label: str
     return sentence
 
 
+def pairing_sentence(
+    comp: Mapping[str, Any],
+    metric: str,
+    treatment_label: str = "HarmonicDet",
+    baseline_label: str = "baseline",
+) -> str:
+    """What pairing by seed bought on one metric, in table units: e.g. ``"AP: SD baseline 1.90,
+    HarmonicDet 2.10, of the paired differences 2.40, correlation +0.20; independent arms: 2.83"``
+    (:func:`workers.evidence.paired.pairing_gain`); empty for a comparison without those values."""
+    if "sd_diff" not in comp:
+        return ""
+    scale = points_scale(metric)
+    r = comp.get("correlation")
+    corr = f"correlation {float(r):+.2f}" if r is not None else "no correlation (under 3 seeds or no spread)"
+    return (
+        f"{metric}: SD {baseline_label} {_num(comp.get('sd_baseline'), scale)}, {treatment_label} "
+        f"{_num(comp.get('sd_treatment'), scale)}, of the paired differences {_num(comp['sd_diff'], scale)}, "
+        f"{corr}; independent arms: {_num(comp.get('sd_unpaired'), scale)}"
+    )
+
+
 def interval_header(comparison: Mapping[str, Mapping[str, Any]]) -> str:
     """The column title of a table's intervals, e.g. ``"95% CI (t)"``; without a method when the
     metrics of the table use different ones (then :func:`interval_cell` names it per cell)."""

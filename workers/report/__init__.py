@@ -3,6 +3,7 @@ Renderers read a :class:`workers.summary.SearchSummary`; ``hdet report`` rebuild
 
 * :mod:`workers.report.document`: Markdown and HTML (:func:`render_markdown`, :func:`render_html`).
 * :mod:`workers.report.text`: the plain-text table printed at the end of a search (:func:`format_table`).
+* :mod:`workers.report.tables`: which comparison tables a summary holds, in the order both show them.
 * :mod:`workers.report.plots`: the evidence plots (:func:`draw_plots`).
 * :mod:`workers.report.cli`: ``hdet report`` (:func:`main`, :func:`build_report`) and the evidence
   folder a search logs (:func:`write_evidence`).

@@ -10,6 +10,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from workers.report.cells import arm_mean_sd_cell, fmt_value, num, points, pval, scale_of, seed_mean_sd
+from workers.report.tables import comparison_tables, confirmation_lines, convergence_lines
 
 if TYPE_CHECKING:
     from workers.summary import SearchSummary, TrialRecord
@@ -20,12 +21,19 @@ Block = tuple[Any, ...]
 
 
 def _comparison_blocks(
-    comparison: Mapping[str, Mapping[str, Any]], column: str, primary: str, seeds: list[int]
+    comparison: Mapping[str, Mapping[str, Any]],
+    column: str,
+    primary: str,
+    seeds: list[int],
+    converged: list[str] | None = None,
+    label: str | None = None,
 ) -> list[Block]:
-    """One comparison table (one Holm family) with its verdict, its method and its per-seed values."""
+    """One comparison table (one Holm family) with its verdict, what the pairing bought, whether the
+    arms had converged (``converged``: one sentence per arm), its method and its per-seed values;
+    ``label`` names the treatment in the verdict (default ``HarmonicDet (<column>)``)."""
     from workers import evidence
 
-    label = f"HarmonicDet ({column})"
+    label = label or f"HarmonicDet ({column})"
     main = next(
         (m for m, c in comparison.items() if c.get("role") == "primary"),
         primary if primary in comparison else next(iter(comparison)),
@@ -33,6 +41,11 @@ def _comparison_blocks(
     b: list[Block] = [
         ("p", "Verdict: " + evidence.verdict_sentence(comparison, label, "the standard-loss baseline", primary=main))
     ]  # fmt: skip
+    pairing = evidence.pairing_sentence(comparison[main], main, label)
+    if pairing:
+        b.append(("p", f"Pairing by seed: {pairing}."))
+    if converged:
+        b.append(("p", "Convergence (validation AP): " + "; ".join(converged) + "."))
     with_boot = any(math.isfinite(c.get("boot_ci_low", math.nan)) for c in comparison.values())
     rows = []
     for metric, comp in comparison.items():
@@ -109,23 +122,23 @@ def _blocks(summary: SearchSummary, plots: Mapping[str, str]) -> list[Block]:
         rows.append(["trial", best.trial_id])
         b.append(("table", ["parameter", "value"], rows))
 
-    tables = (
-        ("Confirmatory configuration (the spec's loss) vs the standard loss", "confirmatory", summary.confirmatory_comparison),
-        ("Best configuration vs the standard loss", "best", summary.comparison),
-    )  # fmt: skip
-    if base is not None and any(table for _, _, table in tables):
-        for title, column, table in tables:
-            if table:
-                b.append(("h", 2, f"{title}, paired over seeds, on the {summary.judged_on} split"))
-                b.extend(_comparison_blocks(table, column, summary.objective, summary.seeds))
-        if summary.comparison and summary.judged_on != "test":
+    tables = comparison_tables(summary)
+    if base is not None and tables:
+        for ct in tables:
             b.append(
                 (
-                    "p",
-                    "Caution: the best configuration was selected on the split it is judged on; its "
-                    "difference is biased upwards (the winner's curse).",
+                    "h",
+                    2,
+                    f"{ct.heading} vs the standard loss, paired over seeds, on the {summary.judged_on} split",
                 )
             )
+            b.extend(
+                _comparison_blocks(
+                    ct.table, ct.column, summary.objective, ct.seeds, convergence_lines(summary, ct), ct.label
+                )
+            )
+        for line in confirmation_lines(summary):
+            b.append(("p", line[0].upper() + line[1:]))
         if "paired_differences" in plots:
             b.append(("img", "paired differences per seed", plots["paired_differences"]))
     elif base is not None and base.status == "failed":
@@ -167,7 +180,8 @@ def _blocks(summary: SearchSummary, plots: Mapping[str, str]) -> list[Block]:
 
     b.append(("h", 2, "Trials"))
     rows = []
-    records: list[TrialRecord] = [*summary.trials, *([base] if base is not None else [])]
+    fixed = (summary.confirmatory, summary.best_confirmed, base)
+    records: list[TrialRecord] = [*summary.trials, *(r for r in fixed if r is not None)]
     for rec in records:
         rows.append(
             [

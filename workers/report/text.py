@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from workers.report.cells import arm_mean_sd_cell, fmt_value, num, pval, scale_of
+from workers.report.tables import comparison_tables, confirmation_lines, convergence_lines
 
 if TYPE_CHECKING:
     from workers.summary import SearchSummary
@@ -34,24 +35,17 @@ def format_table(summary: SearchSummary) -> str:
     if best is not None:
         params = ", ".join(f"{k}={fmt_value(v)}" for k, v in best.params.items())
         lines.append(f"best configuration: {params}  (trial {best.trial_id})")
-    tables = (
-        ("confirmatory (the spec's loss)", "confirm.", "HarmonicDet (confirmatory)", summary.confirmatory_comparison),
-        ("best", "best", "HarmonicDet (best)", summary.comparison),
-    )  # fmt: skip
-    if base is not None and any(table for *_, table in tables):
-        for title, column, label, table in tables:
-            if table:
-                lines.append("")
-                lines.append(
-                    f"{title} vs baseline (standard loss) on the {summary.judged_on} split, "
-                    f"paired over seeds {summary.seeds}:"
-                )
-                lines.extend(comparison_lines(table, column, label, summary.objective))
-        if summary.comparison and summary.judged_on != "test":
+    tables = comparison_tables(summary)
+    if base is not None and tables:
+        for ct in tables:
+            lines.append("")
             lines.append(
-                "caution: the best configuration was selected on the split it is judged on; its difference "
-                "is biased upwards (the winner's curse)."
+                f"{ct.title} vs baseline (standard loss) on the {summary.judged_on} split, paired over seeds {ct.seeds}:"
             )
+            column = "confirm." if ct.arm == "confirmatory" else ct.column
+            lines.extend(comparison_lines(ct.table, column, ct.label, summary.objective))
+            lines.extend(f"convergence: {line}" for line in convergence_lines(summary, ct))
+        lines.extend(confirmation_lines(summary))
         sens = summary.sensitivity
         if sens.get("n_configs"):
             lines.append(
@@ -64,7 +58,10 @@ def format_table(summary: SearchSummary) -> str:
     lines.append(
         f"{'trial':<18}{'status':<11}{'AP':>7}{'±':>6}{'epochs':>7}{'wall s':>8}{'CPU s':>9}{'start s':>8}  config"
     )
-    rows = [*summary.trials, *(a for a in (summary.confirmatory, base) if a is not None)]
+    rows = [
+        *summary.trials,
+        *(a for a in (summary.confirmatory, summary.best_confirmed, base) if a is not None),
+    ]
     for t in rows:
         ap = f"{100 * t.objective:.1f}" if t.objective is not None else "-"
         sd = f"{100 * t.objective_std:.1f}" if t.objective_std is not None else "-"
@@ -83,7 +80,8 @@ def comparison_lines(
 ) -> list[str]:
     """One comparison table: per metric both arms' mean ± sd, diff (the estimate its interval is
     about), n, test, raw and adjusted p (the primary's alone, the secondaries' Holm), the interval
-    named by its method, the verdict; then the method and the verdict sentence on ``primary``.
+    named by its method, the verdict; then the method, the verdict sentence on ``primary`` and what
+    pairing by seed bought on it.
     ``column`` heads the treatment's column, ``label`` names it in words."""
     from workers import evidence
 
@@ -114,4 +112,7 @@ def comparison_lines(
     )
     sentence = evidence.verdict_sentence(comparison, label, "the standard-loss baseline", primary=main)
     lines.append(f"verdict: {sentence}")
+    pairing = evidence.pairing_sentence(comparison[main], main, label)
+    if pairing:
+        lines.append(f"pairing: {pairing}")
     return lines

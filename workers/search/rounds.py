@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 
     from workers.tracking import TrackingContext
 
-__all__ = ["RoundsOutcome", "first_round", "run_rounds", "seed_sequence"]
+__all__ = ["RoundsOutcome", "confirm_seeds", "first_round", "run_rounds", "seed_sequence"]
 
 #: the arms extended by the rounds.
 ARMS = (BASELINE_ID, CONFIRMATORY_ID)
@@ -52,6 +52,15 @@ def seed_sequence(spec: Spec, n: int) -> list[int]:
         seeds.append(nxt)
         nxt += 1
     return seeds
+
+
+def confirm_seeds(spec: Spec) -> list[int]:
+    """The fresh seeds the searched best configuration is confirmed on (``search.confirm_best``): as
+    many as ``search.seeds``, the integers after its largest; the rounds add the same seeds first, so
+    the baseline may have trained them already."""
+    assert spec.search is not None
+    n = len(spec.search.seeds)
+    return seed_sequence(spec, 2 * n)[n:]
 
 
 def rounds_rule(spec: Spec) -> Rule | None:
@@ -79,7 +88,9 @@ def primary_diffs(c: MlflowClient, ctx: TrackingContext, primary: str) -> list[f
     fixed arms finished, in seed order, on the split the summary judges on."""
     from workers.summary import collect_summary
 
-    summary = collect_summary(c, ctx.experiment_id, ctx.parent_run_id, experiment=ctx.experiment, n_boot=1)
+    summary = collect_summary(
+        c, ctx.experiment_id, ctx.parent_run_id, experiment=ctx.experiment, n_boot=1, history=False
+    )
     comp = summary.confirmatory_comparison.get(primary)
     if comp is None:
         return []

@@ -8,6 +8,10 @@ Each trial and each fixed arm trains one configuration on every seed (workers.se
   fixed before the search, so its comparison with the baseline involves no selection. With
   ``evidence.target_halfwidth`` these two arms run on seeds in rounds (workers.search.rounds)
   until the primary metric is known that precisely.
+* ``search.confirm_best`` (with ``baseline`` and a search space): once the search has ended, its
+  best configuration on ``val`` is trained again, as a fixed arm, on as many fresh seeds as
+  ``search.seeds`` (workers.search.rounds.confirm_seeds), and the baseline on those it lacks; best
+  vs baseline is then judged on these trainings, which played no part in picking it.
 * **Select on one split, judge on another.** Configurations are ranked on ``val`` (what Tune
   sees); when the dataset has a held-out ``test`` split, every completed training is also
   evaluated on it at its last epoch, and the evidence is computed on ``test`` only, so picking the
@@ -29,13 +33,13 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from workers import timeline
 from workers.env import TRAIN_ENV_DEFAULTS
-from workers.search.rounds import first_round, rounds_rule, run_rounds, with_seeds
+from workers.search.rounds import confirm_seeds, first_round, rounds_rule, run_rounds, with_seeds
 from workers.search.seeds import TrialFailure, compute_metrics, run_key, short_reason, train_on_seeds
 from workers.search.space import (
     TRIAL_CPUS,
@@ -48,6 +52,8 @@ from workers.search.space import (
 from workers.spec import Spec
 from workers.summary import (
     BASELINE_ID,
+    BEST_CONFIRMED_ID,
+    CONFIRM_SEEDS_TAG,
     CONFIRMATORY_ID,
     OBJECTIVE,
     ROUNDS_STOP_TAG,
@@ -103,15 +109,22 @@ def _search_trial(
 
 
 def _fixed_arm_task(
-    spec_data: dict[str, Any], ctx: Any, storage_path: str, resumed: bool, hub: Any, arm: str
+    spec_data: dict[str, Any],
+    ctx: Any,
+    storage_path: str,
+    resumed: bool,
+    hub: Any,
+    arm: str,
+    overrides: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """An arm outside the searcher (a Ray task), on the same seeds, never stopped early: the
-    baseline (the standard loss) or the confirmatory arm (the spec's own loss section)."""
+    """An arm outside the searcher (a Ray task), on the seeds of ``spec_data``, never stopped early:
+    the baseline (the standard loss), the confirmatory arm (the spec's own loss section), or the
+    best configuration confirmed on fresh seeds (``overrides``: its configuration)."""
     spec = Spec.parse(spec_data, check_paths=False)
     try:
         out = train_on_seeds(
             spec,
-            FIXED_ARMS[arm],
+            FIXED_ARMS[arm] if overrides is None else overrides,
             trial_id=arm,
             arm=arm,
             ctx=ctx,
@@ -216,6 +229,39 @@ def _start_train_coordinator() -> None:
         pass
 
 
+def _confirm_best(
+    spec: Spec,
+    c: MlflowClient,
+    ctx: TrackingContext,
+    start_arms: Callable[[list[int], Mapping[str, Mapping[str, Any]]], None],
+    wait_arms: Callable[[], dict[str, str | None]],
+) -> None:
+    """Train the best configuration (on ``val``) again on fresh seeds, and the baseline on those of
+    them it has not trained (the rounds may have), so best vs baseline is judged on trainings that
+    played no part in picking it (the parent run's ``CONFIRM_SEEDS_TAG`` names the seeds)."""
+    assert spec.search is not None
+    found = collect_summary(c, ctx.experiment_id, ctx.parent_run_id, n_boot=1, history=False)
+    best = found.best
+    if best is None:
+        print("confirm_best: no configuration completed the full schedule; nothing to confirm", flush=True)
+        return
+    fresh = confirm_seeds(spec)
+    c.set_tag(ctx.parent_run_id, CONFIRM_SEEDS_TAG, json.dumps(fresh))
+    base_seeds = found.baseline.per_seed if found.baseline is not None else {}
+    missing = [s for s in fresh if base_seeds.get(s, {}).get("epoch", 0) < spec.train.epochs]
+    print(
+        f"confirm_best: trial {best.trial_id} on fresh seeds {fresh}, the baseline on {missing or 'them already'}",
+        flush=True,
+    )
+    start_arms(fresh, {BEST_CONFIRMED_ID: best.params})
+    if missing:
+        start_arms(missing, {BASELINE_ID: FIXED_ARMS[BASELINE_ID]})
+    started = {BEST_CONFIRMED_ID, *([BASELINE_ID] if missing else [])}
+    for arm, why in wait_arms().items():
+        if why and arm in started:
+            print(f"confirm_best: {arm} failed: {why}", flush=True)
+
+
 def run_search(
     spec: Spec,
     ctx: TrackingContext,
@@ -307,12 +353,13 @@ def run_search(
         c.set_tag(ctx.parent_run_id, SEEDS_RUN_TAG, json.dumps(first_seeds))
 
     wanted_arms = ((BASELINE_ID, spec.search.baseline), (CONFIRMATORY_ID, spec.search.confirmatory))
+    fixed_arms = {arm: FIXED_ARMS[arm] for arm, wanted in wanted_arms if wanted}
 
-    def start_arms(seeds: list[int]) -> None:
+    def start_arms(seeds: list[int], arms: Mapping[str, Mapping[str, Any]] | None = None) -> None:
+        """Start each arm (default: the fixed arms the spec asks for) on ``seeds``: arm -> overrides."""
         data = with_seeds(spec_data, seeds)
-        for arm, wanted in wanted_arms:
-            if wanted:
-                arm_refs[arm] = task.remote(data, ctx, storage_path, resume, hub, arm)
+        for arm, overrides in (fixed_arms if arms is None else arms).items():
+            arm_refs[arm] = task.remote(data, ctx, storage_path, resume, hub, arm, dict(overrides))
 
     def wait_arms() -> dict[str, str | None]:
         """arm -> why it failed (None: it completed)."""
@@ -337,6 +384,7 @@ def run_search(
     try:
         if tuner is not None:
             outcomes = _trial_outcomes(tuner.fit(), spec.train.epochs)
+        _mark_trials(c, ctx, spec, outcomes)
         interrupted = searching and (any(o.status == "incomplete" for o in outcomes.values()) or not outcomes)
         if interrupted:
             for ref in arm_refs.values():
@@ -348,11 +396,12 @@ def run_search(
                 c.set_tag(ctx.parent_run_id, ROUNDS_STOP_TAG, f"failed: {reason}"[:4000])
             elif in_rounds:
                 run_rounds(spec, ctx, first_seeds, train_round)
+            if searching and spec.search.baseline and spec.search.confirm_best:
+                _confirm_best(spec, c, ctx, start_arms, wait_arms)
     except BaseException:
         for ref in arm_refs.values():
             ray.cancel(ref, force=True)
         raise
-    _mark_trials(c, ctx, spec, outcomes)
 
     summary = collect_summary(c, ctx.experiment_id, ctx.parent_run_id, experiment=ctx.experiment)
     summary.complete = not interrupted

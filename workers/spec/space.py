@@ -58,6 +58,14 @@ class SearchSpec(BaseModel):
             "the searcher: a pre-registered arm judged against the baseline without selection"
         ),
     )
+    confirm_best: bool = Field(
+        default=True,
+        description=(
+            "with baseline and a non-empty space: after the search, train the best configuration and the "
+            "baseline again on as many fresh seeds as search.seeds (the integers after its largest), and "
+            "judge best vs baseline on those; the same-seed table stays, labelled exploratory"
+        ),
+    )
     grace_period: int = Field(
         default=1,
         ge=1,

@@ -8,7 +8,9 @@ Importable without Ray (the REST service and ``hdet report`` use it); renderers 
 
 from workers.summary.records import (
     BASELINE_ID,
+    BEST_CONFIRMED_ID,
     COMPARED_METRICS,
+    CONFIRM_SEEDS_TAG,
     CONFIRMATORY_ID,
     MECHANISM_METRICS,
     NEAR_BEST,
@@ -37,6 +39,8 @@ __all__ = [
     "NEAR_BEST",
     "BASELINE_ID",
     "CONFIRMATORY_ID",
+    "BEST_CONFIRMED_ID",
+    "CONFIRM_SEEDS_TAG",
     "SUMMARY_ARTIFACT",
     "TrialRecord",
     "split_metrics",

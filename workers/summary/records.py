@@ -19,6 +19,8 @@ __all__ = [
     "NEAR_BEST",
     "BASELINE_ID",
     "CONFIRMATORY_ID",
+    "BEST_CONFIRMED_ID",
+    "CONFIRM_SEEDS_TAG",
     "SUMMARY_ARTIFACT",
     "PRIMARY_OUTCOME_TAG",
     "ROUNDS_STOP_TAG",
@@ -67,6 +69,10 @@ NEAR_BEST = 0.005
 #: trial ids (and arms) of the two configurations trained outside the searcher.
 BASELINE_ID = "baseline"
 CONFIRMATORY_ID = "confirmatory"
+#: trial id (and arm) of the searched best configuration trained again on fresh seeds.
+BEST_CONFIRMED_ID = "best_confirmed"
+#: parent-run tag: the fresh seeds the best configuration was confirmed on (JSON list).
+CONFIRM_SEEDS_TAG = "hdet.confirm_seeds"
 SUMMARY_ARTIFACT = "evidence/summary.json"
 #: parent-run tag (``<tag>.diff``, ``<tag>.confirmatory_diff``) holding a comparison's primary outcome.
 PRIMARY_OUTCOME_TAG = "hdet.primary_outcome"
@@ -81,8 +87,9 @@ class TrialRecord:
     """One configuration of a search (or a fixed arm), as MLflow holds it.
 
     Attributes:
-        trial_id: the Tune trial id, ``baseline`` or ``confirmatory``.
-        arm: ``search``, ``baseline`` or ``confirmatory``.
+        trial_id: the Tune trial id, ``baseline``, ``confirmatory`` or ``best_confirmed``.
+        arm: ``search``, ``baseline``, ``confirmatory`` or ``best_confirmed`` (the best configuration
+            trained again on fresh seeds).
         params: the configuration (dotted spec path -> value).
         status: ``completed``, ``stopped`` (early, by ASHA), ``failed`` or ``incomplete``.
         error: the failure's reason.
@@ -130,13 +137,21 @@ class SearchSummary:
         baseline: the baseline arm, if the spec asked for it.
         confirmatory: the confirmatory arm (the spec's own loss section), if asked for.
         best_trial_id: the best configuration (on ``val``) that trained the full schedule.
+        best_confirmed: that configuration trained again on ``confirm_seeds`` (``search.confirm_best``).
+        confirm_seeds: fresh seeds, none of ``search.seeds``: no part in picking the best.
         comparison: metric -> :func:`workers.evidence.compare_metrics` entry of best vs baseline,
-            on the split ``judged_on``.
+            on the split ``judged_on``: on ``confirm_seeds`` when the best was confirmed, else on
+            the seeds that also selected it.
+        exploratory_comparison: with a confirmation, best vs baseline on the search's own seeds
+            (the same trainings that won on ``val``).
         confirmatory_comparison: the same for the confirmatory arm vs the baseline.
         judged_on: ``test`` (the held-out split) or ``val`` (no test split: the best
             configuration's comparison then carries the winner's curse).
         mechanism: arm label -> training-time metric (:data:`MECHANISM_METRICS`) -> {epoch: mean
             over seeds}: what the loss did to the positives' scores, epoch by epoch.
+        convergence: arm (``baseline``, ``confirmatory``, ``best``, ``best_confirmed``) ->
+            :func:`workers.evidence.plateau` of its validation AP over epochs: whether it had
+            stopped improving when judged.
         sensitivity: :func:`workers.evidence.sensitivity` over the completed configurations.
         ap_vs_iou: arm label -> {IoU threshold: AP, mean over seeds}.
         complete: False when the search was interrupted (resume it with ``--resume``).
@@ -154,10 +169,14 @@ class SearchSummary:
     baseline: TrialRecord | None = None
     confirmatory: TrialRecord | None = None
     best_trial_id: str | None = None
+    best_confirmed: TrialRecord | None = None
+    confirm_seeds: list[int] = field(default_factory=list)
     comparison: dict[str, dict[str, Any]] = field(default_factory=dict)
+    exploratory_comparison: dict[str, dict[str, Any]] = field(default_factory=dict)
     confirmatory_comparison: dict[str, dict[str, Any]] = field(default_factory=dict)
     judged_on: str = "val"
     mechanism: dict[str, dict[str, dict[int, float]]] = field(default_factory=dict)
+    convergence: dict[str, dict[str, Any]] = field(default_factory=dict)
     sensitivity: dict[str, Any] = field(default_factory=dict)
     ap_vs_iou: dict[str, dict[float, float]] = field(default_factory=dict)
     complete: bool = True
@@ -186,6 +205,7 @@ class SearchSummary:
         data["trials"] = [rec(t) for t in data.get("trials", [])]
         data["baseline"] = rec(data.get("baseline"))
         data["confirmatory"] = rec(data.get("confirmatory"))
+        data["best_confirmed"] = rec(data.get("best_confirmed"))
         data["ap_vs_iou"] = {
             k: {float(t): v for t, v in c.items()} for k, c in data.get("ap_vs_iou", {}).items()
         }
@@ -193,7 +213,7 @@ class SearchSummary:
             arm: {m: {int(e): v for e, v in by_epoch.items()} for m, by_epoch in metrics.items()}
             for arm, metrics in data.get("mechanism", {}).items()
         }
-        for table in ("comparison", "confirmatory_comparison"):
+        for table in ("comparison", "confirmatory_comparison", "exploratory_comparison"):
             for comp in data.get(table, {}).values():
                 comp["per_seed"] = {
                     int(k) if str(k).lstrip("-").isdigit() else k: v for k, v in comp["per_seed"].items()

@@ -15,11 +15,13 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from workers.evidence import aggregate_seeds, compare_metrics, sensitivity
+from workers.evidence import aggregate_seeds, compare_metrics, plateau, sensitivity
 from workers.evidence.sequential import Rule
 from workers.summary.records import (
     BASELINE_ID,
+    BEST_CONFIRMED_ID,
     COMPARED_METRICS,
+    CONFIRM_SEEDS_TAG,
     CONFIRMATORY_ID,
     MECHANISM_METRICS,
     NEAR_BEST,
@@ -48,6 +50,7 @@ def collect_summary(
     *,
     experiment: str = "",
     n_boot: int = 10000,
+    history: bool = True,
 ) -> SearchSummary:
     """Rebuild a search's summary from MLflow alone: the parent run and its child runs.
 
@@ -57,11 +60,14 @@ def collect_summary(
         parent_run_id: the search's parent run.
         experiment: the experiment's name (for display).
         n_boot: bootstrap resamples of the paired comparison.
+        history: read the per-epoch history of the compared arms (the mechanism curves and whether
+            each arm converged: one MLflow call per child run and metric); False leaves them empty.
 
     Returns:
         SearchSummary: every trial found (grouped by the ``Tag.TRIAL_ID`` tag of the child
         runs), the best completed configuration, the paired comparisons with the baseline, the
-        sensitivity, the AP-vs-IoU curves and the training-time mechanism.
+        sensitivity, the AP-vs-IoU curves, the training-time mechanism and whether each compared
+        arm's validation AP had plateaued.
     """
     from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
@@ -87,40 +93,64 @@ def collect_summary(
         tid = run.data.tags.get(Tag.TRIAL_ID)
         if tid:
             groups.setdefault(tid, []).append(run)
+    # the best configuration trained again on fresh seeds (search.confirm_best)
+    confirm_seeds = [
+        int(x) for x in json.loads(parent.data.tags.get(CONFIRM_SEEDS_TAG, "null") or "null") or []
+    ]
+    seeds_of = {BASELINE_ID: fixed_seeds, CONFIRMATORY_ID: fixed_seeds, BEST_CONFIRMED_ID: confirm_seeds}
     records: list[TrialRecord] = []
     fixed: dict[str, TrialRecord] = {}
     for tid, runs in groups.items():
-        is_fixed = runs[0].data.tags.get(Tag.ARM) in (BASELINE_ID, CONFIRMATORY_ID)
-        rec = _record(tid, runs, fixed_seeds if is_fixed else seeds, epochs)
-        if rec.arm in (BASELINE_ID, CONFIRMATORY_ID):
+        arm = runs[0].data.tags.get(Tag.ARM)
+        rec = _record(tid, runs, seeds_of.get(str(arm), seeds), epochs)
+        if rec.arm in seeds_of:
             fixed[rec.arm] = rec
         else:
             records.append(rec)
     records.sort(key=lambda r: r.trial_id)
     baseline, confirmatory = fixed.get(BASELINE_ID), fixed.get(CONFIRMATORY_ID)
+    best_confirmed = fixed.get(BEST_CONFIRMED_ID)
+    # a confirmation that did not complete leaves the verdict to the seeds that selected the best
+    confirmed = (
+        best_confirmed if best_confirmed is not None and best_confirmed.status == "completed" else None
+    )
 
     completed = [r for r in records if r.status == "completed" and r.objective is not None]
     best = max(completed, key=lambda r: r.objective or -1.0, default=None)
     # Judge on the held-out test split when every arm compared has it on every seed.
-    arms = [a for a in (best, confirmatory, baseline) if a is not None]
-    on_test = bool(arms) and all(
-        _has_test(a, fixed_seeds if a.arm in (BASELINE_ID, CONFIRMATORY_ID) else seeds) for a in arms
-    )
+    judged = [
+        (a, seeds_of.get(a.arm, seeds)) for a in (best, confirmatory, baseline, confirmed) if a is not None
+    ]
+    if baseline is not None and confirmed is not None:
+        judged.append((baseline, confirm_seeds))
+    on_test = bool(judged) and all(_has_test(a, arm_seeds) for a, arm_seeds in judged)
     prefix = TEST_PREFIX if on_test else ""
     comparison: dict[str, dict[str, Any]] = {}
+    exploratory_comparison: dict[str, dict[str, Any]] = {}
     confirmatory_comparison: dict[str, dict[str, Any]] = {}
     primary, rule = evidence_plan(p)
+    # the best configuration ran on fixed seeds: its primary gets the fixed-n interval
+    fixed_n = dataclasses.replace(rule, target_halfwidth=None, margin=rule.equivalence_margin)
     if baseline is not None and baseline.per_seed:
         base_metrics = _split_metrics(baseline, prefix)
+
+        def base_on(keep: list[int]) -> dict[int, dict[str, float]]:
+            return {s: m for s, m in base_metrics.items() if s in keep}
+
         if best is not None:
-            # the best configuration ran on the fixed seeds only: its primary gets the fixed-n interval
             comparison = compare_metrics(
-                _split_metrics(best, prefix), base_metrics, COMPARED_METRICS, n_boot=n_boot, primary=primary,
-                rule=dataclasses.replace(rule, target_halfwidth=None, margin=rule.equivalence_margin),
+                _split_metrics(best, prefix), base_on(seeds), COMPARED_METRICS, n_boot=n_boot, primary=primary,
+                rule=fixed_n,
+            )  # fmt: skip
+        if confirmed is not None:
+            exploratory_comparison = comparison
+            comparison = compare_metrics(
+                _split_metrics(confirmed, prefix), base_on(confirm_seeds), COMPARED_METRICS, n_boot=n_boot,
+                primary=primary, rule=fixed_n,
             )  # fmt: skip
         if confirmatory is not None and confirmatory.per_seed:
             confirmatory_comparison = compare_metrics(
-                _split_metrics(confirmatory, prefix), base_metrics, COMPARED_METRICS, n_boot=n_boot,
+                _split_metrics(confirmatory, prefix), base_on(fixed_seeds), COMPARED_METRICS, n_boot=n_boot,
                 primary=primary, rule=rule,
             )  # fmt: skip
     sens = sensitivity(
@@ -144,7 +174,18 @@ def collect_summary(
                 curve[t / 100] = v
         if curve:
             curves[label] = curve
-    mechanism = {label: _epoch_means(c, arm) for label, arm in labelled if arm is not None and arm.child_runs}
+    mechanism: dict[str, dict[str, dict[int, float]]] = {}
+    convergence: dict[str, dict[str, Any]] = {}
+    if history:
+        mechanism = {
+            label: _epoch_means(c, arm) for label, arm in labelled if arm is not None and arm.child_runs
+        }
+        compared = {BASELINE_ID: baseline if comparison or confirmatory_comparison else None,
+                    CONFIRMATORY_ID: confirmatory if confirmatory_comparison else None,
+                    "best": best if comparison else None,
+                    BEST_CONFIRMED_ID: confirmed if comparison else None}  # fmt: skip
+        convergence = {arm: plateau(_history_of(c, rec, OBJECTIVE), OBJECTIVE)
+                       for arm, rec in compared.items() if rec is not None and rec.child_runs}  # fmt: skip
     return SearchSummary(
         experiment=experiment or parent.data.tags.get(Tag.SPEC_NAME, ""),
         parent_run_id=parent_run_id,
@@ -157,10 +198,14 @@ def collect_summary(
         baseline=baseline,
         confirmatory=confirmatory,
         best_trial_id=best.trial_id if best else None,
+        best_confirmed=best_confirmed,
+        confirm_seeds=confirm_seeds if best_confirmed is not None else [],
         comparison=comparison,
+        exploratory_comparison=exploratory_comparison,
         confirmatory_comparison=confirmatory_comparison,
         judged_on="test" if on_test else "val",
         mechanism={k: v for k, v in mechanism.items() if v},
+        convergence=convergence,
         sensitivity=sens,
         ap_vs_iou=curves,
         complete=parent.data.tags.get(Tag.SEARCH_COMPLETE, "true") == "true",
@@ -196,6 +241,14 @@ def _epoch_means(c: MlflowClient, rec: TrialRecord) -> dict[str, dict[int, float
         if values:
             out[key] = {e: sum(v) / len(v) for e, v in sorted(values.items())}
     return out
+
+
+def _history_of(c: MlflowClient, rec: TrialRecord, metric: str) -> dict[int, dict[int, float]]:
+    """seed -> epoch -> ``metric`` of an arm's child runs (one MLflow call per child run)."""
+    return {
+        seed: {int(m.step): float(m.value) for m in c.get_metric_history(run_id, metric)}
+        for seed, run_id in rec.child_runs.items()
+    }
 
 
 def epoch_history(c: MlflowClient, run_id: str) -> dict[int, dict[str, float]]:
@@ -312,12 +365,17 @@ def log_summary(
 ) -> None:
     """Log a summary's evidence to the parent run: metrics, the best configuration, tags, artifacts.
 
-    Metrics (step 0), for each arm label ``best``, ``baseline``, ``confirmatory``: ``<arm>_<m>``
-    (seed means) and ``<arm>_<m>_seed<s>``; for each comparison (``diff``, ``confirmatory_diff``):
-    ``<c>_<m>``, ``<c>_<m>_ci95_low``/``_high``, ``<c>_<m>_p`` and ``<c>_<m>_p_adjusted``, and of
+    Metrics (step 0), for each arm label ``best``, ``baseline``, ``confirmatory``, ``best_confirmed``:
+    ``<arm>_<m>`` (seed means) and ``<arm>_<m>_seed<s>``; for each comparison (``diff``: best vs
+    baseline, on the fresh seeds when the best was confirmed; ``confirmatory_diff``;
+    ``exploratory_diff``: with a confirmation, best vs baseline on the seeds that selected it):
+    ``<c>_<m>``, ``<c>_<m>_ci95_low``/``_high``, ``<c>_<m>_p``, ``<c>_<m>_p_adjusted``, what the
+    pairing bought (``<c>_<m>_sd_treatment``, ``_sd_baseline``, ``_sd_diff``, ``_correlation``), and of
     the primary metric ``<c>_primary_n``, ``_halfwidth`` and ``_mde`` (its outcome: the tag
     ``PRIMARY_OUTCOME_TAG.<c>``, e.g. ``AP: undecided``); then
-    ``share_within_0.5AP``, ``n_trials_<status>``, ``search_cpu_s``, ``search_wall_s``. Params:
+    ``share_within_0.5AP``, ``n_trials_<status>``, ``search_cpu_s``, ``search_wall_s``; for each
+    compared arm whose convergence is known, ``<arm>_AP_gain_last``, ``<arm>_AP_seed_sd_last`` and
+    ``<arm>_plateaued`` (1 or 0, :func:`workers.evidence.plateau`). Params:
     ``best.<path>`` and ``best.trial_id`` (a tag when a resumed search finds another best). Tags:
     ``Tag.JUDGED_ON``, ``Tag.BEST_TRIAL_ID``, ``Tag.BEST_CONFIG``, ``Tag.SEARCH_COMPLETE``.
     Artifacts under ``evidence/``: ``summary.json``, and whatever ``render(summary, folder)``
@@ -326,7 +384,12 @@ def log_summary(
     from workers.tracking import log_metrics, log_params
 
     metrics: dict[str, float] = {}
-    arms = (("best", summary.best), ("baseline", summary.baseline), ("confirmatory", summary.confirmatory))
+    arms = (
+        ("best", summary.best),
+        ("baseline", summary.baseline),
+        ("confirmatory", summary.confirmatory),
+        (BEST_CONFIRMED_ID, summary.best_confirmed),
+    )
     for label, rec in arms:
         if rec is None:
             continue
@@ -340,6 +403,7 @@ def log_summary(
     for label, table in (
         ("diff", summary.comparison),
         ("confirmatory_diff", summary.confirmatory_comparison),
+        ("exploratory_diff", summary.exploratory_comparison),
     ):
         for m, comp in table.items():
             metrics[f"{label}_{m}"] = comp["mean_diff"]
@@ -348,11 +412,19 @@ def log_summary(
             metrics[f"{label}_{m}_p"] = comp["p_value"]
             if "p_adjusted" in comp:
                 metrics[f"{label}_{m}_p_adjusted"] = comp["p_adjusted"]
+            for key in ("sd_treatment", "sd_baseline", "sd_diff", "correlation"):
+                if comp.get(key) is not None:
+                    metrics[f"{label}_{m}_{key}"] = comp[key]
             if comp.get("role") == "primary":
                 metrics[f"{label}_primary_n"] = float(comp["n_pairs"])
                 metrics[f"{label}_primary_halfwidth"] = (comp["ci_high"] - comp["ci_low"]) / 2
                 metrics[f"{label}_primary_mde"] = comp["mde"]
                 c.set_tag(parent_run_id, f"{PRIMARY_OUTCOME_TAG}.{label}", f"{m}: {comp['outcome']}")
+    for arm, conv in summary.convergence.items():
+        if conv.get("plateaued") is not None:
+            metrics[f"{arm}_{conv['metric']}_gain_last"] = conv["gain"]
+            metrics[f"{arm}_{conv['metric']}_seed_sd_last"] = conv["seed_sd"]
+            metrics[f"{arm}_plateaued"] = 1.0 if conv["plateaued"] else 0.0
     c.set_tag(parent_run_id, Tag.JUDGED_ON, summary.judged_on)
     if summary.sensitivity.get("n_configs"):
         metrics["share_within_0.5AP"] = summary.sensitivity["share_within"]

@@ -1,0 +1,90 @@
+"""A search whose best configuration is confirmed on fresh seeds, through `hdet run` on a real local
+Ray and MLflow: after the search the best configuration and the baseline train again on seeds the
+search never used, and best vs baseline is judged on those; the same-seed table stays, exploratory."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from mlflow import MlflowClient
+
+from workers.search.rounds import confirm_seeds
+from workers.spec import Spec
+from workers.summary import CONFIRM_SEEDS_TAG
+
+ROOT = Path(__file__).resolve().parents[2]
+
+SPEC: dict[str, Any] = {
+    "name": "confirm",
+    "dataset": {"format": "synthetic", "train": 8, "val": 4, "test": 4, "image_size": 48, "seed": 0},
+    "detector": {"arch": "retinanet", "backbone": "resnet18_fpn", "image_size": 48},
+    "loss": {"kind": "harmonicdet"},
+    "train": {"epochs": 1, "batch_size": 4, "lr": 0.01, "warmup": {"iters": 1, "factor": 0.5}},
+    "scaling": {"num_workers": 1, "use_gpu": False, "cpus_per_worker": 0.5, "max_failures": 0},
+    # one configuration on one seed: the confirmation adds it and the baseline on seed 1
+    "search": {"space": {"alpha": {"grid": [1.0]}}, "algorithm": "grid", "seeds": [0], "baseline": True},
+    "tracking": {"experiment": "confirm-test"},
+}
+
+
+def test_the_fresh_seeds_follow_search_seeds_and_are_as_many():
+    assert confirm_seeds(Spec.parse(SPEC, check_paths=False)) == [1]
+    wide = Spec.parse({**SPEC, "search": {**SPEC["search"], "seeds": [3, 9, 4]}}, check_paths=False)
+    assert confirm_seeds(wide) == [10, 11, 12]
+    assert Spec.parse(SPEC, check_paths=False).search.confirm_best is True  # type: ignore[union-attr]
+
+
+@pytest.mark.e2e
+def test_the_best_configuration_is_judged_on_fresh_seeds(tmp_path: Path) -> None:
+    spec = tmp_path / "confirm.yaml"
+    spec.write_text(yaml.safe_dump(SPEC))
+    env = {**os.environ, "HDET_HOME": str(tmp_path), "PYTHONUNBUFFERED": "1"}
+    env.pop("RAY_ADDRESS", None)
+    cmd = [sys.executable, "-m", "workers.run", str(spec), "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}",
+           "--storage-path", str(tmp_path / "storage")]  # fmt: skip
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    out = done.stdout + done.stderr
+    assert done.returncode == 0, out[-4000:]
+    assert "confirm_best: trial" in out and "fresh seeds [1]" in out
+
+    c = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    exp = c.get_experiment_by_name("confirm-test")
+    assert exp is not None
+    runs = c.search_runs([exp.experiment_id])
+    (parent,) = [r for r in runs if r.data.tags.get("hdet.role") == "parent"]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    arms = sorted((r.data.tags["hdet.arm"], r.data.tags["hdet.seed"], r.info.status) for r in children)
+    assert arms == [
+        ("baseline", "0", "FINISHED"),
+        ("baseline", "1", "FINISHED"),
+        ("best_confirmed", "1", "FINISHED"),
+        ("search", "0", "FINISHED"),
+    ]
+    assert json.loads(parent.data.tags[CONFIRM_SEEDS_TAG]) == [1]
+
+    summary = json.loads(Path(c.download_artifacts(parent.info.run_id, "evidence/summary.json")).read_text())
+    assert summary["judged_on"] == "test" and summary["confirm_seeds"] == [1]
+    best = next(t for t in summary["trials"] if t["trial_id"] == summary["best_trial_id"])
+    confirmed, base = summary["best_confirmed"], summary["baseline"]["per_seed"]
+    assert confirmed["status"] == "completed" and confirmed["params"] == best["params"] == {"loss.alpha": 1.0}
+    # the verdict: fresh seed 1 only; the exploratory table: seed 0, where the best was selected
+    verdict, exploratory = summary["comparison"]["AP"], summary["exploratory_comparison"]["AP"]
+    assert list(verdict["per_seed"]) == ["1"] and list(exploratory["per_seed"]) == ["0"]
+    assert verdict["mean_diff"] == pytest.approx(confirmed["per_seed"]["1"]["test_AP"] - base["1"]["test_AP"])
+    assert exploratory["mean_diff"] == pytest.approx(best["per_seed"]["0"]["test_AP"] - base["0"]["test_AP"])
+    metrics = parent.data.metrics
+    assert metrics["diff_AP"] == pytest.approx(verdict["mean_diff"])
+    assert metrics["exploratory_diff_AP"] == pytest.approx(exploratory["mean_diff"])
+    assert (
+        "best configuration, confirmed on fresh seeds [1] vs baseline (standard loss) on the test split"
+        in out
+    )
+    assert "best configuration, exploratory (the same trainings that selected it) vs baseline" in out
+    assert "convergence: baseline: convergence unknown (1 epoch: no earlier epoch to compare with)" in out
