@@ -106,7 +106,8 @@ def train_one(
     t_start = time.perf_counter()
     recipe.seed_everything(seed)
     device = torch.device(device_name)
-    amp = recipe.use_amp(spec, device.type)
+    dtype = recipe.amp_dtype(spec, device.type)
+    amp = str(dtype).removeprefix("torch.") if dtype is not None else False  # fp16 / bf16, as recorded
     data = recipe.build_datasets(spec)
     if data.test is None:
         raise SystemExit(f"{base.name}: the dataset has no test split to judge on")
@@ -114,10 +115,11 @@ def train_one(
     train = recipe.train_loader(
         data.train, batch_size=t.batch_size, aspect_ratio_groups=t.aspect_ratio_groups, seed=seed,
         data_workers=t.data_workers, pin_memory=device.type == "cuda",
+        resample=t.resample, resample_fraction=t.resample_fraction,
     )  # fmt: skip
     optimizer = recipe.make_optimizer(model, spec)
     scheduler = recipe.make_scheduler(optimizer, spec, train.iters_per_epoch)
-    parts = TrainParts(model, optimizer, scheduler, torch.amp.GradScaler(device.type, enabled=amp))
+    parts = TrainParts(model, optimizer, scheduler, recipe.grad_scaler(device.type, dtype))
     history: list[dict[str, float]] = []
     try:
         for epoch in range(1, t.epochs + 1):
@@ -126,7 +128,8 @@ def train_one(
             model.train()
             stats = train_epoch(
                 model, train.loader, parts, device, spec, epoch=epoch, rank=0,
-                iters_per_epoch=train.iters_per_epoch, use_amp=amp, pop_diagnostics=pop_diagnostics,
+                iters_per_epoch=train.iters_per_epoch, use_amp=dtype is not None, amp_dtype=dtype,
+                pop_diagnostics=pop_diagnostics,
             )  # fmt: skip
             m = train_metrics([stats], time.perf_counter() - t0)
             history.append({"epoch": epoch, **{k: float(m[k]) for k in HISTORY_KEYS if k in m}})

@@ -87,6 +87,7 @@ E2E_MODULES = {
     "tests/search/test_trial_lifecycle.py",
     "tests/search/test_rounds_on_ray.py",
     "tests/workers/test_train_on_ray.py",
+    "tests/workers/test_scheduling_on_cluster.py",
     "tests/workers/test_stop_signals.py",
     "tests/workers/test_pretrain.py",
     "tests/workers/test_evidence_local.py",

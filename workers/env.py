@@ -197,6 +197,7 @@ def init_local_ray(num_cpus: int | None = None, num_gpus: int | None = None, das
         os.environ.setdefault(k, v)
     adopt_orphans()
     ray.init(
+        address="local",  # a new Ray even when another runs on this machine (`ray start`, a test cluster)
         num_cpus=num_cpus,
         num_gpus=num_gpus,
         include_dashboard=dashboard,

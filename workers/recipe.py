@@ -209,20 +209,33 @@ def train_loader(
     rank: int = 0,
     world: int = 1,
     pin_memory: bool = False,
+    resample: str = "none",
+    resample_fraction: float = 1.0,
 ) -> TrainLoader:
     """Shard ``rank`` of ``world`` of ``ds``, shuffled by a ``DistributedSampler`` (seeded), in batches
     of one aspect-ratio group each (torchvision's reference recipe; ``aspect_ratio_groups=0``: plain
-    batches); the last incomplete batch is dropped."""
+    batches); the last incomplete batch is dropped. ``resample``: the seed's draw of the images
+    (:func:`harmonic.data.sampler.resample_indices`)."""
     import torch
-    from torch.utils.data import DataLoader, DistributedSampler
+    from torch.utils.data import DataLoader, DistributedSampler, Subset
 
-    from harmonic.data.sampler import GroupedBatchSampler, collate_fn, create_aspect_ratio_groups
+    from harmonic.data.sampler import (
+        GroupedBatchSampler,
+        collate_fn,
+        create_aspect_ratio_groups,
+        resample_indices,
+    )
 
+    ratios = ds.aspect_ratios() if aspect_ratio_groups > 0 else None
+    if resample != "none":
+        drawn = resample_indices(len(ds), resample, resample_fraction, seed)
+        ds = Subset(ds, drawn)
+        ratios = [ratios[i] for i in drawn] if ratios is not None else None
     sampler: DistributedSampler[Any] = DistributedSampler(
         ds, num_replicas=world, rank=rank, shuffle=True, seed=seed
     )
-    if aspect_ratio_groups > 0:
-        group_ids = create_aspect_ratio_groups(ds.aspect_ratios(), k=aspect_ratio_groups)
+    if ratios is not None:
+        group_ids = create_aspect_ratio_groups(ratios, k=aspect_ratio_groups)
         batch_sampler: Any = GroupedBatchSampler(sampler, group_ids, batch_size)
     else:
         batch_sampler = torch.utils.data.BatchSampler(sampler, batch_size, drop_last=True)

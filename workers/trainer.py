@@ -202,6 +202,18 @@ class HarmonicTrainer(TorchTrainer):
         mark_run(client(self.tracking.tracking_uri), self.mlflow_run_id, status, error)
 
 
+def worker_resources(spec: Spec, use_gpu: bool) -> dict[str, float]:
+    """What each Ray Train worker of ``spec`` reserves: its CPUs, its GPUs (with ``use_gpu``) and,
+    with ``scaling.memory_per_worker_gb``, Ray's ``memory`` resource in bytes."""
+    s = spec.scaling
+    resources: dict[str, float] = {"CPU": s.cpus_per_worker}
+    if use_gpu:
+        resources["GPU"] = s.gpus_per_worker
+    if s.memory_per_worker_gb is not None:
+        resources["memory"] = float(round(s.memory_per_worker_gb * 2**30))
+    return resources
+
+
 def make_trainer(
     spec: Spec,
     *,
@@ -239,9 +251,7 @@ def make_trainer(
         spec = spec.with_resolved_paths()
     use_gpu = resolve_use_gpu(spec)
     s = spec.scaling
-    resources: dict[str, float] = {"CPU": s.cpus_per_worker}
-    if use_gpu:
-        resources["GPU"] = s.gpus_per_worker
+    resources = worker_resources(spec, use_gpu)
     key = run_key or run_name
     run_id = "" if defer_run else prepare_child_run(tracking, spec, run_key=key, run_name=run_name, tags=tags)
 

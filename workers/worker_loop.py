@@ -199,6 +199,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
     train = recipe.train_loader(
         data.train, batch_size=t.batch_size, aspect_ratio_groups=t.aspect_ratio_groups, seed=t.seed,
         data_workers=t.data_workers, rank=rank, world=world, pin_memory=device.type == "cuda",
+        resample=t.resample, resample_fraction=t.resample_fraction,
     )  # fmt: skip
     # Validation: each rank evaluates every world-th image; rank 0 gathers the detections.
     val_loader = recipe.eval_loader(

@@ -77,6 +77,39 @@ class GroupedBatchSampler(Sampler[list[int]]):
             remaining -= 1
 
 
+#: how a seed draws its training images: all of them, a bootstrap sample, or a subsample.
+RESAMPLE_METHODS = ("none", "bootstrap", "subsample")
+
+
+def resample_indices(n: int, method: str, fraction: float, seed: int) -> list[int]:
+    """The indices of the training images that the seed ``seed`` trains on.
+
+    A seed that varies only the initialisation, the data order and the augmentation leaves out
+    the variation of the benchmark's own sample; Bouthillier et al. ("Accounting for Variance in
+    Machine Learning Benchmarks", MLSys 2021) found that resampling the training set per seed is
+    needed for estimates that generalise. ``bootstrap``: ``round(fraction * n)`` draws with
+    replacement; ``subsample``: ``round(fraction * n)`` distinct images; ``none``: every image.
+    The draw depends on ``seed`` alone, so both arms of a seed train on the same images, and it
+    is drawn from a stream of its own (not the one that initialises or shuffles).
+
+    Raises:
+        ValueError: an unknown method, a fraction outside (0, 1], or a draw of no image.
+    """
+    if method not in RESAMPLE_METHODS:
+        raise ValueError(f"resample: {method!r} is not one of {', '.join(RESAMPLE_METHODS)}")
+    if not 0 < fraction <= 1:
+        raise ValueError(f"resample_fraction: {fraction} is not in (0, 1]")
+    if method == "none":
+        return list(range(n))
+    k = round(fraction * n)
+    if k < 1:
+        raise ValueError(f"resample_fraction {fraction} of {n} images draws none")
+    rng = np.random.default_rng([seed, 0x5EED])
+    if method == "bootstrap":
+        return sorted(rng.integers(0, n, size=k).tolist())
+    return sorted(rng.choice(n, size=k, replace=False).tolist())
+
+
 def create_aspect_ratio_groups(aspect_ratios: Sequence[float], k: int = 3) -> list[int]:
     """Bin width/height ratios into ``2k + 2`` groups with edges ``2 ** linspace(-1, 1, 2k + 1)``
     (torchvision's reference binning; ``k=0``: portrait vs landscape).

@@ -98,7 +98,14 @@ def test_held_out_test_split_shares_no_image_with_val(tmp_path: Path):
     test = {k[len("test/") :]: v for k, v in files.items() if k.startswith("test/")}
     assert val.keys() == test.keys() and len(test) == 3
     assert all(val[k] != test[k] for k in val)  # same names, other images: its own random stream
-    cfg = {"format": "synthetic", "root": str(tmp_path / "g"), "train": 2, "val": 2, "test": 2, "image_size": 64}
+    cfg = {
+        "format": "synthetic",
+        "root": str(tmp_path / "g"),
+        "train": 2,
+        "val": 2,
+        "test": 2,
+        "image_size": 64,
+    }
     assert len(build_dataset(cfg, "test")) == 2
     no_test = {**cfg, "root": str(tmp_path / "h"), "test": 0}
     try:

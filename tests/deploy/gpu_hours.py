@@ -3,7 +3,8 @@
 Not measured here (no GPU on the development machines): the training speed of the same detector in
 a reference implementation on 8 V100 GPUs, as its model zoo reports it. A training costs
 ``epochs x training images / (images per iteration / seconds per iteration)`` seconds on 8 GPUs; an
-experiment runs ``arms x seeds`` trainings (the baseline, the confirmatory arm, each grid value).
+experiment runs ``arms x seeds`` trainings (the baseline, the confirmatory arm, each grid value, and
+the best configuration and the baseline again on fresh seeds when ``search.confirm_best``).
 Per-epoch evaluation is left out (a few per cent); the cited R-CNN/RetinaNet speeds are for
 1333x800 inputs, larger than this project's image_size 800 (longer side), so they err high.
 DSSD and RefineDet are in no model zoo and their papers report inference speeds only: their rows
@@ -100,6 +101,8 @@ def budget(path: Path) -> Budget:
     for entry in search.space.values():
         ((_, values),) = entry.items()
         arms += len(values)
+    if search.space and search.baseline and search.confirm_best:
+        arms += 2  # the best configuration and the baseline again, on as many fresh seeds
     return Budget(path.stem, arms * len(search.seeds), GPUS * seconds / 3600, source)
 
 

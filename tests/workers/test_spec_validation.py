@@ -373,3 +373,27 @@ def test_the_gpu_share_of_a_cpu_training_is_not_checked() -> None:
     assert Spec.parse(_with(scaling=scaling)).scaling.num_workers == 2
     with pytest.raises(SpecError, match="scaling.gpus_per_worker"):
         Spec.parse(_with(scaling={**scaling, "use_gpu": "auto"}))
+
+
+def test_a_seeds_draw_of_the_training_images_is_checked() -> None:
+    spec = Spec.parse({**BASE, "train": {"resample": "bootstrap", "resample_fraction": 0.8}})
+    assert (spec.train.resample, spec.train.resample_fraction) == ("bootstrap", 0.8)
+    for train, field in (
+        ({"resample": "subsample"}, "train.resample_fraction"),
+        ({"resample_fraction": 0.5}, "train.resample_fraction"),
+        ({"resample": "jackknife"}, "train.resample"),
+        ({"resample": "bootstrap", "resample_fraction": 1.5}, "train.resample_fraction"),
+    ):
+        with pytest.raises(SpecError) as e:
+            Spec.parse({**BASE, "train": train})
+        assert field in [p for p, _ in e.value.problems], e.value.problems
+
+
+def test_memory_per_worker_becomes_rays_memory_resource() -> None:
+    from workers.trainer import worker_resources
+
+    spec = Spec.parse({**BASE, "scaling": {"memory_per_worker_gb": 1.5, "cpus_per_worker": 2}})
+    assert worker_resources(spec, use_gpu=False) == {"CPU": 2.0, "memory": 1.5 * 2**30}
+    assert worker_resources(Spec.parse(BASE), use_gpu=True) == {"CPU": 1.0, "GPU": 1.0}
+    with pytest.raises(SpecError, match="scaling.memory_per_worker_gb"):
+        Spec.parse({**BASE, "scaling": {"memory_per_worker_gb": 0}})

@@ -45,7 +45,13 @@ def home(
 
 @pytest.fixture(scope="module")
 def local_ray(home: Path) -> Iterator[None]:
-    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", logging_level="WARNING")
+    ray.init(
+        address="local",
+        num_cpus=2,
+        include_dashboard=False,
+        _node_ip_address="127.0.0.1",
+        logging_level="WARNING",
+    )
     yield
     ray.shutdown()
 

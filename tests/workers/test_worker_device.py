@@ -160,7 +160,12 @@ def fake_gpu_ray(
     old = os.environ.get("HDET_HOME")
     os.environ["HDET_HOME"] = str(home)
     ray.init(
-        num_cpus=1, num_gpus=1, include_dashboard=False, _node_ip_address="127.0.0.1", logging_level="WARNING"
+        address="local",
+        num_cpus=1,
+        num_gpus=1,
+        include_dashboard=False,
+        _node_ip_address="127.0.0.1",
+        logging_level="WARNING",
     )
     yield home
     ray.shutdown()

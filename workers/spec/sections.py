@@ -278,6 +278,16 @@ class TrainSpec(BaseModel):
         ),
     )
     data_workers: int = Field(default=0, ge=0, description="DataLoader processes per worker")
+    resample: Literal["none", "bootstrap", "subsample"] = Field(
+        default="none",
+        description=(
+            "the training images each seed draws (the same for every arm of a seed): none = all; "
+            "bootstrap = resample_fraction x N with replacement; subsample = resample_fraction x N distinct"
+        ),
+    )
+    resample_fraction: float = Field(
+        default=1.0, gt=0, le=1, description="share of the training split a seed draws (resample)"
+    )
     aspect_ratio_groups: int = Field(default=3, ge=0, description="aspect-ratio grouping bins (0: off)")
     augment: Literal["detector", "flip"] = Field(
         default="detector",
@@ -290,6 +300,17 @@ class TrainSpec(BaseModel):
     debug: DebugSpec = Field(
         default_factory=DebugSpec, description="fault injection, for the tests of recovery only"
     )
+
+    @model_validator(mode="after")
+    def _resample_varies(self) -> TrainSpec:
+        if self.resample == "subsample" and self.resample_fraction >= 1:
+            raise ValueError(
+                "resample_fraction: a subsample of the whole split is the split itself; give a fraction "
+                "below 1 (or resample: none)"
+            )
+        if self.resample == "none" and self.resample_fraction != 1:
+            raise ValueError("resample_fraction: only with resample bootstrap or subsample")
+        return self
 
     @field_validator("amp", mode="before")
     @classmethod
@@ -335,6 +356,14 @@ class ScalingSpec(BaseModel):
         default=1, gt=0, description="CPUs each worker reserves (fractions share a core)"
     )
     accelerator_type: str | None = Field(default=None, description="e.g. H100, A10G: run only on those nodes")
+    memory_per_worker_gb: float | None = Field(
+        default=None,
+        gt=0,
+        description=(
+            "memory each worker reserves on its node (Ray's memory resource): trainings then start only "
+            "as many at once as the nodes' memory holds (null: no reservation)"
+        ),
+    )
     max_failures: int = Field(
         default=2, ge=-1, description="worker failures a run recovers from (-1: forever)"
     )
