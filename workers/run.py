@@ -117,7 +117,7 @@ def check_dataset(spec: Spec) -> dict[str, int]:
             is the check's report), or it cannot be used at all.
     """
     from harmonic.data import build_dataset
-    from workers.train import dataset_config
+    from workers.recipe import dataset_config
 
     cfg = dataset_config(spec)
     skipped = {}
@@ -190,7 +190,7 @@ def format_table(history: list[dict[str, Any]], best: dict[str, Any] | None = No
 def single_run(spec: Spec, ctx: Any, storage_path: str, *, resume: bool) -> dict[str, Any]:
     """Train ``spec`` once under the parent run ``ctx``; returns the run's summary (rank 0's return)."""
     from workers.tracking import client
-    from workers.train import make_trainer
+    from workers.trainer import make_trainer
 
     c = client(ctx.tracking_uri)
     parent = c.get_run(ctx.parent_run_id)

@@ -66,7 +66,7 @@ def test_controller_unpickles_without_torch_mlflow_or_the_training_module(
     import ray.cloudpickle
 
     from workers.controller_hooks import SeedReportCallback, TorchBackendConfig
-    from workers.train import make_trainer
+    from workers.trainer import make_trainer
 
     monkeypatch.setenv(NO_STATE_API_ENV, "1")  # (no Ray here to ask for its dashboard)
     monkeypatch.setenv(NO_AUTOSCALER_ENV, "1")  # (the policy of a local Ray is pickled too)
@@ -83,7 +83,7 @@ def test_controller_unpickles_without_torch_mlflow_or_the_training_module(
     probe = (
         "import pickle, sys\n"
         f"pickle.loads(open({str(blob)!r}, 'rb').read())\n"
-        "heavy = ('torch', 'torchvision', 'mlflow', 'scipy', 'workers.train', 'workers.trainer', 'workers.worker_loop',"
+        "heavy = ('torch', 'torchvision', 'mlflow', 'scipy', 'workers.trainer', 'workers.worker_loop',"
         " 'workers.recipe', 'workers.epoch_metrics', 'workers.train_state', 'workers.search', 'harmonic')\n"
         "print(sorted({m for m in sys.modules for h in heavy if m == h or m.startswith(h + '.')}))\n"
     )
@@ -96,7 +96,7 @@ def test_a_local_ray_s_runs_ask_no_autoscaler_for_resources(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, local: bool
 ) -> None:
     from workers.controller_hooks import FixedScalingWithoutAutoscaler
-    from workers.train import make_trainer
+    from workers.trainer import make_trainer
 
     monkeypatch.setenv(NO_STATE_API_ENV, "1")
     monkeypatch.setenv(NO_AUTOSCALER_ENV, "1" if local else "0")

@@ -24,7 +24,6 @@ def test_every_private_use_goes_through_ray_compat() -> None:
         "workers/trainer.py",
         "workers/worker_loop.py",
         "workers/controller_hooks.py",
-        "workers/train.py",
     ):
         text = (root / rel).read_text()
         for private in ("._internal", "ray._private", "ray._common", "ray._raylet"):

@@ -133,7 +133,7 @@ class SeedGroup:
         assert spec.search is not None
         self.t_start = time.time() if t_start is None else t_start
         self.hub = _event_hub() if hub is None else hub
-        from workers.train import resolve_use_gpu  # (after t_start: the import is part of the start)
+        from workers.trainer import resolve_use_gpu  # (after t_start: the import is part of the start)
 
         for k, v in TRAIN_ENV_DEFAULTS.items():
             os.environ.setdefault(k, v)
@@ -204,7 +204,7 @@ class SeedGroup:
 
     def run_id_of(self, seed: int) -> str:
         """The seed's child run: its trainer's rank-0 worker creates it (``defer_run``)."""
-        from workers.train import prepare_child_run
+        from workers.run_tracking import prepare_child_run
 
         if seed in self.run_ids:
             return self.run_ids[seed]
@@ -263,7 +263,7 @@ class SeedGroup:
     def _fit(self, seed: int, key: str) -> None:
         """A seed's fit thread: build its trainer, fit it, and tell the hub how it ended."""
         from workers.controller_hooks import SeedReportCallback
-        from workers.train import make_trainer
+        from workers.trainer import make_trainer
 
         self.started[seed] = time.time()
         try:

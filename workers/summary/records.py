@@ -49,7 +49,7 @@ REPORTED_METRICS = (
     "images_per_s",
     *(f"ap_iou_{t}" for t in range(50, 100, 5)),
 )
-#: prefix of the held-out test split's metrics (the trainer's name for them; workers.train has the same).
+#: prefix of the held-out test split's metrics (the trainer's name for them: workers.epoch_metrics).
 TEST_PREFIX = "test_"
 
 
