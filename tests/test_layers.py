@@ -46,6 +46,43 @@ def test_workers_do_not_import_the_service() -> None:
     assert not bad, "\n".join(bad)
 
 
+#: the benchmarks' machinery: their commands, turns, baselines, process accounting and marks.
+BENCHMARK_MODULES = (
+    "workers.bench",
+    "workers.bench_train",
+    "workers.pace",
+    "workers.plain_loop",
+    "workers.cpu_share",
+    "workers.timeline",
+)
+#: the training step and what builds it: they reach the benchmarks only through workers.hooks.
+TRAINING_MODULES = (
+    "workers/worker_loop.py",
+    "workers/epoch_metrics.py",
+    "workers/recipe.py",
+    "workers/trainer.py",
+    "workers/train_state.py",
+    "workers/run_tracking.py",
+    "workers/hooks.py",
+)
+
+
+def test_the_training_step_does_not_import_the_benchmarks() -> None:
+    bad = [line for line in _offenders("workers", BENCHMARK_MODULES) if line.split()[0] in TRAINING_MODULES]
+    assert not bad, "the training loop knows benchmarks only as hooks (workers.hooks):\n" + "\n".join(bad)
+    harmonic = _offenders("harmonic", BENCHMARK_MODULES)
+    assert not harmonic, "\n".join(harmonic)
+
+
+def test_the_search_imports_no_benchmark_but_the_start_up_marks() -> None:
+    bad = [
+        line
+        for line in _offenders("workers", tuple(m for m in BENCHMARK_MODULES if m != "workers.timeline"))
+        if line.startswith("workers/search/")
+    ]
+    assert not bad, "\n".join(bad)
+
+
 def test_evaluation_does_not_import_the_analyses() -> None:
     """harmonic.analysis builds on harmonic.eval, never the other way round (no cycle)."""
     bad = [

@@ -125,6 +125,7 @@ def search_main(argv: list[str]) -> int:
     import ray
 
     from harmonic.data import build_dataset
+    from workers import hooks as train_hooks
     from workers import timeline
     from workers.env import init_local_ray, shutdown_local_ray
     from workers.search import required_cpus
@@ -161,7 +162,8 @@ def search_main(argv: list[str]) -> int:
               f"{args.grace_period} reduction {args.reduction_factor}", flush=True)  # fmt: skip
         started = not ray.is_initialized()
         need = max(required_cpus(Spec.parse(spec)) for spec in (grid, tpe))
-        init_local_ray(num_cpus=max(os.cpu_count() or 1, math.ceil(need - 1e-9)))
+        with train_hooks.installed(timeline.HOOK):  # the workers mark their phases
+            init_local_ray(num_cpus=max(os.cpu_count() or 1, math.ceil(need - 1e-9)))
         try:
             runs = {}
             for label, spec in (("grid", grid), ("asha_tpe", tpe)):

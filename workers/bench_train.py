@@ -27,6 +27,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from workers import hooks as train_hooks
 from workers import pace
 from workers.cpu_share import WORKER, CpuSampler
 from workers.pace import RAY_TRAIN_PROCESSES, Baton, Freezer, Turn, descendants, niceness, pids_named
@@ -246,7 +247,8 @@ def _bench_round(
     os.environ[pace.ENV] = str(batons["worker"].directory)
     proc = None
     fit: dict[str, Any] = {}
-    init_local_ray(num_cpus=threads)
+    with train_hooks.installed(pace.HOOK):  # the worker takes its turns through its training hooks
+        init_local_ray(num_cpus=threads)
     try:
         proc = plain_loop.start_process(spec, threads, batons["plain"].directory)
         bare, bare_pid, bare_ref = plain_loop.start_bare_actor(spec, threads, batons["actor"].directory)

@@ -14,12 +14,11 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from harmonic.eval.detections import eval_mode, image_id, to_coco_results, to_pre_nms_records
-from workers import timeline
 from workers.errors import NonFiniteLossError
+from workers.hooks import TrainHooks
 from workers.summary.records import TEST_PREFIX  # the metric names' one home (light: no torch)
 
 if TYPE_CHECKING:
-    from workers.pace import Pacer
     from workers.spec import Spec
     from workers.train_state import TrainParts
     from workers.worker_loop import FaultInjector
@@ -68,12 +67,12 @@ def train_epoch(
     amp_dtype: Any = None,
     pop_diagnostics: Callable[[Any], dict[str, Any]],
     faults: FaultInjector | None = None,
-    pacer: Pacer | None = None,
+    hooks: TrainHooks | None = None,
 ) -> ShardTrainStats:
     """One pass over the shard with ``model`` (DDP-wrapped or not) and ``parts``' optimizer,
     scheduler and scaler; raises :class:`NonFiniteLossError` on a NaN or infinite loss term.
     ``amp_dtype``: the autocast dtype when ``use_amp`` (None: torch's default for the device).
-    ``pacer``: ``hdet bench train``'s turns (each step is reported to it; its waits are not timed)."""
+    ``hooks``: the worker's :mod:`workers.hooks` (the time a step hook holds the worker is not timed)."""
     import torch
 
     from harmonic.analysis import TrainingDiagnostics
@@ -84,10 +83,12 @@ def train_epoch(
     sums: dict[str, float] = {}
     steps = images = 0
     step_times: list[float] = []
+    hooks = hooks or TrainHooks()
+    on_steps = hooks.on_steps
     t_step = time.perf_counter()
     for step, (imgs, targets) in enumerate(loader):
-        if rank == 0 and step == 0:
-            timeline.mark("first_step")  # (the first step of every epoch: the reader keeps the first)
+        if step == 0:
+            hooks.phase("first_step")
         imgs = [im.to(device, non_blocking=True) for im in imgs]
         targets = [{k: (v.to(device) if hasattr(v, "to") else v) for k, v in tg.items()} for tg in targets]
         with torch.autocast(device_type=device.type, dtype=amp_dtype, enabled=use_amp):
@@ -116,7 +117,7 @@ def train_epoch(
         images += len(imgs)
         now = time.perf_counter()
         step_times.append(now - t_step)  # data loading included, as in images_per_s
-        if pacer is not None and pacer.step(epoch, now - t_step, len(imgs), last=step == iters_per_epoch - 1):
+        if on_steps and hooks.step_end(epoch, now - t_step, len(imgs), last=step == iters_per_epoch - 1):
             now = time.perf_counter()
         t_step = now
     median = statistics.median(step_times) if step_times else float("nan")

@@ -5,8 +5,9 @@ around them (:class:`Freezer` stops the others' processes for a turn; :func:`des
 The bench runs the sides a few steps at a time, in turns, on the same batches, so that a drift of
 the machine's speed hits every side alike.
 
-Off unless asked: the worker loop gets a :class:`Pacer` only when ``HDET_BENCH_PACE`` names a
-directory (the bench sets it for its own local Ray, whose processes inherit it). The two ends talk
+Off unless asked: a worker gets a :class:`Pacer` through its training hooks (:mod:`workers.hooks`,
+entry :data:`HOOK`) only when ``HDET_BENCH_PACE`` names a directory (the bench sets both for its own
+local Ray, whose processes inherit them). The two ends talk
 through two named pipes in that directory: ``ready`` (the side reports the turn it ended) and
 ``go`` (the bench writes a byte); ``turn_steps`` holds the steps of a turn. A side that waits
 blocks in a read and uses no CPU.
@@ -25,6 +26,7 @@ from workers.cpu_share import command_line, proc_stats, stat_fields
 
 __all__ = [
     "ENV",
+    "HOOK",
     "Pacer",
     "Baton",
     "Turn",
@@ -36,6 +38,8 @@ __all__ = [
 ]
 
 ENV = "HDET_BENCH_PACE"
+#: the entry of ``HDET_TRAIN_HOOKS`` (:mod:`workers.hooks`) that gives a worker its :class:`Pacer`.
+HOOK = "workers.pace:hook"
 
 
 class Turn(NamedTuple):
@@ -95,6 +99,25 @@ class Pacer:
         self._ready.write((" ".join(repr(v) for v in turn) + "\n").encode())
         if not self._go.read(1):
             raise RuntimeError("hdet bench train: the bench closed its pipe")
+
+
+class _PacerHook:
+    """The training loop's hook (:mod:`workers.hooks`): the bench's turns, on the worker's side."""
+
+    def __init__(self, pacer: Pacer):
+        self.pacer = pacer
+
+    def train_start(self) -> None:
+        self.pacer.start()
+
+    def step_end(self, epoch: int, seconds: float, images: int, *, last: bool) -> bool:
+        return self.pacer.step(epoch, seconds, images, last=last)
+
+
+def hook(run_key: str) -> _PacerHook | None:
+    """The worker's hook when ``HDET_BENCH_PACE`` names the bench's directory (None otherwise)."""
+    pacer = Pacer.from_env()
+    return _PacerHook(pacer) if pacer is not None else None
 
 
 class Baton:

@@ -1,7 +1,8 @@
 """Where a trial's start-up time goes: time marks from every process of a trial, into one file.
 
 Off unless ``HDET_TIMELINE`` names a file (``hdet bench search`` sets it for its local Ray, whose
-processes inherit it). Each mark is a JSON line ``{"t", "pid", "label", "key"}``; ``key`` is the
+processes inherit it). A training worker's marks come through its training hooks
+(:mod:`workers.hooks`, entry :data:`HOOK`). Each mark is a JSON line ``{"t", "pid", "label", "key"}``; ``key`` is the
 training run's MLflow run key (``<trial id>-seed<seed>``) or the trial id, so marks of concurrent
 trials can be told apart. Appends of one short line are atomic on a local file system.
 
@@ -25,9 +26,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-__all__ = ["ENV", "PHASES", "mark", "set_key", "read", "phases"]
+__all__ = ["ENV", "HOOK", "PHASES", "mark", "set_key", "read", "phases", "hook"]
 
 ENV = "HDET_TIMELINE"
+#: the entry of ``HDET_TRAIN_HOOKS`` (:mod:`workers.hooks`) that marks a worker's phases.
+HOOK = "workers.timeline:hook"
 #: The marks in trial order; :func:`phases` reports the time between consecutive ones.
 PHASES = ("trial_start", "trial_fn", "trainer_fit", "worker_start", "data_ready", "model_ready", "first_step")
 
@@ -55,6 +58,21 @@ def mark(label: str, key: str | None = None, t: float | None = None) -> None:
     )
     with open(path, "a", encoding="utf-8") as f:
         f.write(line + "\n")
+
+
+class _Marks:
+    """The training loop's hook (:mod:`workers.hooks`): its phases as marks keyed by the run key."""
+
+    def __init__(self, run_key: str):
+        set_key(run_key)
+
+    def phase(self, label: str) -> None:
+        mark(label)
+
+
+def hook(run_key: str) -> _Marks | None:
+    """The worker's hook when ``HDET_TIMELINE`` is set (None otherwise)."""
+    return _Marks(run_key) if os.environ.get(ENV) else None
 
 
 def read(path: str | Path) -> list[dict[str, Any]]:

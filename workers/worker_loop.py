@@ -36,9 +36,10 @@ import ray.train
 import ray.train.torch
 from ray.train import Checkpoint
 
-from workers import ray_compat, recipe, timeline
+from workers import hooks as train_hooks
+from workers import ray_compat, recipe
 from workers.epoch_metrics import TEST_PREFIX, epoch_metrics, evaluate_shard, train_epoch
-from workers.pace import Pacer
+from workers.hooks import TrainHooks
 from workers.run_tracking import ChildRun, TrackedRun, log_best_model, log_final_artifacts, start_tracking
 from workers.spec import DebugSpec, Spec
 from workers.tracking import log_metrics, logged_steps
@@ -171,9 +172,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
         On rank 0, a summary: ``run_id``, ``best`` (metrics of the best epoch), ``history``.
     """
     rank, world = _shard()
-    if rank == 0:
-        timeline.set_key(config.get("run_key") or config["run_name"])
-        timeline.mark("worker_start")
+    hooks = train_hooks.load(config.get("run_key") or config["run_name"]) if rank == 0 else TrainHooks()
+    hooks.phase("worker_start")
     ray_compat.quiet_train_report_log()  # our progress line says the same, readably
     from harmonic.analysis.suite import detection_metrics
     from harmonic.detectors import pop_diagnostics
@@ -186,14 +186,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
     device = _device(config.get("use_gpu", spec.scaling.use_gpu))
     amp_dtype = recipe.amp_dtype(spec, device.type)
     data = recipe.build_datasets(spec)
-    if rank == 0:
-        timeline.mark("data_ready")
+    hooks.phase("data_ready")
 
     model = recipe.build_model(spec, data.num_classes)
     # Ray wraps the model in DDP (gloo/NCCL process group set up by the TorchTrainer) and moves it.
     model = ray.train.torch.prepare_model(model, move_to_device=device)
-    if rank == 0:
-        timeline.mark("model_ready")
+    hooks.phase("model_ready")
     inner: Any = model.module if hasattr(model, "module") else model
 
     train = recipe.train_loader(
@@ -232,14 +230,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
         )  # fmt: skip
     run: TrackedRun | None = None
     faults = FaultInjector.of(t.debug, rank)
-    pacer = Pacer.from_env() if rank == 0 else None  # hdet bench train's turns (None otherwise)
     try:
         is_voc = spec.dataset.format == "voc"
         label_to_cat_id = data.val.label_to_cat_id
         epoch_times: list[float] = []
         summary: dict[str, Any] = {}
-        if pacer is not None:
-            pacer.start()
+        hooks.train_start()
         for epoch in range(progress.epoch + 1, t.epochs + 1):
             t0 = time.perf_counter()
             train.sampler.set_epoch(epoch)
@@ -250,7 +246,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
                 model, train.loader, parts, device, spec, epoch=epoch, rank=rank,
                 iters_per_epoch=train.iters_per_epoch, use_amp=amp_dtype is not None, amp_dtype=amp_dtype,
                 pop_diagnostics=pop_diagnostics,
-                faults=faults, pacer=pacer,
+                faults=faults, hooks=hooks,
             )  # fmt: skip
             t1 = time.perf_counter()
             final = epoch == t.epochs
