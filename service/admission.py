@@ -18,7 +18,11 @@ __all__ = ["worker_bundle", "admission_problems", "describe"]
 
 #: Ray's marker resource of a node's accelerator type (``accelerator_type:A100``).
 ACCELERATOR_PREFIX = "accelerator_type:"
-_FIELDS = {"CPU": "scaling.cpus_per_worker", "GPU": "scaling.gpus_per_worker"}
+_FIELDS = {
+    "CPU": "scaling.cpus_per_worker",
+    "GPU": "scaling.gpus_per_worker",
+    "memory": "scaling.memory_per_worker_gb",
+}
 
 
 def worker_bundle(spec: Spec) -> dict[str, float]:
@@ -29,12 +33,16 @@ def worker_bundle(spec: Spec) -> dict[str, float]:
         bundle["GPU"] = float(s.gpus_per_worker)
     if s.accelerator_type:
         bundle[ACCELERATOR_PREFIX + s.accelerator_type] = 0.001
+    if s.memory_per_worker_gb is not None:
+        bundle["memory"] = float(round(s.memory_per_worker_gb * 2**30))
     return bundle
 
 
 def describe(resources: dict[str, float]) -> str:
     """``8 CPU, 1 GPU, accelerator A100`` (memory and Ray's own markers left out)."""
     parts = [f"{resources.get(k, 0):g} {k}" for k in ("CPU", "GPU")]
+    if "memory" in resources:
+        parts.append(f"{resources['memory'] / 2**30:.1f} GiB memory")
     parts += [
         f"accelerator {k.removeprefix(ACCELERATOR_PREFIX)}"
         for k in resources

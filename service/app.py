@@ -10,11 +10,12 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
+import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Annotated
+from typing import Annotated, Generic, TypeVar
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
@@ -22,16 +23,56 @@ from fastapi.responses import JSONResponse
 
 from service.db import Store
 from service.experiments import Experiments
-from service.jobs import RayJobs
-from service.mlflow_view import MlflowView
+from service.jobs import RayJobs, RayUnavailable
+from service.mlflow_view import MlflowUnavailable, MlflowView
 from service.problems import Problem, install
 from service.reconciler import Reconciler
 from service.schemas import Component, Readiness
 from service.settings import Settings
+from service.submitter import Submitter
 
-__all__ = ["create_app", "Service", "ServiceDep", "require_token"]
+__all__ = ["create_app", "Service", "ServiceDep", "Fresh", "require_token"]
 
 log = logging.getLogger("hdet.service")
+
+#: how old an answer of Ray's node list, and of MLflow's health, a submission goes by
+NODES_MAX_AGE_S = 10.0
+MLFLOW_MAX_AGE_S = 2.0
+
+
+T = TypeVar("T")
+
+
+class Fresh(Generic[T]):
+    """A network answer that requests read without waiting for it: the first read fetches it,
+    a read after ``max_age_s`` gets the last answer and starts one background fetch of the next.
+    ``fetch`` never raises (it returns what a failure means)."""
+
+    def __init__(self, fetch: Callable[[], T], max_age_s: float):
+        self._fetch = fetch
+        self.max_age_s = max_age_s
+        self._answer: tuple[float, T] | None = None
+        self._lock = threading.Lock()
+        self._fetching = False
+
+    def get(self) -> T:
+        answer = self._answer
+        if answer is None:
+            return self._refresh()
+        if time.monotonic() - answer[0] > self.max_age_s:
+            with self._lock:
+                start, self._fetching = not self._fetching, True
+            if start:
+                threading.Thread(target=self._refresh, name="hdet-fresh", daemon=True).start()
+        return answer[1]
+
+    def _refresh(self) -> T:
+        try:
+            value = self._fetch()
+            self._answer = (time.monotonic(), value)
+            return value
+        finally:
+            self._fetching = False
 
 
 @dataclass
@@ -44,20 +85,23 @@ class Service:
     mlflow: MlflowView
     experiments: Experiments
     reconciler: Reconciler
+    submitter: Submitter
     #: admits ``settings.submit_concurrency`` submissions at a time (a bulkhead): a submission is
-    #: CPU (spec validation) and a Ray request; with many at once, reads queued behind them
+    #: CPU (spec validation); with many at once, reads queue behind them
     submit_slots: asyncio.Semaphore
-    _nodes: tuple[float, list[dict[str, float]]] | None = None
+    #: the nodes Ray reports alive (None: Ray could not be asked), at most 10 s old
+    nodes: Fresh[list[dict[str, float]] | None]
+    #: why MLflow is unavailable (None: it answered), at most 2 s old
+    mlflow_down: Fresh[str | None]
 
-    def cluster_nodes(self, max_age_s: float = 10.0) -> tuple[list[dict[str, float]], bool]:
+    def cluster_nodes(self) -> tuple[list[dict[str, float]], bool] | None:
         """The nodes a training can land on, and whether they are declared node types of an
-        autoscaling cluster (``HDET_CLUSTER_NODE_TYPES``) rather than the nodes Ray reports alive."""
+        autoscaling cluster (``HDET_CLUSTER_NODE_TYPES``) rather than the nodes Ray reports alive;
+        None when Ray could not be asked."""
         if self.settings.cluster_node_types is not None:
             return [dict(n) for n in self.settings.cluster_node_types], True
-        now = time.monotonic()
-        if self._nodes is None or now - self._nodes[0] > max_age_s:
-            self._nodes = (now, self.jobs.nodes())
-        return self._nodes[1], False
+        nodes = self.nodes.get()
+        return None if nodes is None else (nodes, False)
 
 
 async def get_service(request: Request) -> Service:
@@ -98,17 +142,28 @@ def build_service(settings: Settings) -> Service:
     assert settings.ray_address is not None
     jobs = RayJobs(settings.ray_address, settings.ray_token(), timeout_s=settings.ray_timeout_s)
     mlflow = MlflowView(settings.resolved_tracking_uri(), settings.ui_url())
-    reconciler = Reconciler(
-        store,
-        jobs,
-        mlflow,
-        service_id,
-        interval_s=settings.reconcile_interval_s,
-        submit_grace_s=max(60.0, 3 * settings.ray_timeout_s),
-    )
+    reconciler = Reconciler(store, jobs, mlflow, service_id, interval_s=settings.reconcile_interval_s)
     experiments = Experiments(store, jobs, mlflow, settings, service_id)
+    submitter = Submitter(store, experiments, idle_s=settings.reconcile_interval_s)
     slots = asyncio.Semaphore(settings.submit_concurrency)
-    return Service(settings, store, jobs, mlflow, experiments, reconciler, slots)
+
+    def nodes() -> list[dict[str, float]] | None:
+        try:
+            return jobs.nodes()
+        except RayUnavailable:
+            return None
+
+    def mlflow_down() -> str | None:
+        try:
+            mlflow.ping()
+            return None
+        except MlflowUnavailable as e:
+            return str(e)
+
+    return Service(
+        settings, store, jobs, mlflow, experiments, reconciler, submitter, slots,
+        nodes=Fresh(nodes, NODES_MAX_AGE_S), mlflow_down=Fresh(mlflow_down, MLFLOW_MAX_AGE_S),
+    )  # fmt: skip
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -121,9 +176,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         service = await run_in_threadpool(build_service, settings)
         app.state.service = service
         service.reconciler.start()
+        service.submitter.start()
         try:
             yield
         finally:
+            await run_in_threadpool(service.submitter.stop)
             await run_in_threadpool(service.reconciler.stop)
             service.store.close()
             app.state.service = None

@@ -213,7 +213,7 @@ class Client:
     # ------------------------------------------------------------------ experiments
 
     def submit(self, spec: dict[str, Any] | str | Path, *, idempotency_key: str | None = None) -> Experiment:
-        """Submit a spec (a mapping, or a YAML/JSON file's path); the new record, ``PENDING``.
+        """Submit a spec (a mapping, or a YAML/JSON file's path); the new record, ``SUBMITTING``.
         With ``idempotency_key`` a repeat of the same body gets the same record."""
         if isinstance(spec, dict):
             body, media = json.dumps(spec).encode(), "application/json"

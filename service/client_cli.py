@@ -90,7 +90,7 @@ def submit_main(argv: Sequence[str] | None = None) -> int:
         except OSError as e:
             cmd.error(f"cannot read {path}: {e.strerror or e}")
             return USAGE
-        _out(f"Experiment '{exp.id}' submitted ({exp.status}): {_describe(exp)}")
+        _out(f"Experiment '{exp.id}' accepted ({exp.status}): {_describe(exp)}")
         if not args.follow:
             _next_steps(exp, args)
             return OK

@@ -21,19 +21,19 @@ from sqlalchemy import (
     and_,
     bindparam,
     create_engine,
-    delete,
     event,
     func,
+    inspect,
     or_,
     select,
     text,
     update,
 )
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
 from sqlalchemy.orm import sessionmaker, undefer
 
 from service.models import RECORD_COLUMNS, Base, EventRow, ExperimentRow, MetaRow, RecordFields, utcnow
-from service.states import ACTIVE, TERMINAL, VISIBLE, Status, can_move
+from service.states import ACTIVE, TERMINAL, Status, can_move
 
 __all__ = ["Store", "IdTaken", "BadCursor", "aware"]
 
@@ -101,10 +101,29 @@ class Store:
         self.url = url
         self.engine = _make_engine(url)
         Base.metadata.create_all(self.engine)
+        self._add_columns()
         for table in Base.metadata.sorted_tables:  # indexes added since a database was made
             for index in table.indexes:
                 index.create(self.engine, checkfirst=True)
         self._session = sessionmaker(self.engine, expire_on_commit=False)
+
+    def _add_columns(self) -> None:
+        """Add the nullable columns a table gained since its database was made (``create_all``
+        makes missing tables only)."""
+        for table in Base.metadata.sorted_tables:
+            have = {c["name"] for c in inspect(self.engine).get_columns(table.name)}
+            for column in table.columns:
+                if column.name in have or not column.nullable:
+                    continue
+                kind = column.type.compile(self.engine.dialect)
+                try:
+                    with self.engine.begin() as conn:
+                        conn.execute(text(f"ALTER TABLE {table.name} ADD COLUMN {column.name} {kind}"))
+                except (OperationalError, ProgrammingError):
+                    # another replica added it first; anything else shows on the next check
+                    names = {c["name"] for c in inspect(self.engine).get_columns(table.name)}
+                    if column.name not in names:
+                        raise
 
     def close(self) -> None:
         self.engine.dispose()
@@ -131,36 +150,34 @@ class Store:
 
     # ------------------------------------------------------------------ rows
 
-    def insert_submitting(self, row: ExperimentRow) -> None:
-        """Store a new hidden ``SUBMITTING`` row; :class:`IdTaken` if the id exists."""
+    def insert_accepted(self, row: ExperimentRow, reason: str) -> None:
+        """Store a new ``SUBMITTING`` record with its first event ``(none) -> SUBMITTING``;
+        :class:`IdTaken` if the id exists."""
         row.status = Status.SUBMITTING
         row.created_at = row.updated_at = utcnow()
         try:
             with self._session.begin() as s:
                 s.add(row)
+                s.flush()  # the record before its event (the event's foreign key)
+                s.add(
+                    EventRow(
+                        experiment_id=row.id,
+                        seq=1,
+                        at=row.created_at,
+                        from_status=None,
+                        to_status=Status.SUBMITTING,
+                        reason=reason,
+                    )
+                )
         except IntegrityError as e:
             raise IdTaken(row.id) from e
 
-    def get(self, exp_id: str, *, hidden: bool = False, with_log: bool = False) -> ExperimentRow | None:
-        """The record ``exp_id``; a ``SUBMITTING`` row only with ``hidden``; its kept log only
-        ``with_log`` (up to 256 KiB a record does not show)."""
+    def get(self, exp_id: str, *, with_log: bool = False) -> ExperimentRow | None:
+        """The record ``exp_id``; its kept log only ``with_log`` (up to 256 KiB a record does not show)."""
         with self._session() as s:
-            row = s.get(
+            return s.get(
                 ExperimentRow, exp_id, options=[undefer(ExperimentRow.log_tail)] if with_log else None
             )
-        if row is None or (not hidden and row.status not in VISIBLE):
-            return None
-        return row
-
-    def delete_submitting(self, exp_id: str) -> bool:
-        """Remove a row that never reached Ray (it has no events)."""
-        with self._session.begin() as s:
-            res = s.execute(
-                delete(ExperimentRow).where(
-                    ExperimentRow.id == exp_id, ExperimentRow.status == Status.SUBMITTING
-                )
-            )
-        return bool(getattr(res, "rowcount", 0))
 
     def transition(self, exp_id: str, expected: str, to: str, reason: str, **fields: Any) -> bool:
         """Compare-and-set ``expected -> to`` with ``fields``, recording the event; False if the
@@ -187,8 +204,7 @@ class Store:
                     experiment_id=exp_id,
                     seq=(last or 0) + 1,
                     at=now,
-                    # SUBMITTING is never shown: the first event is "(none) -> PENDING".
-                    from_status=None if expected == Status.SUBMITTING else expected,
+                    from_status=expected,
                     to_status=to,
                     reason=reason,
                 )
@@ -235,20 +251,20 @@ class Store:
             q = select(ExperimentRow).where(ExperimentRow.status.in_(list(ACTIVE)))
             return list(s.scalars(q.order_by(ExperimentRow.created_at)))
 
-    def submitting(self, older_than: datetime) -> list[ExperimentRow]:
-        """Hidden rows left by a submission that did not finish (a crash between insert and PENDING)."""
+    def submitting(self, limit: int = 100) -> list[ExperimentRow]:
+        """Records accepted and not yet submitted to Ray, oldest first."""
         with self._session() as s:
-            q = select(ExperimentRow).where(
-                ExperimentRow.status == Status.SUBMITTING, ExperimentRow.created_at < older_than
-            )
-            return list(s.scalars(q))
+            q = select(ExperimentRow).where(ExperimentRow.status == Status.SUBMITTING)
+            return list(s.scalars(q.order_by(ExperimentRow.created_at).limit(limit)))
 
-    def known_ids(self, ids: Iterable[str]) -> set[str]:
+    def statuses(self, ids: Iterable[str]) -> dict[str, str]:
+        """The status of each of ``ids`` that has a record."""
         wanted = list(ids)
         if not wanted:
-            return set()
+            return {}
         with self._session() as s:
-            return set(s.scalars(select(ExperimentRow.id).where(ExperimentRow.id.in_(wanted))))
+            q = select(ExperimentRow.id, ExperimentRow.status).where(ExperimentRow.id.in_(wanted))
+            return {exp_id: status for exp_id, status in s.execute(q)}
 
     def page(
         self,
@@ -267,8 +283,6 @@ class Store:
         q = select(*RECORD_COLUMNS)
         if status:
             q = q.where(ExperimentRow.status.in_(list(status)))
-        else:
-            q = q.where(ExperimentRow.status != Status.SUBMITTING)
         if name is not None:
             q = q.where(ExperimentRow.name == name)
         if loss is not None:

@@ -1,16 +1,18 @@
-"""Submitting and cancelling experiments: the writes a request makes, in the order that leaves
-nothing half-done. Validate (:mod:`service.intake`), insert a hidden ``SUBMITTING`` row, submit the
-Ray job under the record's id, mark it ``PENDING``.
+"""Accepting, submitting and cancelling experiments: the writes, in the order that leaves nothing
+half-done. A request validates (:mod:`service.intake`) and stores a ``SUBMITTING`` record with its
+spec (:meth:`Experiments.accept`, answered 202 at once); the submitter thread sends it to Ray under
+the record's id and marks it ``PENDING`` (:meth:`Experiments.send`), or ``FAILED`` when Ray refuses it.
 
-The record id is Ray's ``submission_id``, so a retried submission can never start a second job:
-Ray's "submission_id already exists" counts as success. With an ``Idempotency-Key`` the id derives
-from the key: a repeat with the same body gets the same record, another body 422, a repeat while
-the first is still being submitted 409.
+The record id is Ray's ``submission_id``, so a repeated submission (after a crash of the API, or by
+a second replica) can never start a second job: Ray's "submission_id already exists" counts as
+success when that job is this record's (its metadata says so). With an ``Idempotency-Key`` the id
+derives from the key: a repeat with the same body gets the same record, another body 422.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import secrets
 import shlex
@@ -19,8 +21,8 @@ from dataclasses import dataclass
 
 from service.db import IdTaken, Store
 from service.intake import body_hash, canonical_json
-from service.jobs import JobNotFound, RayJobs, RayUnavailable
-from service.mlflow_view import MlflowUnavailable, MlflowView
+from service.jobs import JobNotFound, RayJobs, RayUnavailable, SubmissionRefused
+from service.mlflow_view import MlflowView
 from service.models import ExperimentRow
 from service.problems import Problem
 from service.settings import Settings
@@ -28,15 +30,20 @@ from service.states import TERMINAL, Status
 from workers.spec import Spec
 from workers.tracking import Tag
 
-__all__ = ["Experiments", "Submission", "SERVICE_METADATA", "RETRY_AFTER_S", "MAX_ENTRYPOINT_CHARS"]
+__all__ = [
+    "Experiments",
+    "Submission",
+    "SERVICE_METADATA",
+    "ACCEPTED",
+    "MAX_ENTRYPOINT_CHARS",
+]
 
 log = logging.getLogger("hdet.service")
 
 #: Ray job metadata naming the service (the database) that submitted a job.
 SERVICE_METADATA = "hdet.service"
-#: a submission trusts an MLflow answer this recent (readyz always asks afresh)
-PING_MAX_AGE_S = 2.0
-RETRY_AFTER_S = 5
+#: the reason of a record's first event
+ACCEPTED = "accepted; submitting to Ray"
 #: Ray runs the entrypoint through ``sh -c``: one argument, which Linux caps at 128 KiB.
 MAX_ENTRYPOINT_CHARS = 120 * 1024
 #: how long the job has, after Ray's SIGINT, to end its MLflow runs before Ray kills it.
@@ -75,13 +82,16 @@ class Experiments:
             argv += ["--storage-path", self.settings.storage_path]
         return shlex.join(argv)
 
-    def submit(self, spec: Spec, idempotency_key: str | None = None) -> Submission:
-        """Store and submit ``spec`` (validated); see the module docstring for the order."""
+    def accept(
+        self, spec: Spec, idempotency_key: str | None = None, waiting_for: str | None = None
+    ) -> Submission:
+        """Store ``spec`` (validated) as a ``SUBMITTING`` record; ``waiting_for`` says what its
+        submission waits for when that is known already (Ray unreachable)."""
         spec_json = canonical_json(spec)
         digest = body_hash(spec_json)
         exp_id = self.new_id(idempotency_key)
         if idempotency_key is not None:
-            existing = self.store.get(exp_id, hidden=True)
+            existing = self.store.get(exp_id)
             if existing is not None:
                 return self._repeat(existing, digest)
         entrypoint = self.entrypoint(exp_id, spec_json)
@@ -93,10 +103,6 @@ class Experiments:
                 kind="invalid-spec",
                 errors=[{"field": "", "message": f"resolved, the spec is {len(spec_json)} characters"}],
             )
-        try:
-            self.mlflow.ping(max_age_s=PING_MAX_AGE_S)
-        except MlflowUnavailable as e:
-            raise _unavailable("MLflow is unavailable", str(e)) from None
         row = ExperimentRow(
             id=exp_id,
             name=spec.name,
@@ -106,39 +112,76 @@ class Experiments:
             spec=spec_json,
             body_hash=digest,
             idempotency_key=idempotency_key,
+            waiting_for=waiting_for,
         )
         try:
-            self.store.insert_submitting(row)
+            self.store.insert_accepted(row, ACCEPTED)
         except IdTaken:
-            existing = self.store.get(exp_id, hidden=True)
-            if existing is None:  # inserted and deleted again meanwhile (its submission failed)
-                raise _unavailable(
-                    "Ray is unavailable", "a concurrent submission with this key failed"
-                ) from None
+            existing = self.store.get(exp_id)
+            assert existing is not None  # a record is never deleted
             return self._repeat(existing, digest)
+        return Submission(row, replayed=False)
+
+    def send(self, row: ExperimentRow) -> Status:
+        """Submit the Ray job of a ``SUBMITTING`` record; the status it moved to: ``PENDING``,
+        ``FAILED`` (Ray refused it), or the one a cancel or another replica gave it meanwhile.
+        :class:`RayUnavailable` when Ray cannot be asked: the record stays as it is."""
         t0 = time.perf_counter()
         try:
             had_it = self.jobs.submit(
-                exp_id,
-                entrypoint,
+                row.id,
+                self.entrypoint(row.id, row.spec),
                 metadata={
-                    Tag.EXPERIMENT_ID: exp_id,
+                    Tag.EXPERIMENT_ID: row.id,
                     SERVICE_METADATA: self.service_id,
-                    Tag.SPEC_NAME: spec.name,
+                    Tag.SPEC_NAME: row.name,
                 },
                 runtime_env={"env_vars": self._job_env()},
                 **self.settings.entrypoint_options(),
             )
-        except RayUnavailable as e:
-            self.store.delete_submitting(exp_id)
-            raise _unavailable("Ray is unavailable", str(e)) from None
+            if had_it:
+                self._check_owned(row.id)
+        except SubmissionRefused as e:
+            reason = f"Ray refused the submission: {e}"
+            failure = json.dumps({"reason": reason, "exit_code": None, "ray_message": str(e)})
+            if self.store.transition(
+                row.id, Status.SUBMITTING, Status.FAILED, reason, failure=failure, waiting_for=None
+            ):
+                log.warning("%s: %s", row.id, reason)
+                return Status.FAILED
+            return self._moved(row.id)
         reason = "submitted to Ray" if not had_it else "submitted to Ray (it had the job already)"
-        self.store.transition(
-            exp_id, Status.SUBMITTING, Status.PENDING, reason, submit_s=time.perf_counter() - t0
-        )
-        made = self.store.get(exp_id)
-        assert made is not None
-        return Submission(made, replayed=False)
+        took = time.perf_counter() - t0
+        if self.store.transition(
+            row.id, Status.SUBMITTING, Status.PENDING, reason, submit_s=took, waiting_for=None
+        ):
+            return Status.PENDING
+        return self._moved(row.id)
+
+    def _check_owned(self, exp_id: str) -> None:
+        """Ray had a job under ``exp_id`` already: it must be this record's, not someone else's."""
+        try:
+            theirs = self.jobs.info(exp_id).metadata
+        except JobNotFound:
+            raise RayUnavailable(f"Ray said job {exp_id} exists, then that it does not") from None
+        if theirs.get(Tag.EXPERIMENT_ID) != exp_id or theirs.get(SERVICE_METADATA) != self.service_id:
+            owner = theirs.get(SERVICE_METADATA) or "not this service"
+            raise SubmissionRefused(f"it has another job under submission id {exp_id} (submitted by {owner})")
+
+    def _moved(self, exp_id: str) -> Status:
+        """After a lost compare-and-set: what the record became; a job sent for a record cancelled
+        meanwhile is stopped."""
+        now = self.store.get(exp_id)
+        assert now is not None
+        if now.status == Status.CANCELLED:
+            try:
+                self.jobs.stop(exp_id)
+                log.info("%s: cancelled while being submitted; its Ray job is stopped", exp_id)
+            except JobNotFound:
+                pass
+            except RayUnavailable as e:
+                log.warning("%s: cancelled while being submitted; stopping its job: %s", exp_id, e)
+        return Status(now.status)
 
     def _job_env(self) -> dict[str, str]:
         env = {"RAY_JOB_STOP_SIGNAL": "SIGINT", "RAY_JOB_STOP_WAIT_TIME_S": str(STOP_WAIT_S)}
@@ -154,19 +197,12 @@ class Experiments:
                 kind="idempotency-key-reused",
                 errors=[{"field": "Idempotency-Key", "message": "already used with a different body"}],
             )
-        if existing.status == Status.SUBMITTING:
-            raise Problem(
-                409,
-                "Submission in progress",
-                "a request with this Idempotency-Key is being submitted; repeat it shortly",
-                kind="submission-in-progress",
-                headers={"Retry-After": "1"},
-            )
         return Submission(existing, replayed=True)
 
     def cancel(self, exp_id: str) -> ExperimentRow:
-        """``PENDING | RUNNING -> CANCELLING`` and ask Ray to stop the job (the reconciler asks again
-        while it runs); a repeat is a no-op; an ended experiment is 409."""
+        """``SUBMITTING -> CANCELLED`` (nothing to stop: a job the submitter sends meanwhile it
+        stops); ``PENDING | RUNNING -> CANCELLING`` and ask Ray to stop the job (the reconciler asks
+        again while it runs); a repeat is a no-op; an ended experiment is 409."""
         for _ in range(10):
             row = self.store.get(exp_id)
             if row is None:
@@ -180,6 +216,13 @@ class Experiments:
                 )
             if row.status == Status.CANCELLING:
                 return row
+            if row.status == Status.SUBMITTING:
+                reason = "cancelled before it was submitted to Ray"
+                if self.store.transition(exp_id, row.status, Status.CANCELLED, reason, waiting_for=None):
+                    done = self.store.get(exp_id)
+                    assert done is not None
+                    return done
+                continue
             if self.store.transition(exp_id, row.status, Status.CANCELLING, "cancel requested"):
                 break
         try:
@@ -191,7 +234,3 @@ class Experiments:
         row = self.store.get(exp_id)
         assert row is not None
         return row
-
-
-def _unavailable(title: str, detail: str) -> Problem:
-    return Problem(503, title, detail, kind="unavailable", headers={"Retry-After": str(RETRY_AFTER_S)})

@@ -2,8 +2,9 @@
 Never ``ray.init``, never torch: a job lives as long as the cluster, not as long as this process.
 
 Ray's client raises ``RuntimeError`` with the HTTP status in its message and plain ``requests``
-errors; they become :class:`RayUnavailable` (unreachable, refused, bad token) and
-:class:`JobNotFound` (the cluster does not know the submission id) here, so callers never parse text.
+errors; they become :class:`RayUnavailable` (unreachable, refused, bad token), :class:`JobNotFound`
+(the cluster does not know the submission id) and, for a submission only, :class:`SubmissionRefused`
+(Ray says this request is invalid: asking again cannot help) here, so callers never parse text.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-__all__ = ["RayJobs", "RayUnavailable", "JobNotFound", "JobState", "TERMINAL_RAY"]
+__all__ = ["RayJobs", "RayUnavailable", "JobNotFound", "SubmissionRefused", "JobState", "TERMINAL_RAY"]
 
 log = logging.getLogger("hdet.service")
 T = TypeVar("T")
@@ -31,6 +32,10 @@ class JobNotFound(Exception):
     """Ray does not know this submission id (never submitted, or the head restarted)."""
 
 
+class SubmissionRefused(Exception):
+    """Ray refused a job submission as invalid (its client's checks, or an HTTP 400); the message is Ray's."""
+
+
 @dataclass(frozen=True)
 class JobState:
     """What Ray says about one job."""
@@ -40,6 +45,7 @@ class JobState:
     message: str | None = None
     exit_code: int | None = None
     metadata: dict[str, str] = field(default_factory=dict)
+    job_id: str | None = None  # the driver's Ray job id (hex) once it started: its placement groups carry it
 
     @property
     def terminal(self) -> bool:
@@ -109,8 +115,7 @@ class RayJobs:
             return RayUnavailable(f"Ray at {self.address} refused the service's Ray token ({what})")
         if isinstance(e, requests.RequestException | OSError):
             return RayUnavailable(f"Ray at {self.address} is unreachable ({what}: {type(e).__name__})")
-        first = text.strip().splitlines()[0][:300] if text.strip() else type(e).__name__
-        return RayUnavailable(f"Ray at {self.address} refused {what}: {first}")
+        return RayUnavailable(f"Ray at {self.address} refused {what}: {_first_line(text, e)}")
 
     # ------------------------------------------------------------------ calls
 
@@ -122,12 +127,21 @@ class RayJobs:
         """Submit a job under ``submission_id``; True if Ray already had it (a retried submission:
         no second job is ever started)."""
         try:
-            self._get_client().submit_job(entrypoint=entrypoint, submission_id=submission_id, **options)
+            client = self._get_client()
+        except Exception as e:
+            raise self._classify("a job submission", e) from None
+        try:
+            client.submit_job(entrypoint=entrypoint, submission_id=submission_id, **options)
             return False
         except Exception as e:
-            if "already exists" in str(e):
+            text = str(e)
+            if "already exists" in text:
                 return True
-            raise self._classify(f"submitting {submission_id}", e) from None
+            if isinstance(e, TypeError | ValueError) or (
+                isinstance(e, RuntimeError) and "status code 400" in text
+            ):
+                raise SubmissionRefused(_refusal(text, e)) from None
+            raise self._classify("a job submission", e) from None
 
     def nodes(self) -> list[dict[str, float]]:
         """``resources_total`` of every alive node, as Ray's state API reports them."""
@@ -140,6 +154,25 @@ class RayJobs:
 
         rows = self._call("the node list", fetch)
         return [dict(n.get("resources_total") or {}) for n in rows if n.get("state") == "ALIVE"]
+
+    def placement_groups(self) -> dict[str, list[dict[str, Any]]]:
+        """The placement groups not removed (pending, created, rescheduling), by the Ray job id
+        that made them: ``{"state": ..., "bundles": [{"CPU": 2.0}, ...]}`` each."""
+
+        def fetch(c: Any) -> Any:
+            query = "detail=true&limit=10000&filter_keys=state&filter_predicates=%21%3D&filter_values=REMOVED"
+            r = c._do_request("GET", f"/api/v0/placement_groups?{query}")
+            if r.status_code != 200:
+                raise RuntimeError(f"status code {r.status_code}: {r.text[:200]}")
+            return r.json()["data"]["result"]["result"]
+
+        out: dict[str, list[dict[str, Any]]] = {}
+        for pg in self._call("the placement groups", fetch):
+            bundles = [dict(b.get("unit_resources") or {}) for b in pg.get("bundles") or []]
+            out.setdefault(str(pg.get("creator_job_id")), []).append(
+                {"state": pg.get("state"), "bundles": bundles}
+            )
+        return out
 
     def info(self, submission_id: str) -> JobState:
         info = self._call(f"job {submission_id}", lambda c: c.get_job_info(submission_id))
@@ -165,6 +198,18 @@ class RayJobs:
             yield chunk
 
 
+def _refusal(text: str, e: Exception) -> str:
+    """Ray's reason: an HTTP 400's body is a traceback whose last line is the error."""
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    if isinstance(e, RuntimeError) and len(lines) > 1:
+        return f"HTTP 400: {lines[-1].rstrip('.')[:300]}"
+    return f"{type(e).__name__}: {_first_line(text, e)}"
+
+
+def _first_line(text: str, e: Exception) -> str:
+    return text.strip().splitlines()[0][:300] if text.strip() else type(e).__name__
+
+
 def _state(info: Any) -> JobState:
     status = getattr(info.status, "value", str(info.status))
     return JobState(
@@ -173,4 +218,5 @@ def _state(info: Any) -> JobState:
         message=info.message,
         exit_code=getattr(info, "driver_exit_code", None),
         metadata=dict(info.metadata or {}),
+        job_id=getattr(info, "job_id", None) or None,
     )

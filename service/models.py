@@ -50,6 +50,8 @@ class ExperimentRow(Base):
     # an ended job's last 256 KiB: loaded only by the logs route (a record or a page never shows it)
     log_tail: Mapped[str | None] = mapped_column(Text, nullable=True, deferred=True)
     submit_s: Mapped[float | None] = mapped_column(Float, nullable=True)  # time Ray took to accept it
+    # what the record waits for, while it waits: Ray (to submit it), or resources (to train)
+    waiting_for: Mapped[str | None] = mapped_column(Text, nullable=True)
 
     __table_args__ = (
         # newest first: the default listing walks this index and stops after a page
@@ -103,6 +105,8 @@ class RecordFields(Protocol):
     def failure(self) -> str | None: ...
     @property
     def submit_s(self) -> float | None: ...
+    @property
+    def waiting_for(self) -> str | None: ...
 
 
 #: the columns of a record (every column but the kept log)

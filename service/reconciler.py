@@ -1,11 +1,13 @@
 """The reconciler: a thread of the API process that brings the records in line with Ray and MLflow
 every ``reconcile_interval_s`` (2 s); GETs read only the database it writes.
 
-Each pass: adopt or delete ``SUBMITTING`` rows a crashed submission left; for every active record
-ask Ray (``get_job_info``) and MLflow (the parent run, its children: progress), apply
-:func:`service.verdict.decide` as a compare-and-set transition, keep an ended job's last 256 KiB
-of log, and close the MLflow runs a dead job left ``RUNNING``; stop Ray jobs of this service that
-have no record (never a job someone else submitted). Ray unreachable changes no status.
+Each pass: for every active record (``SUBMITTING`` ones are :mod:`service.submitter`'s) ask Ray
+(``get_job_info``) and MLflow (the parent run, its children: progress); for a job Ray runs, what its
+placement groups say (Ray's state API, once a pass): whether a training has its resources, and what
+the others wait for (``waiting_for``); apply :func:`service.verdict.decide` as a compare-and-set
+transition, keep an ended job's last 256 KiB of log, and close the MLflow runs a dead job left
+``RUNNING``; stop Ray jobs of this service that have no record or whose record ended (never a job
+someone else submitted). Ray unreachable changes no status.
 """
 
 from __future__ import annotations
@@ -14,9 +16,9 @@ import json
 import logging
 import threading
 import time
-from datetime import timedelta
 from typing import Any
 
+from service.admission import describe
 from service.db import Store
 from service.jobs import JobNotFound, JobState, RayJobs, RayUnavailable
 from service.mlflow_view import MlflowView
@@ -34,6 +36,8 @@ LOG_KEEP_BYTES = 256 * 1024
 FAILURE_LOG_LINES = 40
 #: orphan sweeps (a list of every Ray job) run every this many passes.
 ORPHAN_EVERY = 5
+#: what a job Ray runs waits for before its driver asks for a training's resources
+STARTING = "its driver to start a training"
 #: above this many active records a pass asks Ray for its job list once, not for each job.
 LIST_ABOVE = 8
 
@@ -59,14 +63,12 @@ class Reconciler:
         service_id: str,
         *,
         interval_s: float = 2.0,
-        submit_grace_s: float = 60.0,
     ):
         self.store = store
         self.jobs = jobs
         self.mlflow = mlflow
         self.service_id = service_id
         self.interval_s = interval_s
-        self.submit_grace_s = submit_grace_s
         self.ready = threading.Event()
         self.ray_error: str | None = None
         self.passes = 0
@@ -74,6 +76,10 @@ class Reconciler:
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
         self._stop_sent: set[str] = set()
+        #: this pass's placement groups by Ray job id ({} when Ray's state API did not answer)
+        self._groups: dict[str, list[dict[str, Any]]] | None = None
+        self._groups_ok = False
+        self._nodes: list[dict[str, float]] | None = None
 
     # ------------------------------------------------------------------ the thread
 
@@ -99,8 +105,8 @@ class Reconciler:
     def run_once(self) -> None:
         """One pass over every active record (callable directly, e.g. by tests)."""
         with self._lock:
+            self._groups = self._nodes = None  # asked again, at most once, in this pass
             try:
-                self._adopt_submitting()
                 active = self.store.active()
                 # Many active records: one list of every job beats a request per record.
                 known = {j.submission_id: j for j in self.jobs.list()} if len(active) > LIST_ABOVE else None
@@ -119,17 +125,6 @@ class Reconciler:
                 log.warning("reconciler: %s", e)
             self.passes += 1
             self.ready.set()
-
-    def _adopt_submitting(self) -> None:
-        """A ``SUBMITTING`` row older than a submission can take: adopted if Ray has the job, else deleted."""
-        for row in self.store.submitting(utcnow() - timedelta(seconds=self.submit_grace_s)):
-            try:
-                self.jobs.info(row.id)
-            except JobNotFound:
-                self.store.delete_submitting(row.id)
-                log.info("deleted %s: its submission never reached Ray", row.id)
-                continue
-            self.store.transition(row.id, Status.SUBMITTING, Status.PENDING, "adopted: Ray has the job")
 
     def _reconcile(
         self,
@@ -152,7 +147,12 @@ class Reconciler:
             fields.update(ray_status=ray.status, ray_message=ray.message, ray_exit_code=ray.exit_code)
         parent, mlflow_ok = self._parent(row, fields, ray)
         status = Status(row.status)
-        verdict = decide(status, ray, parent.info.status if parent is not None else None)
+        placed: bool | None = None
+        if ray is not None and ray.status == "RUNNING" and status in (Status.PENDING, Status.RUNNING):
+            placed, fields["waiting_for"] = self._placement(ray)
+        elif row.waiting_for is not None:
+            fields["waiting_for"] = None
+        verdict = decide(status, ray, parent.info.status if parent is not None else None, placed)
         if (
             status == Status.CANCELLING
             and ray is not None
@@ -177,6 +177,38 @@ class Reconciler:
             # Only after the record's own transition: closed first, the runs would tell a second
             # reconciler racing on this record their new status as the job's outcome.
             self._close_runs(row, verdict, parent)
+
+    def _placement(self, ray: JobState) -> tuple[bool | None, str | None]:
+        """Whether a placement group of the running job was created (a training has its
+        resources; None when Ray's state API does not say), and what its pending ones wait for."""
+        if ray.job_id is None:  # its driver has not connected to Ray yet: it can have asked for nothing
+            return False, STARTING
+        if self._groups is None:
+            try:
+                self._groups, self._groups_ok = self.jobs.placement_groups(), True
+            except RayUnavailable as e:
+                log.warning("reconciler: %s", e)
+                self._groups, self._groups_ok = {}, False
+        if not self._groups_ok:
+            return None, None
+        groups = self._groups.get(ray.job_id, [])
+        placed = any(g["state"] == "CREATED" for g in groups)
+        pending = [g for g in groups if g["state"] in ("PENDING", "RESCHEDULING")]
+        if not pending:
+            return placed, None if placed else STARTING
+        need: dict[str, float] = {}
+        for group in pending:
+            for bundle in group["bundles"]:
+                for name, amount in bundle.items():
+                    need[name] = need.get(name, 0.0) + amount
+        if self._nodes is None:
+            self._nodes = self.jobs.nodes()
+        have: dict[str, float] = {}
+        for node in self._nodes:
+            for name, amount in node.items():
+                have[name] = have.get(name, 0.0) + amount
+        trainings = f"{len(pending)} training{'s' if len(pending) > 1 else ''}"
+        return placed, f"{describe(need)} for {trainings} (the cluster has {describe(have)} in all)"
 
     def _parent(self, row: ExperimentRow, fields: dict[str, Any], ray: JobState | None) -> tuple[Any, bool]:
         """The MLflow parent run or None (its ids and the progress go into ``fields``), and
@@ -243,8 +275,9 @@ class Reconciler:
             pass
 
     def _stop_orphans(self) -> None:
-        """Stop running jobs this service submitted that have no record (a row deleted after its
-        submission timed out but reached Ray); jobs sent by ``ray job submit`` are never touched."""
+        """Stop running jobs this service submitted whose record is gone (another database) or
+        ended (a cancel while the job was being submitted, by an API that died before it stopped
+        the job); jobs sent by ``ray job submit`` are never touched."""
         from service.experiments import SERVICE_METADATA
 
         mine = [
@@ -252,12 +285,12 @@ class Reconciler:
             for j in self.jobs.list()
             if j.metadata.get(SERVICE_METADATA) == self.service_id and not j.terminal
         ]
-        known = self.store.known_ids(j.submission_id for j in mine)
+        statuses = self.store.statuses(j.submission_id for j in mine)
         for job in mine:
-            if job.submission_id not in known:
-                log.warning(
-                    "stopping Ray job %s: submitted by this service but it has no record", job.submission_id
-                )
+            status = statuses.get(job.submission_id)
+            if status is None or status in TERMINAL:
+                why = "it has no record" if status is None else f"its record is {status}"
+                log.warning("stopping Ray job %s: submitted by this service but %s", job.submission_id, why)
                 self._stop_job(job.submission_id)
 
     def wait_ready(self, timeout_s: float) -> bool:

@@ -24,11 +24,13 @@ from service.mlflow_view import COMPARE_METRICS, MlflowUnavailable, finite, has_
 from service.models import ExperimentRow, RecordFields
 from service.problems import Problem
 from service.schemas import EventList, Experiment, ExperimentList, RecordJson, event
-from service.states import TERMINAL, VISIBLE
+from service.states import TERMINAL, VISIBLE, Status
 
 __all__ = ["router"]
 
 router = APIRouter()
+#: how often a followed log asks whether its record has been submitted to Ray
+SUBMITTED_POLL_S = 0.25
 _SPEC_BODY = {
     "requestBody": {
         "required": True,
@@ -78,7 +80,7 @@ def _send(model: BaseModel, status_code: int = 200) -> Response:
     response_model=Experiment,
     openapi_extra=_SPEC_BODY,
     tags=["experiments"],
-    summary="Submit a spec: validated, recorded and sent to Ray as a job.",
+    summary="Submit a spec: validated and recorded (SUBMITTING) at once, then sent to Ray as a job.",
 )
 async def submit_experiment(
     request: Request,
@@ -90,23 +92,26 @@ async def submit_experiment(
     def work() -> Response:
         data = intake.parse_body(raw, kind)
         try:
-            cluster = service.cluster_nodes()
-        except RayUnavailable:
-            cluster = None  # the submission itself answers 503 with the reason
-        try:
             spec = intake.validate(
                 data,
                 tracking_uri=service.mlflow.tracking_uri,
-                cluster=cluster,
+                cluster=service.cluster_nodes(),  # None while Ray cannot be asked: not checked
                 data_roots=service.settings.data_root_paths(),
                 run_exists=service.mlflow.run_exists,
             )
         except MlflowUnavailable as e:
             raise _mlflow_down(e) from None
-        sub = service.experiments.submit(spec, idempotency_key)
+        down = service.mlflow_down.get()
+        if down is not None:  # the job could not record anything: refused before it is stored
+            raise Problem(
+                503, "MLflow is unavailable", down, kind="unavailable", headers={"Retry-After": "5"}
+            )
+        sub = service.experiments.accept(spec, idempotency_key, service.submitter.waiting_for())
         headers = {"Location": f"/v1/experiments/{sub.row.id}"}
         if sub.replayed:
             headers["Idempotent-Replayed"] = "true"
+        else:
+            service.submitter.wake()
         return _send_record(service, sub.row, 202, headers)
 
     try:
@@ -199,6 +204,10 @@ async def experiment_logs(
     follow: bool = False,
 ) -> Response:
     row = await run_in_threadpool(partial(_row, service, exp_id, with_log=True))
+    if follow and row.status == Status.SUBMITTING:  # Ray has no log yet: follow it from its start
+        return StreamingResponse(
+            _follow_once_submitted(service, exp_id), media_type="text/plain; charset=utf-8"
+        )
     text = row.log_tail if row.status in TERMINAL and row.log_tail is not None else None
     if text is None:
         try:
@@ -218,6 +227,21 @@ async def experiment_logs(
     return StreamingResponse(
         _follow(service, exp_id, head, len(text)), media_type="text/plain; charset=utf-8"
     )
+
+
+async def _follow_once_submitted(service: Service, exp_id: str) -> AsyncIterator[str]:
+    """The log of a record being submitted: nothing until Ray has its job, then all of it; nothing
+    at all if it ends first (refused or cancelled: its record says why)."""
+    while True:
+        row = await run_in_threadpool(service.store.get, exp_id)
+        if row is None or row.status in TERMINAL:
+            return
+        if row.status != Status.SUBMITTING:
+            break
+        yield ""  # a client that went away ends the wait here
+        await asyncio.sleep(SUBMITTED_POLL_S)
+    async for chunk in _follow(service, exp_id, "", 0):
+        yield chunk
 
 
 async def _follow(service: Service, exp_id: str, head: str, seen: int) -> AsyncIterator[str]:
@@ -360,7 +384,8 @@ def compare(
              "runs": {str(k): v for k, v in arm["runs"].items()}}
         )  # fmt: skip
         run_ids += list(arm["runs"].values())
-        mlflow_experiments.append(f["mlflow_experiment_id"])
+        if f["mlflow_experiment_id"] is not None:  # None: cancelled before its parent run was made
+            mlflow_experiments.append(f["mlflow_experiment_id"])
     first = wanted[0]
     first_name = experiments[0]["name"]
     paired: dict[str, Any] = {}

@@ -69,7 +69,13 @@ class Experiment(BaseModel):
     kind: str = Field(description="run (one training run) or search (a Tune search)")
     loss: str
     arch: str
-    status: str = Field(description="PENDING, RUNNING, CANCELLING, SUCCEEDED, FAILED, CANCELLED or LOST")
+    status: str = Field(
+        description="SUBMITTING, PENDING, RUNNING, CANCELLING, SUCCEEDED, FAILED, CANCELLED or LOST"
+    )
+    waiting_for: str | None = Field(
+        default=None,
+        description="what a SUBMITTING or PENDING record waits for (Ray to answer, resources to train)",
+    )
     spec: dict[str, Any] = Field(description="the resolved spec (every default filled in)")
     created_at: datetime
     updated_at: datetime
@@ -113,7 +119,7 @@ class Readiness(BaseModel):
 
 
 def record(row: RecordFields, mlflow_link: str | None) -> Experiment:
-    """The public record of a row (never the hidden SUBMITTING status, never a token)."""
+    """The public record of a row (never a token)."""
     base = f"/v1/experiments/{row.id}"
     spec = json.loads(row.spec)
     created, updated = aware(row.created_at), aware(row.updated_at)
@@ -125,6 +131,7 @@ def record(row: RecordFields, mlflow_link: str | None) -> Experiment:
         loss=row.loss,
         arch=row.arch,
         status=row.status,
+        waiting_for=row.waiting_for,
         spec=spec,
         created_at=created,
         updated_at=updated,

@@ -91,10 +91,10 @@ class Settings(BaseSettings):
     )
     reconcile_interval_s: float = Field(default=2.0, gt=0)
     submit_concurrency: int = Field(
-        default=1,
+        default=8,
         ge=1,
-        description="submissions handled at once; the others wait their turn without holding a thread "
-        "(one at a time submits as many jobs a second to a local Ray as four, and reads stay fast)",
+        description="submissions validated and stored at once (Ray is asked behind the answer); the others "
+        "wait their turn without holding a thread, so reads keep threads of their own",
     )
     submit_wait_s: float = Field(
         default=30.0,

@@ -1,10 +1,13 @@
 """The life of an experiment record: its statuses, which transitions exist, which are final.
 Every other module imports these names; none spells a status string.
 
-``SUBMITTING`` is hidden (a row being submitted to Ray; never listed, never returned). Then
-``PENDING -> RUNNING -> SUCCEEDED | FAILED``; ``PENDING | RUNNING -> CANCELLING -> CANCELLED``;
-any non-terminal status ``-> LOST`` (Ray no longer knows the job and MLflow has no outcome). A job
-that ends while being cancelled keeps Ray's verdict (``CANCELLING -> SUCCEEDED | FAILED``).
+``SUBMITTING``: accepted and stored, its Ray job being submitted (the submitter of
+:mod:`service.submitter` sends it, again after a restart of the API or while Ray is unreachable).
+Then ``SUBMITTING -> PENDING -> RUNNING -> SUCCEEDED | FAILED``; ``SUBMITTING -> FAILED`` when Ray
+refuses the submission; ``SUBMITTING -> CANCELLED`` when a cancel comes first (no job to stop);
+``PENDING | RUNNING -> CANCELLING -> CANCELLED``; a followed status ``-> LOST`` (Ray no longer knows
+the job and MLflow has no outcome). A job that ends while being cancelled keeps Ray's verdict
+(``CANCELLING -> SUCCEEDED | FAILED``).
 """
 
 from __future__ import annotations
@@ -27,13 +30,13 @@ class Status(StrEnum):
 
 #: statuses that never change again.
 TERMINAL = frozenset({Status.SUCCEEDED, Status.FAILED, Status.CANCELLED, Status.LOST})
-#: statuses the reconciler follows.
+#: statuses the reconciler follows (a SUBMITTING record is the submitter's).
 ACTIVE = frozenset({Status.PENDING, Status.RUNNING, Status.CANCELLING})
-#: what the API shows (everything but the hidden SUBMITTING).
-VISIBLE = ACTIVE | TERMINAL
+#: what the API shows and filters on: every status.
+VISIBLE = frozenset(Status)
 
 TRANSITIONS: dict[Status, frozenset[Status]] = {
-    Status.SUBMITTING: frozenset({Status.PENDING}),
+    Status.SUBMITTING: frozenset({Status.PENDING, Status.FAILED, Status.CANCELLED}),
     Status.PENDING: frozenset({Status.RUNNING, Status.CANCELLING} | TERMINAL),
     Status.RUNNING: frozenset({Status.CANCELLING} | TERMINAL),
     Status.CANCELLING: TERMINAL,

@@ -2,7 +2,9 @@
 
 Ray's verdict comes first, checked against the MLflow parent run (tag ``hdet.experiment_id``):
 
-* Ray ``RUNNING``: a ``PENDING`` record is ``RUNNING``; Ray ``STOPPED``: ``CANCELLED``.
+* Ray ``RUNNING``: a ``PENDING`` record is ``RUNNING`` once a training of the job has its resources
+  (Ray runs a job as soon as its driver starts, while its trainings may wait for resources; without
+  word on placement groups, at once); Ray ``STOPPED``: ``CANCELLED``.
 * Ray ``SUCCEEDED``: ``SUCCEEDED``.
 * Ray ``FAILED``: ``SUCCEEDED`` if the parent run ended ``FINISHED`` (the supervisor died after the
   work was done); ``CANCELLED`` if a cancel was asked (Ray cannot stop a job that waits for
@@ -45,19 +47,25 @@ class Verdict:
 _STAY = Verdict(None)
 
 
-def decide(status: Status, ray: JobState | None, parent_status: str | None) -> Verdict:
+def decide(
+    status: Status, ray: JobState | None, parent_status: str | None, placed: bool | None = None
+) -> Verdict:
     """The verdict for a record in ``status`` (an active one).
 
     Args:
         status: the record's status (PENDING, RUNNING or CANCELLING).
         ray: what Ray says, or None when Ray does not know the job.
         parent_status: the MLflow parent run's status (RUNNING, FINISHED, FAILED, KILLED), or None.
+        placed: whether a placement group of the job was created (a training has its resources);
+            None when Ray's state API did not say.
     """
     if ray is None:
         return _without_ray(status, parent_status)
     if ray.status in ("PENDING", "RUNNING"):
-        if ray.status == "RUNNING" and status == Status.PENDING:
-            return Verdict(Status.RUNNING, "Ray started the job")
+        if ray.status == "RUNNING" and status == Status.PENDING and placed is not False:
+            return Verdict(
+                Status.RUNNING, "Ray started the job" if placed is None else "a training has its resources"
+            )
         return _STAY
     if ray.status == "STOPPED":
         return Verdict(Status.CANCELLED, "Ray stopped the job", close_runs_as="KILLED")

@@ -155,3 +155,53 @@ class ApiProcess:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.terminate()
             self.proc.wait(30)
+
+
+class TcpForward:
+    """Forwards connections to ``port`` on 127.0.0.1 to ``target`` (``host:port``): a service
+    that comes back at an address where nothing answered before."""
+
+    def __init__(self, port: int, target: str):
+        import socket
+        import threading
+
+        host, _, target_port = target.rpartition(":")
+        self.target = (host, int(target_port))
+        self.server = socket.create_server(("127.0.0.1", port))
+        self._threads: list[threading.Thread] = []
+        self._accept = threading.Thread(target=self._serve, daemon=True)
+        self._accept.start()
+
+    def _serve(self) -> None:
+        import socket
+        import threading
+
+        while True:
+            try:
+                conn, _ = self.server.accept()
+            except OSError:  # closed
+                return
+            upstream = socket.create_connection(self.target)
+            for a, b in ((conn, upstream), (upstream, conn)):
+                t = threading.Thread(target=self._pump, args=(a, b), daemon=True)
+                t.start()
+                self._threads.append(t)
+
+    @staticmethod
+    def _pump(src: Any, dst: Any) -> None:
+        import socket
+
+        try:
+            while chunk := src.recv(65536):
+                dst.sendall(chunk)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def close(self) -> None:
+        self.server.close()

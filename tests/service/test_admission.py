@@ -82,3 +82,12 @@ def test_declared_node_types_of_an_autoscaling_cluster_admit_what_they_can_hold(
         r = post_spec(c, tiny_spec("admit", **{"scaling.use_gpu": True, "scaling.accelerator_type": "A100"}))
         assert r.status_code == 202, r.text
         c.post(f"/v1/experiments/{r.json()['id']}/cancel", headers=auth())
+
+
+def test_memory_per_worker_is_admitted_against_the_nodes_memory() -> None:
+    node = {"CPU": 8.0, "memory": 8.0 * 2**30}
+    too_big = admission_problems(_spec(memory_per_worker_gb=16), [node], autoscaling=False)
+    assert [p[0] for p in too_big] == ["scaling.memory_per_worker_gb"] and "8.0 GiB memory" in too_big[0][1]
+    three = _spec(memory_per_worker_gb=3, num_workers=3)
+    assert [p[0] for p in admission_problems(three, [node], autoscaling=False)] == ["scaling.num_workers"]
+    assert admission_problems(three, [node, node], autoscaling=False) == []

@@ -131,7 +131,7 @@ def _time_gets(c: httpx.Client, exp_id: str, n: int = 50) -> dict[str, float]:
 
 def test_the_tiny_spec_runs_to_succeeded_through_rest(lifecycle: dict[str, Any]) -> None:
     final = lifecycle["final_a"]
-    assert lifecycle["statuses_a"] == ["PENDING"]
+    assert lifecycle["statuses_a"] == ["SUBMITTING"]  # answered before Ray had the job
     assert final["status"] == "SUCCEEDED", final
     assert final["ray"]["status"] == "SUCCEEDED" and final["ray"]["exit_code"] == 0
     assert final["started_at"] and final["ended_at"] and final["status_checked_at"]
@@ -144,8 +144,13 @@ def test_a_killed_api_restarted_on_the_same_database_loses_nothing(lifecycle: di
     for key in ("id", "name", "spec", "created_at", "started_at"):
         assert after[key] == before[key], key
     transitions = [(e["from"], e["to"]) for e in lifecycle["events_a"]]
-    assert transitions == [(None, "PENDING"), ("PENDING", "RUNNING"), ("RUNNING", "SUCCEEDED")]
-    assert [e["seq"] for e in lifecycle["events_a"]] == [1, 2, 3]
+    assert transitions == [
+        (None, "SUBMITTING"),
+        ("SUBMITTING", "PENDING"),
+        ("PENDING", "RUNNING"),
+        ("RUNNING", "SUCCEEDED"),
+    ]
+    assert [e["seq"] for e in lifecycle["events_a"]] == [1, 2, 3, 4]
 
 
 def test_results_come_from_mlflow_with_ap_a_checkpoint_and_a_ui_link_that_answers(

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
-from svc_helpers import NEVER, Stack, auth, post_spec, settings_for, tiny_spec
+from svc_helpers import NEVER, Stack, auth, post_spec, settings_for, tiny_spec, wait_for
 
 from service.app import create_app
 
@@ -124,6 +124,7 @@ def test_paths_under_the_data_roots_are_stored_and_submitted_normalised(
         "images": str(roots / "shapes" / "val"),
         "ann": str(roots / "shapes/annotations/val.json"),
     }
+    wait_for(lambda: service.store.get(exp_id).status != "SUBMITTING", 60, "the submitter to send it")
     entrypoint = service.jobs._call("info", lambda c: c.get_job_info(exp_id)).entrypoint  # Ray's record
     assert json.dumps(str(roots / "shapes" / "val"))[1:-1] in entrypoint
     assert "shapes/./" not in entrypoint and "v/../val" not in entrypoint

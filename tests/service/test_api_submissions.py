@@ -1,29 +1,35 @@
-"""Submission without training: idempotency, the list's keyset pages and filters, cancelling a
-job Ray holds PENDING, Ray or MLflow down, and what the reconciler does with records and jobs that
-lost each other (LOST, an MLflow parent's outcome, adoption, orphans). Real Ray Jobs API, real
-MLflow server, real SQLite; the jobs ask for a resource no node has, so none of them trains."""
+"""Submission without training: a record answered SUBMITTING before Ray has its job, then sent by
+the submitter (again after a restart, later when Ray was down, never when Ray refuses it),
+idempotency, the list's keyset pages and filters, cancelling a job Ray holds PENDING, Ray or MLflow
+down, and what the reconciler does with records and jobs that lost each other (LOST, an MLflow
+parent's outcome, orphans). Real Ray Jobs API, real MLflow server, real SQLite; the jobs ask for a
+resource no node has, so none of them trains."""
 
 from __future__ import annotations
 
 import json
+import shlex
+import sys
 import threading
+import time
+import uuid
 from collections.abc import Iterator
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
 from mlflow import MlflowClient
-from sqlalchemy import update
-from svc_helpers import NEVER, Stack, auth, post_spec, settings_for, tiny_spec, wait_for
+from svc_helpers import NEVER, Stack, TcpForward, auth, post_spec, settings_for, tiny_spec, wait_for
 
 from service.app import Service, create_app
-from service.experiments import SERVICE_METADATA
-from service.intake import canonical_json
-from service.models import ExperimentRow, utcnow
+from service.db import Store
+from service.experiments import ACCEPTED, SERVICE_METADATA
+from service.intake import body_hash, canonical_json
+from service.jobs import RayJobs
+from service.models import EventRow, ExperimentRow, utcnow
 from service.stack import free_port
-from service.states import Status
+from service.states import TERMINAL, Status
 from workers.spec import Spec
 from workers.tracking import PARENT_ROLE, Tag
 
@@ -35,7 +41,7 @@ def client(stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[T
         yield c
         # no job of this module stays behind on the shared cluster
         for item in c.get("/v1/experiments", params={"limit": 200}, headers=auth()).json()["items"]:
-            if item["status"] in ("PENDING", "RUNNING"):
+            if item["status"] in ("SUBMITTING", "PENDING", "RUNNING"):
                 c.post(f"/v1/experiments/{item['id']}/cancel", headers=auth())
 
 
@@ -45,6 +51,50 @@ def _service(client: TestClient) -> Service:
 
 def _status(client: TestClient, exp_id: str) -> str:
     return str(client.get(f"/v1/experiments/{exp_id}", headers=auth()).json()["status"])
+
+
+def _record(client: TestClient, exp_id: str) -> dict[str, Any]:
+    r = client.get(f"/v1/experiments/{exp_id}", headers=auth())
+    assert r.status_code == 200, r.text
+    return dict(r.json())
+
+
+def _submitted(client: TestClient, *ids: str) -> None:
+    """Wait until the submitter has sent each of ``ids`` to Ray."""
+    for exp_id in ids:
+        submitted = lambda i=exp_id: _status(client, i) != "SUBMITTING"  # noqa: E731
+        wait_for(submitted, 60, f"{exp_id} to be submitted")
+
+
+def _events(client: TestClient, exp_id: str) -> list[tuple[Any, ...]]:
+    items = client.get(f"/v1/experiments/{exp_id}/events", headers=auth()).json()["items"]
+    return [(e["seq"], e["from"], e["to"], e["reason"]) for e in items]
+
+
+# ---------------------------------------------------------------------- accepted, then submitted
+
+
+def test_a_submission_is_answered_submitting_and_the_submitter_sends_it_to_ray(client: TestClient) -> None:
+    r = post_spec(client, tiny_spec("accepted"))
+    assert r.status_code == 202, r.text
+    answered = r.json()
+    # the answer is the stored record, before any word from Ray
+    assert answered["status"] == "SUBMITTING" and answered["waiting_for"] is None
+    assert answered["ray"] == {
+        "submission_id": answered["id"], "status": None, "message": None, "exit_code": None, "submit_s": None,
+    }  # fmt: skip
+    exp_id = answered["id"]
+    _submitted(client, exp_id)
+    record = _record(client, exp_id)
+    assert record["status"] == "PENDING" and record["ray"]["submit_s"] > 0
+    assert (
+        _service(client).jobs.info(exp_id).metadata[SERVICE_METADATA]
+        == _service(client).experiments.service_id
+    )
+    assert _events(client, exp_id) == [
+        (1, None, "SUBMITTING", ACCEPTED),
+        (2, "SUBMITTING", "PENDING", "submitted to Ray"),
+    ]
 
 
 # ---------------------------------------------------------------------- idempotency
@@ -58,7 +108,10 @@ def test_a_repeat_with_the_same_key_and_body_gets_the_same_record(client: TestCl
     assert again.json()["id"] == first.json()["id"]
     assert again.headers["idempotent-replayed"] == "true"
     assert again.headers["location"] == first.headers["location"] == f"/v1/experiments/{first.json()['id']}"
-    assert first.json()["status"] == "PENDING" and first.json()["ray"]["submission_id"] == first.json()["id"]
+    assert (
+        first.json()["status"] == "SUBMITTING" and first.json()["ray"]["submission_id"] == first.json()["id"]
+    )
+    assert "idempotent-replayed" not in first.headers
 
 
 def test_the_same_key_with_another_body_is_422(client: TestClient) -> None:
@@ -68,22 +121,18 @@ def test_the_same_key_with_another_body_is_422(client: TestClient) -> None:
     assert r.json()["errors"][0]["field"] == "Idempotency-Key"
 
 
-def test_a_repeat_while_the_first_is_being_submitted_is_409(client: TestClient) -> None:
+def test_a_repeat_while_the_first_is_being_submitted_gets_the_same_record(client: TestClient) -> None:
     service = _service(client)
-    spec = Spec.parse(tiny_spec("idem-c"), check_paths=False)
+    spec_json = canonical_json(Spec.parse(tiny_spec("idem-c"), check_paths=False))
     exp_id = service.experiments.new_id("key-c")
-    from service.intake import body_hash
-
-    spec_json = canonical_json(spec)
-    row = ExperimentRow(
-        id=exp_id, name=spec.name, kind="run", loss=spec.loss.kind, arch=spec.detector.arch,
-        spec=spec_json, body_hash=body_hash(spec_json), idempotency_key="key-c",
-    )  # fmt: skip
-    service.store.insert_submitting(row)  # a submission in flight (another request, another replica)
+    # accepted by another replica, not sent yet
+    _store_as_left(service.store, exp_id, "idem-c", Status.SUBMITTING, spec_json, idempotency_key="key-c")
     r = post_spec(client, tiny_spec("idem-c"), **{"Idempotency-Key": "key-c"})
-    assert r.status_code == 409
-    assert r.headers["retry-after"]
-    service.store.delete_submitting(exp_id)
+    assert r.status_code == 202 and r.json()["id"] == exp_id
+    assert r.headers["idempotent-replayed"] == "true"
+    assert r.json()["status"] in ("SUBMITTING", "PENDING")
+    _submitted(client, exp_id)
+    assert [j.submission_id for j in service.jobs.list()].count(exp_id) == 1
 
 
 def test_concurrent_repeats_make_one_record_and_one_ray_job(client: TestClient) -> None:
@@ -101,9 +150,10 @@ def test_concurrent_repeats_make_one_record_and_one_ray_job(client: TestClient) 
         t.start()
     for t in threads:
         t.join()
-    assert set(codes) <= {202, 409} and 202 in codes, codes
+    assert codes == [202] * 6, codes
     assert len(ids) == 1
     (exp_id,) = ids
+    _submitted(client, exp_id)
     jobs = [j for j in _service(client).jobs.list() if j.submission_id == exp_id]
     assert len(jobs) == 1
     listed = client.get("/v1/experiments", params={"name": "idem-d"}, headers=auth()).json()["items"]
@@ -111,14 +161,70 @@ def test_concurrent_repeats_make_one_record_and_one_ray_job(client: TestClient) 
 
 
 def test_a_job_ray_already_has_counts_as_submitted(client: TestClient) -> None:
-    """A retried submission whose first attempt reached Ray: no second job, the record is PENDING."""
+    """A repeated submission whose first attempt reached Ray: no second job, the record is PENDING."""
     service = _service(client)
     exp_id = service.experiments.new_id("key-e")
-    service.jobs.submit(exp_id, "echo first", entrypoint_resources=NEVER)
+    metadata = {Tag.EXPERIMENT_ID: exp_id, SERVICE_METADATA: service.experiments.service_id}
+    service.jobs.submit(exp_id, "echo first", entrypoint_resources=NEVER, metadata=metadata)
     r = post_spec(client, tiny_spec("idem-e"), **{"Idempotency-Key": "key-e"})
     assert r.status_code == 202 and r.json()["id"] == exp_id
-    events = client.get(f"/v1/experiments/{exp_id}/events", headers=auth()).json()["items"]
-    assert events[0]["to"] == "PENDING" and "already" in events[0]["reason"]
+    _submitted(client, exp_id)
+    assert _status(client, exp_id) == "PENDING"
+    assert _events(client, exp_id)[1] == (
+        2,
+        "SUBMITTING",
+        "PENDING",
+        "submitted to Ray (it had the job already)",
+    )
+
+
+def test_a_submission_ray_refuses_ends_failed_with_rays_reason(client: TestClient) -> None:
+    """Ray refuses the submission id: someone else's job (``ray job submit --submission-id``) has it."""
+    service = _service(client)
+    exp_id = service.experiments.new_id("key-taken")
+    service.jobs.submit(exp_id, "sleep 300", metadata={SERVICE_METADATA: "someone-else"})
+    try:
+        r = post_spec(client, tiny_spec("refused"), **{"Idempotency-Key": "key-taken"})
+        assert r.status_code == 202 and r.json()["id"] == exp_id
+        wait_for(lambda: _status(client, exp_id) in TERMINAL, 60, "the refused record to end")
+        record = _record(client, exp_id)
+        assert record["status"] == "FAILED" and record["ended_at"] and record["waiting_for"] is None
+        reason = record["failure"]["reason"]
+        assert reason.startswith("Ray refused the submission:") and "another job" in reason, reason
+        assert "someone-else" in record["failure"]["ray_message"]
+        assert _events(client, exp_id)[1] == (2, "SUBMITTING", "FAILED", reason)
+        assert service.jobs.info(exp_id).status in ("PENDING", "RUNNING")  # theirs: left alone
+        again = post_spec(client, tiny_spec("refused"), **{"Idempotency-Key": "key-taken"})
+        assert again.json()["status"] == "FAILED" and again.headers["idempotent-replayed"] == "true"
+    finally:
+        service.jobs.stop(exp_id)
+
+
+def test_a_restarted_service_submits_what_a_crashed_one_accepted(stack: Stack, tmp_path: Path) -> None:
+    """Records stored by an API that died before sending them, one of them after its job reached
+    Ray: the next service on the database sends both, and Ray holds one job for each."""
+    db = tmp_path / "service.db"
+    store = Store(f"sqlite:///{db}")
+    jobs = RayJobs(stack.ray_address, stack.ray_token_path.read_text().strip())
+    spec_json = canonical_json(Spec.parse(tiny_spec("crashed"), check_paths=False))
+    never_sent, reached_ray = (f"exp-{uuid.uuid4().hex[:16]}" for _ in range(2))
+    for exp_id in (never_sent, reached_ray):
+        _store_as_left(store, exp_id, "crashed", Status.SUBMITTING, spec_json)
+    metadata = {Tag.EXPERIMENT_ID: reached_ray, SERVICE_METADATA: store.service_id()}
+    jobs.submit(reached_ray, "echo first", entrypoint_resources=NEVER, metadata=metadata)
+    store.close()
+    assert never_sent not in {j.submission_id for j in jobs.list()}
+    with TestClient(create_app(settings_for(stack, db, entrypoint_resources=NEVER))) as c:
+        try:
+            _submitted(c, never_sent, reached_ray)
+            listed = [j.submission_id for j in jobs.list()]
+            assert listed.count(never_sent) == 1 and listed.count(reached_ray) == 1
+            assert _events(c, never_sent)[1][1:3] == ("SUBMITTING", "PENDING")
+            assert "already" in _events(c, reached_ray)[1][3]
+            assert {_status(c, never_sent), _status(c, reached_ray)} == {"PENDING"}
+        finally:
+            for exp_id in (never_sent, reached_ray):
+                c.post(f"/v1/experiments/{exp_id}/cancel", headers=auth())
 
 
 # ---------------------------------------------------------------------- listing
@@ -131,6 +237,7 @@ def test_pages_are_newest_first_without_gaps_or_repeats_and_filters_apply(client
         r = post_spec(client, tiny_spec(f"page-{i}", **{"loss.kind": kind}))
         assert r.status_code == 202, r.text
         made.append(r.json()["id"])
+    _submitted(client, *made)
     seen: list[str] = []
     cursor = None
     while True:
@@ -160,8 +267,10 @@ def test_pages_are_newest_first_without_gaps_or_repeats_and_filters_apply(client
 def test_a_bad_cursor_or_status_is_422(client: TestClient) -> None:
     r = client.get("/v1/experiments", params={"cursor": "not-a-cursor"}, headers=auth())
     assert r.status_code == 422 and r.json()["errors"][0]["field"] == "cursor"
-    r = client.get("/v1/experiments", params={"status": "SUBMITTING"}, headers=auth())
+    r = client.get("/v1/experiments", params={"status": "PENDING,SUBMITTED"}, headers=auth())
     assert r.status_code == 422 and r.json()["errors"][0]["field"] == "status"
+    assert "SUBMITTED" in r.json()["errors"][0]["message"]
+    assert client.get("/v1/experiments", params={"status": "SUBMITTING"}, headers=auth()).status_code == 200
 
 
 # ---------------------------------------------------------------------- cancel
@@ -171,6 +280,7 @@ def test_cancel_of_a_job_ray_holds_pending_is_cancelling_and_a_repeat_is_a_no_op
     """Ray queues the stop of a job waiting for resources behind its start (the full path to
     CANCELLED is the running job of test_api_lifecycle.py)."""
     exp_id = post_spec(client, tiny_spec("cancel-pending")).json()["id"]
+    _submitted(client, exp_id)
     r = client.post(f"/v1/experiments/{exp_id}/cancel", headers=auth())
     assert r.status_code == 202 and r.json()["status"] == "CANCELLING"
     _service(client).reconciler.run_once()
@@ -178,12 +288,42 @@ def test_cancel_of_a_job_ray_holds_pending_is_cancelling_and_a_repeat_is_a_no_op
     assert again.status_code == 202 and again.json()["status"] == "CANCELLING"
     events = client.get(f"/v1/experiments/{exp_id}/events", headers=auth()).json()["items"]
     assert [(e["seq"], e["from"], e["to"]) for e in events] == [
-        (1, None, "PENDING"),
-        (2, "PENDING", "CANCELLING"),
+        (1, None, "SUBMITTING"),
+        (2, "SUBMITTING", "PENDING"),
+        (3, "PENDING", "CANCELLING"),
     ]
-    after = client.get(f"/v1/experiments/{exp_id}/events", params={"after": 1}, headers=auth()).json()
-    assert [e["seq"] for e in after["items"]] == [2]
+    after = client.get(f"/v1/experiments/{exp_id}/events", params={"after": 2}, headers=auth()).json()
+    assert [e["seq"] for e in after["items"]] == [3]
     assert client.post("/v1/experiments/exp-0000000000000000/cancel", headers=auth()).status_code == 404
+
+
+def test_a_job_whose_training_waits_for_cpus_is_pending_saying_what_it_waits_for(client: TestClient) -> None:
+    """Ray runs the job (its driver started) but its only placement group cannot be placed."""
+    service = _service(client)
+    exp_id = service.experiments.new_id(None)
+    driver = (
+        "import ray, time; ray.init(); from ray.util.placement_group import placement_group; "
+        "pg = placement_group([{'CPU': 64}]); time.sleep(600)"
+    )
+    # the job first (no service metadata: no orphan sweep stops it before its record exists)
+    service.jobs.submit(
+        exp_id, shlex.join([sys.executable, "-c", driver]), metadata={Tag.EXPERIMENT_ID: exp_id}
+    )
+    _insert(service, "waits-for-cpus", Status.PENDING, exp_id)
+    try:
+        waiting = wait_for(
+            lambda: (r := _record(client, exp_id))["waiting_for"] and "64 CPU" in r["waiting_for"] and r,
+            180,
+            "the record to say what its training waits for",
+        )
+        assert waiting["status"] == "PENDING" and waiting["ray"]["status"] == "RUNNING", waiting
+        assert waiting["waiting_for"].startswith("64 CPU, 0 GPU for 1 training (the cluster has 4 CPU")
+        service.reconciler.run_once()
+        assert _status(client, exp_id) == "PENDING" and _record(client, exp_id)["started_at"] is None
+    finally:
+        client.post(f"/v1/experiments/{exp_id}/cancel", headers=auth())
+    wait_for(lambda: _status(client, exp_id) == "CANCELLED", 120, "the waiting job to be cancelled")
+    assert _record(client, exp_id)["waiting_for"] is None
 
 
 def test_cancel_of_an_ended_experiment_is_409(stack: Stack, client: TestClient) -> None:
@@ -200,26 +340,57 @@ def test_cancel_of_an_ended_experiment_is_409(stack: Stack, client: TestClient) 
 # ---------------------------------------------------------------------- Ray or MLflow down
 
 
-def test_ray_down_post_is_503_with_nothing_stored_gets_work_and_readyz_names_ray(
+def test_while_ray_is_down_a_post_is_accepted_and_submitted_when_ray_is_back(
     stack: Stack, client: TestClient, tmp_path: Path
 ) -> None:
     db = tmp_path / "service.db"
-    nowhere = f"http://127.0.0.1:{free_port()}"
-    with TestClient(create_app(settings_for(stack, db, ray_address=nowhere, ray_timeout_s=2))) as down:
-        pending = _insert(_service(down), "made-before-ray-went-away", Status.PENDING)
+    port = free_port()
+    settings = settings_for(stack, db, ray_address=f"http://127.0.0.1:{port}", ray_timeout_s=2)
+    with TestClient(create_app(settings)) as down:
+        service = _service(down)
+        pending = _store_as_left(service.store, service.experiments.new_id(None), "before-ray-went-away")
+        t0 = time.monotonic()
         r = post_spec(down, tiny_spec("while-ray-is-down"))
-        assert r.status_code == 503 and r.headers["retry-after"]
-        assert r.headers["content-type"].startswith("application/problem+json")
+        took = time.monotonic() - t0
+        assert r.status_code == 202 and r.json()["status"] == "SUBMITTING", r.text
+        assert took < settings.ray_timeout_s  # not a Ray request's time: none was made for it
+        first = r.json()["id"]
+        assert first not in {j.submission_id for j in _service(client).jobs.list()}  # the real Ray
+        waiting = wait_for(lambda: _record(down, first)["waiting_for"], 30, "the record to say it waits")
+        assert waiting.startswith("Ray to answer:") and "unreachable" in waiting, waiting
+        # once the service knows Ray is down, the answer says so at once; a cancel needs no Ray
+        second = post_spec(down, tiny_spec("cancelled-while-ray-is-down")).json()
+        assert second["status"] == "SUBMITTING" and second["waiting_for"] == waiting
+        cancelled = down.post(f"/v1/experiments/{second['id']}/cancel", headers=auth())
+        assert cancelled.status_code == 202 and cancelled.json()["status"] == "CANCELLED"
+        assert _events(down, second["id"])[1] == (
+            2,
+            "SUBMITTING",
+            "CANCELLED",
+            "cancelled before it was submitted to Ray",
+        )
         listed = down.get("/v1/experiments", headers=auth())
-        assert listed.status_code == 200 and [i["id"] for i in listed.json()["items"]] == [pending]
-        assert down.get(f"/v1/experiments/{pending}", headers=auth()).status_code == 200
+        assert listed.status_code == 200
+        assert {i["id"] for i in listed.json()["items"]} == {pending, first, second["id"]}
         ready = down.get("/readyz")
         assert ready.status_code == 503
         components = ready.json()["components"]
         assert not components["ray"]["ok"] and "unreachable" in components["ray"]["detail"]
         assert components["database"]["ok"] and components["mlflow"]["ok"]
-        _service(down).reconciler.run_once()
+        service.reconciler.run_once()
         assert _status(down, pending) == "PENDING"  # Ray unreachable changes no status
+
+        back = TcpForward(port, stack.ray_address.removeprefix("http://"))  # Ray answers again
+        try:
+            wait_for(lambda: _status(down, first) == "PENDING", 90, "the accepted record to be submitted")
+            record = _record(down, first)
+            assert record["waiting_for"] is None and record["ray"]["submit_s"] > 0
+            listed_ids = {j.submission_id for j in _service(client).jobs.list()}
+            assert first in listed_ids and second["id"] not in listed_ids
+            assert _status(down, second["id"]) == "CANCELLED"
+            assert down.post(f"/v1/experiments/{first}/cancel", headers=auth()).status_code == 202
+        finally:
+            back.close()
 
 
 def test_mlflow_down_post_is_503_before_anything_is_stored(stack: Stack, tmp_path: Path) -> None:
@@ -235,7 +406,9 @@ def test_mlflow_down_post_is_503_before_anything_is_stored(stack: Stack, tmp_pat
 def test_a_submission_that_waits_too_long_for_its_turn_is_503_and_nothing_is_stored(
     stack: Stack, tmp_path: Path
 ) -> None:
-    settings = settings_for(stack, tmp_path / "db", entrypoint_resources=NEVER, submit_wait_s=0.5)
+    settings = settings_for(
+        stack, tmp_path / "db", entrypoint_resources=NEVER, submit_concurrency=1, submit_wait_s=0.5
+    )
     with TestClient(create_app(settings)) as c:
         service = _service(c)
         assert c.portal is not None
@@ -254,20 +427,38 @@ def test_a_submission_that_waits_too_long_for_its_turn_is_503_and_nothing_is_sto
 # ---------------------------------------------------------------------- reconciler
 
 
-def _insert(service: Service, name: str, status: Status, exp_id: str | None = None, kind: str = "run") -> str:
-    """A record as a previous life of the service left it (its Ray job unknown to this Ray)."""
-    spec = Spec.parse(tiny_spec(name), check_paths=False)
-    exp_id = exp_id or service.experiments.new_id(None)
-    spec_json = canonical_json(spec)
-    row = ExperimentRow(
-        id=exp_id, name=name, kind=kind, loss=spec.loss.kind, arch=spec.detector.arch, spec=spec_json,
-        body_hash="x", idempotency_key=None,
-    )  # fmt: skip
-    service.store.insert_submitting(row)
-    assert service.store.transition(exp_id, Status.SUBMITTING, Status.PENDING, "submitted to Ray")
-    if status != Status.PENDING:
-        assert service.store.transition(exp_id, Status.PENDING, status, "Ray started the job")
+def _store_as_left(
+    store: Store,
+    exp_id: str,
+    name: str,
+    status: Status = Status.PENDING,
+    spec_json: str | None = None,
+    kind: str = "run",
+    idempotency_key: str | None = None,
+) -> str:
+    """A record as another life of the service left it (its Ray job unknown to this Ray), stored
+    in ``status`` with one event."""
+    spec_json = spec_json or canonical_json(Spec.parse(tiny_spec(name), check_paths=False))
+    now = utcnow()
+    with store._session.begin() as s:
+        s.add(
+            ExperimentRow(
+                id=exp_id, name=name, kind=kind, loss="harmonicdet", arch="retinanet", spec=spec_json,
+                body_hash=body_hash(spec_json), idempotency_key=idempotency_key, status=status,
+                created_at=now, updated_at=now, started_at=now if status == Status.RUNNING else None,
+            )
+        )  # fmt: skip
+        s.flush()
+        s.add(
+            EventRow(
+                experiment_id=exp_id, seq=1, at=now, from_status=None, to_status=status, reason="as left"
+            )
+        )
     return exp_id
+
+
+def _insert(service: Service, name: str, status: Status, exp_id: str | None = None, kind: str = "run") -> str:
+    return _store_as_left(service.store, exp_id or service.experiments.new_id(None), name, status, kind=kind)
 
 
 def _parent(stack: Stack, exp_id: str, status: str) -> tuple[MlflowClient, str, str]:
@@ -345,37 +536,21 @@ def test_a_job_ray_no_longer_knows_takes_its_mlflow_parents_outcome(
     assert record["mlflow"]["link"].endswith(f"/runs/{parent}")
 
 
-def test_a_leftover_submitting_row_is_adopted_if_ray_has_the_job_else_deleted(client: TestClient) -> None:
+def test_a_job_of_this_service_without_a_record_or_with_an_ended_one_is_stopped_and_others_are_not(
+    client: TestClient,
+) -> None:
     service = _service(client)
-    kept = service.experiments.new_id(None)
-    gone = service.experiments.new_id(None)
-    for exp_id in (kept, gone):
-        spec_json = canonical_json(Spec.parse(tiny_spec("leftover"), check_paths=False))
-        row = ExperimentRow(
-            id=exp_id, name="leftover", kind="run", loss="harmonicdet", arch="retinanet", spec=spec_json,
-            body_hash="x", idempotency_key=None,
-        )  # fmt: skip
-        service.store.insert_submitting(row)
-    service.jobs.submit(kept, "echo adopted", entrypoint_resources=NEVER)
-    service.reconciler.run_once()  # too young: a submission may still be under way
-    assert service.store.get(kept, hidden=True).status == Status.SUBMITTING  # type: ignore[union-attr]
-    with service.store._session.begin() as s:  # made long ago (a crash between insert and PENDING)
-        s.execute(update(ExperimentRow).values(created_at=utcnow() - timedelta(hours=1)).where(
-            ExperimentRow.id.in_([kept, gone])))  # fmt: skip
-    service.reconciler.run_once()
-    assert _status(client, kept) in ("PENDING", "CANCELLING", "CANCELLED")
-    assert service.store.get(gone, hidden=True) is None
-
-
-def test_a_job_of_this_service_without_a_record_is_stopped_and_others_are_not(client: TestClient) -> None:
-    service = _service(client)
-    orphan, foreign = service.experiments.new_id(None), service.experiments.new_id(None)
-    service.jobs.submit(orphan, "sleep 300", metadata={SERVICE_METADATA: service.experiments.service_id})
+    orphan, ended, foreign = (service.experiments.new_id(None) for _ in range(3))
+    _insert(service, "ended-while-submitted", Status.CANCELLED, ended)  # cancelled; its API died
+    for exp_id in (orphan, ended):
+        service.jobs.submit(exp_id, "sleep 300", metadata={SERVICE_METADATA: service.experiments.service_id})
     service.jobs.submit(foreign, "sleep 300", metadata={SERVICE_METADATA: "another"})
     try:
         for _ in range(5):  # the sweep runs every few passes
             service.reconciler.run_once()
-        wait_for(lambda: service.jobs.info(orphan).status == "STOPPED", 60, "the orphan job to stop")
+        for exp_id in (orphan, ended):
+            stopped = lambda i=exp_id: service.jobs.info(i).status == "STOPPED"  # noqa: E731
+            wait_for(stopped, 60, f"job {exp_id} to stop")
         assert service.jobs.info(foreign).status in ("PENDING", "RUNNING")
     finally:
         service.jobs.stop(foreign)

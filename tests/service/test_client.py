@@ -61,10 +61,17 @@ def api(
         yield proc
         # no job of this module stays behind on the shared cluster
         with Client(proc.url, TOKENS[0]) as c:
-            for item in c.list(status=["PENDING", "RUNNING"], limit=200).items:
+            for item in c.list(status=["SUBMITTING", "PENDING", "RUNNING"], limit=200).items:
                 c.cancel(item.id)
     finally:
         proc.stop()
+
+
+def _submitted(client: Client, exp_id: str) -> str:
+    """Wait until the service has sent ``exp_id`` to Ray; its status then."""
+    return str(
+        wait_for(lambda: (s := client.get(exp_id).status) != "SUBMITTING" and s, 60, f"{exp_id} submitted")
+    )
 
 
 @pytest.fixture
@@ -81,13 +88,17 @@ def conn(api: ApiProcess) -> list[str]:
 
 def test_a_submitted_spec_is_pending_listed_and_readable_through_the_client(client: Client) -> None:
     exp = client.submit(tiny_spec("client-a"))
-    assert re.fullmatch(r"exp-[0-9a-f]{16}", exp.id) and exp.status == "PENDING"
+    assert re.fullmatch(r"exp-[0-9a-f]{16}", exp.id) and exp.status == "SUBMITTING"
+    assert _submitted(client, exp.id) == "PENDING"
     assert exp.spec["train"]["epochs"] == 1 and exp.ray.submission_id == exp.id
     again = client.get(exp.id)
     assert (again.id, again.name, again.kind, again.loss) == (exp.id, "client-a", "run", "harmonicdet")
     assert [e.id for e in client.list(name="client-a").items] == [exp.id]
     assert client.list(name="client-a", status=["SUCCEEDED", "FAILED"]).items == []
-    assert [(e.seq, e.from_, e.to) for e in client.events(exp.id)] == [(1, None, "PENDING")]
+    assert [(e.seq, e.from_, e.to) for e in client.events(exp.id)] == [
+        (1, None, "SUBMITTING"),
+        (2, "SUBMITTING", "PENDING"),
+    ]
     assert isinstance(client.logs(exp.id), str)
     results = client.results(exp.id)
     assert results["id"] == exp.id and results["partial"] is True
@@ -104,13 +115,15 @@ def test_a_spec_file_is_sent_as_it_is_written(client: Client, tmp_path: Path) ->
 
 def test_cancel_is_cancelling_and_a_repeat_is_a_no_op(client: Client) -> None:
     exp = client.submit(tiny_spec("client-cancel"))
+    _submitted(client, exp.id)
     assert client.cancel(exp.id).status == "CANCELLING"
     assert client.cancel(exp.id).status == "CANCELLING"
-    assert [(e.from_, e.to) for e in client.events(exp.id, after=1)] == [("PENDING", "CANCELLING")]
+    assert [(e.from_, e.to) for e in client.events(exp.id, after=2)] == [("PENDING", "CANCELLING")]
 
 
 def test_wait_gives_up_after_its_timeout_on_a_job_that_never_ends(client: Client) -> None:
     exp = client.submit(tiny_spec("client-wait"))
+    _submitted(client, exp.id)
     with pytest.raises(TimeoutError, match="PENDING"):
         client.wait(exp.id, poll_s=0.2, timeout_s=1.0)
     client.cancel(exp.id)
@@ -187,7 +200,7 @@ def test_hdet_submit_prints_the_id_and_how_to_follow_it(
     path = _write_spec(tmp_path, tiny_spec("cli-submit"))
     assert submit_main([str(path), *conn]) == 0
     out = capsys.readouterr().out
-    exp_id = re.search(r"Experiment '(exp-[0-9a-f]{16})' submitted \(PENDING\)", out)
+    exp_id = re.search(r"Experiment '(exp-[0-9a-f]{16})' accepted \(SUBMITTING\)", out)
     assert exp_id, out
     assert f"hdet logs {exp_id.group(1)} --follow --url " in out
     assert client.get(exp_id.group(1)).name == "cli-submit"
@@ -216,6 +229,7 @@ def test_hdet_status_shows_one_or_the_list_and_404_exits_1(
     conn: list[str], client: Client, capsys: pytest.CaptureFixture[str]
 ) -> None:
     exp = client.submit(tiny_spec("cli-status"))
+    _submitted(client, exp.id)
     assert status_main([exp.id, *conn]) == 0
     out = capsys.readouterr().out
     assert out.startswith(f"Status for experiment '{exp.id}': PENDING")
@@ -257,6 +271,7 @@ def test_hdet_cancel_exits_0_and_on_an_unknown_id_1(
     conn: list[str], client: Client, capsys: pytest.CaptureFixture[str]
 ) -> None:
     exp = client.submit(tiny_spec("cli-cancel"))
+    _submitted(client, exp.id)
     assert cancel_main([exp.id, *conn]) == 0
     assert f"Experiment '{exp.id}' is CANCELLING" in capsys.readouterr().out
     assert client.get(exp.id).status == "CANCELLING"

@@ -14,7 +14,7 @@ from service.states import Status
 
 def _pending(store: Store, exp_id: str) -> None:
     spec = {"name": exp_id, "tracking": {"experiment": "records"}, "train": {"epochs": 2}}
-    store.insert_submitting(
+    store.insert_accepted(
         ExperimentRow(
             id=exp_id,
             name=exp_id,
@@ -24,7 +24,8 @@ def _pending(store: Store, exp_id: str) -> None:
             spec=json.dumps(spec),
             body_hash="h",
             idempotency_key=None,
-        )  # fmt: skip
+        ),  # fmt: skip
+        "accepted",
     )
     assert store.transition(exp_id, Status.SUBMITTING, Status.PENDING, "submitted")
 

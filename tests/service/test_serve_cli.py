@@ -9,7 +9,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from workers.cli import COMMANDS
+import pytest
+
+from workers.cli import main as hdet_main
 
 
 def _serve(home: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
@@ -23,8 +25,12 @@ def _serve(home: Path, *args: str, **env: str) -> subprocess.CompletedProcess[st
     )
 
 
-def test_serve_is_a_command_of_hdet() -> None:
-    assert COMMANDS[("serve",)][:2] == ("service.cli", "main")
+def test_hdet_serve_routes_to_the_services_command_line(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as done:
+        hdet_main(["serve", "--help"])
+    assert done.value.code == 0
+    out = capsys.readouterr().out
+    assert "usage: hdet serve" in out and "--num-cpus" in out and "--database-url" in out
 
 
 def test_a_component_that_fails_to_start_exits_1_naming_it_and_its_log(tmp_path: Path) -> None:

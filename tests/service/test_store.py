@@ -1,6 +1,7 @@
 """The record store on both of its databases: a SQLite file (WAL) and PostgreSQL (a throwaway
 cluster made with initdb for this module). Compare-and-set transitions, one event per transition
-even under concurrent writers, keyset pages, the hidden SUBMITTING rows, the shared service id."""
+even under concurrent writers, keyset pages, accepted (SUBMITTING) records, columns added to an older
+database, the shared service id."""
 
 from __future__ import annotations
 
@@ -94,27 +95,51 @@ def _row(exp_id: str, name: str = "x") -> ExperimentRow:
 
 
 def _pending(store: Store, exp_id: str, name: str = "x") -> None:
-    store.insert_submitting(_row(exp_id, name))
+    store.insert_accepted(_row(exp_id, name), "accepted")
     assert store.transition(exp_id, Status.SUBMITTING, Status.PENDING, "submitted")
 
 
-def test_a_submitting_row_is_hidden_until_pending_and_only_it_can_be_deleted(store: Store) -> None:
-    store.insert_submitting(_row("exp-a"))
-    assert store.get("exp-a") is None
-    assert store.get("exp-a", hidden=True) is not None
-    assert store.page(limit=10)[0] == []
-    assert store.delete_submitting("exp-a")
-    _pending(store, "exp-b")
-    assert not store.delete_submitting("exp-b")
-    assert store.get("exp-b") is not None
+def test_an_accepted_record_is_listed_as_submitting_with_its_first_event_until_submitted(
+    store: Store,
+) -> None:
+    store.insert_accepted(_row("exp-a"), "accepted; submitting to Ray")
+    store.insert_accepted(_row("exp-b"), "accepted; submitting to Ray")
+    row = store.get("exp-a")
+    assert row is not None and row.status == Status.SUBMITTING
+    assert [r.id for r in store.page(limit=10, status=[Status.SUBMITTING])[0]] == ["exp-b", "exp-a"]
+    assert [r.id for r in store.submitting()] == ["exp-a", "exp-b"]  # oldest first
+    assert [(e.seq, e.from_status, e.to_status, e.reason) for e in store.events("exp-a")] == [
+        (1, None, "SUBMITTING", "accepted; submitting to Ray")
+    ]
+    assert store.transition("exp-a", Status.SUBMITTING, Status.PENDING, "submitted to Ray", waiting_for=None)
+    assert [(e.seq, e.from_status, e.to_status) for e in store.events("exp-a")][1:] == [
+        (2, "SUBMITTING", "PENDING")
+    ]
+    assert [r.id for r in store.submitting()] == ["exp-b"]
+    assert store.statuses(["exp-a", "exp-b", "exp-c"]) == {"exp-a": "PENDING", "exp-b": "SUBMITTING"}
 
 
-def test_an_id_is_taken_once(store: Store) -> None:
+def test_an_id_is_taken_once_and_its_first_event_is_not_written_twice(store: Store) -> None:
     from service.db import IdTaken
 
-    store.insert_submitting(_row("exp-a"))
+    store.insert_accepted(_row("exp-a"), "accepted")
     with pytest.raises(IdTaken):
-        store.insert_submitting(_row("exp-a"))
+        store.insert_accepted(_row("exp-a"), "accepted")
+    assert len(store.events("exp-a")) == 1
+
+
+def test_a_column_added_since_a_database_was_made_is_added_to_it(store: Store) -> None:
+    _pending(store, "exp-a")
+    with store.engine.begin() as conn:  # the table as a database made before the column existed has it
+        conn.exec_driver_sql("ALTER TABLE experiments DROP COLUMN waiting_for")
+    reopened = Store(store.url)
+    try:
+        row = reopened.get("exp-a")
+        assert row is not None and row.status == Status.PENDING and row.waiting_for is None
+        assert reopened.update_fields("exp-a", Status.PENDING, waiting_for="2 CPU")
+        assert reopened.get("exp-a").waiting_for == "2 CPU"  # type: ignore[union-attr]
+    finally:
+        reopened.close()
 
 
 def test_concurrent_transitions_apply_once_with_one_event(store: Store) -> None:
@@ -134,8 +159,9 @@ def test_concurrent_transitions_apply_once_with_one_event(store: Store) -> None:
     assert sorted(won) == [False] * 7 + [True]
     events = store.events("exp-a")
     assert [(e.seq, e.from_status, e.to_status) for e in events] == [
-        (1, None, "PENDING"),
-        (2, "PENDING", "RUNNING"),
+        (1, None, "SUBMITTING"),
+        (2, "SUBMITTING", "PENDING"),
+        (3, "PENDING", "RUNNING"),
     ]
     row = store.get("exp-a")
     assert row is not None and row.status == "RUNNING" and row.started_at is not None

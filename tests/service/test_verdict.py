@@ -72,10 +72,22 @@ def test_runs_of_a_cancelled_job_are_closed_killed_and_of_a_lost_one_failed() ->
     assert decide(Status.RUNNING, ray("SUCCEEDED", 0), "FINISHED").close_runs_as is None
 
 
-def test_terminal_statuses_never_move_and_submitting_only_becomes_pending() -> None:
+@pytest.mark.parametrize(("placed", "to"), [(False, None), (True, Status.RUNNING), (None, Status.RUNNING)])
+def test_a_running_driver_is_pending_until_a_training_has_its_resources(
+    placed: bool | None, to: Status | None
+) -> None:
+    assert decide(Status.PENDING, ray("RUNNING"), None, placed).to == to
+    assert decide(Status.PENDING, ray("SUCCEEDED", 0), None, placed).to == Status.SUCCEEDED  # ended meanwhile
+
+
+def test_terminal_statuses_never_move_and_submitting_becomes_pending_failed_or_cancelled() -> None:
     for end in TERMINAL:
         assert not any(can_move(end, to) for to in Status)
-    assert [to for to in Status if can_move(Status.SUBMITTING, to)] == [Status.PENDING]
+    assert [to for to in Status if can_move(Status.SUBMITTING, to)] == [
+        Status.PENDING,
+        Status.FAILED,
+        Status.CANCELLED,
+    ]
     assert not can_move(Status.RUNNING, Status.PENDING)
 
 
