@@ -5,25 +5,14 @@ single training run; every dataset is checked before the first experiment starts
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import yaml
+from hdet_run import TINY, run_spec
 from mlflow import MlflowClient
 
-ROOT = Path(__file__).resolve().parents[2]
-
-BASE: dict[str, Any] = {
-    "dataset": {"format": "synthetic", "train": 8, "val": 4, "test": 4, "image_size": 48, "seed": 0},
-    "detector": {"arch": "retinanet", "backbone": "resnet18_fpn", "image_size": 48},
-    "loss": {"kind": "harmonicdet"},
-    "train": {"epochs": 1, "batch_size": 4, "lr": 0.01, "warmup": {"iters": 1, "factor": 0.5}},
-    "scaling": {"num_workers": 1, "use_gpu": False, "cpus_per_worker": 0.5, "max_failures": 0},
-    "tracking": {"experiment": "suite-test"},
-}
+BASE: dict[str, Any] = {**TINY, "tracking": {"experiment": "suite-test"}}
 COMPARISON = {
     **BASE,
     "name": "compare",
@@ -32,26 +21,18 @@ COMPARISON = {
 SINGLE = {**BASE, "name": "single"}
 
 
-def _run(home: Path, spec: Path) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "HDET_HOME": str(home), "PYTHONUNBUFFERED": "1"}
-    env.pop("RAY_ADDRESS", None)
-    cmd = [sys.executable, "-m", "workers.run", str(spec), "--tracking-uri", f"sqlite:///{home / 'mlflow.db'}",
-           "--storage-path", str(home / "storage")]  # fmt: skip
-    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
-
-
-def test_a_suite_runs_a_comparison_then_a_single_run(tmp_path: Path) -> None:
+def test_a_suite_runs_a_comparison_then_a_singlerun_spec(tmp_path: Path) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text(
         yaml.safe_dump_all([COMPARISON, {**SINGLE, "dataset": {"format": "coco", "root": "/nope"}}])
     )
-    refused = _run(tmp_path, bad)
+    refused = run_spec(tmp_path, bad)
     assert refused.returncode == 2 and "#2: dataset.root" in refused.stderr
     assert not (tmp_path / "mlflow.db").exists()  # nothing started, nothing half-made
 
     suite = tmp_path / "suite.yaml"
     suite.write_text(yaml.safe_dump_all([COMPARISON, SINGLE]))
-    done = _run(tmp_path, suite)
+    done = run_spec(tmp_path, suite)
     out = done.stdout + done.stderr
     assert done.returncode == 0, out[-4000:]
     assert "experiment 1/2: compare" in out and "experiment 2/2: single" in out
@@ -89,7 +70,7 @@ def test_a_comparison_whose_arms_failed_is_a_failed_experiment(tmp_path: Path) -
         "train": {**BASE["train"], "debug": {"nonfinite_step": 0}},
     }
     spec.write_text(yaml.safe_dump(failing))
-    done = _run(tmp_path, spec)
+    done = run_spec(tmp_path, spec)
     assert done.returncode == 1, (done.stdout + done.stderr)[-4000:]
     assert "the comparison has no result" in done.stderr
     assert "baseline: " in done.stderr and "confirmatory: " in done.stderr

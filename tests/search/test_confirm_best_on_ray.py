@@ -5,29 +5,21 @@ search never used, and best vs baseline is judged on those; the same-seed table 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
+from hdet_run import TINY, run_spec
 from mlflow import MlflowClient
 
 from workers.search.rounds import confirm_seeds
 from workers.spec import Spec
 from workers.summary import CONFIRM_SEEDS_TAG
 
-ROOT = Path(__file__).resolve().parents[2]
-
 SPEC: dict[str, Any] = {
+    **TINY,
     "name": "confirm",
-    "dataset": {"format": "synthetic", "train": 8, "val": 4, "test": 4, "image_size": 48, "seed": 0},
-    "detector": {"arch": "retinanet", "backbone": "resnet18_fpn", "image_size": 48},
-    "loss": {"kind": "harmonicdet"},
-    "train": {"epochs": 1, "batch_size": 4, "lr": 0.01, "warmup": {"iters": 1, "factor": 0.5}},
-    "scaling": {"num_workers": 1, "use_gpu": False, "cpus_per_worker": 0.5, "max_failures": 0},
     # one configuration on one seed: the confirmation adds it and the baseline on seed 1
     "search": {"space": {"alpha": {"grid": [1.0]}}, "algorithm": "grid", "seeds": [0], "baseline": True},
     "tracking": {"experiment": "confirm-test"},
@@ -45,11 +37,7 @@ def test_the_fresh_seeds_follow_search_seeds_and_are_as_many():
 def test_the_best_configuration_is_judged_on_fresh_seeds(tmp_path: Path) -> None:
     spec = tmp_path / "confirm.yaml"
     spec.write_text(yaml.safe_dump(SPEC))
-    env = {**os.environ, "HDET_HOME": str(tmp_path), "PYTHONUNBUFFERED": "1"}
-    env.pop("RAY_ADDRESS", None)
-    cmd = [sys.executable, "-m", "workers.run", str(spec), "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}",
-           "--storage-path", str(tmp_path / "storage")]  # fmt: skip
-    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    done = run_spec(tmp_path, spec)
     out = done.stdout + done.stderr
     assert done.returncode == 0, out[-4000:]
     assert "confirm_best: trial" in out and "fresh seeds [1]" in out

@@ -5,29 +5,18 @@ the parent run records the seeds reached, why the rounds stopped, and the primar
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import yaml
+from hdet_run import TINY, run_spec
 from mlflow import MlflowClient
 
 from workers.search.rounds import first_round, seed_sequence
 from workers.spec import Spec
 from workers.summary import PRIMARY_OUTCOME_TAG, ROUNDS_STOP_TAG, SEEDS_RUN_TAG
 
-ROOT = Path(__file__).resolve().parents[2]
-
-BASE: dict[str, Any] = {
-    "dataset": {"format": "synthetic", "train": 8, "val": 4, "test": 4, "image_size": 48, "seed": 0},
-    "detector": {"arch": "retinanet", "backbone": "resnet18_fpn", "image_size": 48},
-    "loss": {"kind": "harmonicdet"},
-    "train": {"epochs": 1, "batch_size": 4, "lr": 0.01, "warmup": {"iters": 1, "factor": 0.5}},
-    "scaling": {"num_workers": 1, "use_gpu": False, "cpus_per_worker": 0.5, "max_failures": 0},
-    "tracking": {"experiment": "rounds-test"},
-}
+BASE: dict[str, Any] = {**TINY, "tracking": {"experiment": "rounds-test"}}
 ROUNDS: dict[str, Any] = {
     **BASE,
     "name": "rounds",
@@ -35,14 +24,6 @@ ROUNDS: dict[str, Any] = {
     # 2 seeds never give a finite interval: a second round of one seed must follow, up to the cap of 3
     "evidence": {"target_halfwidth": 0.001, "min_seeds": 2, "max_seeds": 3, "round_size": 1},
 }
-
-
-def _run(home: Path, spec: Path) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "HDET_HOME": str(home), "PYTHONUNBUFFERED": "1"}
-    env.pop("RAY_ADDRESS", None)
-    cmd = [sys.executable, "-m", "workers.run", str(spec), "--tracking-uri", f"sqlite:///{home / 'mlflow.db'}",
-           "--storage-path", str(home / "storage")]  # fmt: skip
-    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
 
 
 def test_the_seeds_of_the_rounds_follow_search_seeds():
@@ -59,7 +40,7 @@ def test_the_seeds_of_the_rounds_follow_search_seeds():
 def test_a_comparison_runs_seeds_in_rounds_until_the_rule_stops(tmp_path: Path) -> None:
     spec = tmp_path / "rounds.yaml"
     spec.write_text(yaml.safe_dump(ROUNDS))
-    done = _run(tmp_path, spec)
+    done = run_spec(tmp_path, spec)
     out = done.stdout + done.stderr
     assert done.returncode == 0, out[-4000:]
     assert "rounds: 2 seeds" in out and "rounds: 3 seeds" in out

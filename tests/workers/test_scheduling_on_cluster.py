@@ -6,9 +6,6 @@ more than 2 at once (the memory allows no more) and 2 at once at some point (as 
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -16,16 +13,13 @@ from typing import Any
 import pytest
 import ray
 import yaml
+from hdet_run import TINY, run_spec
 from mlflow import MlflowClient
 
-ROOT = Path(__file__).resolve().parents[2]
 GIB = 2**30
 SPEC: dict[str, Any] = {
+    **TINY,
     "name": "scheduled",
-    "dataset": {"format": "synthetic", "train": 8, "val": 4, "test": 4, "image_size": 48, "seed": 0},
-    "detector": {"arch": "retinanet", "backbone": "resnet18_fpn", "image_size": 48},
-    "loss": {"kind": "harmonicdet"},
-    "train": {"epochs": 1, "batch_size": 4, "lr": 0.01, "warmup": {"iters": 1, "factor": 0.5}},
     "scaling": {
         "num_workers": 1,
         "use_gpu": False,
@@ -70,11 +64,7 @@ def test_a_comparisons_trainings_spread_over_the_nodes_as_many_at_once_as_fit(
     c, worker_nodes = cluster
     spec = tmp_path / "scheduled.yaml"
     spec.write_text(yaml.safe_dump(SPEC))
-    env = {**os.environ, "HDET_HOME": str(tmp_path), "PYTHONUNBUFFERED": "1"}
-    env.pop("RAY_ADDRESS", None)
-    cmd = [sys.executable, "-m", "workers.run", str(spec), "--address", c.address,
-           "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}", "--storage-path", str(tmp_path / "storage")]  # fmt: skip
-    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    done = run_spec(tmp_path, spec, "--address", c.address)
     assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
 
     from ray.util.state import list_actors
