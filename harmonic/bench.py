@@ -41,16 +41,20 @@ def _backbone(arch: str, requested: str | None) -> str:
     return _SMALL_BACKBONE.get(arch, "resnet18_fpn")
 
 
-def _batch(
-    n: int, size: int, num_classes: int, seed: int = 0
+def synthetic_batch(
+    n: int, size: int, num_classes: int, seed: int = 0, sides: tuple[float, float] = (1 / 6, 1 / 2)
 ) -> tuple[list[Tensor], list[dict[str, Tensor]]]:
+    """``n`` noise images of ``size`` px with 3 filled boxes each (sides drawn between the two
+    fractions of ``sides``), their labels and masks: a batch every detector (Mask R-CNN too) trains on."""
     g = torch.Generator().manual_seed(seed)
     images, targets = [], []
     for _ in range(n):
         img = torch.rand(3, size, size, generator=g) * 0.3
         boxes, labels, masks = [], [], []
         for _ in range(3):
-            w, h = (int(v) for v in torch.randint(size // 6, size // 2, (2,), generator=g))
+            w, h = (
+                int(v) for v in torch.randint(int(size * sides[0]), int(size * sides[1]), (2,), generator=g)
+            )
             x1 = int(torch.randint(0, size - w, (1,), generator=g))
             y1 = int(torch.randint(0, size - h, (1,), generator=g))
             c = int(torch.randint(1, num_classes, (1,), generator=g))
@@ -112,7 +116,7 @@ def bench_arch(
         models[kind] = build_detector(arch, num_classes, loss=kind, backbone=backbone, image_size=size)
     # lr 0: the weights stay identical, so both models do the same work at every step
     opts = {k: torch.optim.SGD(m.parameters(), lr=0.0, momentum=0.9) for k, m in models.items()}
-    images, targets = _batch(batch, size, num_classes)
+    images, targets = synthetic_batch(batch, size, num_classes)
     times: dict[str, list[float]] = {k: [] for k in models}
     for i in range(warmup + steps):
         order = ("standard", "harmonicdet") if i % 2 == 0 else ("harmonicdet", "standard")

@@ -139,34 +139,11 @@ def make_batch(
     n: int, size: int, device: torch.device, seed: int = 0
 ) -> tuple[list[Tensor], list[dict[str, Tensor]]]:
     """``n`` noise images with 3 filled boxes each, sides from 1/8 to 9/10 of the image (so their
-    areas pass fp16's 65504 from 256 px on), with labels and masks (Mask R-CNN)."""
-    import torch
+    areas pass fp16's 65504 from 256 px on), with labels and masks (Mask R-CNN), on ``device``."""
+    from harmonic.bench import synthetic_batch
 
-    g = torch.Generator().manual_seed(seed)
-    images, targets = [], []
-    for _ in range(n):
-        img = torch.rand(3, size, size, generator=g) * 0.3
-        boxes, labels, masks = [], [], []
-        for _ in range(3):
-            w, h = (int(v) for v in torch.randint(size // 8, int(size * 0.9), (2,), generator=g))
-            x1 = int(torch.randint(0, size - w, (1,), generator=g))
-            y1 = int(torch.randint(0, size - h, (1,), generator=g))
-            c = int(torch.randint(1, NUM_CLASSES, (1,), generator=g))
-            img[c - 1, y1 : y1 + h, x1 : x1 + w] = 1.0
-            boxes.append([x1, y1, x1 + w, y1 + h])
-            labels.append(c)
-            m = torch.zeros(size, size, dtype=torch.uint8)
-            m[y1 : y1 + h, x1 : x1 + w] = 1
-            masks.append(m)
-        images.append(img.to(device))
-        targets.append(
-            {
-                "boxes": torch.tensor(boxes, dtype=torch.float32, device=device),
-                "labels": torch.tensor(labels, device=device),
-                "masks": torch.stack(masks).to(device),
-            }
-        )
-    return images, targets
+    images, targets = synthetic_batch(n, size, NUM_CLASSES, seed, sides=(1 / 8, 0.9))
+    return [im.to(device) for im in images], [{k: v.to(device) for k, v in t.items()} for t in targets]
 
 
 def _backbone(arch: str, requested: str | None) -> str:
