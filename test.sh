@@ -9,6 +9,6 @@ echo "== ruff"
 ruff check .
 ruff format --check .
 echo "== mypy"
-mypy harmonic workers service
+mypy harmonic workers service benchmarks
 echo "== pytest"
 pytest -q --durations=30 "$@"

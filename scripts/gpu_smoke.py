@@ -140,7 +140,7 @@ def make_batch(
 ) -> tuple[list[Tensor], list[dict[str, Tensor]]]:
     """``n`` noise images with 3 filled boxes each, sides from 1/8 to 9/10 of the image (so their
     areas pass fp16's 65504 from 256 px on), with labels and masks (Mask R-CNN), on ``device``."""
-    from harmonic.bench import synthetic_batch
+    from benchmarks.loss import synthetic_batch
 
     images, targets = synthetic_batch(n, size, NUM_CLASSES, seed, sides=(1 / 8, 0.9))
     return [im.to(device) for im in images], [{k: v.to(device) for k, v in t.items()} for t in targets]

@@ -5,5 +5,5 @@ Modules: ``settings`` (environment), ``states`` (record statuses), ``models``/``
 ``schemas`` (responses), ``problems`` (RFC 9457 errors), ``intake`` (request body -> spec),
 ``jobs`` (Ray Jobs API), ``mlflow_view`` (MLflow reads), ``experiments`` (submit, cancel),
 ``verdict`` + ``reconciler`` (following jobs), ``app``/``routes`` (FastAPI), ``stack``/``cli``
-(``hdet serve``), ``bench`` (``hdet bench api``).
+(``hdet serve``). ``hdet bench api`` lives in ``benchmarks.api``.
 """

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from workers.cpu_share import command_line, environment, pids
+from workers.procfs import command_line, environment, pids
 
 #: Files at least this big (checkpoints) go even when a test failed; logs and databases stay.
 BIG_FILE_BYTES = 8 << 20
@@ -90,13 +90,15 @@ E2E_MODULES = {
     "tests/workers/test_scheduling_on_cluster.py",
     "tests/workers/test_stop_signals.py",
     "tests/workers/test_pretrain.py",
-    "tests/workers/test_evidence_local.py",
-    "tests/workers/test_bench_train.py",
     "tests/service/test_api_lifecycle.py",
     "tests/service/test_client.py",
+    "tests/service/test_client_comparison.py",
     "tests/deploy/test_ray_job_submit.py",
+    "tests/benchmarks/test_bench_train.py",
 }
 INTEGRATION_MODULES = {
+    "tests/benchmarks/test_cpu_share.py",
+    "tests/benchmarks/test_pace.py",
     "tests/deploy/test_compose.py",
     "tests/search/test_imports.py",
     "tests/search/test_space.py",
@@ -107,10 +109,8 @@ INTEGRATION_MODULES = {
     "tests/service/test_store.py",
     "tests/test_layers.py",
     "tests/test_readme.py",
-    "tests/workers/test_cpu_share.py",
     "tests/workers/test_local_ray.py",
     "tests/workers/test_orphans.py",
-    "tests/workers/test_pace.py",
     "tests/workers/test_ray_compat.py",
     "tests/workers/test_run_args.py",
 }

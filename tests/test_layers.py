@@ -1,9 +1,11 @@
-"""The packages' layering: imports only go down (harmonic <- workers <- service), harmonic knows
-neither pydantic nor Ray nor MLflow, and the light entry points stay light."""
+"""The packages' layering: imports only go down (harmonic <- workers <- service <- benchmarks),
+harmonic knows neither pydantic nor Ray nor MLflow, no product module imports the benchmarks (the
+CLI names them, by string), and the light entry points stay light."""
 
 from __future__ import annotations
 
 import ast
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -46,40 +48,85 @@ def test_workers_do_not_import_the_service() -> None:
     assert not bad, "\n".join(bad)
 
 
-#: the benchmarks' machinery: their commands, turns, baselines, process accounting and marks.
-BENCHMARK_MODULES = (
-    "workers.bench",
-    "workers.bench_train",
-    "workers.pace",
-    "workers.plain_loop",
-    "workers.cpu_share",
-    "workers.timeline",
-)
-#: the training step and what builds it: they reach the benchmarks only through workers.hooks.
-TRAINING_MODULES = (
-    "workers/worker_loop.py",
-    "workers/epoch_metrics.py",
-    "workers/recipe.py",
-    "workers/trainer.py",
-    "workers/train_state.py",
-    "workers/run_tracking.py",
-    "workers/hooks.py",
-)
+#: the product packages: none of them imports the benchmarks.
+PRODUCT = ("harmonic", "workers", "service")
+#: where a product module names a benchmark module (by string, never importing it): the CLI routes
+#: ``hdet bench X`` to ``benchmarks.X`` when that command runs.
+NAMED_BENCHMARKS = {
+    "workers/cli.py": {
+        "benchmarks.api",
+        "benchmarks.eval",
+        "benchmarks.loss",
+        "benchmarks.search",
+        "benchmarks.train",
+    }
+}
 
 
-def test_the_training_step_does_not_import_the_benchmarks() -> None:
-    bad = [line for line in _offenders("workers", BENCHMARK_MODULES) if line.split()[0] in TRAINING_MODULES]
-    assert not bad, "the training loop knows benchmarks only as hooks (workers.hooks):\n" + "\n".join(bad)
-    harmonic = _offenders("harmonic", BENCHMARK_MODULES)
-    assert not harmonic, "\n".join(harmonic)
+def _module_names(package: str, top: str) -> dict[str, set[str]]:
+    """Module file -> the string constants that name a module of ``top`` (``top.x``, or an entry
+    ``top.x:attr`` as HDET_TRAIN_HOOKS takes): imports by name, which :func:`_imports` cannot see."""
+    pattern = re.compile(rf"{top}(\.\w+)*(:\w+)?")
+    out: dict[str, set[str]] = {}
+    for path in sorted((ROOT / package).rglob("*.py")):
+        names = {
+            node.value.split(":")[0]
+            for node in ast.walk(ast.parse(path.read_text(), str(path)))
+            if isinstance(node, ast.Constant)
+            and isinstance(node.value, str)
+            and pattern.fullmatch(node.value)
+        }
+        if names:
+            out[str(path.relative_to(ROOT))] = names
+    return out
 
 
-def test_the_search_imports_no_benchmark_but_the_start_up_marks() -> None:
-    bad = [
-        line
-        for line in _offenders("workers", tuple(m for m in BENCHMARK_MODULES if m != "workers.timeline"))
-        if line.startswith("workers/search/")
-    ]
+def _defines(module: str, name: str) -> bool:
+    """Whether the top level of ``module`` (a file of this repository) defines ``name``."""
+    tree = ast.parse((ROOT / (module.replace(".", "/") + ".py")).read_text())
+    return name in {n.name for n in tree.body if isinstance(n, ast.FunctionDef | ast.ClassDef)}
+
+
+def test_no_product_module_imports_the_benchmarks() -> None:
+    bad = [line for package in PRODUCT for line in _offenders(package, ("benchmarks",))]
+    assert not bad, "the benchmarks sit on top; nothing below imports them:\n" + "\n".join(bad)
+    named = {
+        path: names for package in PRODUCT for path, names in _module_names(package, "benchmarks").items()
+    }
+    assert named == NAMED_BENCHMARKS, (
+        f"only the CLI's routing table may name benchmark modules, and exactly these: {named}"
+    )
+
+
+def test_every_bench_command_routes_to_a_benchmark_module_that_has_its_function() -> None:
+    from workers.cli import COMMANDS
+
+    routes = {words: (module, func) for words, (module, func, _) in COMMANDS.items() if words[0] == "bench"}
+    assert {module for module, _ in routes.values()} == NAMED_BENCHMARKS["workers/cli.py"]
+    for words, (module, func) in routes.items():
+        assert module == f"benchmarks.{words[1]}", f"hdet {' '.join(words)} routes to {module}"
+        assert _defines(module, func), f"{module} has no function {func}"
+
+
+def test_the_benchmarks_training_hooks_name_their_own_factories() -> None:
+    """Each ``HOOK`` entry (``module:factory``) that a benchmark puts in HDET_TRAIN_HOOKS names a
+    factory of its own module: a Ray worker imports it by that name."""
+    hooks = {
+        (str(path.relative_to(ROOT)), node.value.value)
+        for path in sorted((ROOT / "benchmarks").glob("*.py"))
+        for node in ast.parse(path.read_text()).body
+        if isinstance(node, ast.Assign)
+        and any(isinstance(t, ast.Name) and t.id == "HOOK" for t in node.targets)
+        and isinstance(node.value, ast.Constant)
+    }
+    assert {path for path, _ in hooks} == {"benchmarks/pace.py", "benchmarks/timeline.py"}
+    for path, entry in hooks:
+        module, _, factory = entry.partition(":")
+        assert module.replace(".", "/") + ".py" == path and _defines(module, factory), entry
+
+
+def test_the_benchmarks_import_the_product_never_the_tests_or_scripts() -> None:
+    bad = _offenders("benchmarks", ("tests", "scripts", "faults", "conftest"))
     assert not bad, "\n".join(bad)
 
 

@@ -2,6 +2,8 @@
 
 Each sub-command lives in the module that owns the feature and exposes ``main(argv)``; this file
 only routes, and imports a feature's module (and so torch, Ray or MLflow) only when it is used.
+``hdet bench ...`` routes to the top-level ``benchmarks`` package, by name only: no product module
+imports it (tests/test_layers.py lists these names as the one exception).
 """
 
 from __future__ import annotations
@@ -30,28 +32,35 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str, str]] = {
     ("results",): ("service.client_cli", "results_main", "an experiment's runs and metrics (service)"),
     ("compare",): ("service.client_cli", "compare_main", "experiments side by side, paired (service)"),
     ("bench", "api"): (
-        "service.bench",
+        "benchmarks.api",
         "main",
         "REST API latency under 32 concurrent clients (p50, p99, max)",
     ),
-    ("bench", "loss"): ("harmonic.bench", "loss_main", "step time with harmonicdet / with standard loss"),
-    ("bench", "eval"): ("harmonic.eval.bench", "main", "evaluation time of this project / pycocotools"),
-    ("bench", "train"): (
-        "workers.bench_train",
-        "train_main",
-        "images/s of a Ray Train worker / a plain loop",
+    ("bench", "loss"): ("benchmarks.loss", "loss_main", "step time with harmonicdet / with standard loss"),
+    ("bench", "eval"): ("benchmarks.eval", "main", "evaluation time of this project / pycocotools"),
+    ("bench", "train"): ("benchmarks.train", "train_main", "images/s of a Ray Train worker / a plain loop"),
+    ("bench", "search"): (
+        "benchmarks.search",
+        "search_main",
+        "ASHA+TPE vs grid search, and trial start cost",
     ),
-    ("bench", "search"): ("workers.bench", "search_main", "ASHA+TPE vs grid search, and trial start cost"),
 }
 
 
-def _usage() -> str:
-    lines = ["usage: hdet COMMAND [ARGS...]", "", "commands:"]
-    for words, (_, _, help_) in COMMANDS.items():
+def _usage(group: str | None = None) -> str:
+    """Every command, or those of ``group`` (``hdet bench --help``)."""
+    shown = {w: c for w, c in COMMANDS.items() if group is None or w[0] == group}
+    head = "COMMAND" if group is None else f"{group} COMMAND"
+    lines = [f"usage: hdet {head} [ARGS...]", "", "commands:"]
+    for words, (_, _, help_) in shown.items():
         lines.append(f"  {' '.join(words):<14} {help_}")
     lines.append("")
-    lines.append("Run 'hdet COMMAND --help' for a command's options.")
+    lines.append(f"Run 'hdet {head} --help' for a command's options.")
     return "\n".join(lines)
+
+
+#: the first word of every command of several words (``hdet bench``, ``hdet spec``, ``hdet data``)
+GROUPS = {words[0] for words in COMMANDS if len(words) > 1}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -63,11 +72,25 @@ def main(argv: list[str] | None = None) -> int:
         words = tuple(args[:n])
         if words in COMMANDS:
             module_name, func_name, _ = COMMANDS[words]
-            func = getattr(importlib.import_module(module_name), func_name)
-            rc = func(args[n:])
+            try:
+                module = importlib.import_module(module_name)
+            except ModuleNotFoundError as e:
+                if e.name is None or not f"{module_name}.".startswith(f"{e.name}."):
+                    raise  # a module that the command imports is missing: its own error names it
+                print(
+                    f"hdet {' '.join(words)}: {module_name} is not installed here (the bench commands come "
+                    "with a checkout of the repository, pip install -e . in it, not with the container image)",
+                    file=sys.stderr,
+                )
+                return 2
+            rc = getattr(module, func_name)(args[n:])
             return int(rc or 0)
+    group = args[0] if args[0] in GROUPS else None
+    if group is not None and (len(args) == 1 or args[1] in ("-h", "--help", "help")):
+        print(_usage(group))
+        return 0
     print(f"hdet: unknown command {' '.join(args[:2])!r}\n", file=sys.stderr)
-    print(_usage(), file=sys.stderr)
+    print(_usage(group), file=sys.stderr)
     return 2
 
 

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
+from benchmarks.eval import make_eval_set
 from harmonic.analysis import consistency_report, match_detections, nms_audit
-from harmonic.eval.bench import make_eval_set
 
 GT_BOX = [0.0, 0.0, 100.0, 100.0]  # x, y, w, h
 

@@ -13,8 +13,8 @@ import pytest
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
+from benchmarks.eval import make_eval_set, pycocotools_stats
 from harmonic.eval import STATS_KEYS, evaluate, evaluate_voc
-from harmonic.eval.bench import make_eval_set, pycocotools_stats
 
 
 def _compare(gt: dict[str, Any], dets: list[dict[str, Any]]) -> None:

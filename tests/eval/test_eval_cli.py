@@ -1,4 +1,4 @@
-"""``hdet eval`` and ``hdet bench eval`` from the command line router."""
+"""``hdet eval`` from the command line router."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from harmonic.eval.bench import make_eval_set
+from benchmarks.eval import make_eval_set
 from harmonic.eval_cli import main as eval_main
 from workers.cli import main as hdet
 
@@ -47,12 +47,3 @@ def test_eval_table_and_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str
     bad.write_text("{not json")
     assert eval_main(["--gt", str(gt_path), "--dets", str(bad)]) == 2
     assert "not valid JSON" in capsys.readouterr().err
-
-
-def test_bench_eval_small(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    out = tmp_path / "bench.json"
-    assert hdet(["bench", "eval", "--images", "40", "--dets-per-image", "10", "--json", str(out)]) == 0
-    res = json.loads(out.read_text())
-    assert res["max_abs_stats_diff"] <= 1e-9
-    assert res["ratio"] > 0 and res["detections"] > 0
-    assert "ratio (harmonic / pycocotools)" in capsys.readouterr().out

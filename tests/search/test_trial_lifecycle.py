@@ -23,7 +23,6 @@ import pytest
 import ray
 from mlflow import MlflowClient
 
-from workers import timeline
 from workers.controller_hooks import DETERMINISTIC_ERRORS, deterministic_cause, is_deterministic_error
 from workers.env import NO_AUTOSCALER_ENV, NO_STATE_API_ENV
 from workers.errors import NonFiniteLossError
@@ -133,25 +132,6 @@ def test_deterministic_errors_are_told_by_name() -> None:
     cause = deterministic_cause(WorkerGroupError())
     assert isinstance(cause, NonFiniteLossError) and cause.term == "tc"
     assert pickle.loads(pickle.dumps(cause)).step == 0
-
-
-def test_timeline_phases_follow_a_trial_to_its_first_step(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    path = tmp_path / "timeline.jsonl"
-    monkeypatch.setenv(timeline.ENV, str(path))
-    timeline.mark("trial_start", key="t1", t=100.0)
-    timeline.mark("trial_fn", key="t1", t=101.0)
-    for i, label in enumerate(timeline.PHASES[2:], start=2):
-        timeline.mark(label, key="t1-seed0", t=100.0 + i)
-    timeline.mark("first_step", key="t1-seed0", t=200.0)  # (a later epoch's first step)
-    timeline.mark("worker_start", key="baseline-seed0", t=50.0)  # no trial_start: left out
-    (row,) = timeline.phases(timeline.read(path))
-    assert row["total"] == pytest.approx(len(timeline.PHASES) - 1)
-    assert row["trial_start->trial_fn"] == row["trial_fn->trainer_fit"] == pytest.approx(1.0)
-    monkeypatch.delenv(timeline.ENV)
-    timeline.mark("ignored")
-    assert len(timeline.read(path)) == len(timeline.PHASES) + 2  # nothing added once unset
 
 
 # --------------------------------------------------------------------------- on Ray

@@ -13,7 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-from workers.cpu_share import stat_fields
+from workers.procfs import stat_fields
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -36,7 +36,7 @@ print(" ".join(map(str, pids)), flush=True)
 out = subprocess.run([sys.executable, "-c", starter, sleeper], capture_output=True, text=True, check=True).stdout
 polite, stubborn, other = map(int, out.split())
 time.sleep(1.0)  # the grandchildren are this process's children now
-from workers.cpu_share import stat_fields
+from workers.procfs import stat_fields
 ppids = {pid: int(stat_fields(pid)[1]) for pid in (polite, stubborn, other)}
 t0 = time.monotonic()
 ended = end_orphans(grace_s=1.0)

@@ -37,7 +37,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from workers import timeline
+from workers import marks
 from workers.env import TRAIN_ENV_DEFAULTS
 from workers.search.rounds import confirm_seeds, first_round, rounds_rule, run_rounds, with_seeds
 from workers.search.seeds import TrialFailure, compute_metrics, run_key, short_reason, train_on_seeds
@@ -101,7 +101,7 @@ def _search_trial(
     os.environ.setdefault("TUNE_FUNCTION_THREAD_TIMEOUT_S", "30")
     spec = Spec.parse(spec_data, check_paths=False)
     trial_id = tune.get_context().get_trial_id()
-    timeline.mark("trial_fn", key=trial_id, t=t_start)
+    marks.mark("trial_fn", trial_id, t=t_start)
     train_on_seeds(
         spec, config, trial_id=trial_id, arm="search", ctx=ctx, storage_path=storage_path, report=tune.report,
         t_start=t_start, replay=resumed, hub=hub,
@@ -197,14 +197,14 @@ def _mark_trials(
 
 
 def _timeline_callbacks() -> list[Any]:
-    """A Tune callback that marks each trial's start in the timeline, when one is kept."""
-    if not os.environ.get(timeline.ENV):
+    """A Tune callback that marks each trial's start (:mod:`workers.marks`), when marks are kept."""
+    if not marks.enabled():
         return []
     from ray import tune
 
     class TrialStartMarks(tune.Callback):  # type: ignore[misc]
         def on_trial_start(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
-            timeline.mark("trial_start", key=trial.trial_id)
+            marks.mark("trial_start", trial.trial_id)
 
     return [TrialStartMarks()]
 

@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from workers import timeline
+from workers import marks
 from workers.env import TRAIN_ENV_DEFAULTS
 from workers.evidence import aggregate_seeds
 from workers.spec import Spec, SpecError
@@ -277,7 +277,7 @@ class SeedGroup:
                     trainer.close_mlflow_run("KILLED")
                     raise RuntimeError("the trial was stopped before this seed started")
                 self.trainers[seed] = trainer
-            timeline.mark("trainer_fit", key=key)
+            marks.mark("trainer_fit", key)
             trainer.fit()
         except BaseException as e:  # reported to the trial, which fails the configuration
             self.hub.put.remote(tuple(SeedEvent("failed", key, short_reason(e), time.time())))

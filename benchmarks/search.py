@@ -1,6 +1,6 @@
 """``hdet bench search``: ASHA + TPE against grid search for the same number of configurations,
 and the fixed cost of a trial (its start to its first training step) with where it goes.
-(``hdet bench train`` lives in :mod:`workers.bench_train`.)
+(``hdet bench train`` lives in :mod:`benchmarks.train`.)
 """
 
 from __future__ import annotations
@@ -90,7 +90,7 @@ def search_main(argv: list[str]) -> int:
     full schedule (FIFO); ASHA + TPE (Optuna) samples as many configurations from the ranges that
     hold the grid and stops the weak ones early. Printed: the best AP each reached (seed mean),
     the epochs each trained, their ratios, and the fixed cost of a trial with where it goes
-    (median over every training run, from :mod:`workers.timeline`).
+    (median over every training run, from :mod:`benchmarks.timeline`).
     """
     p = argparse.ArgumentParser(
         prog="hdet bench search", description="ASHA + TPE against grid search, and the fixed cost of a trial."
@@ -124,9 +124,9 @@ def search_main(argv: list[str]) -> int:
     import numpy as np
     import ray
 
+    from benchmarks import timeline
     from harmonic.data import build_dataset
     from workers import hooks as train_hooks
-    from workers import timeline
     from workers.env import init_local_ray, shutdown_local_ray
     from workers.search import required_cpus
     from workers.spec import Spec

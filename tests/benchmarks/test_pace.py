@@ -11,8 +11,8 @@ import threading
 import time
 from pathlib import Path
 
-from workers.cpu_share import cpu_seconds, stat_fields
-from workers.pace import Baton, Freezer, Pacer, descendants
+from benchmarks.pace import Baton, Freezer, Pacer
+from workers.procfs import cpu_seconds, descendants, stat_fields
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -61,7 +61,7 @@ def test_a_side_trains_a_turn_of_steps_on_each_go_and_the_bench_sees_it_end(tmp_
 
 def test_a_waiting_side_uses_no_cpu_and_learns_when_the_bench_is_gone(tmp_path: Path) -> None:
     baton = Baton(tmp_path / "pace", turn_steps=1)
-    code = "import sys\nfrom workers.pace import Pacer\nPacer(sys.argv[1]).start()\n"
+    code = "import sys\nfrom benchmarks.pace import Pacer\nPacer(sys.argv[1]).start()\n"
     proc = subprocess.Popen(
         [sys.executable, "-c", code, str(baton.directory)], cwd=ROOT, stderr=subprocess.PIPE, text=True
     )

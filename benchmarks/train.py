@@ -4,7 +4,7 @@ checkpoint) / images/s of a plain PyTorch loop, on the same model, data, batch s
 thread count, each side in a fresh process.
 
 The sides train in turns of a few steps (plain loop, a bare Ray actor running the plain loop, the
-worker; then the other way round; :mod:`workers.pace`), on the same batches, so that the machine's
+worker; then the other way round; :mod:`benchmarks.pace`), on the same batches, so that the machine's
 drift in speed, which moves a single epoch by 10% and more, hits each side alike; each trains as if
 alone (the others' processes are stopped meanwhile). Every epoch but the first is timed, from the
 sides' step times. Printed: each epoch's ratios, their median, range and 95% interval, whether the
@@ -27,10 +27,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from benchmarks import pace
+from benchmarks.cpu_share import WORKER, CpuSampler
+from benchmarks.pace import RAY_TRAIN_PROCESSES, Baton, Freezer, Turn, niceness, pids_named
 from workers import hooks as train_hooks
-from workers import pace
-from workers.cpu_share import WORKER, CpuSampler
-from workers.pace import RAY_TRAIN_PROCESSES, Baton, Freezer, Turn, descendants, niceness, pids_named
+from workers.procfs import descendants
 
 __all__ = ["train_main", "bench_spec"]
 
@@ -51,7 +52,7 @@ def bench_spec(args: argparse.Namespace, root: Path) -> dict[str, Any]:
 
 
 class Side:
-    """One side of ``hdet bench train``: its :class:`~workers.pace.Baton`, how to tell it still runs,
+    """One side of ``hdet bench train``: its :class:`~benchmarks.pace.Baton`, how to tell it still runs,
     and the turns it reported (every epoch's but the first's)."""
 
     def __init__(self, label: str, baton: Baton, alive: Callable[[], bool], cpu: CpuSampler):
@@ -235,7 +236,7 @@ def _bench_round(
 
     import ray
 
-    from workers import plain_loop
+    from benchmarks import plain_loop
     from workers.env import init_local_ray, shutdown_local_ray
     from workers.spec import Spec
     from workers.tracking import open_parent_run

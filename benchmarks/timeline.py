@@ -1,12 +1,8 @@
-"""Where a trial's start-up time goes: time marks from every process of a trial, into one file.
+"""Where a trial's start-up time goes: the marks every process of a trial writes into one file
+(:mod:`workers.marks`, on when ``HDET_TIMELINE`` names it), read back as phases.
 
-Off unless ``HDET_TIMELINE`` names a file (``hdet bench search`` sets it for its local Ray, whose
-processes inherit it). A training worker's marks come through its training hooks
-(:mod:`workers.hooks`, entry :data:`HOOK`). Each mark is a JSON line ``{"t", "pid", "label", "key"}``; ``key`` is the
-training run's MLflow run key (``<trial id>-seed<seed>``) or the trial id, so marks of concurrent
-trials can be told apart. Appends of one short line are atomic on a local file system.
-
-Marks, in the order a trial passes them:
+The search marks its own steps; a training worker's marks come through its training hooks
+(:mod:`workers.hooks`, entry :data:`HOOK`). Marks, in the order a trial passes them:
 
 * ``trial_start`` (key: trial id): Tune has started the trial (its ``on_trial_start``: the trial's
   process is up, a new one or one Tune reuses).
@@ -22,57 +18,32 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from pathlib import Path
 from typing import Any
 
-__all__ = ["ENV", "HOOK", "PHASES", "mark", "set_key", "read", "phases", "hook"]
+from workers.marks import ENV, mark
 
-ENV = "HDET_TIMELINE"
+__all__ = ["ENV", "HOOK", "PHASES", "read", "phases", "hook"]
+
 #: the entry of ``HDET_TRAIN_HOOKS`` (:mod:`workers.hooks`) that marks a worker's phases.
-HOOK = "workers.timeline:hook"
+HOOK = "benchmarks.timeline:hook"
 #: The marks in trial order; :func:`phases` reports the time between consecutive ones.
 PHASES = ("trial_start", "trial_fn", "trainer_fit", "worker_start", "data_ready", "model_ready", "first_step")
-
-_key = ""
-
-
-def set_key(key: str) -> None:
-    """The key of the marks this process makes from now on (a worker's run key)."""
-    global _key
-    _key = key
-
-
-def mark(label: str, key: str | None = None, t: float | None = None) -> None:
-    """Record ``label`` at ``t`` (default now), if ``HDET_TIMELINE`` is set (a no-op otherwise)."""
-    path = os.environ.get(ENV)
-    if not path:
-        return
-    line = json.dumps(
-        {
-            "t": time.time() if t is None else t,
-            "pid": os.getpid(),
-            "label": label,
-            "key": _key if key is None else key,
-        }
-    )
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(line + "\n")
 
 
 class _Marks:
     """The training loop's hook (:mod:`workers.hooks`): its phases as marks keyed by the run key."""
 
     def __init__(self, run_key: str):
-        set_key(run_key)
+        self.run_key = run_key
 
     def phase(self, label: str) -> None:
-        mark(label)
+        mark(label, self.run_key)
 
 
-def hook(run_key: str) -> _Marks | None:
-    """The worker's hook when ``HDET_TIMELINE`` is set (None otherwise)."""
-    return _Marks(run_key) if os.environ.get(ENV) else None
+def hook(run_key: str, rank: int) -> _Marks | None:
+    """Rank 0's hook when ``HDET_TIMELINE`` is set (None otherwise)."""
+    return _Marks(run_key) if rank == 0 and os.environ.get(ENV) else None
 
 
 def read(path: str | Path) -> list[dict[str, Any]]:

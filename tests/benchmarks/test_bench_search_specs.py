@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from workers.bench import DEMO_SPEC, SEARCH_REGIMES, _search_bench_spec
+from benchmarks.search import DEMO_SPEC, SEARCH_REGIMES, _search_bench_spec
 from workers.pretrain import pretrain_key
 from workers.spec import Spec
 

@@ -12,8 +12,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from workers.bench_train import Side
-from workers.pace import Turn
+from benchmarks.pace import Turn
+from benchmarks.train import Side
 
 ROOT = Path(__file__).resolve().parents[2]
 NUM = r"([\d.]+)"

@@ -1,6 +1,6 @@
 """``hdet bench train``'s turns: each side's training loop reports every few steps and waits for the
 bench's go (:class:`Pacer`, the side's end; :class:`Baton`, the bench's), and the process control
-around them (:class:`Freezer` stops the others' processes for a turn; :func:`descendants`).
+around them (:class:`Freezer` stops the others' processes for a turn; :func:`pids_named`).
 
 The bench runs the sides a few steps at a time, in turns, on the same batches, so that a drift of
 the machine's speed hits every side alike.
@@ -22,7 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
 
-from workers.cpu_share import command_line, proc_stats, stat_fields
+from workers.procfs import command_line, descendants, stat_fields
 
 __all__ = [
     "ENV",
@@ -31,7 +31,6 @@ __all__ = [
     "Baton",
     "Turn",
     "Freezer",
-    "descendants",
     "pids_named",
     "niceness",
     "RAY_TRAIN_PROCESSES",
@@ -39,7 +38,7 @@ __all__ = [
 
 ENV = "HDET_BENCH_PACE"
 #: the entry of ``HDET_TRAIN_HOOKS`` (:mod:`workers.hooks`) that gives a worker its :class:`Pacer`.
-HOOK = "workers.pace:hook"
+HOOK = "benchmarks.pace:hook"
 
 
 class Turn(NamedTuple):
@@ -114,9 +113,9 @@ class _PacerHook:
         return self.pacer.step(epoch, seconds, images, last=last)
 
 
-def hook(run_key: str) -> _PacerHook | None:
-    """The worker's hook when ``HDET_BENCH_PACE`` names the bench's directory (None otherwise)."""
-    pacer = Pacer.from_env()
+def hook(run_key: str, rank: int) -> _PacerHook | None:
+    """Rank 0's hook when ``HDET_BENCH_PACE`` names the bench's directory (None otherwise)."""
+    pacer = Pacer.from_env() if rank == 0 else None
     return _PacerHook(pacer) if pacer is not None else None
 
 
@@ -206,14 +205,3 @@ def niceness(pid: int) -> str:
     """The niceness of ``pid`` (from ``/proc``), or ``?``."""
     fields = stat_fields(pid)
     return "?" if fields is None else fields[16]
-
-
-def descendants(root: int) -> set[int]:
-    """Every process that descends from ``root`` (from ``/proc``)."""
-    parents = {pid: int(fields[1]) for pid, fields in proc_stats().items()}
-    out: set[int] = set()
-    frontier = {root}
-    while frontier:
-        frontier = {pid for pid, parent in parents.items() if parent in frontier} - out
-        out |= frontier
-    return out

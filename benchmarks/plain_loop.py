@@ -20,7 +20,7 @@ def start_process(spec_dict: dict[str, Any], threads: int, pace: Path) -> subpro
     Read its result with :func:`process_result`."""
     import json
 
-    code = "from workers.plain_loop import main; main()"
+    code = "from benchmarks.plain_loop import main; main()"
     proc = subprocess.Popen(
         [sys.executable, "-c", code, str(threads), str(pace)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
         text=True, cwd=Path(__file__).resolve().parent.parent,
@@ -96,8 +96,8 @@ def train(spec_dict: dict[str, Any], threads: int, pace: str | None = None) -> d
     directory. Returns ``rate`` (images/s over every epoch but the first, from its step times)."""
     import torch
 
+    from benchmarks.pace import Pacer
     from workers import recipe
-    from workers.pace import Pacer
     from workers.spec import Spec
 
     spec = Spec.parse(spec_dict)
@@ -110,7 +110,7 @@ def train(spec_dict: dict[str, Any], threads: int, pace: str | None = None) -> d
     # The same sampler stack as a worker of a one-worker run: the same batches in the same order.
     loader, sampler, iters = recipe.train_loader(
         ds, batch_size=t.batch_size, aspect_ratio_groups=t.aspect_ratio_groups, seed=t.seed,
-        data_workers=t.data_workers,
+        data_workers=recipe.loading(spec, "cpu").data_workers,
     )  # fmt: skip
     opt = recipe.make_optimizer(model, spec)
     pacer = Pacer(pace) if pace else None

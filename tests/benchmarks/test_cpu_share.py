@@ -9,7 +9,7 @@ import subprocess
 import sys
 import time
 
-from workers.cpu_share import OTHER, WORKER, CpuSampler
+from benchmarks.cpu_share import OTHER, WORKER, CpuSampler
 
 BUSY = "import time\nt = time.time()\nwhile time.time() - t < 2.0:\n    pass\n"
 
