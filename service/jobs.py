@@ -15,7 +15,15 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-__all__ = ["RayJobs", "RayUnavailable", "JobNotFound", "SubmissionRefused", "JobState", "TERMINAL_RAY"]
+__all__ = [
+    "preload",
+    "RayJobs",
+    "RayUnavailable",
+    "JobNotFound",
+    "SubmissionRefused",
+    "JobState",
+    "TERMINAL_RAY",
+]
 
 log = logging.getLogger("hdet.service")
 T = TypeVar("T")
@@ -50,6 +58,12 @@ class JobState:
     @property
     def terminal(self) -> bool:
         return self.status in TERMINAL_RAY
+
+
+def preload() -> None:
+    """Import Ray's Jobs client (600+ modules) now rather than at the first submission."""
+    import requests  # noqa: F401
+    from ray.job_submission import JobSubmissionClient  # noqa: F401
 
 
 def _client_class() -> type:

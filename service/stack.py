@@ -1,5 +1,6 @@
 """The local stack ``hdet serve`` starts (and the service tests start the same way): a Ray head with
 its Jobs API and token auth, and an ``mlflow server`` on the CLI's sqlite store, both on 127.0.0.1.
+What the head is (CPUs, temp dir, token, settings) is ``workers.env.LocalRay``'s, as for ``hdet run``.
 
 Each runs in a session of its own and is stopped by its own process id (SIGTERM, then SIGKILL to
 its process group), never with ``ray stop``, which would stop every Ray on the machine. Every port
@@ -9,13 +10,10 @@ is picked free (the per-node Jobs port 52365 too), so it runs beside another Ray
 from __future__ import annotations
 
 import os
-import secrets
-import shutil
 import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -23,11 +21,9 @@ from pathlib import Path
 
 import httpx
 
-__all__ = ["free_port", "stop_all", "ManagedProcess", "LocalRay", "LocalMlflow", "StartError", "write_secret"]
+from workers.env import LocalRay
 
-#: Ray puts unix sockets under its temp dir: ``<dir>/session_<date>_<pid>/sockets/plasma_store``
-#: must stay within the 107-byte socket path limit, so a longer ``$HDET_HOME`` uses /tmp.
-_MAX_RAY_TEMP_DIR = 40
+__all__ = ["free_port", "stop_all", "ManagedProcess", "RayHead", "LocalMlflow", "StartError"]
 
 
 class StartError(RuntimeError):
@@ -38,19 +34,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-def write_secret(path: Path, value: str | None = None) -> str:
-    """Write (or read back) a secret file of mode 0600; a new random value if absent."""
-    if path.is_file() and value is None:
-        return path.read_text().strip()
-    value = value or secrets.token_urlsafe(32)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(value)
-    os.chmod(path, 0o600)
-    return value
 
 
 class ManagedProcess:
@@ -139,7 +122,7 @@ class ManagedProcess:
 
 def session_members(sid: int) -> list[int]:
     """Live processes of the session ``sid`` (Linux ``/proc``; none elsewhere)."""
-    from workers.cpu_share import proc_stats
+    from workers.procfs import proc_stats
 
     if not os.path.isdir("/proc"):
         return []
@@ -170,29 +153,21 @@ def _clean_env() -> dict[str, str]:
     return env
 
 
-class LocalRay(ManagedProcess):
-    """``ray start --head --block`` on 127.0.0.1 with the dashboard (Jobs API) and token auth."""
+class RayHead(ManagedProcess):
+    """``ray start --head --block`` of a :class:`workers.env.LocalRay` (its CPUs, temp dir, token
+    and settings), with the dashboard (Jobs API) and token auth, every port picked free."""
 
     name = "Ray head"
     term_group = False  # `ray start --block` stops its processes in 3 s; signalled all at once, 15+
 
-    def __init__(self, home: Path, num_cpus: int, temp_dir: Path | None = None):
-        from workers.env import GIT_COMMIT_ENV, LOCAL_RAY_ENV, git_commit
-
-        self.home = home
-        self.num_cpus = num_cpus
-        self.token_path = home / "ray-auth-token"
-        write_secret(self.token_path, None)
+    def __init__(self, home: Path, ray: LocalRay):
+        if not ray.dashboard or ray.token_path is None:
+            raise ValueError("a Ray head serves the Jobs API: create its LocalRay with dashboard and token")
+        self.ray = ray
+        self.token_path: Path = ray.token_path
+        self.temp_dir = ray.temp_dir
         self.dashboard_port = free_port()
         self.gcs_port = free_port()
-        self._own_temp_dir = False
-        if temp_dir is None:
-            temp_dir = home / "ray"
-            if len(str(temp_dir)) > _MAX_RAY_TEMP_DIR:
-                temp_dir = Path(tempfile.mkdtemp(prefix="hdet-ray-"))
-                self._own_temp_dir = True
-        self.temp_dir = temp_dir
-        ray = str(Path(sys.executable).parent / "ray")
         ports = {
             "--port": self.gcs_port,
             "--dashboard-port": self.dashboard_port,
@@ -204,21 +179,11 @@ class LocalRay(ManagedProcess):
             "--node-manager-port": free_port(),
             "--object-manager-port": free_port(),
         }
-        argv = [ray, "start", "--head", "--block", "--node-ip-address", "127.0.0.1"]
-        argv += ["--dashboard-host", "127.0.0.1", "--include-dashboard", "true", "--disable-usage-stats"]
-        argv += ["--num-cpus", str(num_cpus), "--temp-dir", str(temp_dir)]
+        argv = [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", *ray.start_args()]
         for flag, port in ports.items():
             argv += [flag, str(port)]
-        env = _clean_env()
-        env.update(
-            {
-                "RAY_AUTH_MODE": "token",
-                "RAY_AUTH_TOKEN_PATH": str(self.token_path),
-                GIT_COMMIT_ENV: git_commit(),
-                # the settings of a one-machine Ray (workers.env), a value set by the user winning
-                **{k: os.environ.get(k, v) for k, v in LOCAL_RAY_ENV.items()},
-            }
-        )
+        env = dict(os.environ)
+        ray.apply(env)
         super().__init__(argv, env, home / "logs" / "ray-head.log")
 
     @property
@@ -227,11 +192,10 @@ class LocalRay(ManagedProcess):
 
     def stop(self, timeout_s: float = 15.0) -> None:
         super().stop(timeout_s)
-        if self._own_temp_dir:
-            shutil.rmtree(self.temp_dir, ignore_errors=True)
+        self.ray.cleanup()
 
     def describe(self) -> str:
-        return f"{super().describe()[:-1]}, temp dir {self.temp_dir})"
+        return f"{super().describe()[:-1]}, {self.ray.num_cpus} CPUs, temp dir {self.temp_dir})"
 
     def job_env(self) -> dict[str, str]:
         """Environment of the jobs on this head: Ray's state API (Ray Train's placement-group

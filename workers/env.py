@@ -1,21 +1,27 @@
-"""Local defaults of a HarmonicDet installation, a description of the machine a run uses, and the
-local Ray's start and shutdown (nothing of it outlives its shutdown).
+"""Local defaults of a HarmonicDet installation, a description of the machine a run uses, and
+what a local Ray is on this project (:class:`LocalRay`): its CPUs, temp dir, token and settings,
+whether ``hdet run`` starts it in its own process or ``hdet serve`` as a Ray head; its start in
+process and its shutdown (nothing of it outlives its shutdown).
 
 Everything a local run writes lives under one data directory, ``$HDET_HOME`` (default
 ``./.hdet`` under the current directory): generated datasets, the MLflow sqlite store and
-artifacts, and Ray's run storage. A deployed run overrides each piece (``--tracking-uri``,
-``RAY_ADDRESS``, the dataset's ``root``) and never needs this directory.
+artifacts, Ray's run storage and the local Ray's temp dir. A deployed run overrides each piece
+(``--tracking-uri``, ``RAY_ADDRESS``, the dataset's ``root``) and never needs this directory.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import platform
+import shutil
 import socket
 import subprocess
 import sys
+from collections.abc import MutableMapping
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -165,14 +171,189 @@ LOCAL_RAY_ENV = {
     # times a second unless there are over this many files; at 0 it lists it every 0.5 s (new
     # workers' logs are found up to 0.4 s later) and uses half the CPU beside the training.
     "RAY_LOG_MONITOR_MANY_FILES_THRESHOLD": "0",
-    # Trainings beyond the CPUs wait for others to end (hdet run sizes a local Ray to the cores):
+    # Trainings beyond the CPUs wait for others to end (a local Ray has the cores, local_ray_cpus):
     # only they free resources here, so a wait is no sign of a misconfigured cluster.
     "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": str(7 * 24 * 3600),
 }
 
 
+#: The address every process of a local Ray binds: it serves this machine only.
+LOCAL_RAY_IP = "127.0.0.1"
+
+#: Logical CPUs a local Ray has beyond the cores its trainings use, for what reserves a share of a
+#: CPU without working on it: the Tune trials (``workers.search.TRIAL_CPUS``, 0.01 each). Ray counts
+#: a node's CPUs in whole units, so the room is one CPU (100 trials at once).
+RESERVATION_ROOM_CPUS = 1.0
+
+# Ray's sockets lie under ``<temp dir>/session_<date>_<pid>/sockets/``, which must stay within the
+# 107-byte limit of a socket path: a temp dir longer than this is made under /tmp instead.
+_MAX_RAY_TEMP_DIR = 40
+
+# Ray's variables that would make a process join a running cluster or carry its credentials.
+_CLUSTER_ENV = ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "RAY_AUTH_TOKEN")
+
+
+def local_ray_cpus(cores: float | None = None, *, reserved: float, least: float = 0.0) -> int:
+    """Logical CPUs of a local Ray: ``cores`` (default: this machine's) for the trainings, each of
+    which reserves its ``num_workers x cpus_per_worker`` and beyond them waits its turn, plus
+    ``reserved`` for what asks for a share of a CPU without using it (the Tune trials), rounded up
+    to whole CPUs; at least ``least`` (one training), so that a small machine runs it
+    oversubscribed rather than never. A job's entrypoint reserves no CPU (Ray Jobs' default).
+
+    Raises:
+        ValueError: ``cores`` is negative.
+    """
+    if cores is None:
+        cores = float(os.cpu_count() or 1)
+    if cores < 0:
+        raise ValueError(f"num_cpus: {cores:g} is negative; give the cores the trainings may use")
+    return math.ceil(max(cores + reserved, least) - 1e-9)
+
+
+def cpus_argument(text: str) -> float:
+    """``--num-cpus N`` of ``hdet run`` and ``hdet serve``: the cores the trainings may use."""
+    import argparse
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of CPUs") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number of CPUs")
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text} is negative; give the cores the trainings may use")
+    return value
+
+
+def write_secret(path: Path, value: str | None = None) -> str:
+    """Write (or read back) a secret file of mode 0600; a new random value if absent."""
+    import secrets
+
+    if path.is_file() and value is None:
+        return path.read_text().strip()
+    value = value or secrets.token_urlsafe(32)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(value)
+    os.chmod(path, 0o600)
+    return value
+
+
+@dataclass(frozen=True)
+class LocalRay:
+    """A one-machine Ray of this project, whichever command starts it: ``hdet run`` in its own
+    process (:func:`start_local_ray`), ``hdet serve`` as ``ray start --head`` (``service.stack``).
+
+    Both take from here their CPUs (:func:`local_ray_cpus`), GPUs (``None``: those Ray finds),
+    address (a new Ray on :data:`LOCAL_RAY_IP`, never one that runs already), temp dir
+    (``$HDET_HOME/ray``) and the environment of every process of it (:meth:`apply`). Build one with
+    :meth:`create`.
+    """
+
+    num_cpus: int
+    temp_dir: Path
+    #: The dashboard, and with it the Jobs API and the state API.
+    dashboard: bool = False
+    num_gpus: int | None = None
+    #: Ray's token auth with the token in this file (mode 0600): a Ray whose Jobs API other
+    #: processes use. ``None``: Ray's own default.
+    token_path: Path | None = None
+    #: The temp dir was made for this Ray (its usual place was too long): :meth:`cleanup` removes it.
+    own_temp_dir: bool = False
+
+    @classmethod
+    def create(
+        cls,
+        num_cpus: int,
+        *,
+        home: Path | None = None,
+        dashboard: bool = False,
+        num_gpus: int | None = None,
+        token: bool = False,
+    ) -> LocalRay:
+        """The local Ray of data directory ``home`` (default :func:`hdet_home`); ``token``: with
+        token auth, the token read from (or generated into) ``home/ray-auth-token``."""
+        import tempfile
+
+        home = home or hdet_home()
+        temp_dir, own = home / "ray", False
+        if len(str(temp_dir)) > _MAX_RAY_TEMP_DIR:
+            temp_dir, own = Path(tempfile.mkdtemp(prefix="hdet-ray-")), True
+        token_path = home / "ray-auth-token" if token else None
+        if token_path is not None:
+            write_secret(token_path)
+        return cls(num_cpus, temp_dir, dashboard, num_gpus, token_path, own)
+
+    def apply(self, environ: MutableMapping[str, str]) -> None:
+        """Set in ``environ``, before the Ray starts, what every process of it reads: the settings
+        of :data:`LOCAL_RAY_ENV` and the source commit (a value already there wins), the marks of a
+        Ray without dashboard, the token's place; and drop what would join another cluster."""
+        for name in _CLUSTER_ENV:
+            environ.pop(name, None)
+        environ.setdefault(GIT_COMMIT_ENV, git_commit())
+        for k, v in LOCAL_RAY_ENV.items():
+            environ.setdefault(k, v)
+        if self.dashboard:
+            environ.pop(NO_STATE_API_ENV, None)
+        else:
+            # Its processes (Tune trials, Train controllers) cannot tell on their own that no state
+            # API is served; nor a dashboard to show the node's statistics Ray's agent gathers every 5 s.
+            environ[NO_STATE_API_ENV] = "1"
+            environ.setdefault(REPORTER_INTERVAL_ENV, "60000")
+        if self.token_path is not None:
+            environ["RAY_AUTH_MODE"] = "token"
+            environ["RAY_AUTH_TOKEN_PATH"] = str(self.token_path)
+
+    def init_kwargs(self) -> dict[str, Any]:
+        """``ray.init`` keywords that start it in this process."""
+        return {
+            "address": "local",  # a new Ray even when another runs on this machine
+            "num_cpus": self.num_cpus,
+            "num_gpus": self.num_gpus,
+            "include_dashboard": self.dashboard,
+            "_node_ip_address": LOCAL_RAY_IP,
+            "_temp_dir": str(self.temp_dir),
+            "configure_logging": True,
+            "logging_level": logging.WARNING,
+        }
+
+    def start_args(self) -> list[str]:
+        """``ray start --head`` options that start it as a process of its own (its ports aside)."""
+        args = ["--node-ip-address", LOCAL_RAY_IP, "--num-cpus", str(self.num_cpus)]
+        if self.num_gpus is not None:
+            args += ["--num-gpus", str(self.num_gpus)]
+        args += ["--temp-dir", str(self.temp_dir), "--disable-usage-stats"]
+        args += ["--include-dashboard", "true" if self.dashboard else "false"]
+        if self.dashboard:
+            args += ["--dashboard-host", LOCAL_RAY_IP]
+        return args
+
+    def cleanup(self) -> None:
+        """After its end: remove the temp dir made for it."""
+        if self.own_temp_dir:
+            shutil.rmtree(self.temp_dir, ignore_errors=True)
+
+
+# The local Ray this process started (start_local_ray), until shutdown_local_ray.
+_started: LocalRay | None = None
+
+
+def start_local_ray(ray_config: LocalRay) -> None:
+    """Start ``ray_config``'s Ray in this process: its settings go into this process's environment
+    first, so that every process of it (a single run's too) has them."""
+    import ray
+
+    global _started
+    ray_config.apply(os.environ)
+    adopt_orphans()
+    _started = ray_config
+    ray.init(**ray_config.init_kwargs())
+
+
 def init_local_ray(num_cpus: int | None = None, num_gpus: int | None = None, dashboard: bool = False) -> None:
-    """Join ``RAY_ADDRESS`` if set, else start a local Ray bound to 127.0.0.1.
+    """Join ``RAY_ADDRESS`` if set, else start a :class:`LocalRay` in this process with ``num_cpus``
+    (default: the cores).
 
     The dashboard is off unless asked: it costs a few seconds and a few hundred MB on a small
     machine, and a one-off local run does not need the Jobs API.
@@ -185,26 +366,8 @@ def init_local_ray(num_cpus: int | None = None, num_gpus: int | None = None, das
     if address:
         ray.init(address=address)
         return
-    if not dashboard:
-        # Set before the local Ray starts so that its worker processes (Tune trials, Train
-        # controllers) inherit it: they cannot tell on their own that no state API is served.
-        os.environ[NO_STATE_API_ENV] = "1"
-        # Nor a dashboard to show the node's statistics, which Ray's agent gathers every 5 s.
-        os.environ.setdefault(REPORTER_INTERVAL_ENV, "60000")
-    os.environ.setdefault(GIT_COMMIT_ENV, git_commit())
-    # Set before the local Ray starts, every process of it has these (a single run's too).
-    for k, v in LOCAL_RAY_ENV.items():
-        os.environ.setdefault(k, v)
-    adopt_orphans()
-    ray.init(
-        address="local",  # a new Ray even when another runs on this machine (`ray start`, a test cluster)
-        num_cpus=num_cpus,
-        num_gpus=num_gpus,
-        include_dashboard=dashboard,
-        _node_ip_address="127.0.0.1",
-        configure_logging=True,
-        logging_level=logging.WARNING,
-    )
+    cpus = local_ray_cpus(reserved=0.0) if num_cpus is None else num_cpus
+    start_local_ray(LocalRay.create(cpus, dashboard=dashboard, num_gpus=num_gpus))
 
 
 # prctl(2): the caller becomes the "subreaper" of its descendants.
@@ -224,7 +387,7 @@ def adopt_orphans() -> bool:
 
 def _ray_process(pid: int) -> bool:
     """The process runs for a Ray: the raylet gives every worker (and what a worker starts) its pid."""
-    from workers.cpu_share import environment
+    from workers.procfs import environment
 
     return "RAY_RAYLET_PID" in (environment(pid) or {})
 
@@ -239,7 +402,7 @@ def end_orphans(grace_s: float = 5.0) -> list[str]:
     import signal
     import time
 
-    from workers.cpu_share import command_line, proc_stats
+    from workers.procfs import command_line, proc_stats
 
     me = os.getpid()
     left = {
@@ -271,11 +434,15 @@ def end_orphans(grace_s: float = 5.0) -> list[str]:
 
 def shutdown_local_ray(who: str) -> None:
     """``ray.shutdown()`` of a Ray this process started, then :func:`end_orphans`, saying on stderr
-    what it ended (``who``: the command, for the message)."""
+    what it ended (``who``: the command, for the message), then :meth:`LocalRay.cleanup`."""
     import ray
 
+    global _started
     ray.shutdown()
     ended = end_orphans()
+    if _started is not None:
+        _started.cleanup()
+        _started = None
     if ended:
         print(
             f"{who}: ended {len(ended)} process(es) the local Ray left running: {', '.join(ended)}",

@@ -6,9 +6,11 @@ The one entrypoint used by the service, by ``ray job submit`` and by the local C
 2. check the dataset (generate the synthetic one first): a broken dataset is refused with the
    check's report, unless ``dataset.skip_bad`` is set, in which case the skipped annotations are
    counted and logged;
-3. resolve the starting weights (:mod:`workers.weights`): run or find the ``pretrain`` section's
-   backbone pretraining, download ``runs:/`` references, check that the files fit the detector;
-   the spec every training and trial receives names the local files;
+3. resolve the starting weights (:mod:`workers.weights`): find the ``pretrain`` section's backbone
+   pretraining in the cache, else join or start Ray (step 4) and run it as a Ray task with one
+   training worker's resources (:func:`workers.pretrain.pretrain_on_ray`); download ``runs:/``
+   references, check that the files fit the detector; the spec every training and trial receives
+   names the local files;
 4. join Ray (``--address`` or ``RAY_ADDRESS``) or start a local one on 127.0.0.1;
 5. open the MLflow parent run (``--tracking-uri``, else the spec's, else ``MLFLOW_TRACKING_URI``,
    else the local sqlite store under ``$HDET_HOME``);
@@ -36,6 +38,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from workers.env import cpus_argument
 from workers.signals import Stop, ignore_signals, stop_on_signals
 from workers.spec import Spec, SpecError
 
@@ -77,9 +80,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--dashboard", action="store_true", help="start the Ray dashboard with a local Ray")
     p.add_argument(
         "--num-cpus",
-        type=float,
-        help="logical CPUs of a local Ray (default: this machine's cores; the trainings that do not fit "
-        "in them at once, at scaling.cpus_per_worker each, wait their turn)",
+        type=cpus_argument,
+        help="cores the trainings of a local Ray may use (default: this machine's; the trainings that do "
+        "not fit in them at once, at scaling.cpus_per_worker each, wait their turn)",
     )
     return p
 
@@ -135,7 +138,7 @@ def _start_ray(spec: Spec, args: argparse.Namespace) -> bool:
     """Join or start Ray; returns True when this process started a local Ray (and must stop it)."""
     import ray
 
-    from workers.env import init_local_ray
+    from workers.env import init_local_ray, local_ray_cpus
 
     if ray.is_initialized():
         return False
@@ -145,13 +148,10 @@ def _start_ray(spec: Spec, args: argparse.Namespace) -> bool:
         return False
     from workers.search import least_cpus, trial_cpus
 
-    # As many logical CPUs for trainings as cores (plus the trials' own small reservations):
-    # trainings that do not fit wait for one to end, which runs faster than every seed of every arm
-    # at once, and fits in memory. At least what one training needs, so a small machine runs it
-    # oversubscribed instead of waiting forever.
-    cpus = args.num_cpus if args.num_cpus is not None else float(os.cpu_count() or 1)
-    need = max(cpus + trial_cpus(spec), least_cpus(spec))
-    init_local_ray(num_cpus=math.ceil(need - 1e-9), dashboard=args.dashboard)
+    # The cores for the trainings (those that do not fit wait for one to end, which runs faster
+    # than every seed of every arm at once, and fits in memory), room for the trials' reservations.
+    cpus = local_ray_cpus(args.num_cpus, reserved=trial_cpus(spec), least=least_cpus(spec))
+    init_local_ray(num_cpus=cpus, dashboard=args.dashboard)
     return True
 
 
@@ -272,19 +272,35 @@ def _run_one(spec: Spec, args: argparse.Namespace) -> int:
     if "://" not in storage_path:
         Path(storage_path).mkdir(parents=True, exist_ok=True)
 
-    # Pretraining and runs:/ references before Ray or the parent run: bad weights leave nothing behind.
+    # Pretraining and runs:/ references before the parent run: bad weights leave nothing behind. A
+    # pretraining not in the cache yet is a Ray task (workers.pretrain.pretrain_on_ray): Ray first.
+    from workers.errors import DeviceMismatchError
+    from workers.pretrain import cached_pretraining, pretrain_on_ray
     from workers.weights import resolve_start_weights
 
+    started = False
     try:
+        if spec.pretrain is not None and cached_pretraining(spec) is None:
+            started = _start_ray(spec, args)
+            pretrain_on_ray(spec, tracking_uri=tracking_uri)
         spec = resolve_start_weights(spec, tracking_uri)
-    except SpecError as e:
-        print(f"hdet run: {e}", file=sys.stderr)
-        return 2
-    except DatasetError as e:
-        print(f"hdet run: pretraining images refused (pretrain):\n{e}", file=sys.stderr)
-        return 2
+    except BaseException as e:
+        if started:
+            from workers.env import shutdown_local_ray
 
-    started = _start_ray(spec, args)
+            shutdown_local_ray("hdet run")
+        if isinstance(e, SpecError):
+            print(f"hdet run: {e}", file=sys.stderr)
+            return 2
+        if isinstance(e, DatasetError):
+            print(f"hdet run: pretraining images refused (pretrain):\n{e}", file=sys.stderr)
+            return 2
+        if isinstance(e, DeviceMismatchError):
+            print(f"hdet run: pretraining failed: {e}", file=sys.stderr)
+            return 1
+        raise
+
+    started = _start_ray(spec, args) or started
     ctx = open_parent_run(spec, tracking_uri, resume=args.resume, extra_tags=dict(args.tag))
     c = client(tracking_uri)
     if any(skipped.values()):

@@ -19,7 +19,7 @@ import pytest
 from svc_helpers import Stack, wait_for
 
 from service.stack import free_port
-from workers.cpu_share import command_line, proc_stats
+from workers.procfs import command_line, proc_stats
 
 
 def _processes() -> dict[int, tuple[int, str]]:
@@ -42,7 +42,8 @@ def stack(
     log = home / "serve.log"
     with open(log, "wb") as out:
         # As a script's `hdet serve &` starts it: with SIGINT ignored (it must stop on SIGINT anyway).
-        command = f"trap '' INT; exec {sys.executable} -m workers.cli serve --num-cpus 4"
+        # 3 cores for trainings: a head of 4 logical CPUs (one for the trials' reservations)
+        command = f"trap '' INT; exec {sys.executable} -m workers.cli serve --num-cpus 3"
         proc = subprocess.Popen(
             ["/bin/sh", "-c", command],
             env=env,

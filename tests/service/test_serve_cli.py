@@ -34,8 +34,8 @@ def test_hdet_serve_routes_to_the_services_command_line(capsys: pytest.CaptureFi
 
 
 def test_a_component_that_fails_to_start_exits_1_naming_it_and_its_log(tmp_path: Path) -> None:
-    # Ray refuses a negative CPU count; MLflow is "given", so only Ray is started
-    r = _serve(tmp_path, "--num-cpus", "-1", "--mlflow-uri", "http://127.0.0.1:9", "--port", "0")
+    # Ray refuses a resource override that is not JSON; MLflow is "given", so only Ray is started
+    r = _serve(tmp_path, "--mlflow-uri", "http://127.0.0.1:9", "--port", "0", RAY_OVERRIDE_RESOURCES="{")
     assert r.returncode == 1, r.stdout + r.stderr
     log = tmp_path / "logs" / "ray-head.log"
     assert f"Ray head exited during start-up; its log: {log}" in r.stderr
@@ -47,4 +47,11 @@ def test_a_public_bind_with_a_short_token_is_refused_before_anything_starts(tmp_
     r = _serve(tmp_path, "--host", "0.0.0.0", HDET_API_TOKEN="short")
     assert r.returncode == 2
     assert "at least 32 characters" in r.stderr
+    assert not (tmp_path / "logs").exists()
+
+
+def test_a_negative_cpu_count_is_refused_before_anything_starts(tmp_path: Path) -> None:
+    r = _serve(tmp_path, "--num-cpus", "-1")
+    assert r.returncode == 2
+    assert "argument --num-cpus: -1 is negative" in r.stderr
     assert not (tmp_path / "logs").exists()
