@@ -3,9 +3,9 @@ validated by ``Spec.parse(check_paths=False)`` and by the rules only a service h
 a :class:`~service.problems.Problem` naming the field; nothing is stored before this passed.
 
 The service's own rules: ``tracking.tracking_uri`` null or the service's MLflow (every experiment is
-recorded where the service reads); no fault injection (``train.debug``); a training run must fit the
-cluster's nodes (:mod:`service.admission`), or it would wait forever; every path under the data roots,
-taken literally (:mod:`service.paths`), and every ``runs:/`` reference a run of the service's MLflow.
+recorded where the service reads); a training run must fit the cluster's nodes
+(:mod:`service.admission`), or it would wait forever; every path under the data roots, taken literally
+(:mod:`service.paths`), and every ``runs:/`` reference a run of the service's MLflow.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from fastapi import Request
 from service.admission import admission_problems
 from service.paths import confine, run_refs
 from service.problems import Problem, field_errors
-from workers.spec import DebugSpec, Spec, SpecError
+from workers.spec import Spec, SpecError
 
 __all__ = ["MAX_BODY_BYTES", "read_body", "parse_body", "validate", "canonical_json", "body_hash"]
 
@@ -136,10 +136,6 @@ def validate(
                 f"must be null or this service's MLflow ({tracking_uri}): the service reads every "
                 "experiment's results there",
             )
-        )
-    if spec.train.debug != DebugSpec():
-        problems.append(
-            ("train.debug", "fault injection is for the tests of recovery; the service refuses it")
         )
     if cluster is not None:
         nodes, autoscaling = cluster

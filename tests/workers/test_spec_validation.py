@@ -397,3 +397,13 @@ def test_memory_per_worker_becomes_rays_memory_resource() -> None:
     assert worker_resources(Spec.parse(BASE), use_gpu=True) == {"CPU": 1.0, "GPU": 1.0}
     with pytest.raises(SpecError, match="scaling.memory_per_worker_gb"):
         Spec.parse({**BASE, "scaling": {"memory_per_worker_gb": 0}})
+
+
+def test_a_stored_spec_with_an_unused_debug_section_still_parses() -> None:
+    """Specs stored before ``train.debug`` left the spec (waiting records, resumed searches) parse;
+    one that injects a fault is refused as an unknown key."""
+    unused = {"crash_rank": None, "crash_after_epoch": 1, "crash_marker": None, "nonfinite_step": None}
+    stored = _with(train={"epochs": 2, "debug": unused})
+    assert Spec.parse(stored, check_paths=False).train.epochs == 2
+    with pytest.raises(SpecError, match="train.debug"):
+        Spec.parse(_with(train={"debug": {**unused, "nonfinite_step": 3}}), check_paths=False)

@@ -4,7 +4,7 @@ real MLflow sqlite store.
 One training run is shared by most tests (it is the expensive part): rank 1 is killed once after
 the first epoch's checkpoint, so the same run proves both the normal path (metrics, plots, a
 checkpoint that loads into plain torchvision) and recovery (resumed from the checkpoint, one
-child run, no epoch logged twice).
+child run, no epoch logged twice). The faults come through the training hooks (tests/faults.py).
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import faults
 import pytest
 import ray
 import yaml
@@ -44,14 +45,21 @@ def home(
 
 
 @pytest.fixture(scope="module")
-def local_ray(home: Path) -> Iterator[None]:
-    ray.init(
-        address="local",
-        num_cpus=2,
-        include_dashboard=False,
-        _node_ip_address="127.0.0.1",
-        logging_level="WARNING",
-    )
+def plan(home: Path) -> Path:
+    """The fault plan file of the module's Ray (:mod:`faults`): no file, no fault."""
+    return home / "faults.json"
+
+
+@pytest.fixture(scope="module")
+def local_ray(home: Path, plan: Path) -> Iterator[None]:
+    with faults.installed(plan):  # the workers inherit the fault hooks
+        ray.init(
+            address="local",
+            num_cpus=2,
+            include_dashboard=False,
+            _node_ip_address="127.0.0.1",
+            logging_level="WARNING",
+        )
     yield
     ray.shutdown()
 
@@ -69,15 +77,13 @@ def _write_spec(path: Path, **overrides: Any) -> Path:
 
 
 @pytest.fixture(scope="module")
-def tiny_run(local_ray: None, home: Path) -> dict[str, Any]:
+def tiny_run(local_ray: None, home: Path, plan: Path) -> dict[str, Any]:
     """configs/tiny.yaml through `hdet run`, with rank 1 killed once at the start of epoch 2."""
     marker = home / "crashed.marker"
-    spec = _write_spec(
-        home / "tiny.yaml",
-        **{"train.debug": {"crash_rank": 1, "crash_after_epoch": 1, "crash_marker": str(marker)}},
-    )
+    spec = _write_spec(home / "tiny.yaml")
     uri = f"sqlite:///{home / 'mlflow.db'}"
-    rc = run_main([str(spec), "--tracking-uri", uri, "--storage-path", str(home / "storage")])
+    with faults.planned(plan, crash_rank=1, crash_after_epoch=1, crash_marker=str(marker)):
+        rc = run_main([str(spec), "--tracking-uri", uri, "--storage-path", str(home / "storage")])
     c = MlflowClient(tracking_uri=uri)
     exp = c.get_experiment_by_name("tiny")
     assert exp is not None
@@ -228,19 +234,14 @@ def test_report_of_a_single_run(tiny_run: dict[str, Any], home: Path) -> None:
 
 
 def test_non_finite_loss_stops_at_once_naming_step_and_term(
-    local_ray: None, home: Path, capsys: pytest.CaptureFixture[str]
+    local_ray: None, home: Path, plan: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     spec = _write_spec(
-        home / "nan.yaml",
-        **{
-            "name": "tiny-nan",
-            "train.epochs": 1,
-            "train.debug": {"nonfinite_step": 1},
-            "tracking.experiment": "nan",
-        },
+        home / "nan.yaml", **{"name": "tiny-nan", "train.epochs": 1, "tracking.experiment": "nan"}
     )
     uri = f"sqlite:///{home / 'mlflow-nan.db'}"
-    rc = run_main([str(spec), "--tracking-uri", uri, "--storage-path", str(home / "storage")])
+    with faults.planned(plan, nonfinite_step=1):
+        rc = run_main([str(spec), "--tracking-uri", uri, "--storage-path", str(home / "storage")])
     assert rc == 1
     err = capsys.readouterr().err
     assert "non-finite loss at step 1" in err

@@ -18,7 +18,6 @@ from workers.spec.evidence import PRIMARY_METRICS, EvidenceSpec
 from workers.spec.model import Spec
 from workers.spec.sections import (
     RUN_REF_PATTERN,
-    DebugSpec,
     DetectorSpec,
     EvalSpec,
     LossSpec,
@@ -35,7 +34,6 @@ __all__ = [
     "PRIMARY_METRICS",
     "RUN_REF_PATTERN",
     "DatasetSpec",
-    "DebugSpec",
     "DetectorSpec",
     "EvalSpec",
     "EvidenceSpec",

@@ -58,6 +58,7 @@ class Spec(BaseModel):
         """Validate a spec dict; raises :class:`SpecError` naming each bad field."""
         if not isinstance(data, dict):
             raise SpecError([("", f"a spec must be a mapping, got {type(data).__name__}")], source)
+        data = _without_unused_debug(data)
         try:
             spec = cls.model_validate(data, context={"check_paths": check_paths})
         except ValidationError as e:
@@ -247,3 +248,21 @@ def _documents(p: Path) -> list[Any]:
         return [d for d in yaml.safe_load_all(text) if d is not None]
     except Exception as e:  # yaml/json parse errors: report them as spec errors
         raise SpecError([("", f"cannot parse: {e}")], str(p)) from None
+
+
+#: what a stored spec dump held in ``train.debug`` when no fault was injected (the section is gone)
+_UNUSED_DEBUG = {"crash_rank": None, "crash_after_epoch": 1, "crash_marker": None, "nonfinite_step": None}
+
+
+def _without_unused_debug(data: dict[str, Any]) -> dict[str, Any]:
+    """``data`` without a ``train.debug`` that injects nothing, so specs stored before the section was
+    removed (records waiting for Ray, resumed searches) still parse; any other value stays an error."""
+    train = data.get("train")
+    if not isinstance(train, dict) or "debug" not in train:
+        return data
+    debug = train["debug"]
+    if not isinstance(debug, dict) or any(debug.get(k, v) != v for k, v in _UNUSED_DEBUG.items()):
+        return data
+    if set(debug) - set(_UNUSED_DEBUG):
+        return data
+    return {**data, "train": {k: v for k, v in train.items() if k != "debug"}}
