@@ -1,41 +1,26 @@
 """Whether a spec's trainings can ever be scheduled, decided before it is stored.
 
 A training is ``scaling.num_workers`` Ray Train workers, each needing its CPUs, its GPUs (with
-``use_gpu: true``) and the accelerator type's marker resource on one node. The nodes are those Ray
-reports alive, or, for an autoscaling cluster, the node types the deployment declares
-(``HDET_CLUSTER_NODE_TYPES``, the largest each group can start): a worker no node can hold, or
-more workers than the reported nodes hold together, would wait forever; the spec is refused
-naming the field and what the cluster has.
+``use_gpu: true``) and the accelerator type's marker resource on one node
+(:func:`workers.resources.worker_bundle`). The nodes are those Ray reports alive, or, for an
+autoscaling cluster, the node types the deployment declares (``HDET_CLUSTER_NODE_TYPES``, the largest
+each group can start, parsed by :func:`workers.resources.parse_node_types` as the driver parses it):
+a worker no node can hold, or more workers than the reported nodes hold together, would wait
+forever; the spec is refused naming the field and what the cluster has.
 """
 
 from __future__ import annotations
 
-import math
-
+from workers.resources import ACCELERATOR_PREFIX, worker_bundle, workers_held
 from workers.spec import Spec
 
-__all__ = ["worker_bundle", "admission_problems", "describe"]
+__all__ = ["admission_problems", "describe"]
 
-#: Ray's marker resource of a node's accelerator type (``accelerator_type:A100``).
-ACCELERATOR_PREFIX = "accelerator_type:"
 _FIELDS = {
     "CPU": "scaling.cpus_per_worker",
     "GPU": "scaling.gpus_per_worker",
     "memory": "scaling.memory_per_worker_gb",
 }
-
-
-def worker_bundle(spec: Spec) -> dict[str, float]:
-    """What one Ray Train worker of ``spec`` asks Ray for."""
-    s = spec.scaling
-    bundle = {"CPU": float(s.cpus_per_worker)}
-    if s.use_gpu is True:
-        bundle["GPU"] = float(s.gpus_per_worker)
-    if s.accelerator_type:
-        bundle[ACCELERATOR_PREFIX + s.accelerator_type] = 0.001
-    if s.memory_per_worker_gb is not None:
-        bundle["memory"] = float(round(s.memory_per_worker_gb * 2**30))
-    return bundle
 
 
 def describe(resources: dict[str, float]) -> str:
@@ -51,19 +36,15 @@ def describe(resources: dict[str, float]) -> str:
     return ", ".join(parts)
 
 
-def _fits(node: dict[str, float], bundle: dict[str, float]) -> int:
-    """How many workers of ``bundle`` the node holds."""
-    return min(math.floor(node.get(k, 0.0) / v + 1e-9) for k, v in bundle.items())
-
-
 def admission_problems(
     spec: Spec, nodes: list[dict[str, float]], *, autoscaling: bool
 ) -> list[tuple[str, str]]:
     """Why ``spec``'s trainings could never start on ``nodes`` (empty when they can)."""
-    bundle = worker_bundle(spec)
+    # auto may always fall back to the CPU: only use_gpu: true needs a GPU to be admitted
+    bundle = worker_bundle(spec, use_gpu=spec.scaling.use_gpu is True)
     where = "the cluster can start" if autoscaling else "the cluster has"
     kinds = "; ".join(sorted({describe(n) for n in nodes})) or "no node"
-    if not any(_fits(n, bundle) for n in nodes):
+    if not any(workers_held(n, bundle) for n in nodes):
         lacking = [k for k, v in bundle.items() if not any(n.get(k, 0.0) >= v for n in nodes)]
         field = next(
             (
@@ -75,7 +56,7 @@ def admission_problems(
         if field == "scaling.gpus_per_worker" and not any(n.get("GPU", 0.0) > 0 for n in nodes):
             field = "scaling.use_gpu"
         return [(field, f"a worker needs {describe(bundle)} on one node; the nodes {where}: {kinds}")]
-    held = sum(_fits(n, bundle) for n in nodes)
+    held = sum(workers_held(n, bundle) for n in nodes)
     workers = spec.scaling.num_workers
     if not autoscaling and held < workers:
         return [

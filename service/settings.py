@@ -10,10 +10,12 @@ from __future__ import annotations
 import ipaddress
 import os
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import AliasChoices, Field, SecretStr, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from workers.resources import parse_node_types
 
 __all__ = ["Settings", "SettingsError", "MIN_TOKEN_LENGTH", "is_loopback"]
 
@@ -57,7 +59,7 @@ class Settings(BaseSettings):
     ray_auth_token_path: str | None = Field(
         default=None, validation_alias=AliasChoices("RAY_AUTH_TOKEN_PATH", "ray_auth_token_path")
     )
-    cluster_node_types: list[dict[str, float]] | None = Field(
+    cluster_node_types: Annotated[list[dict[str, float]] | None, NoDecode] = Field(
         default=None,
         description=(
             'node types an autoscaling cluster can start, JSON: [{"CPU": 8, "GPU": 1, '
@@ -104,6 +106,14 @@ class Settings(BaseSettings):
     service_name: str | None = Field(
         default=None, description="hdet.service metadata of its jobs (default: an id kept in the database)"
     )
+
+    @field_validator("cluster_node_types", mode="before")
+    @classmethod
+    def _node_types(cls, value: Any) -> Any:
+        # the driver reads the same variable with the same parser (workers.resources)
+        if value is None or (isinstance(value, str) and not value.strip()):
+            return None
+        return parse_node_types(value) if isinstance(value, str | list) else value
 
     @model_validator(mode="after")
     def _check(self) -> Settings:

@@ -24,17 +24,27 @@ class NonFiniteLossError(DeterministicTrainingError):
         term: name of the first non-finite loss term (``"classification"``, ``"bbox_regression"``...).
         value: its value.
         rank: the worker that saw it.
+        fp16_skipped: under ``train.amp: fp16``, the steps in a row, this one included, whose loss was
+            non-finite and that were skipped before the training gave up (0: not fp16).
     """
 
-    def __init__(self, step: int, epoch: int, term: str, value: float, rank: int = 0):
+    def __init__(self, step: int, epoch: int, term: str, value: float, rank: int = 0, fp16_skipped: int = 0):
         self.step, self.epoch, self.term, self.value, self.rank = step, epoch, term, value, rank
+        self.fp16_skipped = fp16_skipped
+        if fp16_skipped:
+            advice = (
+                f"Under train.amp: fp16, {fp16_skipped} steps in a row had a non-finite loss (each skipped, "
+                "the gradient scaler lowering its scale): the model overflows fp16's range. Set train.amp: "
+                "bf16 (GPUs from Ampere on) or off (float32)."
+            )
+        else:
+            advice = "Lower train.lr, set train.clip_grad_norm, or check the data for degenerate boxes."
         super().__init__(
-            f"non-finite loss at step {step} (epoch {epoch}, rank {rank}): loss term {term!r} = {value}. "
-            "Lower train.lr, set train.clip_grad_norm, or check the data for degenerate boxes."
+            f"non-finite loss at step {step} (epoch {epoch}, rank {rank}): loss term {term!r} = {value}. {advice}"
         )
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (self.__class__, (self.step, self.epoch, self.term, self.value, self.rank))
+        return (self.__class__, (self.step, self.epoch, self.term, self.value, self.rank, self.fp16_skipped))
 
 
 class DeviceMismatchError(DeterministicTrainingError):

@@ -1,7 +1,10 @@
 """``hdet pretrain SPEC``: pretrain a spec's backbone body once, cache it, track it in MLflow.
 
-``hdet run`` calls :func:`ensure_pretrained` (through :mod:`workers.weights`) before Ray starts any
-training when the spec has a ``pretrain`` section; ``hdet pretrain`` does only that step.
+``hdet run`` calls :func:`pretrain_on_ray` before any training starts when the spec has a
+``pretrain`` section: a cached pretraining is found in the driver and starts nothing; otherwise the
+pretraining is one Ray task with one training worker's resources (``scaling``: its CPUs, its GPU when
+``use_gpu`` resolves to one, its memory and accelerator type), which trains on the device Ray gave
+it and fills the cache. ``hdet pretrain`` trains in its own process (:func:`ensure_pretrained`).
 
 Cache
     The result lives in ``$HDET_HOME/pretrained/<key>/``: ``backbone.pt`` (the body's ``state_dict`` in
@@ -15,6 +18,11 @@ Cache
     The folder is written under a temporary name and renamed into place when complete, so an
     interrupted pretraining leaves nothing that looks finished; a lock file keeps two processes of
     one machine from training the same key twice (the second waits and uses the first's result).
+
+    The Ray task writes into the driver's cache folder (the same path: ``$HDET_HOME`` is one folder
+    on one machine, shared storage on a cluster) and also returns the file's bytes as a second Ray
+    object, which the driver fetches only when it cannot see the task's file (a node whose
+    ``$HDET_HOME`` is not shared): it then writes the file and its metadata into its own cache.
 
 MLflow
     A pretraining is its own run in the spec's experiment (tag ``hdet.role = pretrain``, its key in
@@ -48,9 +56,11 @@ __all__ = [
     "PRETRAIN_VERSION",
     "Pretrained",
     "ensure_pretrained",
+    "cached_pretraining",
     "is_pretrain_output",
     "main",
     "pretrain_key",
+    "pretrain_on_ray",
     "pretrained_dir",
 ]
 
@@ -131,6 +141,11 @@ def _cached(folder: Path) -> Pretrained | None:
     return None
 
 
+def cached_pretraining(spec: Spec) -> Pretrained | None:
+    """``spec``'s pretraining when this process finds it in the cache, else None."""
+    return _cached(pretrained_dir() / pretrain_key(spec))
+
+
 def ensure_pretrained(
     spec: Spec,
     *,
@@ -171,6 +186,107 @@ def ensure_pretrained(
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     return Pretrained(folder / BACKBONE_FILE, meta, False)
+
+
+def pretrain_on_ray(
+    spec: Spec, *, tracking_uri: str | None = None, say: Callable[[str], None] = print
+) -> Pretrained:
+    """``spec``'s pretraining: from the cache (no task), else trained by one Ray task.
+
+    The task reserves what one training worker of ``spec`` reserves
+    (:func:`workers.resources.worker_bundle`, ``use_gpu: auto`` resolved as for the trainings), runs
+    with the driver's ``$HDET_HOME`` and trains on the device Ray assigned it: a GPU asked for and not
+    usable is refused (:class:`~workers.errors.DeviceMismatchError`). Its file reaches the driver's
+    cache as the module docstring says.
+
+    Args:
+        spec: a spec with a ``pretrain`` section (its paths resolved by the driver).
+        tracking_uri: MLflow store for the pretrain run; None: not tracked.
+        say: where the driver's progress lines go (the task's own go to the job log).
+
+    Raises:
+        RuntimeError: the pretraining is not cached and this process is not connected to Ray.
+        harmonic.data.DatasetError, DeviceMismatchError: as the task raised them.
+    """
+    if spec.pretrain is None:
+        raise ValueError("pretrain_on_ray: the spec has no pretrain section")
+    found = cached_pretraining(spec)
+    if found is not None:
+        return found
+    import ray
+
+    from workers.env import hdet_home
+    from workers.resources import resolve_use_gpu, worker_bundle
+
+    if not ray.is_initialized():
+        raise RuntimeError("pretrain_on_ray: the pretraining is a Ray task; connect to Ray first (ray.init)")
+    use_gpu = resolve_use_gpu(spec)
+    bundle = worker_bundle(spec, use_gpu)
+    options: dict[str, Any] = {
+        "num_cpus": bundle.pop("CPU"),
+        "num_gpus": bundle.pop("GPU", 0.0),
+        "num_returns": 2,
+        "runtime_env": {"env_vars": {"HDET_HOME": str(hdet_home())}},
+    }
+    if "memory" in bundle:
+        options["memory"] = bundle.pop("memory")
+    if bundle:  # the accelerator type's marker
+        options["resources"] = bundle
+    key = pretrain_key(spec)
+    say(f"pretrain {key}: a Ray task with {options['num_cpus']:g} CPU, {options['num_gpus']:g} GPU")
+    meta_ref, file_ref = (
+        ray.remote(_pretrain_task).options(**options).remote(spec.to_dict(), tracking_uri, use_gpu)
+    )
+    try:
+        meta: dict[str, Any] = ray.get(meta_ref)
+    except ray.exceptions.RayTaskError as e:
+        if isinstance(e.cause, Exception):  # the task's own error, without Ray's wrapper
+            raise e.cause from None
+        raise
+    except BaseException:  # Ctrl-C in the driver: the task stops too, leaving no folder behind
+        ray.cancel(meta_ref)
+        raise
+    folder = pretrained_dir() / key
+    found = _cached(folder)
+    if found is None:  # the task's node does not share this $HDET_HOME: its file comes as an object
+        _store(folder, meta, ray.get(file_ref))
+        found = _cached(folder)
+        assert found is not None
+    return Pretrained(found.path, found.meta, cached=False)
+
+
+def _pretrain_task(
+    spec_dict: dict[str, Any], tracking_uri: str | None, use_gpu: bool
+) -> tuple[dict[str, Any], bytes]:
+    """The Ray task of :func:`pretrain_on_ray`: the metadata and the file's bytes."""
+    import ray
+    import torch
+
+    from workers.recipe import loading, worker_device_type
+    from workers.spec import Spec
+
+    spec = Spec.parse(spec_dict, check_paths=False)
+    device = worker_device_type(use_gpu, ray.get_gpu_ids(), torch.cuda.is_available())
+    done = ensure_pretrained(
+        spec, tracking_uri=tracking_uri, device=device, data_workers=loading(spec, device).data_workers
+    )
+    return done.meta, done.path.read_bytes()
+
+
+def _store(folder: Path, meta: dict[str, Any], data: bytes) -> None:
+    """Put a pretraining trained elsewhere into this machine's cache (its sha256 checked)."""
+    if hashlib.sha256(data).hexdigest() != meta["sha256"]:
+        raise OSError(f"pretrain {meta['key']}: the file received does not match its sha256")
+    with _locked(folder.parent / f".{folder.name}.lock"):
+        if _cached(folder) is not None:
+            return
+        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+        try:
+            (tmp / BACKBONE_FILE).write_bytes(data)
+            (tmp / META_FILE).write_text(json.dumps(meta, indent=2, default=str))
+            os.rename(tmp, folder)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _train_into(
@@ -254,6 +370,7 @@ def _train_into(
             "sha256": _sha256(out / BACKBONE_FILE),
             "seconds": round(time.time() - t0, 1),
             "device": device,
+            "pid": os.getpid(),  # the process that trained it (with environment.hostname)
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "mlflow_run_id": run.run_id if run else None,
             "tracking_uri": tracking_uri,

@@ -23,6 +23,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "Datasets",
+    "Loading",
     "TrainLoader",
     "WarmupDecay",
     "amp_dtype",
@@ -31,7 +32,9 @@ __all__ = [
     "dataset_config",
     "eval_dataset",
     "eval_loader",
+    "gpu_data_workers",
     "grad_scaler",
+    "loading",
     "make_optimizer",
     "make_scheduler",
     "seed_everything",
@@ -190,6 +193,35 @@ def build_datasets(spec: Spec) -> Datasets:
     return Datasets(train, val, test)
 
 
+class Loading(NamedTuple):
+    """How a worker's loaders feed its device (:func:`loading`)."""
+
+    #: DataLoader processes assembling the batches (0: the training process itself); with any, they
+    #: are persistent: started once per loader, not once per epoch.
+    data_workers: int
+    #: batches in page-locked memory, so that their copies to the GPU (``non_blocking``) overlap the step.
+    pin_memory: bool
+
+
+def gpu_data_workers(cpus_per_worker: float) -> int:
+    """``train.data_workers: auto`` on a GPU: every CPU the worker reserves but the training
+    process's own, and at least one, so that batches are assembled while the GPU computes."""
+    return max(1, math.ceil(cpus_per_worker) - 1)
+
+
+def loading(spec: Spec, device_type: str) -> Loading:
+    """The data loading of ``spec`` on ``device_type`` (``cuda`` or ``cpu``).
+
+    ``train.data_workers: auto`` is :func:`gpu_data_workers` on a GPU and 0 on a CPU, where a loader
+    process would take cores from the training itself (and the seeded CPU trajectory stays that of
+    loading in-process); a number is taken as given. Memory is pinned on a GPU only.
+    """
+    workers = spec.train.data_workers
+    if workers == "auto":
+        workers = gpu_data_workers(spec.scaling.cpus_per_worker) if device_type == "cuda" else 0
+    return Loading(int(workers), device_type == "cuda")
+
+
 class TrainLoader(NamedTuple):
     """A training shard's loader, its ``DistributedSampler`` (``set_epoch`` it every epoch) and its
     number of batches per epoch."""
@@ -215,7 +247,9 @@ def train_loader(
     """Shard ``rank`` of ``world`` of ``ds``, shuffled by a ``DistributedSampler`` (seeded), in batches
     of one aspect-ratio group each (torchvision's reference recipe; ``aspect_ratio_groups=0``: plain
     batches); the last incomplete batch is dropped. ``resample``: the seed's draw of the images
-    (:func:`harmonic.data.sampler.resample_indices`)."""
+    (:func:`harmonic.data.sampler.resample_indices`). ``data_workers`` and ``pin_memory``: see
+    :class:`Loading`; build the loader once per training, its worker processes persist across epochs
+    (``sampler.set_epoch`` still reshuffles: the batches are drawn in this process)."""
     import torch
     from torch.utils.data import DataLoader, DistributedSampler, Subset
 
@@ -245,19 +279,32 @@ def train_loader(
         num_workers=data_workers,
         collate_fn=collate_fn,
         pin_memory=pin_memory,
+        persistent_workers=data_workers > 0,
     )
     return TrainLoader(loader, sampler, len(batch_sampler))
 
 
-def eval_loader(ds: Any, *, batch_size: int, data_workers: int = 0, rank: int = 0, world: int = 1) -> Any:
-    """Every ``world``-th image of ``ds`` from ``rank`` on, in order (each rank evaluates its share)."""
+def eval_loader(
+    ds: Any,
+    *,
+    batch_size: int,
+    data_workers: int = 0,
+    rank: int = 0,
+    world: int = 1,
+    pin_memory: bool = False,
+    persistent: bool = True,
+) -> Any:
+    """Every ``world``-th image of ``ds`` from ``rank`` on, in order (each rank evaluates its share).
+    ``data_workers``, ``pin_memory``: see :class:`Loading`; ``persistent``: keep the loader's processes
+    between passes (for a loader used every epoch, not for one used once)."""
     from torch.utils.data import DataLoader, Subset
 
     from harmonic.data.sampler import collate_fn
 
     return DataLoader(
         Subset(ds, list(range(rank, len(ds), world))), batch_size=batch_size, shuffle=False,
-        num_workers=data_workers, collate_fn=collate_fn,
+        num_workers=data_workers, collate_fn=collate_fn, pin_memory=pin_memory,
+        persistent_workers=persistent and data_workers > 0,
     )  # fmt: skip
 
 

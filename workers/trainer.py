@@ -16,21 +16,20 @@ from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, Result, Ru
 from ray.train.torch import TorchTrainer
 
 from workers import ray_compat
+from workers.resources import resolve_use_gpu, worker_resources
 from workers.run_tracking import ChildRun, prepare_child_run
 from workers.spec import Spec
 from workers.tracking import TrackingContext, client, find_child_run, mark_run
 from workers.worker_loop import train_loop_per_worker
 
-__all__ = ["HarmonicTrainer", "ChildRun", "make_trainer", "prepare_child_run", "resolve_use_gpu"]
-
-
-def resolve_use_gpu(spec: Spec) -> bool:
-    """``scaling.use_gpu``; ``auto`` means: the Ray cluster has GPUs."""
-    if spec.scaling.use_gpu != "auto":
-        return bool(spec.scaling.use_gpu)
-    import ray
-
-    return ray.is_initialized() and ray.cluster_resources().get("GPU", 0) > 0
+__all__ = [
+    "HarmonicTrainer",
+    "ChildRun",
+    "make_trainer",
+    "prepare_child_run",
+    "resolve_use_gpu",
+    "worker_resources",
+]
 
 
 class HarmonicTrainer(TorchTrainer):
@@ -202,18 +201,6 @@ class HarmonicTrainer(TorchTrainer):
         mark_run(client(self.tracking.tracking_uri), self.mlflow_run_id, status, error)
 
 
-def worker_resources(spec: Spec, use_gpu: bool) -> dict[str, float]:
-    """What each Ray Train worker of ``spec`` reserves: its CPUs, its GPUs (with ``use_gpu``) and,
-    with ``scaling.memory_per_worker_gb``, Ray's ``memory`` resource in bytes."""
-    s = spec.scaling
-    resources: dict[str, float] = {"CPU": s.cpus_per_worker}
-    if use_gpu:
-        resources["GPU"] = s.gpus_per_worker
-    if s.memory_per_worker_gb is not None:
-        resources["memory"] = float(round(s.memory_per_worker_gb * 2**30))
-    return resources
-
-
 def make_trainer(
     spec: Spec,
     *,
@@ -249,6 +236,7 @@ def make_trainer(
     if spec.dataset.format == "synthetic" and spec.dataset.root is None:
         # Not resolved by the driver (hdet run does it): workers run in their own folders, so pin it here.
         spec = spec.with_resolved_paths()
+    # auto: per training, from the nodes the cluster has or can start (workers.resources)
     use_gpu = resolve_use_gpu(spec)
     s = spec.scaling
     resources = worker_resources(spec, use_gpu)

@@ -1,10 +1,11 @@
 """The weights a training starts from: ``detector.pretrained_backbone``, ``detector.init_from``, ``pretrain``.
 
-:func:`resolve_start_weights` runs in ``hdet run`` before Ray starts anything and before the parent
-MLflow run exists, so that bad input fails early and leaves nothing behind:
+:func:`resolve_start_weights` runs in ``hdet run`` before any training and before the parent MLflow
+run exists, so that bad input fails early and leaves nothing behind:
 
-1. a ``pretrain`` section is trained or found in the cache (:mod:`workers.pretrain`) and its file
-   becomes ``detector.pretrained_backbone``;
+1. a ``pretrain`` section is trained or found in the cache (:mod:`workers.pretrain`; ``hdet run``
+   has trained one not yet cached as a Ray task before this) and its file becomes
+   ``detector.pretrained_backbone``;
 2. ``runs:/<run_id>[/<path>]`` references are downloaded (once, into
    ``$HDET_HOME/artifacts/<run_id>/``): the backbone file of a pretrain run
    (``pretrained/backbone.pt``) or the best checkpoint of a training run (``checkpoint/model.pt``);

@@ -1,5 +1,6 @@
 """The training function each Ray Train worker runs: its epoch loop, evaluation, reports,
-checkpoints and progress lines, and the fault injection of ``train.debug``.
+checkpoints and progress lines. Whatever else acts inside the loop (benchmarks, the tests' fault
+injection) does it through the worker's hooks (:mod:`workers.hooks`).
 
 Per epoch, the metrics reported (and logged to MLflow at ``step = epoch``) are: ``epoch``,
 ``loss`` and ``loss_<term>`` for each loss term, ``lr``, the COCO suite (``AP``, ``AP50``,
@@ -9,12 +10,15 @@ Per epoch, the metrics reported (and logged to MLflow at ``step = epoch``) are: 
 ``train_one_plus_beta_r``, ``train_one_plus_beta_c``, ``train_n_pos``, and what explains a
 Harmonic-loss result: ``train_mean_score`` (mean p of the positives), ``train_pushed_down_share``
 (share of positives whose score the loss pushes down, dL/dp > 0, Eq. 7) and
-``train_pushed_down_mean_score`` (their mean p)), ``images_per_s``, ``step_time_s`` (median
-training step of the slowest rank), ``epoch_time_s``, ``nms_rate`` (final epoch) and ``done``.
+``train_pushed_down_mean_score`` (their mean p)), ``train_skipped_steps`` (steps skipped for a
+non-finite loss under fp16), ``images_per_s``, ``step_time_s`` (median training step of the
+slowest rank), ``epoch_time_s``, ``nms_rate`` (final epoch) and ``done``.
 Evaluation follows the spec's ``eval`` protocol (score threshold, detections per image, NMS IoU),
 the same for every arch. When the dataset has a held-out ``test`` split, the final epoch's model
 is also evaluated on it: ``test_AP``, ``test_AP50``, ... ``test_aic``, ``test_ap_iou_<t>`` (the
-numbers a comparison is judged on; ``val`` is what a search selects on).
+numbers a comparison is judged on; ``val`` is what a search selects on), and the same suite at each
+of ``eval.extra_score_thresholds`` as ``test_<m>_thr<t>`` (e.g. ``test_AP_thr0.001``), from the same
+inference (:func:`workers.epoch_metrics.held_out_metrics`).
 
 Fault tolerance: each epoch's checkpoint holds the train state (:mod:`workers.train_state`); a
 restarted worker resumes from it. MLflow never gets an epoch twice: a restarted worker skips the
@@ -23,7 +27,6 @@ epochs the run already has and backfills those of its checkpoint that it lacks.
 
 from __future__ import annotations
 
-import os
 import sys
 import tempfile
 import time
@@ -38,14 +41,13 @@ from ray.train import Checkpoint
 
 from workers import hooks as train_hooks
 from workers import ray_compat, recipe
-from workers.epoch_metrics import TEST_PREFIX, epoch_metrics, evaluate_shard, train_epoch
-from workers.hooks import TrainHooks
+from workers.epoch_metrics import epoch_metrics, evaluate_shard, held_out_metrics, train_epoch
 from workers.run_tracking import ChildRun, TrackedRun, log_best_model, log_final_artifacts, start_tracking
-from workers.spec import DebugSpec, Spec
+from workers.spec import Spec
 from workers.tracking import log_metrics, logged_steps
 from workers.train_state import Progress, TrainParts, checkpoint_dir, load_train_state, save_train_state
 
-__all__ = ["train_loop_per_worker", "FaultInjector", "say"]
+__all__ = ["train_loop_per_worker", "say"]
 
 
 class Shard(NamedTuple):
@@ -108,46 +110,6 @@ def _progress_line(run_name: str, m: dict[str, Any], epochs: int, eta: float) ->
     )
 
 
-class FaultInjector:
-    """``train.debug``: make this rank's process exit once (``crash_rank`` at the start of epoch
-    ``crash_after_epoch + 1``, recorded in ``crash_marker``) or a loss term infinite at global step
-    ``nonfinite_step``. :meth:`of` gives None when no option is set: the loop then checks nothing."""
-
-    def __init__(self, debug: DebugSpec, rank: int):
-        self.crash_epoch = (
-            debug.crash_after_epoch + 1 if debug.crash_rank == rank and debug.crash_marker else None
-        )
-        self.crash_marker = debug.crash_marker
-        self.nonfinite_step = debug.nonfinite_step
-        self.rank = rank
-
-    @classmethod
-    def of(cls, debug: DebugSpec, rank: int) -> FaultInjector | None:
-        faults = cls(debug, rank)
-        return faults if faults.crash_epoch is not None or faults.nonfinite_step is not None else None
-
-    def before_epoch(self, epoch: int) -> None:
-        """Exit the process (once: the marker file says it happened) if this is the crash epoch."""
-        if epoch != self.crash_epoch or self.crash_marker is None:
-            return
-        marker = Path(self.crash_marker)
-        if not marker.exists():
-            marker.write_text(f"rank {self.rank} exited at epoch {epoch}\n")
-            # Let the controller collect the last report first: it polls the workers every 2 s,
-            # and a report still waiting in a dead worker is lost (the run would then resume from
-            # the checkpoint before it, which is correct but not what this option is for).
-            time.sleep(5.0)
-            say(f"[debug] rank {self.rank} exits on purpose (train.debug.crash_rank)")
-            os._exit(1)
-
-    def at_step(self, loss_dict: dict[str, Any], global_step: int) -> dict[str, Any]:
-        """``loss_dict`` with its first term made infinite at ``nonfinite_step``."""
-        if global_step != self.nonfinite_step:
-            return loss_dict
-        first = sorted(loss_dict)[0]
-        return {**loss_dict, first: loss_dict[first] * float("inf")}
-
-
 def _summary(run_id: str, progress: Progress) -> dict[str, Any]:
     import torch
 
@@ -172,10 +134,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
         On rank 0, a summary: ``run_id``, ``best`` (metrics of the best epoch), ``history``.
     """
     rank, world = _shard()
-    hooks = train_hooks.load(config.get("run_key") or config["run_name"]) if rank == 0 else TrainHooks()
+    hooks = train_hooks.load(config.get("run_key") or config["run_name"], rank)
     hooks.phase("worker_start")
     ray_compat.quiet_train_report_log()  # our progress line says the same, readably
-    from harmonic.analysis.suite import detection_metrics
     from harmonic.detectors import pop_diagnostics
 
     spec = Spec.parse(config["spec"], check_paths=False)
@@ -194,17 +155,21 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
     hooks.phase("model_ready")
     inner: Any = model.module if hasattr(model, "module") else model
 
+    # Built once per training: their loader processes (if any) serve every epoch.
+    io = recipe.loading(spec, device.type)
     train = recipe.train_loader(
         data.train, batch_size=t.batch_size, aspect_ratio_groups=t.aspect_ratio_groups, seed=t.seed,
-        data_workers=t.data_workers, rank=rank, world=world, pin_memory=device.type == "cuda",
+        data_workers=io.data_workers, rank=rank, world=world, pin_memory=io.pin_memory,
         resample=t.resample, resample_fraction=t.resample_fraction,
     )  # fmt: skip
     # Validation: each rank evaluates every world-th image; rank 0 gathers the detections.
     val_loader = recipe.eval_loader(
-        data.val, batch_size=t.batch_size, data_workers=t.data_workers, rank=rank, world=world
-    )
+        data.val, batch_size=t.batch_size, data_workers=io.data_workers, rank=rank, world=world,
+        pin_memory=io.pin_memory,
+    )  # fmt: skip
     test_loader = None if data.test is None else recipe.eval_loader(
-        data.test, batch_size=t.batch_size, data_workers=t.data_workers, rank=rank, world=world
+        data.test, batch_size=t.batch_size, data_workers=io.data_workers, rank=rank, world=world,
+        pin_memory=io.pin_memory, persistent=False,  # used once, after the last epoch
     )  # fmt: skip
 
     optimizer = recipe.make_optimizer(model, spec)
@@ -229,7 +194,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
             history=list(progress.history), background=not config["run_id"], say=say,
         )  # fmt: skip
     run: TrackedRun | None = None
-    faults = FaultInjector.of(t.debug, rank)
     try:
         is_voc = spec.dataset.format == "voc"
         label_to_cat_id = data.val.label_to_cat_id
@@ -240,13 +204,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
             t0 = time.perf_counter()
             train.sampler.set_epoch(epoch)
             model.train()
-            if faults is not None:
-                faults.before_epoch(epoch)
+            hooks.epoch_start(epoch)
             stats = train_epoch(
                 model, train.loader, parts, device, spec, epoch=epoch, rank=rank,
                 iters_per_epoch=train.iters_per_epoch, use_amp=amp_dtype is not None, amp_dtype=amp_dtype,
-                pop_diagnostics=pop_diagnostics,
-                faults=faults, hooks=hooks,
+                pop_diagnostics=pop_diagnostics, hooks=hooks,
             )  # fmt: skip
             t1 = time.perf_counter()
             final = epoch == t.epochs
@@ -256,13 +218,22 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
             train_all = _all_gather(stats)
             test_dets: list[dict[str, Any]] = []
             if final and test_loader is not None:
-                test = evaluate_shard(inner, test_loader, device, label_to_cat_id, with_pre_nms=False)
+                # one inference at the lowest of eval.score_thresh and its extra thresholds
+                test = evaluate_shard(
+                    inner, test_loader, device, label_to_cat_id, with_pre_nms=False,
+                    score_thresh=spec.eval.test_inference_thresh(),
+                )  # fmt: skip
                 test_dets = [d for p in _all_gather(test.dets) for d in p]
             metrics: dict[str, Any] = {}
             if rank == 0:
                 metrics = epoch_metrics(train_all, all_dets, all_pre, data.val, is_voc, t.nms_iou, t1 - t0)
                 if final and data.test is not None:
-                    metrics.update(detection_metrics(data.test, test_dets, is_voc, prefix=TEST_PREFIX))
+                    ev = spec.eval
+                    metrics.update(
+                        held_out_metrics(
+                            data.test, test_dets, is_voc, ev.score_thresh, ev.extra_score_thresholds
+                        )
+                    )
             epoch_time = time.perf_counter() - t0
             epoch_times.append(epoch_time)
             eta = (sum(epoch_times) / len(epoch_times)) * (t.epochs - epoch)

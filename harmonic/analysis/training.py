@@ -6,11 +6,16 @@ factors ``beta_r = exp(-L_loc)`` and ``beta_c`` (p, Eq. 5) of every positive sam
 positive's score down (Eq. 7), which is what explains a Harmonic-loss result.
 :class:`TrainingDiagnostics` folds them into running sums, so an epoch of any length costs a
 few numbers of memory (plus an optional bounded sample for scatter plots).
+
+On a GPU, reading a step's diagnostics makes the host wait for that step. A training loop keeps
+them on the device instead and hands several steps at once to
+:meth:`TrainingDiagnostics.update_steps`: one copy to the host, then the same arithmetic as
+:meth:`~TrainingDiagnostics.update` step by step, so the sums are those of reading every step.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -27,6 +32,15 @@ def _as_numpy(x: Any) -> NDArray[np.float64]:
     if isinstance(x, torch.Tensor):
         x = x.detach().to("cpu", torch.float64).numpy()
     return np.asarray(x, dtype=np.float64).reshape(-1)
+
+
+def _to_host(values: Sequence[Any]) -> list[NDArray[np.float64]]:
+    """Each of ``values`` as a flat float64 array, the tensors among them copied in one transfer."""
+    tensors = [v.detach().reshape(-1) for v in values if isinstance(v, torch.Tensor)]
+    flat = _as_numpy(torch.cat(tensors)) if tensors else np.zeros(0)
+    # float32 and float16 widen to float64 exactly: the same numbers as _as_numpy of each tensor.
+    parts = iter(np.split(flat, np.cumsum([t.numel() for t in tensors])[:-1]) if tensors else [])
+    return [next(parts) if isinstance(v, torch.Tensor) else _as_numpy(v) for v in values]
 
 
 class TrainingDiagnostics:
@@ -98,6 +112,24 @@ class TrainingDiagnostics:
         self.iou_hist += np.histogram(np.clip(iou, 0.0, 1.0), bins=IOU_BINS, range=(0.0, 1.0))[0]
         if self.sample_size:
             self._offer(np.stack([score, iou], axis=1))
+
+    def update_steps(self, steps: Sequence[Mapping[str, Any]]) -> None:
+        """Add several steps' diagnostics, in order: the same sums, histogram and sample as
+        :meth:`update` of each, but the device tensors among them are copied to the host at once
+        (one wait for the device instead of one per step).
+
+        Raises:
+            ValueError: as :meth:`update`, for the first step that has a field missing or lengths
+                that differ.
+        """
+        keyed = [(i, k) for i, d in enumerate(steps) for k in d]
+        host = _to_host([steps[i][k] for i, k in keyed])
+        per_step: list[dict[str, Any]] = [{} for _ in steps]
+        for (i, k), arr in zip(keyed, host, strict=True):
+            per_step[i][k] = arr
+        for d in per_step:
+            if d:
+                self.update(d)
 
     def _offer(self, pairs: NDArray[np.float64]) -> None:
         # Reservoir sampling (Algorithm R), vectorised per batch: item number s (0-based) replaces

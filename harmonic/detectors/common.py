@@ -201,14 +201,17 @@ def unwrap(model: nn.Module) -> nn.Module:
             return model
 
 
-def pop_diagnostics(model: nn.Module) -> dict[str, Tensor]:
+def pop_diagnostics(model: nn.Module, *, to_cpu: bool = True) -> dict[str, Tensor]:
     """Return and clear the per-positive diagnostics of the last training forward.
 
     Args:
         model: a detector from :func:`harmonic.detectors.build_detector` (DDP-wrapped is fine).
+        to_cpu: copy them to the CPU (on a GPU, a wait for the step); False leaves them on the
+            model's device, for a caller that reads many steps at once
+            (:meth:`harmonic.analysis.TrainingDiagnostics.update_steps`).
 
     Returns:
-        ``{"score", "iou", "beta_r", "beta_c", "dl_dp"}`` -> 1-D detached float CPU tensors over the
+        ``{"score", "iou", "beta_r", "beta_c", "dl_dp"}`` -> 1-D detached float tensors over the
         positives of that step (``score``: probability p of the ground-truth class; ``iou``: decoded
         box vs its ground truth; ``beta_r = exp(-L_loc)``; ``beta_c``: p, or exp(-CE) with
         ``coupling: loss``; ``dl_dp``: dL/dp, positive where the loss pushes p down), or ``{}`` if
@@ -221,7 +224,8 @@ def pop_diagnostics(model: nn.Module) -> dict[str, Tensor]:
             module._diagnostics = None
     if not parts:
         return {}
-    return {k: torch.cat([p[k] for p in parts]).cpu() for k in DIAGNOSTIC_KEYS}
+    out = {k: torch.cat([p[k] for p in parts]) for k in DIAGNOSTIC_KEYS}
+    return {k: v.cpu() for k, v in out.items()} if to_cpu else out
 
 
 def _nms_holder(model: nn.Module) -> nn.Module:

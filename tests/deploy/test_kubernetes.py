@@ -120,6 +120,34 @@ def test_the_gpu_overlay_has_one_autoscaling_group_per_accelerator(rendered: dic
 
 
 @pytest.mark.parametrize("name", OVERLAYS)
+def test_the_declared_node_types_are_the_worker_groups(name: str, rendered: dict[str, Any]) -> None:
+    """HDET_CLUSTER_NODE_TYPES (what the API admits against and `use_gpu: auto` reads) holds one
+    node type per worker group: its CPUs, GPUs and accelerator marker, and no more memory than Ray
+    leaves beside its object store (70% of the pod's)."""
+    import json
+
+    from workers.resources import parse_node_types
+
+    docs = rendered[name]
+    data = named(docs, "ConfigMap")["harmonicdet-config"]["data"]
+    declared = parse_node_types(data["HDET_CLUSTER_NODE_TYPES"])
+    (cluster,) = named(docs, "RayCluster").values()
+    groups = cluster["spec"]["workerGroupSpecs"]
+    assert len(declared) == len(groups)
+    for node, group in zip(declared, groups, strict=True):
+        params = group["rayStartParams"]
+        limits = group["template"]["spec"]["containers"][0]["resources"]["limits"]
+        want = {"CPU": float(limits["cpu"])}
+        if "num-gpus" in params:
+            want["GPU"] = float(params["num-gpus"])
+        if "resources" in params:  # a JSON object inside a quoted string, as `ray start` takes it
+            want |= {k: float(v) for k, v in json.loads(json.loads(params["resources"])).items()}
+        assert {k: v for k, v in node.items() if k != "memory"} == want, group["groupName"]
+        pod_memory = float(limits["memory"].removesuffix("Gi")) * 2**30
+        assert 0.4 * pod_memory <= node["memory"] <= 0.7 * pod_memory, group["groupName"]
+
+
+@pytest.mark.parametrize("name", OVERLAYS)
 def test_the_api_is_deployed_with_probes_its_token_and_postgres(name: str, rendered: dict[str, Any]) -> None:
     docs = rendered[name]
     api = named(docs, "Deployment")["harmonicdet-api"]

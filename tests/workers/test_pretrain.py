@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -348,3 +349,108 @@ def test_flip_augmentation_replaces_ssds_pipeline() -> None:
     assert kinds("ssdlite", "flip") == kinds("retinanet", "detector") == kinds("retinanet", "flip")
     with pytest.raises(ValueError, match="augment"):
         build_transforms("ssdlite", 64, True, augment="mosaic")
+
+
+# --------------------------------------------------------------------------- as a Ray task
+
+
+@pytest.fixture(scope="module")
+def fake_gpu_ray() -> Any:
+    """A local Ray whose node declares one GPU torch cannot use (a CPU machine's fake resource)."""
+    import ray
+
+    if torch.cuda.is_available():
+        pytest.skip("the fake GPU must be one torch cannot use")
+    ray.init(
+        address="local",
+        num_cpus=2,
+        num_gpus=1,
+        include_dashboard=False,
+        _node_ip_address="127.0.0.1",
+        logging_level="WARNING",
+    )
+    yield
+    ray.shutdown()
+
+
+def test_pretraining_runs_in_a_ray_task_then_hits_the_cache(
+    fake_gpu_ray: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import os
+
+    from workers.resources import NODE_TYPES_ENV
+
+    # auto on a node with a GPU, but the declared node types have none: the task reserves the CPU
+    monkeypatch.setenv(NODE_TYPES_ENV, '[{"CPU": 4}]')
+    spec = _spec(seed=9).with_overrides({"scaling.use_gpu": "auto"})
+    done = pretrain_mod.pretrain_on_ray(spec, say=lambda _: None)
+    assert not done.cached
+    assert done.path == pretrained_dir() / pretrain_key(spec) / BACKBONE_FILE
+    assert done.meta["pid"] != os.getpid() and done.meta["device"] == "cpu"
+    assert done.path.is_file() and len(done.meta["sha256"]) == 64
+
+    def no_task(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("a cached pretraining started a task")
+
+    monkeypatch.setattr(pretrain_mod, "_pretrain_task", no_task)
+    again = pretrain_mod.pretrain_on_ray(spec, say=lambda _: None)
+    assert again.cached and again.path == done.path and again.meta["sha256"] == done.meta["sha256"]
+
+
+def test_a_driver_that_cannot_see_the_tasks_file_stores_the_copy_it_returns(
+    fake_gpu_ray: None, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, _home: Path
+) -> None:
+    from workers.resources import NODE_TYPES_ENV
+
+    monkeypatch.setenv(NODE_TYPES_ENV, '[{"CPU": 4}]')
+    spec = _spec(seed=12)
+    key = pretrain_key(spec)
+    # the driver's cache elsewhere than the task's, as on a node whose $HDET_HOME is not shared
+    driver_cache = tmp_path / "driver-cache"
+    monkeypatch.setattr(pretrain_mod, "pretrained_dir", lambda: driver_cache)
+    done = pretrain_mod.pretrain_on_ray(spec, say=lambda _: None)
+    tasks_file = _home / "pretrained" / key / BACKBONE_FILE
+    assert done.path == driver_cache / key / BACKBONE_FILE != tasks_file
+    assert done.path.read_bytes() == tasks_file.read_bytes()
+    assert json.loads((driver_cache / key / META_FILE).read_text())["sha256"] == done.meta["sha256"]
+
+
+def test_the_pretraining_task_reserves_the_gpu_auto_resolves_to(
+    fake_gpu_ray: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from workers.errors import DeviceMismatchError
+    from workers.resources import NODE_TYPES_ENV
+
+    monkeypatch.delenv(NODE_TYPES_ENV, raising=False)
+    spec = _spec(seed=10).with_overrides({"scaling.use_gpu": "auto"})
+    # Ray gave the task the node's GPU, which torch cannot use here: refused, raised as itself
+    with pytest.raises(DeviceMismatchError, match="assigned this worker GPU 0, but torch sees no CUDA"):
+        pretrain_mod.pretrain_on_ray(spec, say=lambda _: None)
+    assert pretrain_mod.cached_pretraining(spec) is None
+
+
+def test_hdet_run_pretrains_in_a_ray_task_before_training(
+    fake_gpu_ray: None, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import os
+
+    import yaml
+
+    from workers.run import main
+
+    spec = _spec(seed=11).with_overrides(
+        {"scaling.use_gpu": False, "train.epochs": 1, "train.batch_size": 2, "tracking.experiment": "pre"}
+    )
+    spec_file = tmp_path / "spec.yaml"
+    spec_file.write_text(yaml.safe_dump(spec.to_dict()))
+    argv = [
+        str(spec_file),
+        "--tracking-uri",
+        f"sqlite:///{tmp_path / 'm.db'}",
+        "--storage-path",
+        str(tmp_path / "s"),
+    ]
+    assert main(argv) == 0
+    assert "a Ray task with 1 CPU, 0 GPU" in capsys.readouterr().out
+    meta = json.loads((pretrained_dir() / pretrain_key(spec) / META_FILE).read_text())
+    assert meta["pid"] != os.getpid() and meta["device"] == "cpu"
