@@ -18,7 +18,8 @@ def to_coco_results(
     outputs: Sequence[Mapping[str, Any]], image_ids: Sequence[int], label_to_cat_id: Any
 ) -> list[dict[str, Any]]:
     """A torchvision detector's outputs (xyxy boxes, scores, contiguous labels) as COCO results
-    (xywh boxes, dataset category ids); images without a box add nothing."""
+    (xywh boxes, dataset category ids); images without a box add nothing, and neither do boxes of a
+    label without a category (the background 0, which RetinaNet and FCOS score like any class)."""
     results = []
     for out, img_id in zip(outputs, image_ids):
         boxes = out["boxes"].detach().float().cpu()
@@ -27,6 +28,8 @@ def to_coco_results(
         xywh = boxes.clone()
         xywh[:, 2:] -= xywh[:, :2]
         for b, s, lab in zip(xywh.tolist(), out["scores"].tolist(), out["labels"].tolist()):
+            if int(lab) not in label_to_cat_id:
+                continue
             results.append(
                 {
                     "image_id": int(img_id),
@@ -42,18 +45,20 @@ def to_pre_nms_records(
     outputs: Sequence[Mapping[str, Any]], image_ids: Sequence[int], label_to_cat_id: Any
 ) -> list[dict[str, Any]]:
     """Pre-NMS predictions (:func:`harmonic.detectors.pre_nms_predictions`) in the form of
-    :func:`harmonic.analysis.nms_audit`: numpy arrays, dataset category ids."""
+    :func:`harmonic.analysis.nms_audit`: numpy arrays, dataset category ids (background left out,
+    as in :func:`to_coco_results`)."""
     import numpy as np
 
     records = []
     for out, img_id in zip(outputs, image_ids):
         labels = out["labels"].cpu().tolist()
+        keep = [i for i, lab in enumerate(labels) if int(lab) in label_to_cat_id]
         records.append(
             {
                 "image_id": img_id,
-                "boxes": out["boxes"].detach().float().cpu().numpy(),
-                "scores": out["scores"].detach().float().cpu().numpy(),
-                "labels": np.asarray([label_to_cat_id[int(lab)] for lab in labels], dtype=np.int64),
+                "boxes": out["boxes"].detach().float().cpu().numpy()[keep],
+                "scores": out["scores"].detach().float().cpu().numpy()[keep],
+                "labels": np.asarray([label_to_cat_id[labels[i]] for i in keep], dtype=np.int64),
             }
         )
     return records

@@ -234,6 +234,8 @@ def test_the_verdict_sentence_names_the_primary_n_the_method_and_the_interval():
     assert "30 paired seeds" in sentence and "t-mixture confidence sequence" in sentence
     assert f"[{100 * comp['AP']['ci_low']:+.2f}, {100 * comp['AP']['ci_high']:+.2f}]" in sentence
     assert "80% power" in sentence
+    half = 100 * (comp["AP"]["ci_high"] - comp["AP"]["ci_low"]) / 2
+    assert f"Half-width reached: ±{half:.2f} points (target ±1.50 points)." in sentence
     noisy = list(0.002 + 0.024 * rng.normal(size=7))
     treatment, baseline = _arms(noisy, [0.0] * 7)
     comp = compare_metrics(treatment, baseline, ("AP",), primary="AP", rule=Rule(margin=1.0))

@@ -318,6 +318,10 @@ def _primary_sentence(comp: Mapping[str, Any], metric: str, treatment_label: str
             " Every seed gave the same difference, so the interval has no width: the seeds show no noise "
             "to judge against (a degenerate case the normal model does not describe)."
         )
+    if math.isfinite(lo) and math.isfinite(hi):
+        target = (comp.get("rule") or {}).get("target_halfwidth")
+        asked = f" (target ±{_num(float(target) / scale, scale)}{unit})" if target is not None else ""
+        sentence += f" Half-width reached: ±{_num((hi - lo) / 2, scale)}{unit}{asked}."
     mde = float(comp.get("mde", math.inf))
     if math.isfinite(mde):
         sentence += (

@@ -10,7 +10,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from workers.report.cells import arm_mean_sd_cell, fmt_value, num, points, pval, scale_of, seed_mean_sd
-from workers.report.tables import comparison_tables, confirmation_lines, convergence_lines
+from workers.report.tables import comparison_tables, confirmation_lines, convergence_lines, score_thresh_lines
 
 if TYPE_CHECKING:
     from workers.summary import SearchSummary, TrialRecord
@@ -137,6 +137,9 @@ def _blocks(summary: SearchSummary, plots: Mapping[str, str]) -> list[Block]:
                     ct.table, ct.column, summary.objective, ct.seeds, convergence_lines(summary, ct), ct.label
                 )
             )
+            for title, sentence in score_thresh_lines(summary, ct):
+                b.append(("h", 3, title[0].upper() + title[1:] + " (secondary)"))
+                b.append(("p", sentence))
         for line in confirmation_lines(summary):
             b.append(("p", line[0].upper() + line[1:]))
         if "paired_differences" in plots:

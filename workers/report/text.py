@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from workers.report.cells import arm_mean_sd_cell, fmt_value, num, pval, scale_of
-from workers.report.tables import comparison_tables, confirmation_lines, convergence_lines
+from workers.report.tables import comparison_tables, confirmation_lines, convergence_lines, score_thresh_lines
 
 if TYPE_CHECKING:
     from workers.summary import SearchSummary
@@ -45,6 +45,7 @@ def format_table(summary: SearchSummary) -> str:
             column = "confirm." if ct.arm == "confirmatory" else ct.column
             lines.extend(comparison_lines(ct.table, column, ct.label, summary.objective))
             lines.extend(f"convergence: {line}" for line in convergence_lines(summary, ct))
+            lines.extend(f"{head}: {sentence}" for head, sentence in score_thresh_lines(summary, ct))
         lines.extend(confirmation_lines(summary))
         sens = summary.sensitivity
         if sens.get("n_configs"):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Annotated, Any, Literal, get_args
 
 from pydantic import (
     BaseModel,
@@ -198,6 +198,13 @@ class EvalSpec(BaseModel):
     nms_thresh: float = Field(
         default=_DEFAULT_EVAL.nms_thresh, gt=0, le=1, description="IoU of the final per-class NMS"
     )
+    extra_score_thresholds: list[Annotated[float, Field(ge=0, lt=1)]] = Field(
+        default_factory=list,
+        description=(
+            "more score thresholds the test split is also judged at, each in [0, 1) and not score_thresh: "
+            "metrics test_<m>_thr<t> and a secondary verdict; one inference, at the lowest threshold"
+        ),
+    )
 
     @model_validator(mode="after")
     def _through_protocol(self) -> EvalSpec:
@@ -205,10 +212,25 @@ class EvalSpec(BaseModel):
             self.to_protocol()
         except EvalProtocolError as e:
             raise ValueError(str(e)) from None
+        extra = self.extra_score_thresholds
+        if self.score_thresh in extra:
+            raise ValueError(
+                f"extra_score_thresholds: {self.score_thresh} is score_thresh already; list other thresholds"
+            )
+        if len(set(extra)) != len(extra):
+            repeated = sorted({t for t in extra if extra.count(t) > 1})
+            raise ValueError(f"extra_score_thresholds: {repeated} given more than once")
         return self
 
     def to_protocol(self) -> EvalProtocol:
-        return EvalProtocol(**self.model_dump())
+        """The detector's settings (the extra thresholds are the test evaluation's, not the detector's)."""
+        return EvalProtocol(**self.model_dump(exclude={"extra_score_thresholds"}))
+
+    def test_inference_thresh(self) -> float | None:
+        """The score threshold the test split's one inference runs at when it is lower than
+        ``score_thresh`` (an extra threshold below it); None: the detector's own."""
+        low = min(self.extra_score_thresholds, default=self.score_thresh)
+        return low if low < self.score_thresh else None
 
 
 class WarmupSpec(BaseModel):
@@ -218,29 +240,6 @@ class WarmupSpec(BaseModel):
 
     iters: int = Field(default=100, ge=0, description="linear warm-up length in iterations (0: none)")
     factor: float = Field(default=0.001, gt=0, le=1, description="lr multiplier at iteration 0")
-
-
-class DebugSpec(BaseModel):
-    """Fault injection, for the tests of recovery only."""
-
-    model_config = _STRICT
-
-    crash_rank: int | None = Field(
-        default=None,
-        ge=0,
-        description="this rank exits its process once, at the first step after epoch crash_after_epoch's checkpoint",
-    )
-    crash_after_epoch: int = Field(default=1, ge=1, description="1-based epoch")
-    crash_marker: str | None = Field(default=None, description="file recording that the crash happened")
-    nonfinite_step: int | None = Field(
-        default=None, ge=0, description="the first loss term is made infinite at this global step"
-    )
-
-    @model_validator(mode="after")
-    def _marker_with_rank(self) -> DebugSpec:
-        if self.crash_rank is not None and not self.crash_marker:
-            raise ValueError("crash_marker: required with crash_rank (the crash must happen only once)")
-        return self
 
 
 class TrainSpec(BaseModel):
@@ -277,7 +276,14 @@ class TrainSpec(BaseModel):
             "(no scaler; GPUs from Ampere on, or CPU); off; true = fp16 on GPU, bf16 on CPU"
         ),
     )
-    data_workers: int = Field(default=0, ge=0, description="DataLoader processes per worker")
+    data_workers: Annotated[int, Field(ge=0)] | Literal["auto"] = Field(
+        default="auto",
+        description=(
+            "DataLoader processes per worker, kept for the whole training (0: load in the training "
+            "process); auto = 0 on CPU, on a GPU every CPU the worker reserves (scaling.cpus_per_worker) "
+            "but one, at least 1 (batches are then pinned and copied without waiting)"
+        ),
+    )
     resample: Literal["none", "bootstrap", "subsample"] = Field(
         default="none",
         description=(
@@ -297,9 +303,6 @@ class TrainSpec(BaseModel):
         ),
     )
     nms_iou: float = Field(default=0.5, gt=0, le=1, description="IoU of the NMS audit")
-    debug: DebugSpec = Field(
-        default_factory=DebugSpec, description="fault injection, for the tests of recovery only"
-    )
 
     @model_validator(mode="after")
     def _resample_varies(self) -> TrainSpec:
@@ -311,6 +314,13 @@ class TrainSpec(BaseModel):
         if self.resample == "none" and self.resample_fraction != 1:
             raise ValueError("resample_fraction: only with resample bootstrap or subsample")
         return self
+
+    @field_validator("data_workers", mode="before")
+    @classmethod
+    def _workers_or_auto(cls, v: Any) -> Any:
+        if v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and v >= 0):
+            return v
+        raise ValueError(f"{v!r} is neither a number of processes (0 or more) nor auto")
 
     @field_validator("amp", mode="before")
     @classmethod
@@ -343,7 +353,13 @@ class ScalingSpec(BaseModel):
     model_config = _STRICT
 
     num_workers: int = Field(default=1, ge=1, description="Ray Train workers (DDP ranks) per training run")
-    use_gpu: Literal["auto"] | bool = Field(default="auto", description="auto: GPUs if the cluster has any")
+    use_gpu: Literal["auto"] | bool = Field(
+        default="auto",
+        description=(
+            "auto: GPUs when a node the cluster has, or can start (HDET_CLUSTER_NODE_TYPES), holds a worker "
+            "with its gpus_per_worker; decided per training"
+        ),
+    )
     gpus_per_worker: float = Field(
         default=1,
         gt=0,

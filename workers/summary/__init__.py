@@ -21,8 +21,11 @@ from workers.summary.records import (
     SEEDS_RUN_TAG,
     SUMMARY_ARTIFACT,
     TEST_PREFIX,
+    THRESH_SUFFIX,
     SearchSummary,
     TrialRecord,
+    at_score_thresh,
+    score_thresh_of,
     split_metrics,
 )
 from workers.summary.store import collect_summary, log_summary
@@ -36,6 +39,9 @@ __all__ = [
     "MECHANISM_METRICS",
     "REPORTED_METRICS",
     "TEST_PREFIX",
+    "THRESH_SUFFIX",
+    "at_score_thresh",
+    "score_thresh_of",
     "NEAR_BEST",
     "BASELINE_ID",
     "CONFIRMATORY_ID",

@@ -15,6 +15,9 @@ __all__ = [
     "MECHANISM_METRICS",
     "REPORTED_METRICS",
     "TEST_PREFIX",
+    "THRESH_SUFFIX",
+    "at_score_thresh",
+    "score_thresh_of",
     "split_metrics",
     "NEAR_BEST",
     "BASELINE_ID",
@@ -51,6 +54,24 @@ REPORTED_METRICS = (
 )
 #: prefix of the held-out test split's metrics (the trainer's name for them: workers.epoch_metrics).
 TEST_PREFIX = "test_"
+#: what names a test metric at one of ``eval.extra_score_thresholds`` (MLflow's names allow no ``@``).
+THRESH_SUFFIX = "_thr"
+
+
+def at_score_thresh(metric: str, thresh: float) -> str:
+    """The name of ``metric`` at an extra score threshold: ``test_AP`` at 0.001 is ``test_AP_thr0.001``."""
+    return f"{metric}{THRESH_SUFFIX}{float(thresh)!r}"
+
+
+def score_thresh_of(name: str) -> tuple[str, float | None]:
+    """``(metric, threshold)`` of a name made by :func:`at_score_thresh`; ``(name, None)`` for any other."""
+    base, sep, text = name.rpartition(THRESH_SUFFIX)
+    if not sep or not base:
+        return name, None
+    try:
+        return base, float(text)
+    except ValueError:
+        return name, None
 
 
 def split_metrics(per_seed: Mapping[int, Mapping[str, float]], prefix: str) -> dict[int, dict[str, float]]:
@@ -154,6 +175,11 @@ class SearchSummary:
             stopped improving when judged.
         sensitivity: :func:`workers.evidence.sensitivity` over the completed configurations.
         ap_vs_iou: arm label -> {IoU threshold: AP, mean over seeds}.
+        score_thresh: the detector's score threshold the tables above are at (``eval.score_thresh``).
+        at_score_thresholds: each of ``eval.extra_score_thresholds`` (its text, e.g. ``"0.001"``) ->
+            table (``comparison``, ``exploratory_comparison``, ``confirmatory_comparison``) -> the
+            primary's :func:`workers.evidence.compare_metrics` entry on the test split at that
+            threshold: a secondary result, not part of the primary's verdict.
         complete: False when the search was interrupted (resume it with ``--resume``).
         wall_s: wall time of the whole search (this session).
     """
@@ -179,6 +205,8 @@ class SearchSummary:
     convergence: dict[str, dict[str, Any]] = field(default_factory=dict)
     sensitivity: dict[str, Any] = field(default_factory=dict)
     ap_vs_iou: dict[str, dict[float, float]] = field(default_factory=dict)
+    score_thresh: float | None = None
+    at_score_thresholds: dict[str, dict[str, dict[str, dict[str, Any]]]] = field(default_factory=dict)
     complete: bool = True
     wall_s: float = float("nan")
 
@@ -213,8 +241,12 @@ class SearchSummary:
             arm: {m: {int(e): v for e, v in by_epoch.items()} for m, by_epoch in metrics.items()}
             for arm, metrics in data.get("mechanism", {}).items()
         }
-        for table in ("comparison", "confirmatory_comparison", "exploratory_comparison"):
-            for comp in data.get(table, {}).values():
+        tables = [
+            data.get(t, {}) for t in ("comparison", "confirmatory_comparison", "exploratory_comparison")
+        ]
+        tables += [t for by_table in data.get("at_score_thresholds", {}).values() for t in by_table.values()]
+        for table in tables:
+            for comp in table.values():
                 comp["per_seed"] = {
                     int(k) if str(k).lstrip("-").isdigit() else k: v for k, v in comp["per_seed"].items()
                 }

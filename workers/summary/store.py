@@ -33,6 +33,8 @@ from workers.summary.records import (
     TEST_PREFIX,
     SearchSummary,
     TrialRecord,
+    at_score_thresh,
+    score_thresh_of,
     split_metrics,
 )
 from workers.tracking import Tag
@@ -66,8 +68,9 @@ def collect_summary(
     Returns:
         SearchSummary: every trial found (grouped by the ``Tag.TRIAL_ID`` tag of the child
         runs), the best completed configuration, the paired comparisons with the baseline, the
-        sensitivity, the AP-vs-IoU curves, the training-time mechanism and whether each compared
-        arm's validation AP had plateaued.
+        sensitivity, the AP-vs-IoU curves, the training-time mechanism, whether each compared
+        arm's validation AP had plateaued, and the primary's comparisons on the test split at each of
+        ``eval.extra_score_thresholds``.
     """
     from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
@@ -131,6 +134,8 @@ def collect_summary(
     primary, rule = evidence_plan(p)
     # the best configuration ran on fixed seeds: its primary gets the fixed-n interval
     fixed_n = dataclasses.replace(rule, target_halfwidth=None, margin=rule.equivalence_margin)
+    # table -> (treatment, the seeds it is paired with the baseline on, the rule of its primary)
+    pairings: dict[str, tuple[TrialRecord, list[int], Rule]] = {}
     if baseline is not None and baseline.per_seed:
         base_metrics = _split_metrics(baseline, prefix)
 
@@ -142,17 +147,26 @@ def collect_summary(
                 _split_metrics(best, prefix), base_on(seeds), COMPARED_METRICS, n_boot=n_boot, primary=primary,
                 rule=fixed_n,
             )  # fmt: skip
+            pairings["comparison"] = (best, seeds, fixed_n)
         if confirmed is not None:
             exploratory_comparison = comparison
             comparison = compare_metrics(
                 _split_metrics(confirmed, prefix), base_on(confirm_seeds), COMPARED_METRICS, n_boot=n_boot,
                 primary=primary, rule=fixed_n,
             )  # fmt: skip
+            if "comparison" in pairings:
+                pairings["exploratory_comparison"] = pairings.pop("comparison")
+            pairings["comparison"] = (confirmed, confirm_seeds, fixed_n)
         if confirmatory is not None and confirmatory.per_seed:
             confirmatory_comparison = compare_metrics(
                 _split_metrics(confirmatory, prefix), base_on(fixed_seeds), COMPARED_METRICS, n_boot=n_boot,
                 primary=primary, rule=rule,
             )  # fmt: skip
+            pairings["confirmatory_comparison"] = (confirmatory, fixed_seeds, rule)
+    at_thresholds: dict[str, dict[str, dict[str, dict[str, Any]]]] = {}
+    if on_test and baseline is not None:
+        for thresh in _extra_score_thresholds(p):
+            at_thresholds[repr(thresh)] = _at_score_thresh(baseline, pairings, primary, thresh, n_boot)
     sens = sensitivity(
         [{"params": r.params, "objective": r.objective} for r in completed],
         params=_searched_params(records),
@@ -208,8 +222,51 @@ def collect_summary(
         convergence=convergence,
         sensitivity=sens,
         ap_vs_iou=curves,
+        score_thresh=_score_thresh(p),
+        at_score_thresholds={t: tables for t, tables in at_thresholds.items() if tables},
         complete=parent.data.tags.get(Tag.SEARCH_COMPLETE, "true") == "true",
     )
+
+
+def _score_thresh(params: Mapping[str, str]) -> float | None:
+    try:
+        return float(params["eval.score_thresh"])
+    except (KeyError, ValueError):
+        return None
+
+
+def _extra_score_thresholds(params: Mapping[str, str]) -> list[float]:
+    """``eval.extra_score_thresholds`` of a run's params (a JSON list); none for a run without it."""
+    try:
+        values = json.loads(params.get("eval.extra_score_thresholds", "[]") or "[]")
+    except ValueError:
+        return []
+    return [float(v) for v in values] if isinstance(values, list) else []
+
+
+def _at_score_thresh(
+    baseline: TrialRecord,
+    pairings: Mapping[str, tuple[TrialRecord, list[int], Rule]],
+    primary: str,
+    thresh: float,
+    n_boot: int,
+) -> dict[str, dict[str, dict[str, Any]]]:
+    """Each table's primary on the test split at the extra score threshold ``thresh``: the same arms,
+    seeds and rule as the table itself, on ``test_<primary>_thr<thresh>``."""
+    key = at_score_thresh(f"{TEST_PREFIX}{primary}", thresh)
+
+    def at_t(rec: TrialRecord, keep: list[int] | None = None) -> dict[int, dict[str, float]]:
+        return {
+            s: {primary: m[key]} for s, m in rec.per_seed.items() if key in m and (keep is None or s in keep)
+        }
+
+    out = {}
+    for table, (treatment, keep, rule) in pairings.items():
+        comp = compare_metrics(at_t(treatment), at_t(baseline, keep), (primary,), n_boot=n_boot, primary=primary,
+                               rule=rule)  # fmt: skip
+        if comp:
+            out[table] = comp
+    return out
 
 
 def evidence_plan(params: Mapping[str, str]) -> tuple[str, Rule]:
@@ -294,6 +351,13 @@ _RECORDED = frozenset(
 _COMPUTE = ("trial_wall_s", "trial_cpu_s", "trial_gpu_s", "trial_first_step_s", "trial_epochs_run")
 
 
+def _recorded(name: str) -> bool:
+    """Whether a TrialRecord keeps the metric ``name``: one of :data:`_RECORDED`, or a test metric of
+    it at an extra score threshold."""
+    base, thresh = score_thresh_of(name)
+    return name in _RECORDED or (thresh is not None and base.startswith(TEST_PREFIX) and base in _RECORDED)
+
+
 def _record(trial_id: str, runs: list[Any], seeds: list[int], epochs: int) -> TrialRecord:
     """One configuration from its seeds' child runs."""
     tags = runs[0].data.tags
@@ -306,7 +370,7 @@ def _record(trial_id: str, runs: list[Any], seeds: list[int], epochs: int) -> Tr
         seed = int(run.data.tags.get(Tag.SEED, "-1"))
         child_runs[seed] = run.info.run_id
         m = dict(run.data.metrics)
-        per_seed[seed] = {k: v for k, v in m.items() if k in _RECORDED}
+        per_seed[seed] = {k: v for k, v in m.items() if _recorded(k)}
         reached.append(int(m.get("epoch", 0)))
         statuses.append(run.data.tags.get(Tag.TRIAL_STATUS) or _status_of(run, epochs))
         if run.data.tags.get(Tag.ERROR):
@@ -356,6 +420,10 @@ def _status_of(run: Any, epochs: int) -> str:
 
 # --------------------------------------------------------------------------- writing
 
+#: a summary's comparison tables and the prefix of their metrics in the parent run.
+_DIFF_LABELS = {"comparison": "diff", "confirmatory_comparison": "confirmatory_diff",
+                "exploratory_comparison": "exploratory_diff"}  # fmt: skip
+
 
 def log_summary(
     c: MlflowClient,
@@ -372,7 +440,8 @@ def log_summary(
     ``<c>_<m>``, ``<c>_<m>_ci95_low``/``_high``, ``<c>_<m>_p``, ``<c>_<m>_p_adjusted``, what the
     pairing bought (``<c>_<m>_sd_treatment``, ``_sd_baseline``, ``_sd_diff``, ``_correlation``), and of
     the primary metric ``<c>_primary_n``, ``_halfwidth`` and ``_mde`` (its outcome: the tag
-    ``PRIMARY_OUTCOME_TAG.<c>``, e.g. ``AP: undecided``); then
+    ``PRIMARY_OUTCOME_TAG.<c>``, e.g. ``AP: undecided``); at each extra score threshold, the
+    primary's ``<c>_<m>_thr<t>`` with ``_ci95_low``/``_high`` and ``_p``; then
     ``share_within_0.5AP``, ``n_trials_<status>``, ``search_cpu_s``, ``search_wall_s``; for each
     compared arm whose convergence is known, ``<arm>_AP_gain_last``, ``<arm>_AP_seed_sd_last`` and
     ``<arm>_plateaued`` (1 or 0, :func:`workers.evidence.plateau`). Params:
@@ -400,11 +469,8 @@ def log_summary(
             for seed, vals in rec.per_seed.items():
                 if m in vals:
                     metrics[f"{label}_{m}_seed{seed}"] = vals[m]
-    for label, table in (
-        ("diff", summary.comparison),
-        ("confirmatory_diff", summary.confirmatory_comparison),
-        ("exploratory_diff", summary.exploratory_comparison),
-    ):
+    for table_name, label in _DIFF_LABELS.items():
+        table: dict[str, dict[str, Any]] = getattr(summary, table_name)
         for m, comp in table.items():
             metrics[f"{label}_{m}"] = comp["mean_diff"]
             metrics[f"{label}_{m}_ci95_low"] = comp["ci95_low"]
@@ -420,6 +486,14 @@ def log_summary(
                 metrics[f"{label}_primary_halfwidth"] = (comp["ci_high"] - comp["ci_low"]) / 2
                 metrics[f"{label}_primary_mde"] = comp["mde"]
                 c.set_tag(parent_run_id, f"{PRIMARY_OUTCOME_TAG}.{label}", f"{m}: {comp['outcome']}")
+    for thresh, tables in summary.at_score_thresholds.items():
+        for table_name, by_metric in tables.items():
+            for m, comp in by_metric.items():
+                name = at_score_thresh(f"{_DIFF_LABELS[table_name]}_{m}", float(thresh))
+                metrics[name] = comp["mean_diff"]
+                metrics[f"{name}_ci95_low"] = comp["ci95_low"]
+                metrics[f"{name}_ci95_high"] = comp["ci95_high"]
+                metrics[f"{name}_p"] = comp["p_value"]
     for arm, conv in summary.convergence.items():
         if conv.get("plateaued") is not None:
             metrics[f"{arm}_{conv['metric']}_gain_last"] = conv["gain"]
