@@ -89,14 +89,26 @@ class Results(TypedDict):
 
 
 class ComparedExperiment(TypedDict):
+    """One experiment of ``/v1/compare``: its parent run's params and MLflow link, and the
+    seeds of the configuration compared (``arm``: a run's ``run``, a search's ``best``, a
+    comparison's ``confirmatory``) with their metrics and child run ids."""
+
     id: str
     name: str
+    kind: str
     loss: str
     arch: str
     status: str
+    params: dict[str, str]
+    parent_run_id: str | None
+    mlflow_experiment_id: str | None
+    link: str | None
+    arm: str | None
+    config: dict[str, Any] | None
     seeds: list[int]
     mean: dict[str, float | None]
     per_seed: dict[str, dict[str, float | None]]
+    runs: dict[str, str]  # seed -> MLflow run id
 
 
 class Paired(TypedDict):
@@ -113,6 +125,7 @@ class Comparison(TypedDict):
     metrics: list[str]
     experiments: list[ComparedExperiment]
     paired: dict[str, Paired]
+    mlflow_compare: str | None  # MLflow's own compare view of the compared runs
 
 
 class ApiError(Exception):
@@ -289,6 +302,12 @@ class Client:
         """Parent and child runs from MLflow with their final metrics (partial while it runs)."""
         body: Results = self._request("GET", f"{_exp(exp_id)}/results").json()
         return body
+
+    def results_text(self, exp_id: str, *, markdown: bool = False) -> str:
+        """A search's or comparison's evidence as ``hdet run`` prints it (``markdown``: the report
+        ``hdet report`` writes); a single run's table of training runs."""
+        fmt = "markdown" if markdown else "text"
+        return self._request("GET", f"{_exp(exp_id)}/results", params={"format": fmt}).text
 
     def compare(self, ids: Sequence[str]) -> Comparison:
         """2 to 10 experiments side by side, and paired differences of each against the first."""

@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
-from service.client import ApiError, Client, Experiment, Results, RunView
+from service.client import ApiError, Client, Comparison, Experiment, Results, RunView
 from service.mlflow_view import COMPARE_METRICS
 from service.states import Status
 
@@ -268,13 +268,19 @@ def results_main(argv: Sequence[str] | None = None) -> int:
 
     def body(args: argparse.Namespace, client: Client) -> int:
         res = client.results(args.id)
-        _out(json.dumps(res, indent=2) if args.json else _results_text(res, markdown=args.markdown))
+        if args.json:
+            _out(json.dumps(res, indent=2))
+            return OK
+        evidence = None  # a search's or comparison's: as `hdet run` prints it, or `hdet report` writes it
+        if res["summary"]:
+            evidence = client.results_text(args.id, markdown=args.markdown)
+        _out(_results_text(res, markdown=args.markdown, evidence=evidence))
         return OK
 
     return cmd.run(argv, body)
 
 
-def _results_text(res: Results, *, markdown: bool) -> str:
+def _results_text(res: Results, *, markdown: bool, evidence: str | None = None) -> str:
     partial = ", partial: it has not ended" if res["partial"] else ""
     lines = [f"Results of '{res['id']}' ({res['status']}{partial})"]
     parent = res["parent"]
@@ -284,17 +290,16 @@ def _results_text(res: Results, *, markdown: bool) -> str:
     lines.append(f"MLflow parent run {parent['run_id']} {parent['status']}" + _link(parent))
     runs = res["runs"]
     metrics = _metric_columns(runs)
+    arms = any(r.get("arm") for r in runs)  # a search's or comparison's runs: which arm each is
     rows = [
-        [r["name"] or r["run_id"], _cell(r["seed"]), r["status"], *(_cell(r["metrics"].get(m)) for m in metrics),
-         r.get("checkpoint") or "-"]
+        [r["name"] or r["run_id"], *([r.get("arm") or "-"] if arms else []), _cell(r["seed"]), r["status"],
+         *(_cell(r["metrics"].get(m)) for m in metrics), r.get("checkpoint") or "-"]
         for r in runs
     ]  # fmt: skip
-    lines += ["", _table(["run", "seed", "status", *metrics, "checkpoint"], rows, markdown=markdown)]
-    summary = res["summary"]
-    if summary and summary.get("best_trial_id"):
-        lines.append(
-            f"\nbest configuration: trial {summary['best_trial_id']} (judged on {summary.get('judged_on')})"
-        )
+    header = ["run", *(["arm"] if arms else []), "seed", "status", *metrics, "checkpoint"]
+    lines += ["", _table(header, rows, markdown=markdown)]
+    if evidence:
+        lines += ["", evidence]
     return "\n".join(lines)
 
 
@@ -327,13 +332,15 @@ def compare_main(argv: Sequence[str] | None = None) -> int:
             return OK
         metrics = comp["metrics"]
         rows = [
-            [e["id"], e["name"], e["loss"], e["status"], ",".join(map(str, e["seeds"])) or "-",
+            [e["id"], e["name"], e["loss"], e.get("arm") or "-", e["status"], ",".join(map(str, e["seeds"])) or "-",
              *(_cell(e["mean"].get(m)) for m in metrics)]
             for e in comp["experiments"]
         ]  # fmt: skip
-        header = ["experiment", "name", "loss", "status", "seeds", *(f"mean {m}" for m in metrics)]
+        header = ["experiment", "name", "loss", "arm", "status", "seeds", *(f"mean {m}" for m in metrics)]
         _out(f"Judged on {comp['judged_on']}\n")
         _out(_table(header, rows, markdown=args.markdown))
+        _out(_params_text(comp, markdown=args.markdown))
+        _out(_links_text(comp))
         for exp_id, pair in comp["paired"].items():
             seeds = ",".join(map(str, pair["shared_seeds"])) or "-"
             _out(f"\nPaired differences {exp_id} - {pair['against']} (seeds {seeds}):")
@@ -353,6 +360,30 @@ def compare_main(argv: Sequence[str] | None = None) -> int:
         return OK
 
     return cmd.run(argv, body)
+
+
+def _params_text(comp: Comparison, *, markdown: bool) -> str:
+    """The parent runs' params that differ between the experiments (MLflow's "show diff only"),
+    a row each; ``-`` where an experiment has no such param."""
+    exps = comp["experiments"]
+    params = [e.get("params") or {} for e in exps]
+    names = sorted({k for p in params for k in p})
+    differ = [k for k in names if len({p.get(k) for p in params}) > 1]
+    same = len(names) - len(differ)
+    head = f"\nParams that differ ({same} more are the same in all):"
+    if not differ:
+        return f"\nParams: {same}, the same in all."
+    rows = [[k, *(p.get(k, "-") for p in params)] for k in differ]
+    return head + "\n" + _table(["param", *(e["id"] for e in exps)], rows, markdown=markdown)
+
+
+def _links_text(comp: Comparison) -> str:
+    """Each experiment's parent run in the MLflow UI, and MLflow's compare view of their runs."""
+    lines = ["\nIn MLflow:"]
+    lines += [f"  {e['id']}  {e.get('link') or '- (no MLflow run)'}" for e in comp["experiments"]]
+    if comp.get("mlflow_compare"):
+        lines.append(f"  compare view  {comp['mlflow_compare']}")
+    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------------- tables

@@ -6,6 +6,7 @@ and the spec's JSON Schema. Handlers stay short: the work is in :mod:`service.ex
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 from collections.abc import AsyncIterator
 from functools import lru_cache, partial
@@ -23,7 +24,19 @@ from service.jobs import JobNotFound, RayUnavailable
 from service.mlflow_view import COMPARE_METRICS, MlflowUnavailable, finite, has_test
 from service.models import ExperimentRow, RecordFields
 from service.problems import Problem
-from service.schemas import EventList, Experiment, ExperimentList, RecordJson, event
+from service.schemas import (
+    ComparedExperiment,
+    Comparison,
+    EventList,
+    Experiment,
+    ExperimentList,
+    ExperimentResults,
+    PairedDifferences,
+    RecordJson,
+    SpecSchema,
+    event,
+    problem_responses,
+)
 from service.states import TERMINAL, VISIBLE, Status
 
 __all__ = ["router"]
@@ -68,10 +81,10 @@ def _json(body: bytes | str, status_code: int = 200, headers: dict[str, str] | N
     return Response(body, status_code, headers, media_type="application/json")
 
 
-def _send(model: BaseModel, status_code: int = 200) -> Response:
+def _send(model: BaseModel, status_code: int = 200, *, exclude_unset: bool = False) -> Response:
     """JSON of ``model`` serialised by pydantic in one step (FastAPI's generic encoder is several
-    times slower)."""
-    return _json(model.model_dump_json(by_alias=True), status_code)
+    times slower); ``exclude_unset`` leaves out the optional keys the model was built without."""
+    return _json(model.model_dump_json(by_alias=True, exclude_unset=exclude_unset), status_code)
 
 
 @router.post(
@@ -274,29 +287,42 @@ def experiment_events(exp_id: str, service: ServiceDep, after: Annotated[int, Qu
 
 @router.get(
     "/v1/experiments/{exp_id}/results",
+    response_model=ExperimentResults,
     tags=["experiments"],
     summary="From MLflow, partial while running: parent and child runs, a search's or comparison's "
-    "evidence (per arm, per seed, the primary's verdict); `format=markdown` renders it as the report does.",
-    responses={200: {"content": {"text/markdown": {"schema": {"type": "string"}}}}},
+    "evidence (per arm, per seed, the primary's verdict); `format=markdown` renders it as the report does, "
+    "`format=text` as `hdet run` prints it.",
+    responses={
+        200: {
+            "content": {
+                "text/markdown": {"schema": {"type": "string"}},
+                "text/plain": {"schema": {"type": "string"}},
+            }
+        },
+        **problem_responses(401, 404, 422, 503),
+    },
 )
 def experiment_results(
-    exp_id: str, service: ServiceDep, format: Annotated[Literal["json", "markdown"], Query()] = "json"
-) -> Any:
+    exp_id: str, service: ServiceDep, format: Annotated[Literal["json", "markdown", "text"], Query()] = "json"
+) -> Response:
     row = _row(service, exp_id)
     out: dict[str, Any] = {"id": row.id, "status": row.status, "partial": row.status not in TERMINAL}
     parent = _parent_run(service, row)
     try:
-        if format == "markdown" and parent is not None and row.kind == "search":
+        if format != "json" and parent is not None and row.kind == "search":
+            summary = service.mlflow.summary(parent, row.name)
+            if format == "text":  # the evidence table `hdet run` prints at its end
+                return PlainTextResponse(summary.format_table() + "\n")
             from workers.report.document import render_markdown
 
-            text = render_markdown(service.mlflow.summary(parent, row.name))
-            return PlainTextResponse(text, media_type="text/markdown")
+            return PlainTextResponse(render_markdown(summary), media_type="text/markdown")
         out |= service.mlflow.results(parent, row.kind, row.name) if parent else {"parent": None, "runs": []}
     except Exception as e:
         raise _mlflow_down(e) from None
-    if format == "markdown":
-        return PlainTextResponse(_runs_markdown(row.name, out), media_type="text/markdown")
-    return {"summary": None, **out}
+    if format != "json":
+        media = "text/markdown" if format == "markdown" else "text/plain"
+        return PlainTextResponse(_runs_markdown(row.name, out), media_type=media)
+    return _send(ExperimentResults.model_validate({"summary": None, **out}), exclude_unset=True)
 
 
 def _runs_markdown(name: str, res: dict[str, Any]) -> str:
@@ -314,8 +340,6 @@ def _parent_run(service: Service, row: ExperimentRow) -> Any:
     try:
         if row.mlflow_parent_run_id:
             return service.mlflow.client.get_run(row.mlflow_parent_run_id)
-        import json
-
         experiment = json.loads(row.spec)["tracking"]["experiment"]
         return service.mlflow.find_parent(row.id, experiment)
     except Exception as e:
@@ -334,8 +358,10 @@ def _mlflow_down(e: Exception) -> Problem:
 
 @router.get(
     "/v1/compare",
+    response_model=Comparison,
     tags=["experiments"],
     summary="2-10 finished experiments side by side: params, every metric per seed, paired differences.",
+    responses=problem_responses(401, 422, 503),
 )
 def compare(
     service: ServiceDep,
@@ -346,7 +372,7 @@ def compare(
             "run ids of experiments run elsewhere (`hdet run`, `ray job submit`, a RayJob)"
         ),
     ],
-) -> dict[str, Any]:
+) -> Response:
     from workers.evidence import compare_metrics
     from workers.summary import TEST_PREFIX, split_metrics
 
@@ -372,43 +398,55 @@ def compare(
             raise _mlflow_down(e) from None
     on_test = all(has_test(a["per_seed"]) for a in arms.values())
     split = {i: split_metrics(a["per_seed"], TEST_PREFIX if on_test else "") for i, a in arms.items()}
-    experiments, run_ids, mlflow_experiments = [], [], []
+    experiments: list[ComparedExperiment] = []
+    run_ids, mlflow_experiments = [], []
     for f in found:
         assert f is not None
         arm, seeds = arms[f["id"]], split[f["id"]]
         names = sorted({m for metrics in seeds.values() for m in metrics})
         means = {m: _mean([s[m] for s in seeds.values() if m in s]) for m in names}
         experiments.append(
-            {**f, "arm": arm["arm"], "config": arm["config"], "seeds": sorted(seeds), "mean": means,
-             "per_seed": {str(k): v for k, v in seeds.items()},
-             "runs": {str(k): v for k, v in arm["runs"].items()}}
-        )  # fmt: skip
+            ComparedExperiment(
+                **f,
+                arm=arm["arm"],
+                config=arm["config"],
+                seeds=sorted(seeds),
+                mean=means,
+                per_seed={str(k): dict(v) for k, v in seeds.items()},
+                runs={str(k): v for k, v in arm["runs"].items()},
+            )
+        )
         run_ids += list(arm["runs"].values())
         if f["mlflow_experiment_id"] is not None:  # None: cancelled before its parent run was made
             mlflow_experiments.append(f["mlflow_experiment_id"])
-    first = wanted[0]
-    first_name = experiments[0]["name"]
-    paired: dict[str, Any] = {}
+    first = experiments[0]
+    paired: dict[str, PairedDifferences] = {}
     for other in experiments[1:]:
-        shared = sorted(set(split[first]) & set(split[other["id"]]))
-        entry: dict[str, Any] = {"against": first, "shared_seeds": shared}
-        if len(shared) >= 2:
-            entry["comparison"] = compare_metrics(
-                {s: split[other["id"]][s] for s in shared},
-                {s: split[first][s] for s in shared},
-                COMPARE_METRICS,
-                treatment_label=other["name"],
-                baseline_label=first_name,
+        shared = sorted(set(split[first.id]) & set(split[other.id]))
+        if len(shared) < 2:
+            note = "paired differences need at least 2 seeds measured in both"
+            paired[other.id] = PairedDifferences(
+                against=first.id, shared_seeds=shared, comparison=None, note=note
             )
-        else:
-            entry["comparison"] = None
-            entry["note"] = "paired differences need at least 2 seeds measured in both"
-        paired[other["id"]] = entry
-    return finite(
-        {"judged_on": "test" if on_test else "val", "metrics": list(COMPARE_METRICS),
-         "experiments": experiments, "paired": paired,
-         "mlflow_compare": service.mlflow.compare_link(mlflow_experiments, run_ids)}
-    )  # fmt: skip
+            continue
+        comparison = compare_metrics(
+            {s: split[other.id][s] for s in shared},
+            {s: split[first.id][s] for s in shared},
+            COMPARE_METRICS,
+            treatment_label=other.name or other.id,
+            baseline_label=first.name or first.id,
+        )
+        paired[other.id] = PairedDifferences(
+            against=first.id, shared_seeds=shared, comparison=finite(comparison)
+        )
+    body = Comparison(
+        judged_on="test" if on_test else "val",
+        metrics=list(COMPARE_METRICS),
+        experiments=experiments,
+        paired=paired,
+        mlflow_compare=service.mlflow.compare_link(mlflow_experiments, run_ids),
+    )
+    return _send(body, exclude_unset=True)
 
 
 _RUN_ID = re.compile(r"^[0-9a-f]{32}$")
@@ -464,14 +502,19 @@ def _mean(values: list[float]) -> float | None:
 
 
 @lru_cache(maxsize=1)
-def _schema() -> dict[str, Any]:
+def _schema_json() -> bytes:
+    """The spec's JSON Schema, serialised once: it changes only with the code."""
     from workers.spec import Spec
 
-    return Spec.model_json_schema()
+    return json.dumps(Spec.model_json_schema(), ensure_ascii=False, separators=(",", ":")).encode()
 
 
 @router.get(
-    "/v1/spec/schema", tags=["spec"], summary="The spec's JSON Schema (as `hdet spec schema` prints)."
+    "/v1/spec/schema",
+    response_model=SpecSchema,
+    tags=["spec"],
+    summary="The spec's JSON Schema (as `hdet spec schema` prints).",
+    responses=problem_responses(401),
 )
-def spec_schema() -> dict[str, Any]:
-    return _schema()
+def spec_schema() -> Response:
+    return _json(_schema_json())

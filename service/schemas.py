@@ -1,5 +1,11 @@
-"""What the API returns: the experiment record, its list page, events, readiness (pydantic models,
-the OpenAPI schema at ``/docs``). :func:`record` turns a database row into the public record.
+"""What the API returns: the experiment record, its list page, events, readiness, an experiment's
+results from MLflow, a comparison, the spec's JSON Schema and the error document (pydantic models:
+every answer of ``/openapi.json`` is typed, ``/docs`` shows them). :func:`record` turns a database
+row into the public record.
+
+The results and comparison models mirror what :mod:`service.mlflow_view` and
+:mod:`workers.evidence` assemble (NaN and infinities as null). The models of what comes from
+MLflow and :mod:`workers` allow keys they do not declare, so that a new statistic is never dropped.
 """
 
 from __future__ import annotations
@@ -8,7 +14,7 @@ import json
 import threading
 from collections import OrderedDict
 from datetime import datetime
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -22,6 +28,19 @@ __all__ = [
     "EventList",
     "Readiness",
     "Component",
+    "MlflowRun",
+    "TrainingRun",
+    "MetricComparison",
+    "SeedDifference",
+    "TrialSummary",
+    "EvidenceSummary",
+    "ExperimentResults",
+    "ComparedExperiment",
+    "PairedDifferences",
+    "Comparison",
+    "SpecSchema",
+    "ProblemDocument",
+    "problem_responses",
     "record",
     "RecordJson",
     "event",
@@ -116,6 +135,297 @@ class Component(BaseModel):
 class Readiness(BaseModel):
     ready: bool
     components: dict[str, Component]
+
+
+# ---------------------------------------------------------------------- results
+
+#: metric name -> value (null: NaN or infinite)
+Metrics = dict[str, float | None]
+
+
+class MlflowRun(BaseModel):
+    """An MLflow run of an experiment: its parent run, or a training run below it."""
+
+    model_config = ConfigDict(extra="allow")
+
+    run_id: str
+    name: str | None = Field(description="the run's name in MLflow")
+    status: str = Field(description="MLflow's: RUNNING, SCHEDULED, FINISHED, FAILED or KILLED")
+    role: str | None = Field(description="parent or child (the tag hdet.role)")
+    seed: int | None
+    trial_id: str | None = Field(description="the Tune trial, or baseline / confirmatory; null for a run")
+    arm: str | None = Field(description="search, baseline, confirmatory or best_confirmed; null for a run")
+    metrics: Metrics = Field(description="the last value of every metric it logged")
+    error: str | None = Field(description="why it failed")
+    link: str | None = Field(description="the run in the MLflow UI (null without a UI URL)")
+
+
+class TrainingRun(MlflowRun):
+    """One training run (one seed of one configuration)."""
+
+    checkpoint: str | None = Field(
+        description="runs:/<run_id>/checkpoint/model.pt once the run FINISHED with a checkpoint"
+    )
+
+
+class SeedDifference(BaseModel):
+    treatment: float
+    baseline: float
+    diff: float = Field(description="treatment - baseline")
+
+
+class MetricComparison(BaseModel):
+    """One metric of two arms paired by seed (:func:`workers.evidence.compare_metrics`): the test
+    and interval used, every statistic beside them, and the verdict. Values as measured (AP in
+    [0, 1]); null where a statistic is NaN (too few seeds)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    n_pairs: int = Field(description="seeds measured in both arms")
+    test: str = Field(description="t, wilcoxon, t-mixture-cs (seeds in rounds) or none (one pair)")
+    p_value: float | None = Field(description="the test's raw two-sided p")
+    ci_low: float | None
+    ci_high: float | None
+    ci_method: str = Field(description="t, wilcoxon-hl, t-mixture-cs or none")
+    ci_confidence: float | None = Field(description="the interval's achieved level")
+    ci95_low: float | None = Field(description="ci_low, under the name older readers use")
+    ci95_high: float | None
+    mean_diff: float | None = Field(description="mean over seeds of treatment - baseline")
+    std_diff: float | None
+    hl_estimate: float | None = Field(description="Hodges-Lehmann estimate of the difference")
+    t_ci95_low: float | None
+    t_ci95_high: float | None
+    t_p: float | None
+    wilcoxon_p: float | None
+    wilcoxon_min_p: float | None = Field(description="the smallest p Wilcoxon can give with these seeds")
+    boot_ci_low: float | None
+    boot_ci_high: float | None
+    boot_method: str | None
+    wins: int = Field(description="seeds where the treatment is ahead")
+    confidence: float = Field(description="the nominal level of every interval")
+    per_seed: dict[str, SeedDifference]
+    unpaired_seeds: list[str] = Field(description="seeds measured in one arm only")
+    sd_treatment: float | None
+    sd_baseline: float | None
+    sd_diff: float | None
+    sd_unpaired: float | None = Field(description="the difference's SD had the arms been independent")
+    correlation: float | None = Field(description="of the arms over seeds (null: too few, or no variation)")
+    note: str = Field(description="which test and interval, and why")
+    estimand: str = Field(description="mean or pseudo-median: what the interval is about")
+    estimate: float | None
+    higher_is_better: bool | None = None
+    p_adjusted: float | None = Field(default=None, description="Holm-adjusted over the metrics tested")
+    holm_k: int | None = Field(default=None, description="the size of the Holm family")
+    better: str | None = Field(default=None, description="treatment, baseline or unclear")
+    verdict: str | None = Field(default=None, description="in plain words")
+    role: str | None = Field(default=None, description="primary or secondary, when a primary was named")
+    outcome: str | None = Field(
+        default=None, description="the primary's: better, worse, equivalent or undecided"
+    )
+    alpha: float | None = None
+    margin: float | None = Field(default=None, description="the primary's equivalence margin")
+    mde: float | None = Field(default=None, description="smallest difference found with 80 % power")
+    seeds_to_decide: int | None = None
+    within_margin: bool | None = None
+    rule: dict[str, Any] | None = Field(default=None, description="the evidence plan of the primary")
+
+
+class TrialSummary(BaseModel):
+    """One configuration of a search, or a fixed arm (:class:`workers.summary.TrialRecord`)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    trial_id: str
+    arm: str = Field(description="search, baseline, confirmatory or best_confirmed")
+    params: dict[str, Any] = Field(description="the configuration: dotted spec path -> value")
+    status: str = Field(description="completed, stopped, failed or incomplete")
+    error: str | None
+    epochs: int = Field(description="the last epoch every seed reached")
+    objective: float | None = Field(description="mean over seeds of the last epoch's AP")
+    objective_std: float | None
+    per_seed: dict[str, Metrics] = Field(description="seed -> the last epoch's metrics")
+    child_runs: dict[str, str] = Field(description="seed -> MLflow run id")
+    wall_s: float | None
+    cpu_s: float | None
+    gpu_s: float | None
+    first_step_s: float | None
+    epochs_run: int
+
+
+class EvidenceSummary(BaseModel):
+    """A search's or comparison's outcome (:class:`workers.summary.SearchSummary`), what
+    ``hdet report`` renders: every arm per seed, and the paired comparisons with their verdicts."""
+
+    model_config = ConfigDict(extra="allow")
+
+    experiment: str
+    parent_run_id: str
+    objective: str
+    seeds: list[int]
+    algorithm: str
+    scheduler: str
+    epochs: int
+    trials: list[TrialSummary]
+    baseline: TrialSummary | None
+    confirmatory: TrialSummary | None
+    best_trial_id: str | None
+    best_confirmed: TrialSummary | None
+    confirm_seeds: list[int]
+    comparison: dict[str, MetricComparison] = Field(description="metric -> best vs baseline")
+    exploratory_comparison: dict[str, MetricComparison]
+    confirmatory_comparison: dict[str, MetricComparison] = Field(
+        description="metric -> confirmatory vs baseline (a comparison's verdict)"
+    )
+    judged_on: Literal["test", "val"]
+    mechanism: dict[str, dict[str, dict[str, float | None]]] = Field(
+        description="arm -> training-time metric -> {epoch: mean over seeds}"
+    )
+    convergence: dict[str, dict[str, Any]] = Field(description="arm -> whether its AP had plateaued")
+    sensitivity: dict[str, Any]
+    ap_vs_iou: dict[str, dict[str, float | None]] = Field(description="arm -> {IoU threshold: AP}")
+    score_thresh: float | None = Field(default=None, description="the score threshold of the tables above")
+    at_score_thresholds: dict[str, dict[str, dict[str, MetricComparison]]] = Field(
+        default_factory=dict,
+        description="extra score threshold -> table -> the primary's comparison at it (secondary)",
+    )
+    complete: bool
+    wall_s: float | None
+
+
+class ExperimentResults(BaseModel):
+    """An experiment's results from MLflow (``partial`` while it runs; no parent before it starts)."""
+
+    summary: EvidenceSummary | None = Field(
+        description="a search's or comparison's evidence; null for a single run"
+    )
+    id: str
+    status: str
+    partial: bool = Field(description="the experiment has not ended: its runs may still change")
+    parent: MlflowRun | None
+    runs: list[TrainingRun]
+
+
+# ---------------------------------------------------------------------- comparison
+
+
+class ComparedExperiment(BaseModel):
+    """One experiment of a comparison: its record (or MLflow parent run), and the seeds of the
+    configuration compared with their metrics."""
+
+    id: str = Field(description="this service's experiment id, or an MLflow parent run id")
+    name: str | None
+    kind: str = Field(description="run or search")
+    loss: str | None
+    arch: str | None
+    status: str = Field(description="the record's status, or the MLflow parent run's")
+    params: dict[str, str] = Field(description="the parent run's MLflow params")
+    parent_run_id: str | None
+    mlflow_experiment_id: str | None
+    link: str | None = Field(description="the parent run in the MLflow UI")
+    arm: str | None = Field(description="run, best (a search's best) or confirmatory (a comparison's)")
+    config: dict[str, Any] | None = Field(description="that configuration's params (a search's)")
+    seeds: list[int]
+    mean: Metrics = Field(description="metric -> mean over the seeds")
+    per_seed: dict[str, Metrics]
+    runs: dict[str, str] = Field(description="seed -> MLflow run id")
+
+
+class PairedDifferences(BaseModel):
+    """One experiment against the first, on the seeds both measured."""
+
+    against: str
+    shared_seeds: list[int]
+    comparison: dict[str, MetricComparison] | None = Field(description="null with fewer than 2 shared seeds")
+    note: str | None = Field(default=None, description="why there is no comparison (absent otherwise)")
+
+
+class Comparison(BaseModel):
+    """2-10 experiments side by side, and paired differences of each against the first."""
+
+    judged_on: Literal["test", "val"] = Field(
+        description="test when every experiment has held-out metrics, else val"
+    )
+    metrics: list[str] = Field(description="the metrics paired")
+    experiments: list[ComparedExperiment]
+    paired: dict[str, PairedDifferences] = Field(description="experiment id -> it against the first")
+    mlflow_compare: str | None = Field(description="MLflow's own compare view of the runs")
+
+
+# ---------------------------------------------------------------------- spec schema
+
+
+class SpecSchema(BaseModel):
+    """The experiment spec's JSON Schema (draft 2020-12, as pydantic writes it)."""
+
+    model_config = ConfigDict(extra="allow", populate_by_name=True)
+
+    defs: dict[str, dict[str, Any]] = Field(alias="$defs", description="the sections' schemas")
+    additional_properties: bool = Field(alias="additionalProperties")
+    description: str
+    properties: dict[str, dict[str, Any]]
+    required: list[str]
+    title: str
+    type: Literal["object"]
+
+
+# ---------------------------------------------------------------------- errors
+
+
+class ProblemField(BaseModel):
+    field: str = Field(description="the full path of the invalid input (loss.gamma), or a parameter")
+    message: str
+
+
+class ProblemDocument(BaseModel):
+    """Every error (RFC 9457 ``application/problem+json``)."""
+
+    type: str = Field(description="https://harmonicdet.dev/problems/<kind>, or about:blank")
+    title: str
+    status: int
+    detail: str | None = None
+    instance: str | None = Field(default=None, description="the request's path")
+    errors: list[ProblemField] | None = Field(default=None, description="every invalid input (a 422)")
+
+
+#: what each error status of a route means
+_PROBLEMS = {
+    401: "no token, or a wrong one (WWW-Authenticate: Bearer)",
+    404: "no such experiment",
+    409: "the experiment has ended",
+    422: "an invalid parameter or body: `errors` names each field",
+    503: "Ray or MLflow does not answer (Retry-After)",
+}
+
+
+def _inline(schema: dict[str, Any]) -> dict[str, Any]:
+    """``schema`` with its ``$defs`` written in place (``#/$defs/..`` means nothing inside an
+    OpenAPI document)."""
+    defs = schema.pop("$defs", {})
+
+    def walk(node: Any) -> Any:
+        if isinstance(node, dict):
+            ref = node.get("$ref", "")
+            if ref.startswith("#/$defs/"):
+                return walk(defs[ref.removeprefix("#/$defs/")])
+            return {k: walk(v) for k, v in node.items()}
+        if isinstance(node, list):
+            return [walk(v) for v in node]
+        return node
+
+    return dict(walk(schema))
+
+
+def problem_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """A route's ``responses=`` for its error answers: each an ``application/problem+json``
+    :class:`ProblemDocument` (in place of FastAPI's own 422 schema, which the API never sends)."""
+    schema = _inline(ProblemDocument.model_json_schema())
+    return {
+        status: {
+            "description": _PROBLEMS[status],
+            "content": {"application/problem+json": {"schema": schema}},
+        }
+        for status in statuses
+    }
 
 
 def record(row: RecordFields, mlflow_link: str | None) -> Experiment:
