@@ -1,6 +1,6 @@
 """What the end-to-end tests of `hdet run` share: the tiniest spec that trains (RetinaNet at 48 px on
-8 generated images, 1 epoch) and `python -m workers.run` in a subprocess with its own HDET_HOME,
-sqlite MLflow store and Ray storage."""
+8 generated images, 1 epoch), `python -m workers.run` in a subprocess with its own HDET_HOME,
+sqlite MLflow store and Ray storage, and a test module's own local Ray in the test process."""
 
 from __future__ import annotations
 
@@ -28,3 +28,18 @@ def run_spec(home: Path, spec: Path, *args: str) -> subprocess.CompletedProcess[
     cmd = [sys.executable, "-m", "workers.run", str(spec), "--tracking-uri", f"sqlite:///{home / 'mlflow.db'}",
            "--storage-path", str(home / "storage"), *args]  # fmt: skip
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+
+
+def start_test_ray(num_cpus: int, **resources: Any) -> None:
+    """A new local Ray in this process with ``num_cpus`` and ``resources`` (``num_gpus``, custom
+    ``resources``): never one already running on this machine, no dashboard."""
+    import ray
+
+    ray.init(
+        address="local",
+        num_cpus=num_cpus,
+        include_dashboard=False,
+        _node_ip_address="127.0.0.1",
+        logging_level="WARNING",
+        **resources,
+    )

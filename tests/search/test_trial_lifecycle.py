@@ -21,6 +21,7 @@ from typing import Any
 
 import pytest
 import ray
+from hdet_run import start_test_ray
 from mlflow import MlflowClient
 
 from workers.controller_hooks import DETERMINISTIC_ERRORS, deterministic_cause, is_deterministic_error
@@ -142,13 +143,7 @@ def local_ray(
     request: pytest.FixtureRequest, scratch: Callable[[pytest.FixtureRequest, str], Path]
 ) -> Iterator[Path]:
     home = scratch(request, "lifecycle")
-    ray.init(
-        address="local",
-        num_cpus=2,
-        include_dashboard=False,
-        _node_ip_address="127.0.0.1",
-        logging_level="WARNING",
-    )
+    start_test_ray(2)
     yield home
     ray.shutdown()
 

@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 import torch
+from hdet_run import start_test_ray
 from torch import nn
 
 from harmonic.detectors import build_detector, build_torchvision_detector
@@ -361,14 +362,7 @@ def fake_gpu_ray() -> Any:
 
     if torch.cuda.is_available():
         pytest.skip("the fake GPU must be one torch cannot use")
-    ray.init(
-        address="local",
-        num_cpus=2,
-        num_gpus=1,
-        include_dashboard=False,
-        _node_ip_address="127.0.0.1",
-        logging_level="WARNING",
-    )
+    start_test_ray(2, num_gpus=1)
     yield
     ray.shutdown()
 

@@ -19,6 +19,7 @@ import faults
 import pytest
 import ray
 import yaml
+from hdet_run import start_test_ray
 from mlflow import MlflowClient
 
 from workers.run import main as run_main
@@ -53,13 +54,7 @@ def plan(home: Path) -> Path:
 @pytest.fixture(scope="module")
 def local_ray(home: Path, plan: Path) -> Iterator[None]:
     with faults.installed(plan):  # the workers inherit the fault hooks
-        ray.init(
-            address="local",
-            num_cpus=2,
-            include_dashboard=False,
-            _node_ip_address="127.0.0.1",
-            logging_level="WARNING",
-        )
+        start_test_ray(2)
     yield
     ray.shutdown()
 

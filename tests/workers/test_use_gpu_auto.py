@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hdet_run import start_test_ray
 
 from workers.resources import (
     NODE_TYPES_ENV,
@@ -123,15 +124,7 @@ def fake_gpu_ray() -> Iterator[None]:
     """A local Ray whose one node declares a GPU and an A100 marker (fake: nothing uses them here)."""
     import ray
 
-    ray.init(
-        address="local",
-        num_cpus=2,
-        num_gpus=1,
-        resources={"accelerator_type:A100": 1},
-        include_dashboard=False,
-        _node_ip_address="127.0.0.1",
-        logging_level="WARNING",
-    )
+    start_test_ray(2, num_gpus=1, resources={"accelerator_type:A100": 1})
     yield
     ray.shutdown()
 

@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 import torch
+from hdet_run import start_test_ray
 
 from workers import recipe
 from workers.controller_hooks import is_deterministic_error
@@ -159,14 +160,7 @@ def fake_gpu_ray(
     home = scratch(request, "hdet_home")
     old = os.environ.get("HDET_HOME")
     os.environ["HDET_HOME"] = str(home)
-    ray.init(
-        address="local",
-        num_cpus=1,
-        num_gpus=1,
-        include_dashboard=False,
-        _node_ip_address="127.0.0.1",
-        logging_level="WARNING",
-    )
+    start_test_ray(1, num_gpus=1)
     yield home
     ray.shutdown()
     if old is None:
