@@ -280,10 +280,11 @@ def _run_one(spec: Spec, args: argparse.Namespace) -> int:
 
     started = False
     try:
+        pretrained = None
         if spec.pretrain is not None and cached_pretraining(spec) is None:
             started = _start_ray(spec, args)
-            pretrain_on_ray(spec, tracking_uri=tracking_uri)
-        spec = resolve_start_weights(spec, tracking_uri)
+            pretrained = pretrain_on_ray(spec, tracking_uri=tracking_uri)
+        spec = resolve_start_weights(spec, tracking_uri, pretrained=pretrained)
     except BaseException as e:
         if started:
             from workers.env import shutdown_local_ray

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from torch import nn
 
+    from workers.pretrain import Pretrained
     from workers.spec import Spec
 
 __all__ = ["fetch_run_artifact", "load_init_from", "load_detector_state", "resolve_start_weights"]
@@ -110,8 +111,11 @@ def load_init_from(model: nn.Module, spec: Spec) -> None:
         load_detector_state(model, spec.detector.init_from)
 
 
-def resolve_start_weights(spec: Spec, tracking_uri: str, say: Callable[[str], None] = print) -> Spec:
-    """``spec`` with its starting weights made local files and checked (see the module docstring).
+def resolve_start_weights(
+    spec: Spec, tracking_uri: str, say: Callable[[str], None] = print, *, pretrained: Pretrained | None = None
+) -> Spec:
+    """``spec`` with its starting weights made local files and checked (see the module docstring);
+    ``pretrained``: the ``pretrain`` section's result when the caller has it already (not looked up).
 
     Raises:
         SpecError: a reference or file that cannot be used, naming its field.
@@ -125,7 +129,7 @@ def resolve_start_weights(spec: Spec, tracking_uri: str, say: Callable[[str], No
     if spec.pretrain is not None:
         from workers.pretrain import ensure_pretrained
 
-        done = ensure_pretrained(spec, tracking_uri=tracking_uri, say=say)
+        done = pretrained or ensure_pretrained(spec, tracking_uri=tracking_uri, say=say)
         if done.cached:
             say(f"pretrain: cached {done.path} (MLflow run {done.meta.get('mlflow_run_id')})")
         backbone = str(done.path)

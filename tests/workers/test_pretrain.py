@@ -445,6 +445,8 @@ def test_hdet_run_pretrains_in_a_ray_task_before_training(
         str(tmp_path / "s"),
     ]
     assert main(argv) == 0
-    assert "a Ray task with 1 CPU, 0 GPU" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "a Ray task with 1 CPU, 0 GPU" in out
+    assert "pretrain: cached" not in out  # trained just now: not reported as found in the cache
     meta = json.loads((pretrained_dir() / pretrain_key(spec) / META_FILE).read_text())
     assert meta["pid"] != os.getpid() and meta["device"] == "cpu"
