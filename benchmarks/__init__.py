@@ -10,6 +10,7 @@ One module per command (``hdet bench X`` is :mod:`benchmarks.X`'s ``main``):
   cores) beside it.
 * ``search``: ASHA + TPE against grid search, and a trial's fixed cost; ``timeline`` reads where a
   trial's start-up time goes.
+* ``experiment``: a comparison's trainings' times alone / (its wall time x trainings at once).
 * ``api``: the REST API's latency under load.
 
 It may import every package below it (``harmonic``, ``workers``, ``service``); none of them imports

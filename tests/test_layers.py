@@ -56,6 +56,7 @@ NAMED_BENCHMARKS = {
     "workers/cli.py": {
         "benchmarks.api",
         "benchmarks.eval",
+        "benchmarks.experiment",
         "benchmarks.loss",
         "benchmarks.search",
         "benchmarks.train",

@@ -44,6 +44,11 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str, str]] = {
         "search_main",
         "ASHA+TPE vs grid search, and trial start cost",
     ),
+    ("bench", "experiment"): (
+        "benchmarks.experiment",
+        "main",
+        "a comparison's trainings alone / (wall x trainings at once)",
+    ),
 }
 
 
