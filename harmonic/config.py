@@ -9,6 +9,32 @@ kind
     ``harmonic``: Eq. 2-3 (+ the Task-Contrastive loss, Eq. 8, when ``tc``), on the
     detector's own localisation loss (+ an IoU term when ``iou_term`` is set).
     ``harmonicdet``: Eq. 11-13, i.e. ``harmonic`` with the HIoU term inside L_loc.
+    ``pisa``: the detector's own loss plus PISA's classification-aware regression loss (CARL,
+    Cao et al. 2020, Eq. 6-8): the localisation term of each positive again, weighted by a
+    function of its ground-truth score that carries gradient to the classifier. PISA's sample
+    reweighting of the classification (ISR) is left out: it is a sampling scheme, not a loss.
+    The kind is the coupling part of a loss described by its parts (:mod:`harmonic.loss_parts`);
+    with ``cls``, ``box`` and ``box_extra`` unset each kind is exactly what it was without parts.
+cls (None: the head's own)
+    The classification term: ``focal`` (torchvision's sigmoid focal loss), ``quality_focal`` (GFL's
+    QFL, beta 2, target the IoU of the decoded box), ``varifocal`` (VarifocalNet's VFL, alpha 0.75,
+    gamma 2, the same target) or ``ghm_c`` (GHM-C, 10 bins, its histogram per batch, no momentum)
+    on a sigmoid head (RetinaNet, FCOS); ``ce`` on a softmax head (every other). QFL and VFL are
+    normalised like the focal loss (by the positives); GHM-C normalises itself (its weights sum
+    to the share of non-empty bins), so a head does not divide it. Open in the papers for the
+    harmonic kinds: the coupled CE of a positive is its QFL/VFL summed over the classes; GHM-C's
+    weights depend on the whole batch, not on the positive, so it is refused there.
+box (None: the head's own)
+    The localisation term (the "smooth L1" of Eq. 2/11 for the harmonic kinds): ``smooth_l1``,
+    ``l1`` or ``balanced_l1`` (Libra R-CNN, alpha 0.5, gamma 1.5) of the encoded offsets, summed
+    over the 4 coordinates; ``iou``, ``giou``, ``diou``, ``ciou`` or ``hiou`` (with ``gamma``) of the
+    decoded box. smooth L1's beta is the head's own where it has one (SSD 1, R-CNN 1/9), 1/9 for
+    RetinaNet and FCOS (FCOS's ``fcos_loc: smooth_l1``).
+box_extra (None), box_extra_weight (1.0)
+    A second localisation term added to ``box`` with that weight (e.g. ``smooth_l1`` + 2 ``giou``).
+    For the harmonic kinds it is part of L_loc, before the ``iou_term`` of Eq. 11.
+carl_k (1.0), carl_bias (0.2)
+    ``pisa`` only: k and b of CARL's weight ``((1 - b) s + b)^k`` (PISA's released configs).
 alpha (1.5)
     Weight of the IoU term inside L_loc (Eq. 11). The paper's best value (Table 5).
 gamma (0.8)
@@ -74,10 +100,12 @@ import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Literal
 
-LossKind = Literal["standard", "harmonic", "harmonicdet"]
+from harmonic.loss_parts import BOX_PARTS, CLS_PARTS, HARMONIC_KINDS, BoxPart, ClsPart
+
+LossKind = Literal["standard", "harmonic", "harmonicdet", "pisa"]
 IoUTerm = Literal["none", "iou", "hiou"]
 
-_KINDS = ("standard", "harmonic", "harmonicdet")
+_KINDS = ("standard", "harmonic", "harmonicdet", "pisa")
 _IOU_TERMS = ("none", "iou", "hiou")
 
 
@@ -103,13 +131,25 @@ class LossConfig:
     normalization: Literal["detector", "num_pos"] = "detector"
     coupling: Literal["score", "loss"] = "score"
     fcos_loc: Literal["giou", "smooth_l1"] = "giou"
+    cls: ClsPart | None = None
+    box: BoxPart | None = None
+    box_extra: BoxPart | None = None
+    box_extra_weight: float = 1.0
+    carl_k: float = 1.0
+    carl_bias: float = 0.2
 
     def __post_init__(self) -> None:
         if self.kind not in _KINDS:
             raise LossConfigError(f"loss.kind: {self.kind!r} is not one of {', '.join(_KINDS)}")
         if self.iou_term is not None and self.iou_term not in _IOU_TERMS:
             raise LossConfigError(f"loss.iou_term: {self.iou_term!r} is not one of {', '.join(_IOU_TERMS)}")
-        for name in ("alpha", "gamma", "margin", "tc_weight"):
+        if self.cls is not None and self.cls not in CLS_PARTS:
+            raise LossConfigError(f"loss.cls: {self.cls!r} is not one of {', '.join(CLS_PARTS)}")
+        for name in ("box", "box_extra"):
+            value = getattr(self, name)
+            if value is not None and value not in BOX_PARTS:
+                raise LossConfigError(f"loss.{name}: {value!r} is not one of {', '.join(BOX_PARTS)}")
+        for name in ("alpha", "gamma", "margin", "tc_weight", "box_extra_weight", "carl_k", "carl_bias"):
             value = getattr(self, name)
             if not isinstance(value, int | float) or isinstance(value, bool) or not math.isfinite(value):
                 raise LossConfigError(f"loss.{name}: must be a finite number, got {value!r}")
@@ -124,6 +164,23 @@ class LossConfig:
             raise LossConfigError(f"loss.margin: must be >= 0, got {self.margin}")
         if self.tc_weight < 0:
             raise LossConfigError(f"loss.tc_weight: must be >= 0, got {self.tc_weight}")
+        if self.box_extra_weight < 0:
+            raise LossConfigError(f"loss.box_extra_weight: must be >= 0, got {self.box_extra_weight}")
+        if self.carl_k < 0:
+            raise LossConfigError(f"loss.carl_k: must be >= 0, got {self.carl_k}")
+        if not 0.0 <= self.carl_bias <= 1.0:
+            raise LossConfigError(f"loss.carl_bias: must be in [0, 1], got {self.carl_bias}")
+        if self.cls == "ghm_c" and self.kind in HARMONIC_KINDS:
+            raise LossConfigError(
+                f"loss.cls: ghm_c weighs each sample by the gradient density of the whole batch; kind "
+                f"{self.kind} couples each positive's own classification loss: take focal, quality_focal "
+                "or varifocal, or kind standard or pisa"
+            )
+        if self.cls in ("quality_focal", "varifocal", "ghm_c") and self.sigmoid_cls == "bce":
+            raise LossConfigError(
+                f"loss.sigmoid_cls: bce couples the BCE of the ground-truth class under the focal loss; "
+                f"with cls: {self.cls} the coupled loss is that of the cls part: leave sigmoid_cls at focal"
+            )
         if self.sigmoid_cls not in ("focal", "bce"):
             raise LossConfigError(f"loss.sigmoid_cls: {self.sigmoid_cls!r} is not one of focal, bce")
         if self.coupling not in ("score", "loss"):
@@ -145,6 +202,25 @@ class LossConfig:
     @property
     def is_standard(self) -> bool:
         return self.kind == "standard"
+
+    @property
+    def is_harmonic(self) -> bool:
+        """The kind couples the branches with the harmonic factors (Eq. 2-13)."""
+        return self.kind in HARMONIC_KINDS
+
+    @property
+    def has_parts(self) -> bool:
+        """A part (``cls``, ``box``, ``box_extra``) is set; a head may still find them all its own."""
+        return self.cls is not None or self.box is not None or self.box_extra is not None
+
+    @property
+    def label(self) -> str:
+        """A short name of the loss: the kind, then each part that is set (``pisa+box=giou``)."""
+        parts = [f"{n}={getattr(self, n)}" for n in ("cls", "box") if getattr(self, n) is not None]
+        if self.box_extra is not None:
+            weight = f"{self.box_extra_weight:g}*" if self.box_extra_weight != 1 else ""
+            parts.append(f"box_extra={weight}{self.box_extra}")
+        return "+".join([self.kind, *parts])
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

@@ -325,6 +325,7 @@ def harmonic_score_gradient(
     coupling: str = "score",
     detach_factors: bool = False,
     harmonic: bool = True,
+    d_cls: Tensor | None = None,
 ) -> Tensor:
     """dL/dp of each positive's loss w.r.t. its ground-truth score p, in closed form (Eq. 4-7).
 
@@ -343,12 +344,15 @@ def harmonic_score_gradient(
         coupling: ``score`` (beta_c = p) or ``loss`` (beta_c = exp(-cls_loss)).
         detach_factors: the factors are constants (then dbeta_c/dp = 0).
         harmonic: False for the standard loss.
+        d_cls: dCE/dp of each positive when it is no function of p alone (the quality focal and
+            varifocal losses also depend on their IoU target, :mod:`harmonic.peer_losses`); it
+            replaces ``form``'s closed form.
 
     Returns:
         ``[N]`` tensor, detached.
     """
     with torch.no_grad():
-        d_cls = cls_loss_grad(score.detach(), form)
+        d_cls = cls_loss_grad(score.detach(), form) if d_cls is None else upcast(d_cls.detach())
         if not harmonic:
             return d_cls
         loc = upcast(loc_loss.detach())

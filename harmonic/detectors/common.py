@@ -19,13 +19,19 @@ Eq. 5) on every head; negatives keep the head's own classification loss (Eq. 13)
 The diagnostics of a step are, per positive: ``score`` (p), ``iou``, ``beta_r``, ``beta_c`` and
 ``dl_dp``, the closed-form gradient of its loss w.r.t. p (:func:`harmonic.losses.harmonic_score_gradient`;
 positive where Eq. 7 pushes the score down).
+
+A loss with parts (``LossConfig.cls``, ``box``, ``box_extra``, ``kind: pisa``; see
+:mod:`harmonic.loss_parts`) goes through the same quantities: the adapter computes ``cls_loss`` and
+``loc_loss`` with the parts (:func:`part_box_loss`, :func:`sigmoid_cls_loss`) and
+:meth:`HarmonicPart._weigh` couples them per ``kind``. A part equal to the head's own is no part: the
+preset's code path runs, unchanged.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -33,12 +39,33 @@ from torch import Tensor, nn
 from torchvision.ops import complete_box_iou_loss, distance_box_iou_loss, generalized_box_iou_loss
 
 from harmonic.config import LossConfig
-from harmonic.losses import HarmonicTerms, harmonic_det_terms, harmonic_score_gradient, upcast
+from harmonic.loss_parts import effective_box, effective_cls
+from harmonic.losses import (
+    HarmonicTerms,
+    harmonic_det_terms,
+    harmonic_score_gradient,
+    hiou_loss,
+    iou_loss,
+    upcast,
+)
+from harmonic.peer_losses import (
+    balanced_l1_loss,
+    carl_weights,
+    ciou_loss,
+    diou_loss,
+    giou_loss,
+    quality_focal_loss,
+    sigmoid_focal_loss,
+    varifocal_loss,
+)
 
 __all__ = [
     "HarmonicPart",
+    "gt_score_gradient",
     "paired_iou",
+    "part_box_loss",
     "per_sample_box_loss",
+    "sigmoid_cls_loss",
     "pop_diagnostics",
     "pre_nms_predictions",
     "unwrap",
@@ -104,6 +131,85 @@ def per_sample_box_loss(
     raise ValueError(f"unsupported regression loss {loss_type!r}; expected l1, smooth_l1, giou, diou or ciou")
 
 
+def part_box_loss(
+    part: str,
+    offsets: Tensor,
+    target_offsets: Tensor,
+    pred_boxes: Tensor,
+    gt_boxes: Tensor,
+    *,
+    smooth_l1_beta: float,
+    gamma: float,
+) -> Tensor:
+    """The localisation part ``part`` of each positive, ``[N]`` (see :mod:`harmonic.loss_parts`).
+
+    Args:
+        part: one of :data:`harmonic.loss_parts.BOX_PARTS`.
+        offsets: predicted offsets, ``[N, 4]`` (for ``smooth_l1``, ``l1``, ``balanced_l1``: summed
+            over the 4 coordinates).
+        target_offsets: the ground truth encoded by the head's box coder, ``[N, 4]``.
+        pred_boxes: boxes decoded from ``offsets`` (for the IoU-type parts), ``[N, 4]``.
+        gt_boxes: their ground-truth boxes, ``[N, 4]``.
+        smooth_l1_beta: smooth L1's transition point.
+        gamma: HIoU's focusing parameter (Eq. 10).
+    """
+    if part == "smooth_l1":
+        return F.smooth_l1_loss(offsets, target_offsets, beta=smooth_l1_beta, reduction="none").sum(dim=1)
+    if part == "l1":
+        return F.l1_loss(offsets, target_offsets, reduction="none").sum(dim=1)
+    if part == "balanced_l1":
+        return balanced_l1_loss(offsets, target_offsets).sum(dim=1)
+    if part == "iou":
+        return iou_loss(paired_iou(pred_boxes, gt_boxes))
+    if part == "hiou":
+        return hiou_loss(paired_iou(pred_boxes, gt_boxes), gamma)
+    if part == "giou":
+        return giou_loss(pred_boxes, gt_boxes)
+    if part == "diou":
+        return diou_loss(pred_boxes, gt_boxes)
+    if part == "ciou":
+        return ciou_loss(pred_boxes, gt_boxes)
+    raise ValueError(f"box part {part!r} is none of smooth_l1, l1, balanced_l1, iou, giou, diou, ciou, hiou")
+
+
+def sigmoid_cls_loss(part: str, logits: Tensor, targets: Tensor) -> Tensor:
+    """The classification part ``part`` of a sigmoid head per logit, ``logits``'s shape.
+
+    ``targets``: one-hot ground-truth classes for ``focal``; for ``quality_focal`` and ``varifocal``
+    the one-hot classes times the (detached) IoU of each positive's decoded box. GHM-C needs the
+    whole batch at once and is computed by the heads with :func:`harmonic.peer_losses.ghm_c_loss`.
+    """
+    if part == "focal":
+        return sigmoid_focal_loss(logits, targets)
+    if part == "quality_focal":
+        return quality_focal_loss(logits, targets)
+    if part == "varifocal":
+        return varifocal_loss(logits, targets)
+    raise ValueError(f"sigmoid classification part {part!r} is none of focal, quality_focal, varifocal")
+
+
+def gt_score_gradient(part: str, score: Tensor, target: Tensor, weight: Tensor | None = None) -> Tensor:
+    """d/dp of a positive's classification part at its ground-truth class, p its score, ``[N]``.
+
+    The other classes' terms do not depend on p. ``target``: the ground-truth class's target (the
+    IoU for ``quality_focal``/``varifocal``, 1 for ``ghm_c``); ``weight``: GHM-C's weight of that
+    element. Differentiated by autograd through the loss itself, so it cannot drift from it.
+    """
+    with torch.no_grad():
+        p = upcast(score.detach()).clamp(1e-6, 1 - 1e-6)
+        target = upcast(target.detach())
+    with torch.enable_grad():
+        p.requires_grad_(True)
+        logit = torch.logit(p)
+        if part == "ghm_c":
+            assert weight is not None
+            value = weight.detach() * F.binary_cross_entropy_with_logits(logit, target, reduction="none")
+        else:
+            value = sigmoid_cls_loss(part, logit, target)
+        (grad,) = torch.autograd.grad(value.sum(), p)
+    return grad
+
+
 def sigmoid_class_probs(probs_sigmoid: Tensor) -> Tensor:
     """Per-class sigmoid scores normalised to sum to one (the TC entropy of a sigmoid head), in float32
     (the clamp's 1e-12 is 0 in fp16)."""
@@ -120,12 +226,19 @@ class HarmonicPart:
 
     loss_config: LossConfig
     _diagnostics: dict[str, Tensor] | None
+    #: the arch whose head the adapter is (for DSSD, SSDlite and Mask R-CNN: SSD's and Faster R-CNN's)
+    _arch: ClassVar[str]
+    #: the classification and localisation parts other than the head's own (None: its own)
+    _cls_part: str | None
+    _box_part: str | None
 
     def _init_harmonic(self, loss_config: LossConfig) -> None:
         self.loss_config = loss_config
         self._diagnostics = None
-        # The options of Eq. 11-12, mapped once here rather than unpacked at every step.
         cfg = loss_config
+        self._cls_part = effective_cls(cfg, self._arch)
+        self._box_part = effective_box(cfg, self._arch)
+        # The options of Eq. 11-12, mapped once here rather than unpacked at every step.
         self._terms_options: dict[str, Any] = {
             "alpha": cfg.alpha,
             "gamma": cfg.gamma,
@@ -157,11 +270,13 @@ class HarmonicPart:
         score: Tensor,
         probs: Tensor,
         form: str = "ce",
+        d_cls: Tensor | None = None,
     ) -> HarmonicTerms:
         """The harmonic terms of the positives (Eq. 11-12 per ``loss_config``); records diagnostics.
 
         ``form`` is the coupled classification loss's form (``ce`` or ``focal``, see
-        :func:`harmonic.losses.cls_loss_grad`), for the ``dl_dp`` diagnostic.
+        :func:`harmonic.losses.cls_loss_grad`), for the ``dl_dp`` diagnostic; ``d_cls`` replaces it
+        for a classification part (:func:`gt_score_gradient`).
         """
         terms = harmonic_det_terms(cls_loss, loc_loss, iou, score, probs, **self._terms_options)
         dl_dp = harmonic_score_gradient(
@@ -171,23 +286,90 @@ class HarmonicPart:
             form=form,
             coupling=self._terms_options["coupling"],
             detach_factors=self._terms_options["detach_factors"],
+            d_cls=d_cls,
         )
         self._record(score, iou, terms.beta_r, terms.beta_c, dl_dp)
         return terms
 
     def _record_standard(
-        self, cls_loss: Tensor, loc_loss: Tensor, iou: Tensor, score: Tensor, form: str = "ce"
+        self,
+        cls_loss: Tensor,
+        loc_loss: Tensor,
+        iou: Tensor,
+        score: Tensor,
+        form: str = "ce",
+        d_cls: Tensor | None = None,
     ) -> None:
         """Diagnostics of the baseline: beta_r = exp(-L_loc) of the head's own loss, beta_c as the
         configured coupling defines it, and dL/dp of the standard loss (never positive)."""
         with torch.no_grad():
             beta_c = score if self.loss_config.coupling == "score" else torch.exp(-cls_loss)
-            dl_dp = harmonic_score_gradient(score, cls_loss, loc_loss, form=form, harmonic=False)
+            dl_dp = harmonic_score_gradient(score, cls_loss, loc_loss, form=form, harmonic=False, d_cls=d_cls)
             self._record(score, iou, torch.exp(-loc_loss), beta_c, dl_dp)
 
     @property
+    def _plain(self) -> bool:
+        """No part other than the head's own and no CARL: the preset's own code path runs."""
+        cfg = self.loss_config
+        return (
+            self._cls_part is None and self._box_part is None and cfg.box_extra is None and cfg.kind != "pisa"
+        )
+
+    def _with_box_extra(
+        self,
+        loc: Tensor,
+        offsets: Tensor,
+        target_offsets: Tensor,
+        pred_boxes: Tensor,
+        gt_boxes: Tensor,
+        smooth_l1_beta: float,
+    ) -> Tensor:
+        """``loc`` plus ``box_extra_weight`` times the ``box_extra`` part (``loc`` when it is unset)."""
+        cfg = self.loss_config
+        if cfg.box_extra is None:
+            return loc
+        extra = part_box_loss(
+            cfg.box_extra,
+            offsets,
+            target_offsets,
+            pred_boxes,
+            gt_boxes,
+            smooth_l1_beta=smooth_l1_beta,
+            gamma=cfg.gamma,
+        )
+        return loc + cfg.box_extra_weight * extra
+
+    def _weigh(
+        self,
+        cls_loss: Tensor,
+        loc_loss: Tensor,
+        iou: Tensor,
+        score: Tensor,
+        probs: Tensor,
+        form: str = "ce",
+        d_cls: Tensor | None = None,
+    ) -> tuple[HarmonicTerms, Tensor | None]:
+        """The positives' terms of a loss with parts, coupled per ``kind``, and CARL's per-positive
+        term (``kind: pisa``, else None); records the diagnostics.
+
+        ``standard``/``pisa``: the terms are ``cls_loss`` and ``loc_loss`` themselves (no TC);
+        ``harmonic``/``harmonicdet``: :meth:`_couple`. ``score`` must carry gradient for CARL.
+        """
+        cfg = self.loss_config
+        if cfg.is_harmonic:
+            return self._couple(cls_loss, loc_loss, iou, score, probs, form, d_cls), None
+        self._record_standard(cls_loss.detach(), loc_loss.detach(), iou, score.detach(), form, d_cls)
+        with torch.no_grad():
+            beta_r, beta_c = torch.exp(-loc_loss), score.detach()
+        terms = HarmonicTerms(cls_loss, loc_loss, torch.zeros_like(loc_loss), loc_loss, beta_r, beta_c)
+        if cfg.kind != "pisa":
+            return terms, None
+        return terms, carl_weights(score, cfg.carl_k, cfg.carl_bias) * loc_loss
+
+    @property
     def uses_tc(self) -> bool:
-        return self.loss_config.tc and self.loss_config.tc_weight > 0
+        cfg = self.loss_config
+        return cfg.is_harmonic and cfg.tc and cfg.tc_weight > 0
 
 
 def unwrap(model: nn.Module) -> nn.Module:

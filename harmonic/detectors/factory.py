@@ -20,10 +20,9 @@ Defaults (torchvision's recipe where it has one):
   RetinaNet's 4x each level's stride; FCOS's "anchors" are its strides; RefineDet's are 4x each
   map's stride); SSD's and DSSD's default boxes are relative to the image. Shrunk by
   ``image_size / 800`` at 96 px they left small objects with no anchor of their size on a fine
-  grid: Faster R-CNN reached AP 13.5 after 2 epochs where torchvision's anchors reach 33.7, and
-  RetinaNet 0.3 where they reach 8.2. The R-CNNs' proposal and RoI sample counts are scaled by the
-  area ratio ``(image_size / 800)^2``, with floors of 100-200 proposals and 64 RoIs per image.
-  ``anchor_generator``/``rpn_anchor_generator`` in
+  grid, and both detectors learned far less (docs/results.md, "Anchors"). The R-CNNs' proposal and
+  RoI sample counts are scaled by the area ratio ``(image_size / 800)^2``, with floors of 100-200
+  proposals and 64 RoIs per image. ``anchor_generator``/``rpn_anchor_generator`` in
   ``detector_kwargs`` override them;
 * ``detector_kwargs`` go to the torchvision model class (e.g. ``rpn_post_nms_top_n_train``,
   ``box_batch_size_per_image``, ``topk_candidates``), except ``trainable_backbone_layers`` (only
@@ -49,6 +48,7 @@ from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 
 from harmonic.catalog import ARCHS, BACKBONES, check_detector, default_backbone, valid_backbones
 from harmonic.config import EvalProtocol, LossConfig
+from harmonic.loss_parts import check_loss_fits
 
 from .backbones import (
     freeze_vgg_stages,
@@ -59,6 +59,7 @@ from .backbones import (
     resnet_fpn,
     vgg16_features,
 )
+from .common import HarmonicPart
 from .dssd import build_dssd
 from .fcos import HarmonicFCOSHead
 from .rcnn import HarmonicRoIHeads
@@ -261,15 +262,22 @@ def build_torchvision_detector(
     return set_eval_protocol(model, protocol)
 
 
-def install_loss(model: nn.Module, loss: LossConfig | dict[str, Any] | str | None) -> nn.Module:
+def install_loss(
+    model: nn.Module, loss: LossConfig | dict[str, Any] | str | None, *, arch: str | None = None
+) -> nn.Module:
     """Turn the loss-computing part of a torchvision detector into its Harmonic adapter, in place.
 
     The part keeps its parameters, buffers and settings; only its class becomes the adapter subclass
-    (which adds no parameters), so the state dict and inference are unchanged.
+    (which adds no parameters), so the state dict and inference are unchanged. ``arch`` names the
+    detector in the refusal of a loss part its head cannot take (None: the adapter's arch, e.g. ``ssd``
+    for SSDlite).
+
+    Raises:
+        LossConfigError: a loss part the head cannot take (:func:`harmonic.loss_parts.loss_problems`).
     """
     cfg = LossConfig.from_any(loss)
     part: nn.Module
-    adapter: type
+    adapter: type[HarmonicPart]
     if isinstance(model, RefineDet):
         part, adapter = model, HarmonicRefineDet
     elif isinstance(model, FasterRCNN):  # MaskRCNN is a FasterRCNN
@@ -282,6 +290,7 @@ def install_loss(model: nn.Module, loss: LossConfig | dict[str, Any] | str | Non
         part, adapter = model, HarmonicSSD
     else:
         raise TypeError(f"no Harmonic loss adapter for {type(model).__name__}")
+    check_loss_fits(cfg, arch or adapter._arch)
     if not isinstance(part, adapter):
         if type(part) not in adapter.__mro__:
             raise TypeError(
@@ -326,10 +335,11 @@ def build_detector(
         and records the diagnostics read by :func:`~harmonic.detectors.pop_diagnostics`.
 
     Raises:
-        ValueError: unknown arch/backbone, bad sizes, or a bad loss option
-            (:class:`~harmonic.config.LossConfigError` names the option).
+        ValueError: unknown arch/backbone, bad sizes, a bad loss option or a loss part the arch's
+            head cannot take (:class:`~harmonic.config.LossConfigError` names the option).
     """
     cfg = LossConfig.from_any(loss)  # validate before spending time on the model
+    check_loss_fits(cfg, arch)
     model = build_torchvision_detector(
         arch,
         num_classes,
@@ -339,4 +349,4 @@ def build_detector(
         eval_protocol=eval_protocol,
         **detector_kwargs,
     )
-    return install_loss(model, cfg)
+    return install_loss(model, cfg, arch=arch)

@@ -18,6 +18,11 @@ The centre-ness loss is torchvision's, unchanged (key ``bbox_ctrness``). Negativ
 loss (Eq. 13). FCOS divides everything by the number of positives of the batch, so
 ``normalization: detector`` and ``num_pos`` agree here. Keys: ``classification``,
 ``bbox_regression``, ``bbox_ctrness``, ``tc`` (when TC is on).
+
+Parts (:mod:`harmonic.loss_parts`): ``cls`` replaces the focal loss of every location by the quality
+focal, varifocal or GHM-C loss (IoU targets: the IoUs above, detached; GHM-C's histogram over every
+location of the batch, its sum not divided by the positives); ``box`` replaces the GIoU loss (and
+``fcos_loc``: ``box: smooth_l1`` is ``fcos_loc: smooth_l1``). ``kind: pisa`` adds the key ``carl``.
 """
 
 from __future__ import annotations
@@ -29,14 +34,27 @@ from torchvision.models.detection.fcos import FCOSHead
 from torchvision.ops import generalized_box_iou_loss, sigmoid_focal_loss
 
 from harmonic.losses import upcast
+from harmonic.peer_losses import ghm_c_loss, ghm_c_weights
 
-from .common import HarmonicPart, paired_iou, sigmoid_class_probs
+from .common import (
+    HarmonicPart,
+    gt_score_gradient,
+    paired_iou,
+    part_box_loss,
+    sigmoid_class_probs,
+    sigmoid_cls_loss,
+)
 
 __all__ = ["HarmonicFCOSHead"]
+
+#: smooth L1's transition point on FCOS's encoded offsets (``fcos_loc: smooth_l1``, ``box: smooth_l1``)
+SMOOTH_L1_BETA = 1 / 9
 
 
 class HarmonicFCOSHead(HarmonicPart, FCOSHead):
     """``FCOSHead`` whose ``compute_loss`` is the configured Harmonic/HarmonicDet loss."""
+
+    _arch = "fcos"
 
     def compute_loss(
         self,
@@ -46,22 +64,15 @@ class HarmonicFCOSHead(HarmonicPart, FCOSHead):
         matched_idxs: list[Tensor],
     ) -> dict[str, Tensor]:
         cfg = self.loss_config
+        if not self._plain:
+            return self._parts_loss(targets, head_outputs, anchors, matched_idxs)
         standard = cfg.is_standard
         if standard:
             losses = FCOSHead.compute_loss(self, targets, head_outputs, anchors, matched_idxs)
 
         cls_logits = head_outputs["cls_logits"]  # [B, A, C]
-        labels_l, boxes_l = [], []
-        for tgt, matched in zip(targets, matched_idxs):
-            if len(tgt["labels"]) == 0:
-                labels_l.append(tgt["labels"].new_full((len(matched),), -1))
-                boxes_l.append(tgt["boxes"].new_zeros((len(matched), 4)))
-                continue
-            labels = tgt["labels"][matched.clip(min=0)]
-            labels[matched < 0] = -1
-            labels_l.append(labels)
-            boxes_l.append(tgt["boxes"][matched.clip(min=0)])
-        all_labels, all_boxes, all_anchors = torch.stack(labels_l), torch.stack(boxes_l), torch.stack(anchors)
+        all_labels, all_boxes = _matched_targets(targets, matched_idxs)
+        all_anchors = torch.stack(anchors)
         fg = all_labels >= 0
         num_foreground = int(fg.sum())
 
@@ -108,19 +119,7 @@ class HarmonicFCOSHead(HarmonicPart, FCOSHead):
         if cfg.sigmoid_cls == "bce":
             negatives = negatives + focal.sum() - focal.gather(1, labels_fg[:, None]).sum()
 
-        # centre-ness: torchvision's loss, on the positives only (the only ones it counts)
-        reg_targets = self.box_coder.encode(anchors_fg, gt_fg)
-        if reg_targets.numel() == 0:
-            ctr_targets = reg_targets.new_zeros(reg_targets.shape[:-1])
-        else:
-            left_right, top_bottom = reg_targets[:, [0, 2]], reg_targets[:, [1, 3]]
-            ctr_targets = torch.sqrt(
-                (left_right.min(dim=-1)[0] / left_right.max(dim=-1)[0])
-                * (top_bottom.min(dim=-1)[0] / top_bottom.max(dim=-1)[0])
-            )
-        ctrness = F.binary_cross_entropy_with_logits(
-            head_outputs["bbox_ctrness"].squeeze(dim=2)[fg], ctr_targets, reduction="sum"
-        )
+        ctrness = self._ctrness(head_outputs, fg, anchors_fg, gt_fg)
         denom = max(1, num_foreground)
         out = {
             "classification": (negatives + terms.cls.sum()) / denom,
@@ -130,3 +129,98 @@ class HarmonicFCOSHead(HarmonicPart, FCOSHead):
         if self.uses_tc:
             out["tc"] = terms.tc.sum() / denom
         return out
+
+    def _ctrness(
+        self, head_outputs: dict[str, Tensor], fg: Tensor, anchors_fg: Tensor, gt_fg: Tensor
+    ) -> Tensor:
+        """Centre-ness: torchvision's loss (summed), on the positives only (the only ones it counts)."""
+        reg_targets = self.box_coder.encode(anchors_fg, gt_fg)
+        if reg_targets.numel() == 0:
+            ctr_targets = reg_targets.new_zeros(reg_targets.shape[:-1])
+        else:
+            left_right, top_bottom = reg_targets[:, [0, 2]], reg_targets[:, [1, 3]]
+            ctr_targets = torch.sqrt(
+                (left_right.min(dim=-1)[0] / left_right.max(dim=-1)[0])
+                * (top_bottom.min(dim=-1)[0] / top_bottom.max(dim=-1)[0])
+            )
+        return F.binary_cross_entropy_with_logits(
+            head_outputs["bbox_ctrness"].squeeze(dim=2)[fg], ctr_targets, reduction="sum"
+        )
+
+    def _parts_loss(
+        self,
+        targets: list[dict[str, Tensor]],
+        head_outputs: dict[str, Tensor],
+        anchors: list[Tensor],
+        matched_idxs: list[Tensor],
+    ) -> dict[str, Tensor]:
+        """The loss with parts: the positives' and negatives' terms per part, coupled per ``kind``."""
+        cfg = self.loss_config
+        cls_part = self._cls_part or "focal"
+        box_part = self._box_part or (cfg.fcos_loc if cfg.is_harmonic else "giou")
+        cls_logits = head_outputs["cls_logits"]  # [B, A, C]
+        all_labels, all_boxes = _matched_targets(targets, matched_idxs)
+        fg = all_labels >= 0
+        labels_fg, logits_fg, gt_fg = all_labels[fg], cls_logits[fg], all_boxes[fg]
+        anchors_fg = torch.stack(anchors)[fg]
+        offsets = upcast(head_outputs["bbox_regression"][fg])
+        pred_fg = self.box_coder.decode(offsets, anchors_fg)
+        target_offsets = self.box_coder.encode(anchors_fg, gt_fg)
+        loc = part_box_loss(
+            box_part, offsets, target_offsets, pred_fg, gt_fg, smooth_l1_beta=SMOOTH_L1_BETA, gamma=cfg.gamma
+        )
+        loc = self._with_box_extra(loc, offsets, target_offsets, pred_fg, gt_fg, SMOOTH_L1_BETA)
+        iou = paired_iou(pred_fg, gt_fg)
+        rows = torch.arange(labels_fg.numel(), device=labels_fg.device)
+        onehot = torch.zeros_like(logits_fg, dtype=torch.float32)
+        onehot[rows, labels_fg] = 1.0
+        # QFL and VFL: the positive's target at its class is the IoU of its box, without gradient
+        soft = onehot * iou.detach()[:, None] if cls_part in ("quality_focal", "varifocal") else onehot
+        sig = torch.sigmoid(logits_fg)
+        score = sig.gather(1, labels_fg[:, None])[:, 0]
+        denom = max(1, int(fg.sum()))
+        d_cls: Tensor | None = None
+        if cls_part == "ghm_c":
+            full = torch.zeros_like(cls_logits, dtype=torch.float32)
+            full[fg] = onehot
+            per_logit = ghm_c_loss(cls_logits, full)
+            cls_pos = per_logit[fg].sum(dim=1)
+            gt_weights = ghm_c_weights(cls_logits, full)[fg][rows, labels_fg]
+            d_cls = gt_score_gradient("ghm_c", score, torch.ones_like(score), gt_weights)
+        else:
+            cls_pos = sigmoid_cls_loss(cls_part, logits_fg, soft).sum(dim=1)
+            logits_bg = cls_logits[~fg]
+            negatives = sigmoid_cls_loss(cls_part, logits_bg, torch.zeros_like(logits_bg)).sum()
+            if cls_part != "focal":
+                d_cls = gt_score_gradient(cls_part, score, soft[rows, labels_fg])
+        form = "focal" if cls_part == "focal" else "ce"
+        terms, carl = self._weigh(cls_pos, loc, iou, score, sigmoid_class_probs(sig), form, d_cls)
+        if cls_part == "ghm_c":
+            classification = per_logit.sum()  # GHM-C normalises itself
+        else:
+            classification = (negatives + terms.cls.sum()) / denom
+        out = {
+            "classification": classification,
+            "bbox_regression": terms.loc.sum() / denom,
+            "bbox_ctrness": self._ctrness(head_outputs, fg, anchors_fg, gt_fg) / denom,
+        }
+        if self.uses_tc:
+            out["tc"] = terms.tc.sum() / denom
+        if carl is not None:
+            out["carl"] = carl.sum() / denom
+        return out
+
+
+def _matched_targets(targets: list[dict[str, Tensor]], matched_idxs: list[Tensor]) -> tuple[Tensor, Tensor]:
+    """The class (-1: background) and the ground-truth box of every location, ``[B, A]`` and ``[B, A, 4]``."""
+    labels_l, boxes_l = [], []
+    for tgt, matched in zip(targets, matched_idxs):
+        if len(tgt["labels"]) == 0:
+            labels_l.append(tgt["labels"].new_full((len(matched),), -1))
+            boxes_l.append(tgt["boxes"].new_zeros((len(matched), 4)))
+            continue
+        labels = tgt["labels"][matched.clip(min=0)]
+        labels[matched < 0] = -1
+        labels_l.append(labels)
+        boxes_l.append(tgt["boxes"][matched.clip(min=0)])
+    return torch.stack(labels_l), torch.stack(boxes_l)

@@ -15,6 +15,10 @@ positive RoIs instead. The mask loss of Mask R-CNN is torchvision's, untouched.
 
 Keys: ``loss_classifier`` (negative CE + (1 + beta_r) CE of the positives), ``loss_box_reg``
 ((1 + beta_c) L_loc), ``loss_tc`` (only when TC is on), plus the RPN's (and ``loss_mask``).
+
+Parts (:mod:`harmonic.loss_parts`): the box classifier is a softmax, so ``cls`` is its CE; ``box`` and
+``box_extra`` replace the smooth L1 (beta 1/9 for ``smooth_l1``, the head's own) of the
+class-specific offsets; ``kind: pisa`` adds ``loss_carl``, normalised like ``loss_box_reg``.
 """
 
 from __future__ import annotations
@@ -28,9 +32,12 @@ from torchvision.models.detection.roi_heads import RoIHeads
 
 from harmonic.losses import upcast
 
-from .common import HarmonicPart, paired_iou
+from .common import HarmonicPart, paired_iou, part_box_loss
 
 __all__ = ["HarmonicRoIHeads"]
+
+#: the box head's smooth L1 transition point (torchvision's ``fastrcnn_loss``)
+SMOOTH_L1_BETA = 1 / 9
 
 
 class HarmonicRoIHeads(HarmonicPart, RoIHeads):
@@ -43,6 +50,7 @@ class HarmonicRoIHeads(HarmonicPart, RoIHeads):
     """
 
     _sampled: tuple[Any, ...] | None = None
+    _arch = "faster_rcnn"
 
     def select_training_samples(self, proposals, targets):  # type: ignore[no-untyped-def]
         proposals, matched_idxs, labels, regression_targets = super().select_training_samples(
@@ -89,13 +97,14 @@ class HarmonicRoIHeads(HarmonicPart, RoIHeads):
         targets: list[dict[str, Tensor]],
     ) -> dict[str, Tensor]:
         cfg = self.loss_config
-        harmonic = not cfg.is_standard
+        # the adapter's own loss replaces torchvision's two box-head losses (all but the plain baseline)
+        replaces = not (cfg.is_standard and self._plain)
         labels = torch.cat(labels_list, dim=0)
         num_sampled = labels.numel()
         pos = torch.where(labels > 0)[0]
         labels_pos = labels[pos]
 
-        with torch.set_grad_enabled(harmonic and torch.is_grad_enabled()):
+        with torch.set_grad_enabled(replaces and torch.is_grad_enabled()):
             # float32 at least: under AMP the RPN's proposals are fp16, too coarse for the IoU
             dtype = torch.promote_types(proposals[0].dtype, torch.float32)
             gt_boxes = [
@@ -105,21 +114,37 @@ class HarmonicRoIHeads(HarmonicPart, RoIHeads):
             matched_gt = torch.cat([g[m] for g, m in zip(gt_boxes, matched_idxs)], dim=0)[pos]
             # the positives' offsets in float32: decoded in fp16 (AMP) a box's area overflows
             offsets = upcast(box_regression.reshape(num_sampled, -1, 4)[pos, labels_pos])
-            smooth_l1 = F.smooth_l1_loss(
-                offsets, torch.cat(regression_targets, dim=0)[pos], beta=1 / 9, reduction="none"
-            ).sum(dim=1)
+            target_offsets = torch.cat(regression_targets, dim=0)[pos]
             pred_boxes = self.box_coder.decode_single(offsets, torch.cat(proposals, dim=0)[pos])
+            if self._box_part is None:
+                loc = F.smooth_l1_loss(offsets, target_offsets, beta=SMOOTH_L1_BETA, reduction="none")
+                loc = loc.sum(dim=1)
+            else:
+                loc = part_box_loss(
+                    self._box_part,
+                    offsets,
+                    target_offsets,
+                    pred_boxes,
+                    matched_gt,
+                    smooth_l1_beta=SMOOTH_L1_BETA,
+                    gamma=cfg.gamma,
+                )
+            loc = self._with_box_extra(loc, offsets, target_offsets, pred_boxes, matched_gt, SMOOTH_L1_BETA)
             iou = paired_iou(pred_boxes, matched_gt)
             logits_pos = class_logits[pos]
             ce_pos = F.cross_entropy(logits_pos, labels_pos, reduction="none")
             probs = F.softmax(logits_pos, dim=-1)
             score = probs.gather(1, labels_pos[:, None])[:, 0]
 
-        if not harmonic:
-            self._record_standard(ce_pos, smooth_l1, iou, score)
+        if not replaces:
+            self._record_standard(ce_pos, loc, iou, score)
             return {}
 
-        terms = self._couple(ce_pos, smooth_l1, iou, score, probs)
+        carl: Tensor | None = None
+        if self._plain:
+            terms = self._couple(ce_pos, loc, iou, score, probs)
+        else:
+            terms, carl = self._weigh(ce_pos, loc, iou, score, probs)
         neg = labels == 0
         neg_ce = F.cross_entropy(class_logits[neg], labels[neg], reduction="sum")
         denom = max(1, num_sampled)
@@ -130,4 +155,6 @@ class HarmonicRoIHeads(HarmonicPart, RoIHeads):
         }
         if self.uses_tc:
             out["loss_tc"] = terms.tc.sum() / pos_denom
+        if carl is not None:
+            out["loss_carl"] = carl.sum() / pos_denom
         return out

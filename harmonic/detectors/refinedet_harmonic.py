@@ -37,6 +37,8 @@ __all__ = ["HarmonicRefineDet"]
 class HarmonicRefineDet(HarmonicPart, RefineDet):
     """``RefineDet`` whose ODM loss is the configured Harmonic/HarmonicDet loss."""
 
+    _arch = "refinedet"
+
     def odm_loss(self, odm: dict[str, Tensor], t: MultiboxTargets) -> dict[str, Tensor]:
         if self.loss_config.is_standard:
             losses = RefineDet.odm_loss(self, odm, t)

@@ -17,6 +17,13 @@ Negative anchors keep their focal loss (Eq. 13); anchors between the IoU thresho
 ``normalization: detector`` keeps torchvision's normaliser (each image divided by its number of
 positives, then averaged over the images); ``num_pos`` divides the positive terms by the number of
 positives of the whole batch. Keys: ``classification``, ``bbox_regression``, ``tc`` (when TC is on).
+
+Parts (:mod:`harmonic.loss_parts`): ``cls`` replaces the focal loss of every anchor (positives and
+negatives) by the quality focal, varifocal or GHM-C loss, whose IoU targets are the IoUs above
+(detached); GHM-C's histogram takes every anchor that is not ignored, over the batch, and its sum is
+the classification loss as it stands (not divided by the positives). ``box`` replaces the L1 of the
+offsets (smooth L1 with beta 1/9 for ``smooth_l1``). ``kind: pisa`` adds the key ``carl``, normalised
+like ``bbox_regression``.
 """
 
 from __future__ import annotations
@@ -28,14 +35,28 @@ from torchvision.models.detection.retinanet import RetinaNetHead
 from torchvision.ops import sigmoid_focal_loss
 
 from harmonic.losses import upcast
+from harmonic.peer_losses import ghm_c_loss, ghm_c_weights
 
-from .common import HarmonicPart, paired_iou, per_sample_box_loss, sigmoid_class_probs
+from .common import (
+    HarmonicPart,
+    gt_score_gradient,
+    paired_iou,
+    part_box_loss,
+    per_sample_box_loss,
+    sigmoid_class_probs,
+    sigmoid_cls_loss,
+)
 
 __all__ = ["HarmonicRetinaNetHead"]
+
+#: smooth L1's transition point when a part asks for it (RetinaNet's own loss is L1; detectron's 1/9)
+SMOOTH_L1_BETA = 1 / 9
 
 
 class HarmonicRetinaNetHead(HarmonicPart, RetinaNetHead):
     """``RetinaNetHead`` whose ``compute_loss`` is the configured Harmonic/HarmonicDet loss."""
+
+    _arch = "retinanet"
 
     def compute_loss(  # type: ignore[override]
         self,
@@ -45,6 +66,8 @@ class HarmonicRetinaNetHead(HarmonicPart, RetinaNetHead):
         matched_idxs: list[Tensor],
     ) -> dict[str, Tensor]:
         cfg = self.loss_config
+        if not self._plain:
+            return self._parts_loss(targets, head_outputs, anchors, matched_idxs)
         if cfg.is_standard:
             losses = RetinaNetHead.compute_loss(self, targets, head_outputs, anchors, matched_idxs)
             with torch.no_grad():
@@ -137,3 +160,103 @@ class HarmonicRetinaNetHead(HarmonicPart, RetinaNetHead):
             torch.tensor(counts, device=device),
             torch.stack(neg_l) if neg_l else torch.zeros(0, device=device),
         )
+
+    def _parts_loss(
+        self,
+        targets: list[dict[str, Tensor]],
+        head_outputs: dict[str, Tensor],
+        anchors: list[Tensor],
+        matched_idxs: list[Tensor],
+    ) -> dict[str, Tensor]:
+        """The loss with parts: the positives' and negatives' terms per part, coupled per ``kind``."""
+        cfg = self.loss_config
+        cls_part = self._cls_part or "focal"
+        box_part = self._box_part
+        reg_head = self.regression_head
+        all_logits = head_outputs["cls_logits"]
+        cls_l, loc_l, iou_l, score_l, probs_l, d_l, counts, neg_l = [], [], [], [], [], [], [], []
+        ghm_targets, ghm_valid, fg_l = [], [], []
+        for tgt, logits, regression, anchors_i, matched in zip(
+            targets, all_logits, head_outputs["bbox_regression"], anchors, matched_idxs
+        ):
+            fg = torch.where(matched >= 0)[0]
+            labels = tgt["labels"][matched[fg]]
+            gt = tgt["boxes"][matched[fg]]
+            offsets = upcast(regression[fg])
+            anchors_fg = anchors_i[fg]
+            pred = reg_head.box_coder.decode_single(offsets, anchors_fg)
+            iou = paired_iou(pred, gt)
+            target_offsets = reg_head.box_coder.encode_single(gt, anchors_fg)
+            if box_part is None:
+                loc = per_sample_box_loss(
+                    reg_head._loss_type, reg_head.box_coder, anchors_fg, gt, offsets, pred
+                )
+            else:
+                loc = part_box_loss(
+                    box_part,
+                    offsets,
+                    target_offsets,
+                    pred,
+                    gt,
+                    smooth_l1_beta=SMOOTH_L1_BETA,
+                    gamma=cfg.gamma,
+                )
+            loc_l.append(self._with_box_extra(loc, offsets, target_offsets, pred, gt, SMOOTH_L1_BETA))
+            logits_fg = logits[fg]
+            rows = torch.arange(fg.numel(), device=fg.device)
+            onehot = torch.zeros_like(logits_fg, dtype=torch.float32)
+            onehot[rows, labels] = 1.0
+            # QFL and VFL: the positive's target at its class is the IoU of its box, without gradient
+            soft = onehot * iou.detach()[:, None] if cls_part in ("quality_focal", "varifocal") else onehot
+            sig = torch.sigmoid(logits_fg)
+            score = sig.gather(1, labels[:, None])[:, 0]
+            if cls_part == "ghm_c":
+                full = torch.zeros_like(logits, dtype=torch.float32)
+                full[fg] = onehot
+                ghm_targets.append(full)
+                ghm_valid.append(matched != -2)  # -2: between the thresholds, ignored
+                fg_l.append((fg, labels))
+            else:
+                cls_l.append(sigmoid_cls_loss(cls_part, logits_fg, soft).sum(dim=1))
+                bg = logits[matched == -1]
+                neg_l.append(sigmoid_cls_loss(cls_part, bg, torch.zeros_like(bg)).sum())
+                if cls_part != "focal":
+                    d_l.append(gt_score_gradient(cls_part, score, soft[rows, labels]))
+            iou_l.append(iou)
+            score_l.append(score)
+            probs_l.append(sigmoid_class_probs(sig))
+            counts.append(fg.numel())
+        device = all_logits.device
+        loc, iou, score = torch.cat(loc_l), torch.cat(iou_l), torch.cat(score_l)
+        counts_t = torch.tensor(counts, device=device)
+        ghm_total: Tensor | None = None
+        if cls_part == "ghm_c":
+            full_targets, valid = torch.stack(ghm_targets), torch.stack(ghm_valid)[..., None]
+            per_logit = ghm_c_loss(all_logits, full_targets, valid=valid)
+            ghm_total = per_logit.sum()
+            cls_pos = torch.cat([per_logit[i][fg].sum(dim=1) for i, (fg, _) in enumerate(fg_l)])
+            w = ghm_c_weights(all_logits, full_targets, valid=valid)
+            gt_weights = torch.cat([w[i][fg, labels] for i, (fg, labels) in enumerate(fg_l)])
+            d_cls: Tensor | None = gt_score_gradient("ghm_c", score, torch.ones_like(score), gt_weights)
+        else:
+            cls_pos = torch.cat(cls_l)
+            d_cls = torch.cat(d_l) if d_l else None
+        form = "focal" if cls_part == "focal" else "ce"
+        terms, carl = self._weigh(cls_pos, loc, iou, score, torch.cat(probs_l), form, d_cls)
+        num_images = max(1, len(targets))
+        per_image = counts_t.clamp(min=1).to(loc.dtype)
+        if cfg.normalization == "detector":
+            weight = torch.repeat_interleave(1.0 / (per_image * num_images), counts_t)
+        else:
+            weight = loc.new_full(loc.shape, 1.0 / max(1, int(loc.numel())))
+        if ghm_total is not None:
+            classification = ghm_total  # GHM-C normalises itself
+        else:
+            negatives = (torch.stack(neg_l) / per_image).sum() / num_images
+            classification = negatives + (terms.cls * weight).sum()
+        out = {"classification": classification, "bbox_regression": (terms.loc * weight).sum()}
+        if self.uses_tc:
+            out["tc"] = (terms.tc * weight).sum()
+        if carl is not None:
+            out["carl"] = (carl * weight).sum()
+        return out

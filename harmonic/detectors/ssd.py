@@ -13,6 +13,10 @@ Negatives are torchvision's hard negatives (the ``neg_to_pos_ratio`` highest-CE 
 image, chosen on the plain CE) with their CE (Eq. 13). SSD divides everything by the number of
 positives of the batch, so ``normalization: detector`` and ``num_pos`` agree here.
 Keys: ``bbox_regression``, ``classification``, ``tc`` (when TC is on).
+
+Parts (:mod:`harmonic.loss_parts`): the head is a softmax, so ``cls`` is its CE; ``box`` and
+``box_extra`` replace the smooth L1 (beta 1 for ``smooth_l1``, SSD's own); ``kind: pisa`` adds the key
+``carl``, normalised like ``bbox_regression``.
 """
 
 from __future__ import annotations
@@ -24,13 +28,18 @@ from torchvision.models.detection.ssd import SSD
 
 from harmonic.losses import upcast
 
-from .common import HarmonicPart, paired_iou
+from .common import HarmonicPart, paired_iou, part_box_loss
 
 __all__ = ["HarmonicSSD"]
+
+#: SSD's smooth L1 transition point (torchvision's ``SSD.compute_loss``)
+SMOOTH_L1_BETA = 1.0
 
 
 class HarmonicSSD(HarmonicPart, SSD):
     """``SSD`` whose ``compute_loss`` is the configured Harmonic/HarmonicDet loss."""
+
+    _arch = "ssd"
 
     def compute_loss(
         self,
@@ -39,7 +48,7 @@ class HarmonicSSD(HarmonicPart, SSD):
         anchors: list[Tensor],
         matched_idxs: list[Tensor],
     ) -> dict[str, Tensor]:
-        if self.loss_config.is_standard:
+        if self.loss_config.is_standard and self._plain:
             losses = SSD.compute_loss(self, targets, head_outputs, anchors, matched_idxs)
             with torch.no_grad():
                 ce, loc, iou, score, _, _, _ = self._positives(targets, head_outputs, anchors, matched_idxs)
@@ -49,7 +58,11 @@ class HarmonicSSD(HarmonicPart, SSD):
         ce_pos, loc, iou, score, probs, cls_loss, cls_targets = self._positives(
             targets, head_outputs, anchors, matched_idxs
         )
-        terms = self._couple(ce_pos, loc, iou, score, probs)
+        carl: Tensor | None = None
+        if self._plain:
+            terms = self._couple(ce_pos, loc, iou, score, probs)
+        else:
+            terms, carl = self._weigh(ce_pos, loc, iou, score, probs)
 
         # torchvision's hard negative mining, on the plain CE of every box
         foreground = cls_targets > 0
@@ -66,6 +79,8 @@ class HarmonicSSD(HarmonicPart, SSD):
         }
         if self.uses_tc:
             out["tc"] = terms.tc.sum() / denom
+        if carl is not None:
+            out["carl"] = carl.sum() / denom
         return out
 
     def _positives(
@@ -87,15 +102,28 @@ class HarmonicSSD(HarmonicPart, SSD):
             offsets = upcast(regression[fg])  # decoded in float32 (AMP: fp16 areas overflow)
             anchors_fg = anchors_i[fg]
             target_regression = self.box_coder.encode_single(gt, anchors_fg)
-            loc_l.append(F.smooth_l1_loss(offsets, target_regression, reduction="none").sum(dim=1))
-            iou_l.append(paired_iou(self.box_coder.decode_single(offsets, anchors_fg), gt))
+            pred = self.box_coder.decode_single(offsets, anchors_fg)
+            if self._box_part is None:
+                loc = F.smooth_l1_loss(offsets, target_regression, reduction="none").sum(dim=1)
+            else:
+                loc = part_box_loss(
+                    self._box_part,
+                    offsets,
+                    target_regression,
+                    pred,
+                    gt,
+                    smooth_l1_beta=SMOOTH_L1_BETA,
+                    gamma=self.loss_config.gamma,
+                )
+            loc_l.append(self._with_box_extra(loc, offsets, target_regression, pred, gt, SMOOTH_L1_BETA))
+            iou_l.append(paired_iou(pred, gt))
             labels = torch.zeros(logits.size(0), dtype=tgt["labels"].dtype, device=tgt["labels"].device)
             labels[fg] = tgt["labels"][matched[fg]]
             cls_targets.append(labels)
         targets_all = torch.stack(cls_targets)
         num_classes = cls_logits.size(-1)
         foreground = targets_all > 0
-        if self.loss_config.is_standard:
+        if self.loss_config.is_standard and self._plain:
             # only the positives' CE is needed for the diagnostics
             logits_pos = cls_logits[foreground]
             cls_loss = F.cross_entropy(logits_pos, targets_all[foreground], reduction="none")

@@ -75,6 +75,13 @@ __all__ = ["FIXED_ARMS", "TrialOutcome", "run_search"]
 FIXED_ARMS: dict[str, dict[str, Any]] = {BASELINE_ID: {"loss.kind": "standard"}, CONFIRMATORY_ID: {}}
 
 
+def fixed_arm_overrides(spec: Spec, arm: str) -> dict[str, Any]:
+    """The overrides of a fixed arm for ``spec``: the baseline also clears the loss parts the spec
+    sets (``loss.cls``, ``loss.box``, ``loss.box_extra``), so it trains the detector's own loss."""
+    parts = {f"loss.{p}": None for p in ("cls", "box", "box_extra") if getattr(spec.loss, p) is not None}
+    return {**FIXED_ARMS[arm], **(parts if arm == BASELINE_ID else {})}
+
+
 class TrialOutcome(NamedTuple):
     """How Tune saw a trial end."""
 
@@ -124,7 +131,7 @@ def _fixed_arm_task(
     try:
         out = train_on_seeds(
             spec,
-            FIXED_ARMS[arm] if overrides is None else overrides,
+            fixed_arm_overrides(spec, arm) if overrides is None else overrides,
             trial_id=arm,
             arm=arm,
             ctx=ctx,
@@ -255,7 +262,7 @@ def _confirm_best(
     )
     start_arms(fresh, {BEST_CONFIRMED_ID: best.params})
     if missing:
-        start_arms(missing, {BASELINE_ID: FIXED_ARMS[BASELINE_ID]})
+        start_arms(missing, {BASELINE_ID: fixed_arm_overrides(spec, BASELINE_ID)})
     started = {BEST_CONFIRMED_ID, *([BASELINE_ID] if missing else [])}
     for arm, why in wait_arms().items():
         if why and arm in started:
@@ -353,7 +360,7 @@ def run_search(
         c.set_tag(ctx.parent_run_id, SEEDS_RUN_TAG, json.dumps(first_seeds))
 
     wanted_arms = ((BASELINE_ID, spec.search.baseline), (CONFIRMATORY_ID, spec.search.confirmatory))
-    fixed_arms = {arm: FIXED_ARMS[arm] for arm, wanted in wanted_arms if wanted}
+    fixed_arms = {arm: fixed_arm_overrides(spec, arm) for arm, wanted in wanted_arms if wanted}
 
     def start_arms(seeds: list[int], arms: Mapping[str, Mapping[str, Any]] | None = None) -> None:
         """Start each arm (default: the fixed arms the spec asks for) on ``seeds``: arm -> overrides."""

@@ -18,6 +18,7 @@ from pydantic import (
 )
 
 from harmonic.config import LossConfig
+from harmonic.loss_parts import loss_problems
 from workers.spec.base import _STRICT, SpecError, _expand, _problems
 from workers.spec.data import DatasetSpec, PretrainSpec
 from workers.spec.evidence import EvidenceSpec
@@ -207,6 +208,16 @@ class Spec(BaseModel):
                     f"search.space: {', '.join(fixed)} cannot be searched with a pretrain section (the "
                     "pretraining runs once, before the search, for one backbone and image size)"
                 )
+        return self
+
+    @model_validator(mode="after")
+    def _loss_fits_the_head(self) -> Spec:
+        """The loss's parts are ones the detector's head can take (a sigmoid or a softmax head, see
+        :mod:`harmonic.loss_parts`)."""
+        problems = loss_problems(self.loss.to_config(), self.detector.arch)
+        if problems:
+            path, msg = problems[0]
+            raise ValueError(f"{path}: {msg}")
         return self
 
     @model_validator(mode="after")

@@ -16,6 +16,7 @@ from pydantic import (
 )
 
 from harmonic.config import EvalProtocol, EvalProtocolError, LossConfig, LossConfigError
+from harmonic.loss_parts import BoxPart, ClsPart
 from workers.spec.base import _DEFAULT_EVAL, _DEFAULT_LOSS, _STRICT, _check_paths, _expand, _init_error
 
 #: ``train.amp``'s named settings (a boolean is also accepted: true = on, false = off).
@@ -97,9 +98,9 @@ class LossSpec(BaseModel):
 
     model_config = _STRICT
 
-    kind: Literal["standard", "harmonic", "harmonicdet"] = Field(
+    kind: Literal["standard", "harmonic", "harmonicdet", "pisa"] = Field(
         default=_DEFAULT_LOSS.kind,
-        description="standard: the detector's own loss (the baseline arm); harmonic: Eq. 2-3 (+ TC); harmonicdet: Eq. 11-13 (HIoU inside L_loc)",
+        description="standard: the detector's own loss (the baseline arm); harmonic: Eq. 2-3 (+ TC); harmonicdet: Eq. 11-13 (HIoU inside L_loc); pisa: + PISA's classification-aware regression loss (CARL)",
     )
     alpha: float = Field(
         default=_DEFAULT_LOSS.alpha, description="weight of the IoU term inside L_loc (Eq. 11)"
@@ -144,6 +145,27 @@ class LossSpec(BaseModel):
         default=_DEFAULT_LOSS.fcos_loc,
         description="FCOS only: the L_loc of Eq. 11, giou (FCOS's own, bounded) or smooth_l1 (the paper's form, on the encoded offsets)",
     )
+    cls: ClsPart | None = Field(
+        default=_DEFAULT_LOSS.cls,
+        description="the classification part: focal, quality_focal, varifocal or ghm_c (sigmoid heads: retinanet, fcos); ce (softmax heads: the others); null: the head's own",
+    )
+    box: BoxPart | None = Field(
+        default=_DEFAULT_LOSS.box,
+        description="the localisation part: smooth_l1, l1, balanced_l1 (encoded offsets), iou, giou, diou, ciou, hiou (decoded boxes); null: the head's own",
+    )
+    box_extra: BoxPart | None = Field(
+        default=_DEFAULT_LOSS.box_extra,
+        description="a second localisation part added to box (null: none)",
+    )
+    box_extra_weight: float = Field(
+        default=_DEFAULT_LOSS.box_extra_weight, description="weight of box_extra, >= 0"
+    )
+    carl_k: float = Field(
+        default=_DEFAULT_LOSS.carl_k, description="pisa: k of CARL's weight ((1 - b) s + b)^k"
+    )
+    carl_bias: float = Field(
+        default=_DEFAULT_LOSS.carl_bias, description="pisa: b of CARL's weight, in [0, 1]"
+    )
 
     @model_validator(mode="wrap")
     @classmethod
@@ -160,7 +182,8 @@ class LossSpec(BaseModel):
             for name, value in data.items():
                 if name in cls.model_fields and name not in failed:
                     try:
-                        LossConfig(**{name: value})
+                        # alone under kind standard: the rules across options need the whole section
+                        LossConfig(**{"kind": "standard", name: value})
                     except (LossConfigError, TypeError) as x:
                         errors.append(
                             {
