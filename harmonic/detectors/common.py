@@ -217,6 +217,20 @@ def sigmoid_class_probs(probs_sigmoid: Tensor) -> Tensor:
     return probs_sigmoid / probs_sigmoid.sum(dim=-1, keepdim=True).clamp(min=1e-12)
 
 
+def sigmoid_positive_targets(
+    cls_part: str, logits_fg: Tensor, labels: Tensor, iou: Tensor
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The positives' targets on a sigmoid head: row indices, one-hot targets, the targets of the
+    classification part (QFL and VFL: the IoU of the box at the class, without gradient), the
+    sigmoid scores, and each positive's score at its ground-truth class."""
+    rows = torch.arange(labels.numel(), device=labels.device)
+    onehot = torch.zeros_like(logits_fg, dtype=torch.float32)
+    onehot[rows, labels] = 1.0
+    soft = onehot * iou.detach()[:, None] if cls_part in ("quality_focal", "varifocal") else onehot
+    sig = torch.sigmoid(logits_fg)
+    return rows, onehot, soft, sig, sig.gather(1, labels[:, None])[:, 0]
+
+
 class HarmonicPart:
     """Mixin of the torchvision part that computes a detector's loss.
 

@@ -43,6 +43,7 @@ from .common import (
     part_box_loss,
     sigmoid_class_probs,
     sigmoid_cls_loss,
+    sigmoid_positive_targets,
 )
 
 __all__ = ["HarmonicFCOSHead"]
@@ -171,13 +172,7 @@ class HarmonicFCOSHead(HarmonicPart, FCOSHead):
         )
         loc = self._with_box_extra(loc, offsets, target_offsets, pred_fg, gt_fg, SMOOTH_L1_BETA)
         iou = paired_iou(pred_fg, gt_fg)
-        rows = torch.arange(labels_fg.numel(), device=labels_fg.device)
-        onehot = torch.zeros_like(logits_fg, dtype=torch.float32)
-        onehot[rows, labels_fg] = 1.0
-        # QFL and VFL: the positive's target at its class is the IoU of its box, without gradient
-        soft = onehot * iou.detach()[:, None] if cls_part in ("quality_focal", "varifocal") else onehot
-        sig = torch.sigmoid(logits_fg)
-        score = sig.gather(1, labels_fg[:, None])[:, 0]
+        rows, onehot, soft, sig, score = sigmoid_positive_targets(cls_part, logits_fg, labels_fg, iou)
         denom = max(1, int(fg.sum()))
         d_cls: Tensor | None = None
         if cls_part == "ghm_c":

@@ -45,6 +45,7 @@ from .common import (
     per_sample_box_loss,
     sigmoid_class_probs,
     sigmoid_cls_loss,
+    sigmoid_positive_targets,
 )
 
 __all__ = ["HarmonicRetinaNetHead"]
@@ -203,13 +204,7 @@ class HarmonicRetinaNetHead(HarmonicPart, RetinaNetHead):
                 )
             loc_l.append(self._with_box_extra(loc, offsets, target_offsets, pred, gt, SMOOTH_L1_BETA))
             logits_fg = logits[fg]
-            rows = torch.arange(fg.numel(), device=fg.device)
-            onehot = torch.zeros_like(logits_fg, dtype=torch.float32)
-            onehot[rows, labels] = 1.0
-            # QFL and VFL: the positive's target at its class is the IoU of its box, without gradient
-            soft = onehot * iou.detach()[:, None] if cls_part in ("quality_focal", "varifocal") else onehot
-            sig = torch.sigmoid(logits_fg)
-            score = sig.gather(1, labels[:, None])[:, 0]
+            rows, onehot, soft, sig, score = sigmoid_positive_targets(cls_part, logits_fg, labels, iou)
             if cls_part == "ghm_c":
                 full = torch.zeros_like(logits, dtype=torch.float32)
                 full[fg] = onehot
