@@ -27,7 +27,7 @@ from service.jobs import RayJobs, RayUnavailable
 from service.mlflow_view import MlflowUnavailable, MlflowView
 from service.problems import Problem, install
 from service.reconciler import Reconciler
-from service.schemas import Component, Readiness
+from service.schemas import Component, Readiness, problem_responses
 from service.settings import Settings
 from service.submitter import Submitter
 
@@ -197,7 +197,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     from service.routes import router
 
-    app.include_router(router, dependencies=[Depends(require_token)])
+    # every /v1 route needs the token: each may answer 401
+    app.include_router(router, dependencies=[Depends(require_token)], responses=problem_responses(401))
 
     @app.get("/healthz", tags=["health"], summary="The process is alive (no dependency checked).")
     def healthz() -> dict[str, str]:
@@ -207,7 +208,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         "/readyz",
         tags=["health"],
         response_model=Readiness,
-        responses={503: {"model": Readiness}},
+        # not ready is a report, not an error: the same Readiness document, with the failing component
+        responses={503: {"model": Readiness, "description": "not ready: `components` says which one fails"}},
         summary="Whether the database, Ray and MLflow answer and the first reconciliation ran.",
     )
     def readyz(service: ServiceDep) -> JSONResponse:

@@ -1,6 +1,6 @@
 """Errors as RFC 9457 ``application/problem+json``: the one shape of every error the API returns.
 Routes raise :class:`Problem`; :func:`install` makes FastAPI's own errors (404, 405, bad query
-parameters, unexpected exceptions) the same shape.
+parameters, unexpected exceptions) the same shape, and the OpenAPI document says so.
 """
 
 from __future__ import annotations
@@ -18,6 +18,8 @@ __all__ = ["Problem", "PROBLEM_JSON", "install", "problem_response", "field_erro
 PROBLEM_JSON = "application/problem+json"
 _TYPE_BASE = "https://harmonicdet.dev/problems/"
 log = logging.getLogger("hdet.service")
+#: the schemas of FastAPI's own 422 answer, a shape this API never sends
+_FASTAPI_422 = ("HTTPValidationError", "ValidationError")
 
 
 class Problem(Exception):
@@ -68,8 +70,29 @@ def problem_response(problem: Problem, instance: str | None = None) -> JSONRespo
     )
 
 
+def _without_fastapi_422(doc: dict[str, Any]) -> dict[str, Any]:
+    """``doc`` (changed in place) without FastAPI's own 422 answer, which it adds to every route
+    with a parameter; each route's ``responses=`` documents the 422 it gives, as a problem."""
+    for operations in doc.get("paths", {}).values():
+        for operation in operations.values():
+            responses = operation.get("responses", {}) if isinstance(operation, dict) else {}
+            ref = responses.get("422", {}).get("content", {}).get("application/json", {}).get("schema", {})
+            if ref.get("$ref", "").rsplit("/", 1)[-1] in _FASTAPI_422:
+                del responses["422"]
+    schemas = doc.get("components", {}).get("schemas", {})
+    for name in _FASTAPI_422:
+        schemas.pop(name, None)
+    return doc
+
+
 def install(app: FastAPI) -> None:
-    """Every error of ``app`` becomes problem+json."""
+    """Every error of ``app`` becomes problem+json, and its OpenAPI document has no other error shape."""
+    generate = app.openapi  # FastAPI's: made once, then cached (again when the routes change)
+
+    def openapi() -> dict[str, Any]:
+        return _without_fastapi_422(generate())
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
     @app.exception_handler(Problem)
     async def _problem(request: Request, exc: Problem) -> JSONResponse:

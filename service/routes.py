@@ -56,6 +56,21 @@ _SPEC_BODY = {
 }
 
 
+def _problem(status: int, description: str) -> dict[int | str, dict[str, Any]]:
+    """A problem answer of ``status`` with this route's own ``description``."""
+    (shape,) = problem_responses(422).values()
+    return {status: {**shape, "description": description}}
+
+
+#: the error answers of a submission (401, every /v1 route's, comes with the router)
+_SUBMIT_PROBLEMS = {
+    **problem_responses(422),
+    **_problem(413, "the body is larger than 64 KiB"),
+    **_problem(415, "the body is neither JSON nor YAML (Content-Type)"),
+    **_problem(503, "MLflow does not answer, or other submissions held every slot (Retry-After)"),
+}
+
+
 def _row(service: Service, exp_id: str, *, with_log: bool = False) -> ExperimentRow:
     row = service.store.get(exp_id, with_log=with_log)
     if row is None:
@@ -92,6 +107,7 @@ def _send(model: BaseModel, status_code: int = 200, *, exclude_unset: bool = Fal
     status_code=202,
     response_model=Experiment,
     openapi_extra=_SPEC_BODY,
+    responses=_SUBMIT_PROBLEMS,
     tags=["experiments"],
     summary="Submit a spec: validated and recorded (SUBMITTING) at once, then sent to Ray as a job.",
 )
@@ -148,6 +164,7 @@ async def submit_experiment(
     response_model=ExperimentList,
     tags=["experiments"],
     summary="Experiments, newest first, a page at a time (keyset cursor).",
+    responses=problem_responses(422),
 )
 def list_experiments(
     service: ServiceDep,
@@ -186,7 +203,11 @@ def list_experiments(
 
 
 @router.get(
-    "/v1/experiments/{exp_id}", response_model=Experiment, tags=["experiments"], summary="One experiment."
+    "/v1/experiments/{exp_id}",
+    response_model=Experiment,
+    tags=["experiments"],
+    summary="One experiment.",
+    responses=problem_responses(404),
 )
 def get_experiment(exp_id: str, service: ServiceDep) -> Response:
     return _send_record(service, _row(service, exp_id))
@@ -198,7 +219,7 @@ def get_experiment(exp_id: str, service: ServiceDep) -> Response:
     response_model=Experiment,
     tags=["experiments"],
     summary="Cancel: CANCELLING now, CANCELLED once Ray stopped the job; a repeat is a no-op.",
-    responses={409: {"description": "the experiment has ended"}},
+    responses=problem_responses(404, 409),
 )
 def cancel_experiment(exp_id: str, service: ServiceDep) -> Response:
     return _send_record(service, service.experiments.cancel(exp_id), 202)
@@ -209,6 +230,10 @@ def cancel_experiment(exp_id: str, service: ServiceDep) -> Response:
     response_class=PlainTextResponse,
     tags=["experiments"],
     summary="The job's log: the last `tail` lines, or with follow=true a stream until the job ends.",
+    responses={
+        **problem_responses(404, 422),
+        **_problem(503, "Ray does not answer and the service holds no log of the job yet (Retry-After)"),
+    },
 )
 async def experiment_logs(
     exp_id: str,
@@ -279,6 +304,7 @@ async def _follow(service: Service, exp_id: str, head: str, seen: int) -> AsyncI
     response_model=EventList,
     tags=["experiments"],
     summary="State transitions (seq, time, from, to, reason) after `after`.",
+    responses=problem_responses(404, 422),
 )
 def experiment_events(exp_id: str, service: ServiceDep, after: Annotated[int, Query(ge=0)] = 0) -> Response:
     _row(service, exp_id)
@@ -299,7 +325,7 @@ def experiment_events(exp_id: str, service: ServiceDep, after: Annotated[int, Qu
                 "text/plain": {"schema": {"type": "string"}},
             }
         },
-        **problem_responses(401, 404, 422, 503),
+        **problem_responses(404, 422, 503),
     },
 )
 def experiment_results(
@@ -361,7 +387,7 @@ def _mlflow_down(e: Exception) -> Problem:
     response_model=Comparison,
     tags=["experiments"],
     summary="2-10 finished experiments side by side: params, every metric per seed, paired differences.",
-    responses=problem_responses(401, 422, 503),
+    responses=problem_responses(422, 503),
 )
 def compare(
     service: ServiceDep,
@@ -514,7 +540,6 @@ def _schema_json() -> bytes:
     response_model=SpecSchema,
     tags=["spec"],
     summary="The spec's JSON Schema (as `hdet spec schema` prints).",
-    responses=problem_responses(401),
 )
 def spec_schema() -> Response:
     return _json(_schema_json())

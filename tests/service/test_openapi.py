@@ -1,6 +1,8 @@
 """The OpenAPI document types every answer, and the answers are what it says: each 2xx JSON
-response has a schema with properties, and real answers of the results, compare and schema routes
-(and their errors) validate against the declared models and against the document's JSON Schema.
+response has a schema with properties, each route documents exactly the errors it gives, each as a
+problem document (never FastAPI's own 422 shape), and real answers of the results, compare and
+schema routes (and their errors, a refused parameter of every route that documents 422 among them)
+validate against the declared models and against the document's JSON Schema.
 
 The answers come from an API over the session's Ray and MLflow (``hdet serve``'s) with a database
 of its own, holding finished experiments whose runs are written to MLflow as a job writes them (a
@@ -26,6 +28,7 @@ from service.app import create_app
 from service.db import Store
 from service.intake import body_hash, canonical_json
 from service.models import ExperimentRow
+from service.problems import PROBLEM_JSON
 from service.schemas import Comparison, ExperimentResults, ProblemDocument, SpecSchema
 from service.settings import Settings
 from service.states import Status
@@ -99,6 +102,55 @@ def test_results_compare_and_schema_document_their_markdown_and_problem_answers(
             assert media == "application/problem+json" and {"type", "title", "status"} <= set(
                 schema["required"]
             )
+
+
+RESULTS = "/v1/experiments/{exp_id}/results"
+#: the error statuses each route can give: no more, no fewer
+ERRORS = {
+    ("post", "/v1/experiments"): {"401", "413", "415", "422", "503"},
+    ("get", "/v1/experiments"): {"401", "422"},
+    ("get", "/v1/experiments/{exp_id}"): {"401", "404"},
+    ("post", "/v1/experiments/{exp_id}/cancel"): {"401", "404", "409"},
+    ("get", "/v1/experiments/{exp_id}/logs"): {"401", "404", "422", "503"},
+    ("get", "/v1/experiments/{exp_id}/events"): {"401", "404", "422"},
+    ("get", RESULTS): {"401", "404", "422", "503"},
+    ("get", "/v1/compare"): {"401", "422", "503"},
+    ("get", "/v1/spec/schema"): {"401"},
+    ("get", "/healthz"): set(),
+    ("get", "/readyz"): {"503"},
+}
+#: the schemas of a parameter that any value passes (a path segment, an optional string)
+_ANY_STRING = [{"type": "string"}, {"anyOf": [{"type": "string"}, {"type": "null"}]}]
+
+
+def _refusable(doc: dict[str, Any], parameter: dict[str, Any]) -> bool:
+    """Whether FastAPI can refuse ``parameter``: required outside the path, or typed or bounded."""
+    if parameter.get("required") and parameter["in"] != "path":
+        return True
+    schema = {k: v for k, v in _resolve(doc, parameter["schema"]).items() if k not in _ANNOTATIONS}
+    return schema not in _ANY_STRING
+
+
+def test_every_route_documents_exactly_its_errors_and_each_as_a_problem_document(tmp_path: Path) -> None:
+    doc = _openapi(tmp_path)
+    assert "ValidationError" not in json.dumps(doc)  # FastAPI's 422 shape, and its schemas, are gone
+    operations = {(method, path): op for path, ops in doc["paths"].items() for method, op in ops.items()}
+    assert set(operations) == set(ERRORS), "a route was added or removed: say which errors it gives"
+    for (method, path), op in operations.items():
+        where = f"{method.upper()} {path}"
+        errors = {status: r for status, r in op["responses"].items() if not status.startswith("2")}
+        assert set(errors) == ERRORS[method, path], where
+        if op.get("requestBody") or any(_refusable(doc, p) for p in op.get("parameters", [])):
+            assert "422" in errors, f"{where} takes input FastAPI can refuse but documents no 422"
+        for status, response in errors.items():
+            if (path, status) == ("/readyz", "503"):  # not ready: the readiness report itself
+                assert set(response["content"]) == {"application/json"}
+                assert response["content"]["application/json"]["schema"]["$ref"].endswith("/Readiness")
+                continue
+            assert set(response["content"]) == {PROBLEM_JSON}, f"{where} {status}"
+            schema = _resolve(doc, response["content"][PROBLEM_JSON]["schema"])
+            assert {"type", "title", "status"} <= set(schema["required"]), f"{where} {status}"
+            assert response["description"] != "Validation Error", f"{where} {status}"
 
 
 # ---------------------------------------------------------------------- real answers
@@ -200,6 +252,21 @@ def seen(stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dic
         def get(path: str, **params: str) -> Any:
             return client.get(path, params=params, headers=auth())
 
+        one = f"/v1/experiments/{ids['run']}"
+        too_long_key = {"Content-Type": "application/json", "Idempotency-Key": "k" * 201, **auth()}
+        # for every route that documents 422, a request with an input FastAPI refuses, and its field
+        refused = {
+            ("post", "/v1/experiments"): (
+                client.post("/v1/experiments", content=json.dumps(tiny_spec()), headers=too_long_key),
+                "idempotency-key",
+            ),
+            ("get", "/v1/experiments"): (get("/v1/experiments", limit="0"), "limit"),
+            ("get", "/v1/experiments/{exp_id}/logs"): (get(f"{one}/logs", tail="0"), "tail"),
+            ("get", "/v1/experiments/{exp_id}/events"): (get(f"{one}/events", after="-1"), "after"),
+            ("get", RESULTS): (get(f"{one}/results", format="nope"), "format"),
+            ("get", "/v1/compare"): (get("/v1/compare"), "ids"),
+        }
+
         yield {
             "doc": client.get("/openapi.json").json(),
             "ids": ids,
@@ -210,13 +277,17 @@ def seen(stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dic
             "schema": get("/v1/spec/schema"),
             "not_found": get("/v1/experiments/exp-0000000000000000/results"),
             "bad_ids": get("/v1/compare", ids=ids["run"]),
+            "refused": refused,
+            "listed": get("/v1/experiments", limit="200"),
         }
 
 
-def _check(doc: dict[str, Any], path: str, status: int, response: Any, model: type[BaseModel]) -> Any:
+def _check(
+    doc: dict[str, Any], path: str, status: int, response: Any, model: type[BaseModel], method: str = "get"
+) -> Any:
     """``response`` is ``model``, and valid against what the document declares for it."""
     assert response.status_code == status, response.text
-    op = doc["paths"][path]["get"]["responses"][str(status)]
+    op = doc["paths"][path][method]["responses"][str(status)]
     media = response.headers["content-type"].split(";")[0]
     body = response.json()
     jsonschema.validate(body, {**op["content"][media]["schema"], "components": doc["components"]})
@@ -237,9 +308,6 @@ def _undocumented(value: Any, where: str = "") -> list[str]:
     if isinstance(value, list):
         return [p for i, v in enumerate(value) for p in _undocumented(v, f"{where}[{i}]")]
     return []
-
-
-RESULTS = "/v1/experiments/{exp_id}/results"
 
 
 def test_the_results_of_a_finished_run_are_what_the_document_declares(seen: dict[str, Any]) -> None:
@@ -293,3 +361,20 @@ def test_errors_are_the_problem_documents_the_document_declares(seen: dict[str, 
     assert problem.status == 404 and problem.instance == "/v1/experiments/exp-0000000000000000/results"
     problem = _check(seen["doc"], "/v1/compare", 422, seen["bad_ids"], ProblemDocument)
     assert problem.errors is not None and problem.errors[0].field == "ids"
+
+
+def test_a_refused_input_is_the_problem_document_each_route_declares_for_422(seen: dict[str, Any]) -> None:
+    doc, refused = seen["doc"], seen["refused"]
+    documented = {
+        (m, p) for p, ops in doc["paths"].items() for m, op in ops.items() if "422" in op["responses"]
+    }
+    assert set(refused) == documented  # a request gets every 422 the document declares
+    for (method, path), (response, field) in refused.items():
+        assert response.headers["content-type"] == PROBLEM_JSON, (method, path)
+        problem = _check(doc, path, 422, response, ProblemDocument, method)
+        assert problem.type.endswith("/invalid-request") and problem.instance == response.request.url.path
+        assert problem.errors is not None and [e.field for e in problem.errors] == [field], (method, path)
+    assert seen["listed"].status_code == 200
+    assert seen["listed"].json()["items"] and not any(
+        i["name"] == tiny_spec()["name"] for i in seen["listed"].json()["items"]
+    )  # the refused submission stored nothing
