@@ -16,7 +16,7 @@ from collections import Counter
 from typing import Any
 from urllib.parse import urlencode
 
-from workers.summary.records import TEST_PREFIX
+from workers.summary.records import BASELINE_ID, TEST_PREFIX
 from workers.tracking import CHILD_ROLE, PARENT_ROLE, Artifact, Tag, child_runs, close_running_runs
 
 __all__ = ["MlflowView", "MlflowUnavailable", "finite", "has_test", "COMPARE_METRICS"]
@@ -203,7 +203,8 @@ class MlflowView:
         """What an experiment contributes to a comparison: every metric of every finished seed
         (``test_`` ones beside the validation ones), the seeds' run ids, and which configuration
         that is. A single run: its training runs. A search: its best configuration, else (a
-        comparison, whose space is empty) its confirmatory arm."""
+        comparison, whose space is empty) its confirmatory arm, else its best-ranked arm of
+        ``search.arms`` (the arm's name)."""
         if kind != "search":
             per_seed: dict[int, dict[str, float]] = {}
             runs: dict[int, str] = {}
@@ -218,6 +219,9 @@ class MlflowView:
             self.client, parent.info.experiment_id, parent.info.run_id, experiment=name
         )
         rec = summary.best or summary.confirmatory
+        if rec is None and summary.ranking:  # arms only: the best-ranked of them
+            top = next((r["arm"] for r in summary.ranking if r["arm"] != BASELINE_ID), None)
+            rec = next((a for a in summary.arms if a.trial_id == top), None)
         if rec is None:
             return {"arm": None, "config": None, "per_seed": {}, "runs": {}}
         metrics = {
@@ -225,7 +229,7 @@ class MlflowView:
         }  # all, not the summary's
         runs = {int(s): r for s, r in rec.child_runs.items() if s in rec.per_seed}
         return {
-            "arm": "best" if rec is summary.best else "confirmatory",
+            "arm": "best" if rec is summary.best else rec.trial_id,
             "config": dict(rec.params),
             "per_seed": {s: metrics.get(r, {}) for s, r in runs.items()},
             "runs": runs,

@@ -214,8 +214,14 @@ class MetricComparison(BaseModel):
     estimand: str = Field(description="mean or pseudo-median: what the interval is about")
     estimate: float | None
     higher_is_better: bool | None = None
-    p_adjusted: float | None = Field(default=None, description="Holm-adjusted over the metrics tested")
+    p_adjusted: float | None = Field(
+        default=None,
+        description="secondary: Holm-adjusted among the secondaries; primary: its p, times family_k in a family",
+    )
     holm_k: int | None = Field(default=None, description="the size of the Holm family")
+    family_k: int | None = Field(default=None, description="arms judged against the baseline (Bonferroni)")
+    family_alpha: float | None = Field(default=None, description="the family's level; each arm's is alpha/k")
+    family_method: str | None = Field(default=None, description="bonferroni")
     better: str | None = Field(default=None, description="treatment, baseline or unclear")
     verdict: str | None = Field(default=None, description="in plain words")
     role: str | None = Field(default=None, description="primary or secondary, when a primary was named")
@@ -230,13 +236,38 @@ class MetricComparison(BaseModel):
     rule: dict[str, Any] | None = Field(default=None, description="the evidence plan of the primary")
 
 
+class RankedArm(BaseModel):
+    """One arm of a multi-arm comparison ranked on the primary (:func:`workers.evidence.arms.rank_arms`);
+    values as measured (AP in [0, 1]); the fields against the baseline are absent on the baseline."""
+
+    model_config = ConfigDict(extra="allow")
+
+    arm: str = Field(description="baseline, confirmatory or the name of an arm of search.arms")
+    rank: int = Field(description="1 = the best mean of the primary")
+    n: int = Field(description="seeds")
+    mean: float | None = Field(description="the primary's mean over the seeds")
+    sd: float | None
+    estimate: float | None = Field(default=None, description="against the baseline: the difference")
+    ci_low: float | None = Field(default=None, description="its interval at 1 - alpha/k (Bonferroni)")
+    ci_high: float | None = None
+    ci_method: str | None = None
+    p_value: float | None = None
+    p_adjusted: float | None = Field(default=None, description="min(1, k p): Bonferroni over the k arms")
+    outcome: str | None = Field(default=None, description="better, worse, equivalent or undecided")
+    in_best_set: bool = Field(
+        description="no other arm is better by a paired test (Bonferroni over the pairs)"
+    )
+    beaten_by: list[str] = Field(description="the arms found better than this one")
+    pairs: int = Field(description="pairwise tests behind the best set")
+
+
 class TrialSummary(BaseModel):
     """One configuration of a search, or a fixed arm (:class:`workers.summary.TrialRecord`)."""
 
     model_config = ConfigDict(extra="allow")
 
     trial_id: str
-    arm: str = Field(description="search, baseline, confirmatory or best_confirmed")
+    arm: str = Field(description="search, baseline, confirmatory, arm (of search.arms) or best_confirmed")
     params: dict[str, Any] = Field(description="the configuration: dotted spec path -> value")
     status: str = Field(description="completed, stopped, failed or incomplete")
     error: str | None
@@ -288,6 +319,16 @@ class EvidenceSummary(BaseModel):
         default_factory=dict,
         description="extra score threshold -> table -> the primary's comparison at it (secondary)",
     )
+    arms: list[TrialSummary] = Field(default_factory=list, description="the arms of search.arms")
+    arm_comparisons: dict[str, dict[str, MetricComparison]] = Field(
+        default_factory=dict, description="arm -> metric -> that arm vs baseline (Bonferroni across the arms)"
+    )
+    family: dict[str, Any] = Field(
+        default_factory=dict, description="the arms judged against the baseline: arms, k, alpha, method"
+    )
+    ranking: list[RankedArm] = Field(
+        default_factory=list, description="with search.arms: every arm and the baseline, best first"
+    )
     complete: bool
     wall_s: float | None
 
@@ -322,7 +363,9 @@ class ComparedExperiment(BaseModel):
     parent_run_id: str | None
     mlflow_experiment_id: str | None
     link: str | None = Field(description="the parent run in the MLflow UI")
-    arm: str | None = Field(description="run, best (a search's best) or confirmatory (a comparison's)")
+    arm: str | None = Field(
+        description="run, best (a search's best), confirmatory (a comparison's) or the best-ranked arm's name"
+    )
     config: dict[str, Any] | None = Field(description="that configuration's params (a search's)")
     seeds: list[int]
     mean: Metrics = Field(description="metric -> mean over the seeds")

@@ -301,6 +301,8 @@ def _run_one(spec: Spec, args: argparse.Namespace) -> int:
             return 1
         raise
 
+    for warning in spec.design_warnings():
+        print(f"hdet run: warning: {warning}", file=sys.stderr)
     started = _start_ray(spec, args) or started
     ctx = open_parent_run(spec, tracking_uri, resume=args.resume, extra_tags=dict(args.tag))
     c = client(tracking_uri)

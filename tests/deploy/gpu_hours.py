@@ -3,8 +3,9 @@
 Not measured here (no GPU on the development machines): the training speed of the same detector in
 a reference implementation on 8 V100 GPUs, as its model zoo reports it. A training costs
 ``epochs x training images / (images per iteration / seconds per iteration)`` seconds on 8 GPUs; an
-experiment runs ``arms x seeds`` trainings (the baseline, the confirmatory arm, each grid value, and
-the best configuration and the baseline again on fresh seeds when ``search.confirm_best``).
+experiment runs ``arms x seeds`` trainings (the baseline, the confirmatory arm, each arm of
+``search.arms``, each grid value, and the best configuration and the baseline again on fresh seeds
+when ``search.confirm_best``).
 Per-epoch evaluation is left out (a few per cent); the cited R-CNN/RetinaNet speeds are for
 1333x800 inputs, larger than this project's image_size 800 (longer side), so they err high.
 DSSD and RefineDet are in no model zoo and their papers report inference speeds only: their rows
@@ -97,7 +98,7 @@ def budget(path: Path) -> Budget:
     seconds = spec.train.epochs * TRAIN_IMAGES[spec.dataset.format] * s_per_iter / images_per_iter
     search = spec.search
     assert search is not None, f"{path.name}: a paper experiment compares arms"
-    arms = int(search.baseline) + int(search.confirmatory)
+    arms = int(search.baseline) + int(search.confirmatory) + len(search.arms)
     for entry in search.space.values():
         ((_, values),) = entry.items()
         arms += len(values)

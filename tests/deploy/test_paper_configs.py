@@ -63,6 +63,10 @@ def test_each_reported_row_names_an_arm_its_spec_runs(
                 assert spec.search.baseline, f"{name}: {row['label']} needs the baseline arm"
             elif arm == "confirmatory":
                 assert spec.search.confirmatory, f"{name}: {row['label']} needs the confirmatory arm"
+            elif isinstance(arm, str):
+                assert arm in spec.search.arms, (
+                    f"{name}: {row['label']} names arm {arm!r}, not in search.arms"
+                )
             else:
                 ((param, value),) = arm.items()
                 assert value in grid.get(resolve_param_path(param), []), f"{name}: {param}={value} is not run"

@@ -82,8 +82,8 @@ def test_rounds_need_both_arms_of_the_comparison():
     assert problems == [
         (
             "evidence.target_halfwidth",
-            "seeds in rounds compare the confirmatory arm with the baseline; set search.baseline and "
-            "search.confirmatory to true",
+            "seeds in rounds compare the confirmatory arm (or search.arms) with the baseline; set "
+            "search.baseline and search.confirmatory to true, or list arms",
         )
     ]
     # fixed seeds judge any comparison: the section alone is fine

@@ -2,8 +2,9 @@
 ``HDET_API_TOKEN``): ``hdet submit --follow`` of a 2-seed comparison (the standard-loss baseline
 against HarmonicDet with the paper's defaults, ``search.space: {}``) ends SUCCEEDED; ``hdet results``
 shows its paired table; ``hdet compare`` of it and a single run shows both with their params and
-MLflow links that lead to their runs in the stack's MLflow. Real Ray, MLflow and SQLite; five
-trainings of the tiny spec (1 epoch), the single run beside the comparison.
+MLflow links that lead to their runs in the stack's MLflow. Beside them a comparison of 3 arms
+(GIoU, quality focal, PISA) against the baseline on 2 seeds, whose results show the arms ranked with
+intervals corrected across them. Real Ray, MLflow and SQLite; 13 trainings of the tiny spec (1 epoch).
 """
 
 from __future__ import annotations
@@ -29,6 +30,12 @@ from workers.evidence.sequential import OUTCOMES
 from workers.tracking import Tag
 
 SEEDS = [0, 1]
+#: the multi-arm comparison's arms (search.arms), each a loss section of its own
+ARMS = {
+    "giou": {"kind": "standard", "box": "giou"},
+    "qfl": {"kind": "standard", "cls": "quality_focal"},
+    "pisa": {"kind": "pisa"},
+}
 #: the primary metric's row of the paired table (AP in points): both arms' mean ± sd over the
 #: paired seeds, their difference, n, the test, p, p adjusted, the interval, the verdict
 PRIMARY_ROW = re.compile(
@@ -76,7 +83,15 @@ def seen(
         **small,
     )
     single = tiny_spec("client-single", **{"loss.kind": "standard"}, **small)
+    arms = tiny_spec(
+        "client-arms", search={"space": {}, "seeds": SEEDS, "baseline": True, "arms": ARMS}, **small
+    )
     out: dict[str, Any] = {}
+    submitted = _hdet(env, "submit", str(_write(tmp, arms)))
+    assert submitted.returncode == 0, submitted.stdout + submitted.stderr
+    found = ID.search(submitted.stdout)
+    assert found, submitted.stdout
+    out["arms"] = found.group(1)
     submitted = _hdet(env, "submit", str(_write(tmp, single)))
     assert submitted.returncode == 0, submitted.stdout + submitted.stderr
     found = ID.search(submitted.stdout)
@@ -89,10 +104,20 @@ def seen(
     with Client(stack.api_url, stack.token) as c:
         out["record"] = c.get(cid)
         out["single_record"] = c.wait(out["single"], poll_s=1.0, timeout_s=300)
+        out["arms_record"] = c.wait(out["arms"], poll_s=1.0, timeout_s=600)
     out["results"] = _hdet(env, "results", cid)
     out["results_json"] = _hdet(env, "results", cid, "--json")
     out["compare"] = _hdet(env, "compare", cid, out["single"])
     out["compare_json"] = _hdet(env, "compare", cid, out["single"], "--json")
+    out["arms_json"] = _hdet(env, "results", out["arms"], "--json")
+    r = httpx.get(
+        f"{stack.api_url}/v1/experiments/{out['arms']}/results",
+        params={"format": "markdown"},
+        headers={"Authorization": f"Bearer {stack.token}"},
+        timeout=60,
+    )
+    assert r.status_code == 200, r.text
+    out["arms_markdown"] = r.text
     return out
 
 
@@ -210,3 +235,36 @@ def test_the_mlflow_links_of_compare_lead_to_the_runs_in_the_stacks_mlflow(
     assert len(run_ids) == 3  # the comparison's confirmatory arm on 2 seeds, the single run's seed
     for run_id in run_ids:
         assert run(run_id)["info"]["experiment_id"] in experiments
+
+
+def test_a_3_arm_comparison_ranks_its_arms_with_intervals_corrected_across_them(seen: dict[str, Any]) -> None:
+    assert seen["arms_record"].status == "SUCCEEDED"
+    body = json.loads(_ok(seen["arms_json"]))
+    runs = sorted((r["trial_id"], r["arm"], r["seed"], r["status"]) for r in body["runs"])
+    expected = [(a, "arm", s, "FINISHED") for a in ARMS for s in SEEDS]
+    assert runs == sorted([*expected, *(("baseline", "baseline", s, "FINISHED") for s in SEEDS)])
+    summary = body["summary"]
+    assert summary["family"] == {"arms": sorted(ARMS), "k": 3, "alpha": 0.05, "method": "bonferroni"}
+    assert [a["trial_id"] for a in summary["arms"]] == sorted(ARMS) and summary["confirmatory"] is None
+    for name in ARMS:  # each arm's primary at alpha / 3, its adjusted p three times its own
+        ap = summary["arm_comparisons"][name]["AP"]
+        assert ap["n_pairs"] == 2 and ap["test"] == "t" and ap["alpha"] == pytest.approx(0.05 / 3)
+        assert ap["ci_confidence"] == pytest.approx(1 - 0.05 / 3)
+        assert ap["p_adjusted"] == pytest.approx(min(1.0, 3 * ap["p_value"]))
+        assert ap["ci_low"] <= ap["estimate"] <= ap["ci_high"]
+    ranking = summary["ranking"]
+    assert sorted(r["arm"] for r in ranking) == sorted([*ARMS, "baseline"])
+    assert [r["rank"] for r in ranking] == [1, 2, 3, 4]
+    means = [r["mean"] for r in ranking]
+    assert means == sorted(means, reverse=True) and ranking[0]["in_best_set"]
+    by_arm = {r["arm"]: r for r in ranking}
+    for name in ARMS:
+        assert by_arm[name]["ci_low"] == summary["arm_comparisons"][name]["AP"]["ci_low"]
+    # the REST route's markdown: the ranked table, then each arm's own table
+    md = seen["arms_markdown"]
+    assert "## Arms ranked against the standard loss, on the test split" in md
+    assert "| rank | arm | loss | n | AP mean ± sd | diff vs baseline | 98.3% CI | p adj |" in md
+    for row in ranking:
+        assert f"| {row['rank']} | {row['arm']} |" in md
+    assert "## Arm qfl (standard+cls=quality_focal) vs the standard loss" in md
+    assert "Bonferroni over the 3 arms, each at alpha 0.05/3 = 0.0167" in md

@@ -226,10 +226,13 @@ def _rule(args: argparse.Namespace) -> Rule:
     from workers.spec.base import _problems
 
     data: dict[str, Any] = {}
+    k = 1  # the arms judged against the baseline (a spec's confirmatory arm and search.arms)
     if args.spec:
         spec = Spec.from_file(args.spec, check_paths=False)
         if spec.evidence is not None:
             data = spec.evidence.model_dump()
+        if spec.search is not None:
+            k = max(1, len(spec.search.compared_arms()))
     for name in (
         "alpha",
         "min_seeds",
@@ -248,7 +251,9 @@ def _rule(args: argparse.Namespace) -> Rule:
         section = EvidenceSpec.model_validate(data)
     except ValidationError as e:
         raise SpecError([(f"evidence.{path}", msg) for path, msg in _problems(e)], "plan") from None
-    rule = section.rule()
+    from workers.evidence.sequential import family_rule
+
+    rule = family_rule(section.rule(), k)
     return dataclasses.replace(rule, target_halfwidth=None) if args.effect is not None else rule
 
 

@@ -40,7 +40,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from statistics import NormalDist
 from typing import Any, Literal
 
@@ -56,6 +56,7 @@ __all__ = [
     "Verdict",
     "anytime_p",
     "confidence_sequence",
+    "family_rule",
     "halfwidth",
     "minimum_detectable_effect",
     "seeds_to_decide",
@@ -295,6 +296,14 @@ def should_stop(diffs: ArrayLike, rule: Rule) -> Decision:
         return Decision(True, "budget" if capped_by_budget else "max seeds", n, h)
     nxt = next(k for k in rule.looks() if k > n)
     return Decision(False, "continue", n, h, nxt)
+
+
+def family_rule(rule: Rule, k: int) -> Rule:
+    """The rule of each of ``k`` arms judged against one baseline on the same seeds: Bonferroni, each
+    arm's test and interval at ``alpha / k``, so the chance of any false verdict across the arms is
+    at most ``alpha`` whatever their dependence (they share the baseline); ``1 + k`` trainings a seed."""
+    k = max(1, int(k))
+    return replace(rule, alpha=rule.alpha / k, arms=1 + k)
 
 
 @dataclass(frozen=True)

@@ -49,6 +49,11 @@ INTERVALS = {
 ESTIMATES = {"mean": "mean difference", "pseudo-median": "Hodges-Lehmann pseudo-median difference"}
 
 
+def level_text(confidence: float) -> str:
+    """A confidence level in words: ``95%``, ``98.3%`` (alpha 0.05 over 3 arms)."""
+    return f"{100 * confidence:.3g}%"
+
+
 def decide(comp: Mapping[str, Any], alpha: float = ALPHA) -> str:
     """``"treatment"``, ``"baseline"`` or ``"unclear"`` for one metric of :func:`compare_metrics`.
 
@@ -229,7 +234,7 @@ def verdict_sentence(
         return _primary_sentence(comp, primary, treatment_label, baseline_label)
     n = int(comp.get("n_pairs", len(comp.get("per_seed", {}))))
     better = decide(comp, alpha)
-    ci = f"{round(100 * float(comp.get('confidence', 1 - alpha)))}% CI ({comp.get('ci_method', '?')})"
+    ci = f"{level_text(float(comp.get('confidence', 1 - alpha)))} CI ({comp.get('ci_method', '?')})"
     p_adj = float(comp.get("p_adjusted", float("nan")))
     k = comp.get("holm_k", len(comparison))
     p_text = f"Holm-adjusted p = {p_adj:.3g} over {k} metrics" if math.isfinite(p_adj) else "no test possible"
@@ -268,7 +273,7 @@ def _primary_sentence(comp: Mapping[str, Any], metric: str, treatment_label: str
     n = int(comp.get("n_pairs", 0))
     outcome = str(comp.get("outcome", "undecided"))
     margin = comp.get("margin")
-    level = f"{round(100 * (1 - alpha))}%"
+    level = level_text(1 - alpha)
     method = str(comp.get("ci_method", "none"))
     lo, hi = float(comp.get("ci_low", math.nan)), float(comp.get("ci_high", math.nan))
     estimate = ESTIMATES.get(str(comp.get("estimand", "mean")), "mean difference")
@@ -283,7 +288,15 @@ def _primary_sentence(comp: Mapping[str, Any], metric: str, treatment_label: str
     p = float(comp.get("p_value", math.nan))
     p_name = "anytime-valid p" if method == METHOD else f"{TESTS.get(str(comp.get('test')), 'test')} p"
     p_text = f", {p_name} = {p:.3g}" if math.isfinite(p) else ""
-    head = f"On {metric} (the primary metric, tested alone at alpha {alpha:g})"
+    k = int(comp.get("family_k", 1) or 1)
+    if k > 1:
+        family_alpha = float(comp.get("family_alpha", alpha * k))
+        head = (
+            f"On {metric} (the primary metric, tested at alpha {family_alpha:g}/{k} = {alpha:.3g}: Bonferroni "
+            f"over the {k} arms judged against the baseline)"
+        )
+    else:
+        head = f"On {metric} (the primary metric, tested alone at alpha {alpha:g})"
     facts = f"{estimate} {est}, {interval}{p_text}"
     if outcome in ("better", "worse"):
         winner, loser = (
@@ -361,8 +374,8 @@ def interval_header(comparison: Mapping[str, Mapping[str, Any]]) -> str:
     """The column title of a table's intervals, e.g. ``"95% CI (t)"``; without a method when the
     metrics of the table use different ones (then :func:`interval_cell` names it per cell)."""
     methods = {c.get("ci_method", "?") for c in comparison.values()} - {"none"}
-    levels = {round(100 * float(c.get("confidence", 0.95))) for c in comparison.values()}
-    level = f"{levels.pop()}% CI" if len(levels) == 1 else "CI"
+    levels = {level_text(float(c.get("confidence", 0.95))) for c in comparison.values()}
+    level = f"{levels.pop()} CI" if len(levels) == 1 else "CI"
     return f"{level} ({methods.pop()})" if len(methods) == 1 else level
 
 
@@ -430,6 +443,12 @@ def method_note(comparison: Mapping[str, Mapping[str, Any]]) -> str:
         )
     if any(math.isfinite(float(c.get("boot_ci_low", float("nan")))) for c in comparison.values()):
         note += f" A studentised bootstrap interval is reported from {BOOTSTRAP_MIN_PAIRS} seeds only."
+    k = max((int(c.get("family_k", 1) or 1) for c in comparison.values()), default=1)
+    if k > 1:
+        note += (
+            f" This arm is one of {k} judged against the baseline: every test and interval of this table is at "
+            f"alpha/{k} (Bonferroni), and its primary's p adj is min(1, {k} p)."
+        )
     alpha = next((float(c["alpha"]) for c in comparison.values() if "alpha" in c), ALPHA)
     note += f" Verdict: an arm is named only when p adj < {alpha:g} and the interval excludes 0"
     if "primary" in roles:

@@ -10,7 +10,15 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from workers.report.cells import arm_mean_sd_cell, fmt_value, num, points, pval, scale_of, seed_mean_sd
-from workers.report.tables import comparison_tables, confirmation_lines, convergence_lines, score_thresh_lines
+from workers.report.tables import (
+    comparison_tables,
+    confirmation_lines,
+    convergence_lines,
+    ranking_table,
+    score_thresh_lines,
+)
+from workers.summary.records import LISTED_ARM
+from workers.summary.store import arm_label
 
 if TYPE_CHECKING:
     from workers.summary import SearchSummary, TrialRecord
@@ -123,6 +131,11 @@ def _blocks(summary: SearchSummary, plots: Mapping[str, str]) -> list[Block]:
         b.append(("table", ["parameter", "value"], rows))
 
     tables = comparison_tables(summary)
+    head, rows, note = ranking_table(summary)
+    if rows:
+        b.append(("h", 2, f"Arms ranked against the standard loss, on the {summary.judged_on} split"))
+        b.append(("table", head, rows))
+        b.append(("p", note))
     if base is not None and tables:
         for ct in tables:
             b.append(
@@ -183,14 +196,16 @@ def _blocks(summary: SearchSummary, plots: Mapping[str, str]) -> list[Block]:
 
     b.append(("h", 2, "Trials"))
     rows = []
-    fixed = (summary.confirmatory, summary.best_confirmed, base)
+    fixed = (summary.confirmatory, *summary.arms, summary.best_confirmed, base)
     records: list[TrialRecord] = [*summary.trials, *(r for r in fixed if r is not None)]
     for rec in records:
         rows.append(
             [
                 rec.trial_id,
                 rec.status,
-                ", ".join(f"{k}={fmt_value(v)}" for k, v in rec.params.items()),
+                f"loss {arm_label(rec.params)}"
+                if rec.arm == LISTED_ARM
+                else ", ".join(f"{k}={fmt_value(v)}" for k, v in rec.params.items()),
                 points(rec.objective)
                 + (f" ± {points(rec.objective_std)}" if rec.objective_std is not None else ""),
                 str(rec.epochs),

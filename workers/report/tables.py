@@ -9,12 +9,15 @@ import math
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, NamedTuple
 
+from workers.summary.store import arm_label
+
 if TYPE_CHECKING:
     from workers.summary import SearchSummary
 
 __all__ = [
     "ComparisonTable",
     "comparison_tables",
+    "ranking_table",
     "confirmation_lines",
     "convergence_lines",
     "score_thresh_lines",
@@ -49,6 +52,13 @@ def comparison_tables(summary: SearchSummary) -> list[ComparisonTable]:
                             "confirmatory", "HarmonicDet (confirmatory)", "confirmatory",
                             summary.confirmatory_comparison, list(summary.seeds), "confirmatory_comparison")
         )  # fmt: skip
+    labels = {r.trial_id: arm_label(r.params) for r in summary.arms}
+    for name, table in summary.arm_comparisons.items():
+        words = f"arm {name} ({labels.get(name, name)})"
+        out.append(
+            ComparisonTable(words, words.capitalize(), name, f"{name} ({labels.get(name, name)})", name, table,
+                            list(summary.seeds), f"arm:{name}")
+        )  # fmt: skip
     if summary.exploratory_comparison:
         fresh = _paired_seeds(summary.comparison, summary.confirm_seeds)
         words = f"best configuration, confirmed on fresh seeds {fresh}"
@@ -68,6 +78,85 @@ def comparison_tables(summary: SearchSummary) -> list[ComparisonTable]:
             ComparisonTable("best", "Best configuration", "best", "HarmonicDet (best)", "best", summary.comparison, seeds)
         )  # fmt: skip
     return out
+
+
+def ranking_table(summary: SearchSummary) -> tuple[list[str], list[list[str]], str]:
+    """The arms ranked on the primary (``summary.ranking``): ``(head, rows, note)``, empty rows
+    without ranked arms. Each arm against the baseline with its family-corrected interval and
+    verdict, its consistency (AIC, Spearman) and AP by IoU threshold, and whether it is in the best set."""
+    from workers.evidence import points_scale
+    from workers.evidence.verdict import INTERVALS, level_text
+
+    rows_in = summary.ranking
+    if not rows_in:
+        return [], [], ""
+    primary = next(
+        (m for t in summary.arm_comparisons.values() for m, c in t.items() if c.get("role") == "primary"),
+        summary.objective,
+    )
+    scale = points_scale(primary)
+    labels = {r.trial_id: arm_label(r.params) for r in summary.arms}
+    labels.update({"baseline": "standard", "confirmatory": "the spec's loss"})
+    fam = summary.family
+    k, alpha = int(fam.get("k", 1)), float(fam.get("alpha", 0.05))
+    level = level_text(1 - alpha / k)
+    head = ["rank", "arm", "loss", "n", f"{primary} mean ± sd", "diff vs baseline", f"{level} CI",
+            "p adj", "verdict vs baseline", "AIC", "Spearman", "AP50", "AP75", "best set"]  # fmt: skip
+    rows = []
+    methods = set()
+    for r in rows_in:
+        against = "estimate" in r
+        if against:
+            methods.add(str(r.get("ci_method")))
+        rows.append([
+            str(r["rank"]),
+            r["arm"],
+            labels.get(r["arm"], r["arm"]),
+            str(r["n"]),
+            f"{_plain(r['mean'], scale)} ± {_plain(r['sd'], scale)}",
+            _sign(r.get("estimate"), scale) if against else "(baseline)",
+            f"[{_sign(r.get('ci_low'), scale)}, {_sign(r.get('ci_high'), scale)}]" if against else "",
+            f"{_f(r.get('p_adjusted')):.3g}" if against and math.isfinite(_f(r.get("p_adjusted"))) else "-",
+            str(r.get("outcome", "")) if against else "",
+            _plain(r.get("aic"), 1.0, 3),
+            _plain(r.get("spearman"), 1.0, 3),
+            _plain(r.get("AP50"), 100.0),
+            _plain(r.get("AP75"), 100.0),
+            "yes" if r["in_best_set"] else f"no (below {', '.join(r['beaten_by'])})",
+        ])  # fmt: skip
+    how = "; ".join(INTERVALS.get(m, m) for m in sorted(methods))
+    m = int(rows_in[0].get("pairs", 0))
+    note = (
+        f"Arms ranked on {primary} (the primary, mean over seeds {summary.seeds} on the {summary.judged_on} "
+        f"split). Each arm against the baseline: {how}; Bonferroni over the {k} arms, each at alpha "
+        f"{alpha:g}/{k} = {alpha / k:.3g} (p adj = min(1, {k} p)), so the chance of any false verdict across "
+        f"them is at most {alpha:g}. Best set: the arms no other arm beats by a paired test at {alpha:g}/{m} "
+        f"(Bonferroni over the {m} pairs, the baseline included); it holds the truly best arm with "
+        f"probability at least {1 - alpha:g}, and its arms are indistinguishable from the best at these seeds."
+    )
+    return head, rows, note
+
+
+def _f(v: Any) -> float:
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def _sign(v: Any, scale: float) -> str:
+    """A difference in table units: AP points with 2 decimals, other metrics with 3."""
+    x = _f(v)
+    if not math.isfinite(x):
+        return "-"
+    return f"{scale * x:+.2f}" if scale != 1.0 else f"{x:+.3f}"
+
+
+def _plain(v: Any, scale: float, digits: int | None = None) -> str:
+    x = _f(v)
+    if not math.isfinite(x):
+        return "-"
+    return f"{scale * x:.{digits if digits is not None else (1 if scale != 1.0 else 3)}f}"
 
 
 def convergence_lines(summary: SearchSummary, table: ComparisonTable) -> list[str]:
@@ -102,7 +191,7 @@ def score_thresh_lines(summary: SearchSummary, table: ComparisonTable) -> list[t
     table's primary at that threshold, its paired difference, interval and outcome, labelled as a
     secondary result (the table's verdict is at ``eval.score_thresh``)."""
     from workers.evidence import points_scale
-    from workers.evidence.verdict import ESTIMATES, INTERVALS
+    from workers.evidence.verdict import ESTIMATES, INTERVALS, level_text
 
     out = []
     main = f"{summary.score_thresh:g}" if summary.score_thresh is not None else "eval.score_thresh"
@@ -114,7 +203,7 @@ def score_thresh_lines(summary: SearchSummary, table: ComparisonTable) -> list[t
             lo, hi = float(comp.get("ci_low", math.nan)), float(comp.get("ci_high", math.nan))
             est = float(comp.get("estimate", comp.get("mean_diff", math.nan)))
             estimate = ESTIMATES.get(str(comp.get("estimand", "mean")), "mean difference")
-            level = f"{round(100 * float(comp.get('confidence', 0.95)))}%"
+            level = level_text(float(comp.get("confidence", 0.95)))
             interval = (
                 f"{level} {INTERVALS.get(method, method)} [{_signed(lo, scale)}, {_signed(hi, scale)}]"
                 if math.isfinite(lo) and math.isfinite(hi)

@@ -8,7 +8,15 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from workers.report.cells import arm_mean_sd_cell, fmt_value, num, pval, scale_of
-from workers.report.tables import comparison_tables, confirmation_lines, convergence_lines, score_thresh_lines
+from workers.report.tables import (
+    comparison_tables,
+    confirmation_lines,
+    convergence_lines,
+    ranking_table,
+    score_thresh_lines,
+)
+from workers.summary.records import LISTED_ARM
+from workers.summary.store import arm_label
 
 if TYPE_CHECKING:
     from workers.summary import SearchSummary
@@ -25,10 +33,16 @@ def format_table(summary: SearchSummary) -> str:
         for s in ("completed", "stopped", "failed", "incomplete")
     }
     done = ", ".join(f"{v} {k}" for k, v in counts.items() if v)
-    lines.append(
-        f"search: {n} configurations x {len(summary.seeds)} seeds ({done}); "
-        f"{summary.algorithm} + {summary.scheduler}, {summary.epochs} epochs"
-    )
+    if n or not summary.family:
+        lines.append(
+            f"search: {n} configurations x {len(summary.seeds)} seeds ({done}); "
+            f"{summary.algorithm} + {summary.scheduler}, {summary.epochs} epochs"
+        )
+    else:
+        arms = ", ".join(summary.family.get("arms", []))
+        lines.append(
+            f"comparison: {arms} against the baseline x {len(summary.seeds)} seeds, {summary.epochs} epochs"
+        )
     if not summary.complete:
         lines.append("INTERRUPTED: resume with `hdet run SPEC --resume`")
     best, base = summary.best, summary.baseline
@@ -36,6 +50,16 @@ def format_table(summary: SearchSummary) -> str:
         params = ", ".join(f"{k}={fmt_value(v)}" for k, v in best.params.items())
         lines.append(f"best configuration: {params}  (trial {best.trial_id})")
     tables = comparison_tables(summary)
+    rank_head, rank_rows, rank_note = ranking_table(summary)
+    if rank_rows:
+        lines.append("")
+        lines.append(f"arms ranked ({len(rank_rows)}, the baseline included):")
+        widths = [max(len(h), *(len(r[i]) for r in rank_rows)) for i, h in enumerate(rank_head)]
+        lines.append("  ".join(h.ljust(w) for h, w in zip(rank_head, widths, strict=True)).rstrip())
+        lines.extend(
+            "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rank_rows
+        )
+        lines.append(rank_note)
     if base is not None and tables:
         for ct in tables:
             lines.append("")
@@ -61,12 +85,14 @@ def format_table(summary: SearchSummary) -> str:
     )
     rows = [
         *summary.trials,
-        *(a for a in (summary.confirmatory, summary.best_confirmed, base) if a is not None),
+        *(a for a in (summary.confirmatory, *summary.arms, summary.best_confirmed, base) if a is not None),
     ]
     for t in rows:
         ap = f"{100 * t.objective:.1f}" if t.objective is not None else "-"
         sd = f"{100 * t.objective_std:.1f}" if t.objective_std is not None else "-"
         cfg = ", ".join(f"{k.rsplit('.', 1)[-1]}={fmt_value(v)}" for k, v in t.params.items())
+        if t.arm == LISTED_ARM:
+            cfg = f"loss {arm_label(t.params)}"
         if t.status == "failed" and t.error:
             cfg = f"{cfg}  [{t.error[:80]}]"
         lines.append(

@@ -1,7 +1,9 @@
-"""Seeds in rounds for the fixed arms: with ``evidence.target_halfwidth`` the baseline and the
-confirmatory arm train on ``min_seeds`` seeds, then ``round_size`` more at a time, until the
-primary's t-mixture interval (:mod:`workers.evidence.sequential`) is that narrow or the seed cap
-(``max_seeds``, ``max_trainings``) is reached. The search's trials keep ``search.seeds``.
+"""Seeds in rounds for the fixed arms: with ``evidence.target_halfwidth`` the baseline and the arms
+judged against it (the confirmatory arm, ``search.arms``) train on ``min_seeds`` seeds, then
+``round_size`` more at a time, until every arm's primary t-mixture interval
+(:mod:`workers.evidence.sequential`, at ``alpha / k`` for k arms) is that narrow or the seed cap
+(``max_seeds``, ``max_trainings``) is reached. Each interval is anytime-valid, so stopping on all of
+them keeps the family's level. The search's trials keep ``search.seeds``.
 
 The seeds are ``search.seeds`` followed by the integers after its largest, so a round's seeds are
 known before it starts and a resumed run finds the same ones. After each round the parent run's
@@ -21,7 +23,7 @@ import numpy as np
 from workers.evidence import points_scale
 from workers.evidence.sequential import Decision, Rule, should_stop
 from workers.spec import Spec
-from workers.summary import BASELINE_ID, CONFIRMATORY_ID, ROUNDS_STOP_TAG, SEEDS_RUN_TAG
+from workers.summary import CONFIRMATORY_ID, ROUNDS_STOP_TAG, SEEDS_RUN_TAG
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -29,9 +31,6 @@ if TYPE_CHECKING:
     from workers.tracking import TrackingContext
 
 __all__ = ["RoundsOutcome", "confirm_seeds", "first_round", "run_rounds", "seed_sequence"]
-
-#: the arms extended by the rounds.
-ARMS = (BASELINE_ID, CONFIRMATORY_ID)
 
 
 class RoundsOutcome(NamedTuple):
@@ -64,9 +63,10 @@ def confirm_seeds(spec: Spec) -> list[int]:
 
 
 def rounds_rule(spec: Spec) -> Rule | None:
-    """The evidence rule when the spec asks for seeds in rounds, else None."""
+    """The evidence rule of each arm (:meth:`Spec.evidence_rule`) when the spec asks for seeds in
+    rounds, else None."""
     ev = spec.evidence
-    return ev.rule() if ev is not None and ev.target_halfwidth is not None else None
+    return spec.evidence_rule() if ev is not None and ev.target_halfwidth is not None else None
 
 
 def first_round(spec: Spec) -> list[int]:
@@ -83,19 +83,21 @@ def with_seeds(spec_data: dict[str, Any], seeds: list[int]) -> dict[str, Any]:
     return {**spec_data, "search": {**spec_data["search"], "seeds": list(seeds)}}
 
 
-def primary_diffs(c: MlflowClient, ctx: TrackingContext, primary: str) -> list[float]:
-    """The primary's paired differences (confirmatory - baseline, in table units) over the seeds both
-    fixed arms finished, in seed order, on the split the summary judges on."""
+def primary_diffs(c: MlflowClient, ctx: TrackingContext, spec: Spec, primary: str) -> dict[str, list[float]]:
+    """Each compared arm's primary paired differences (arm - baseline, in table units) over the seeds
+    both finished, in seed order, on the split the summary judges on: arm -> differences."""
     from workers.summary import collect_summary
 
+    assert spec.search is not None
     summary = collect_summary(
         c, ctx.experiment_id, ctx.parent_run_id, experiment=ctx.experiment, n_boot=1, history=False
     )
-    comp = summary.confirmatory_comparison.get(primary)
-    if comp is None:
-        return []
-    per_seed = comp["per_seed"]
-    return [points_scale(primary) * float(per_seed[s]["diff"]) for s in sorted(per_seed)]
+    tables = {CONFIRMATORY_ID: summary.confirmatory_comparison, **summary.arm_comparisons}
+    out = {}
+    for arm in spec.search.compared_arms():
+        per_seed = tables.get(arm, {}).get(primary, {}).get("per_seed", {})
+        out[arm] = [points_scale(primary) * float(per_seed[s]["diff"]) for s in sorted(per_seed)]
+    return out
 
 
 def run_rounds(
@@ -110,7 +112,7 @@ def run_rounds(
         spec: the spec (its ``evidence`` section asks for rounds).
         ctx: the experiment's tracking context.
         seeds: the seeds the first round trained.
-        train_round: trains both fixed arms on new seeds; returns arm -> failure reason or None.
+        train_round: trains the fixed arms on new seeds; returns arm -> failure reason or None.
 
     Returns:
         RoundsOutcome: the last decision (its reason also the parent run's ``ROUNDS_STOP_TAG``), every
@@ -123,14 +125,21 @@ def run_rounds(
     c = client(ctx.tracking_uri)
     seeds = list(seeds)
     while True:
-        diffs = primary_diffs(c, ctx, spec.evidence.primary)
-        if len(diffs) < len(seeds):
-            reason = f"{len(seeds) - len(diffs)} seed(s) have no {spec.evidence.primary} in both arms"
-            c.set_tag(ctx.parent_run_id, ROUNDS_STOP_TAG, f"stopped: {reason}")
+        by_arm = primary_diffs(c, ctx, spec, spec.evidence.primary)
+        short = {arm: len(seeds) - len(d) for arm, d in by_arm.items() if len(d) < len(seeds)}
+        if short:
+            reason = "; ".join(
+                f"{arm}: {n} seed(s) have no {spec.evidence.primary} in both arms" for arm, n in short.items()
+            )
+            c.set_tag(ctx.parent_run_id, ROUNDS_STOP_TAG, f"stopped: {reason}"[:4000])
             return RoundsOutcome(None, seeds, reason)
-        decision = should_stop(np.asarray(diffs), rule)
+        decisions = {arm: should_stop(np.asarray(d), rule) for arm, d in by_arm.items()}
+        # the widest arm decides: every interval must reach the target (or the cap stops them all)
+        decision = max(decisions.values(), key=lambda d: (not d.stop, d.halfwidth))
+        widest = max(decisions, key=lambda a: decisions[a].halfwidth)
+        which = f" ({widest}, the widest of {len(decisions)} arms)" if len(decisions) > 1 else ""
         print(
-            f"rounds: {len(diffs)} seeds, {spec.evidence.primary} half-width {decision.halfwidth:.3g} "
+            f"rounds: {len(seeds)} seeds, {spec.evidence.primary} half-width {decision.halfwidth:.3g}{which} "
             f"(target {rule.target_halfwidth:g}): {decision.reason}",
             flush=True,
         )

@@ -8,6 +8,10 @@ Each trial and each fixed arm trains one configuration on every seed (workers.se
   fixed before the search, so its comparison with the baseline involves no selection. With
   ``evidence.target_halfwidth`` these two arms run on seeds in rounds (workers.search.rounds)
   until the primary metric is known that precisely.
+* ``search.arms`` adds more fixed arms the same way, each a loss section of its own (its trial id is
+  its name, its arm tag ``LISTED_ARM``). The confirmatory arm and these are one family judged
+  against the baseline, each at ``alpha / k`` (workers.evidence.arms), and the seeds in rounds
+  extend them all until every arm's interval is as narrow as asked.
 * ``search.confirm_best`` (with ``baseline`` and a search space): once the search has ended, its
   best configuration on ``val`` is trained again, as a fixed arm, on as many fresh seeds as
   ``search.seeds`` (workers.search.rounds.confirm_seeds), and the baseline on those it lacks; best
@@ -55,6 +59,7 @@ from workers.summary import (
     BEST_CONFIRMED_ID,
     CONFIRM_SEEDS_TAG,
     CONFIRMATORY_ID,
+    LISTED_ARM,
     OBJECTIVE,
     ROUNDS_STOP_TAG,
     SEEDS_RUN_TAG,
@@ -77,7 +82,10 @@ FIXED_ARMS: dict[str, dict[str, Any]] = {BASELINE_ID: {"loss.kind": "standard"},
 
 def fixed_arm_overrides(spec: Spec, arm: str) -> dict[str, Any]:
     """The overrides of a fixed arm for ``spec``: the baseline also clears the loss parts the spec
-    sets (``loss.cls``, ``loss.box``, ``loss.box_extra``), so it trains the detector's own loss."""
+    sets (``loss.cls``, ``loss.box``, ``loss.box_extra``), so it trains the detector's own loss; an
+    arm of ``search.arms`` replaces the whole loss section by its own."""
+    if spec.search is not None and arm in spec.search.arms:
+        return {f"loss.{k}": v for k, v in spec.search.arms[arm].model_dump(mode="json").items()}
     parts = {f"loss.{p}": None for p in ("cls", "box", "box_extra") if getattr(spec.loss, p) is not None}
     return {**FIXED_ARMS[arm], **(parts if arm == BASELINE_ID else {})}
 
@@ -125,15 +133,17 @@ def _fixed_arm_task(
     overrides: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """An arm outside the searcher (a Ray task), on the seeds of ``spec_data``, never stopped early:
-    the baseline (the standard loss), the confirmatory arm (the spec's own loss section), or the
-    best configuration confirmed on fresh seeds (``overrides``: its configuration)."""
+    the baseline (the standard loss), the confirmatory arm (the spec's own loss section), an arm of
+    ``search.arms`` (its trial id is its name, its arm tag ``LISTED_ARM``), or the best
+    configuration confirmed on fresh seeds (``overrides``: its configuration)."""
     spec = Spec.parse(spec_data, check_paths=False)
+    listed = spec.search is not None and arm in spec.search.arms
     try:
         out = train_on_seeds(
             spec,
             fixed_arm_overrides(spec, arm) if overrides is None else overrides,
             trial_id=arm,
-            arm=arm,
+            arm=LISTED_ARM if listed else arm,
             ctx=ctx,
             storage_path=storage_path,
             replay=resumed,
@@ -359,8 +369,9 @@ def run_search(
     if in_rounds:
         c.set_tag(ctx.parent_run_id, SEEDS_RUN_TAG, json.dumps(first_seeds))
 
-    wanted_arms = ((BASELINE_ID, spec.search.baseline), (CONFIRMATORY_ID, spec.search.confirmatory))
-    fixed_arms = {arm: fixed_arm_overrides(spec, arm) for arm, wanted in wanted_arms if wanted}
+    # the baseline, then the arms judged against it (the confirmatory arm and search.arms)
+    wanted_arms = [BASELINE_ID] if spec.search.baseline else []
+    fixed_arms = {arm: fixed_arm_overrides(spec, arm) for arm in [*wanted_arms, *spec.search.compared_arms()]}
 
     def start_arms(seeds: list[int], arms: Mapping[str, Mapping[str, Any]] | None = None) -> None:
         """Start each arm (default: the fixed arms the spec asks for) on ``seeds``: arm -> overrides."""

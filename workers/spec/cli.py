@@ -49,7 +49,11 @@ def check_main(argv: list[str]) -> int:
                 if spec.search
                 else "single run"
             )
+            if spec.search and spec.search.arms:
+                kind += f" of {len(spec.search.compared_arms())} arms against the baseline"
             print(f"{where}: ok ({spec.name}: {kind}, {spec.detector.arch}, loss {spec.loss.kind})")
+            for warning in spec.design_warnings():
+                print(f"{where}: warning: {warning}")
             if args.print:
                 print(json.dumps(spec.to_dict(), indent=2))
     return rc

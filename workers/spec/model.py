@@ -8,7 +8,7 @@ import copy
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import (
     BaseModel,
@@ -24,6 +24,9 @@ from workers.spec.data import DatasetSpec, PretrainSpec
 from workers.spec.evidence import EvidenceSpec
 from workers.spec.sections import DetectorSpec, EvalSpec, LossSpec, ScalingSpec, TrackingSpec, TrainSpec
 from workers.spec.space import SearchSpec, _space_path_problems, resolve_param_path, search_space_problems
+
+if TYPE_CHECKING:
+    from workers.evidence.sequential import Rule
 
 
 class Spec(BaseModel):
@@ -215,6 +218,11 @@ class Spec(BaseModel):
         """The loss's parts are ones the detector's head can take (a sigmoid or a softmax head, see
         :mod:`harmonic.loss_parts`)."""
         problems = loss_problems(self.loss.to_config(), self.detector.arch)
+        for name, arm in (self.search.arms if self.search is not None else {}).items():
+            problems += [
+                (f"search.arms.{name}.{path.removeprefix('loss.')}", msg)
+                for path, msg in loss_problems(arm.to_config(), self.detector.arch)
+            ]
         if problems:
             path, msg = problems[0]
             raise ValueError(f"{path}: {msg}")
@@ -226,12 +234,50 @@ class Spec(BaseModel):
         (A spec without ``search`` is one training, as each seed's own spec is: nothing to extend.)"""
         ev = self.evidence
         if ev is not None and ev.target_halfwidth is not None and self.search is not None:
-            if not (self.search.baseline and self.search.confirmatory):
+            if not (self.search.baseline and self.search.compared_arms()):
                 raise ValueError(
-                    "evidence.target_halfwidth: seeds in rounds compare the confirmatory arm with the "
-                    "baseline; set search.baseline and search.confirmatory to true"
+                    "evidence.target_halfwidth: seeds in rounds compare the confirmatory arm (or search.arms) "
+                    "with the baseline; set search.baseline and search.confirmatory to true, or list arms"
+                )
+            trainings = 1 + len(self.search.compared_arms())
+            if ev.max_trainings is not None and ev.max_trainings < trainings * ev.min_seeds:
+                raise ValueError(
+                    f"evidence.max_trainings: {ev.max_trainings} cannot pay for the first round ({trainings} "
+                    f"arms x min_seeds = {trainings * ev.min_seeds}); raise it or lower min_seeds"
                 )
         return self
+
+    def design_warnings(self) -> list[str]:
+        """What makes the planned comparison unable to decide, whatever the data (printed by ``hdet spec
+        check`` and ``hdet run``): fixed seeds so many that the exact Wilcoxon test is used, whose
+        smallest possible p (2 / 2^n) is not below each arm's alpha (``alpha / k`` over k arms)."""
+        from workers.evidence.paired import WILCOXON_MIN_PAIRS, wilcoxon_min_p
+
+        if self.search is None or not self.search.baseline or not self.search.compared_arms():
+            return []
+        if self.evidence is not None and self.evidence.target_halfwidth is not None:
+            return []  # seeds in rounds: the confidence sequence has no such floor
+        n, rule = len(self.search.seeds), self.evidence_rule()
+        if n < WILCOXON_MIN_PAIRS or wilcoxon_min_p(n) < rule.alpha:
+            return []
+        enough = next(m for m in range(n, 64) if wilcoxon_min_p(m) < rule.alpha)
+        k = len(self.search.compared_arms())
+        each = (
+            f"each of the {k} arms' alpha ({rule.alpha * k:g}/{k} = {rule.alpha:.3g})" if k > 1 else "alpha"
+        )
+        return [
+            f"search.seeds: with {n} fixed seeds the exact Wilcoxon test cannot give p below "
+            f"{wilcoxon_min_p(n):.3g}, not below {each}: no arm can be called better or worse whatever the "
+            f"data; use {WILCOXON_MIN_PAIRS - 1} seeds or fewer (the t-test) or at least {enough}"
+        ]
+
+    def evidence_rule(self) -> Rule:
+        """The evidence rule of the arms judged against the baseline (:meth:`SearchSpec.compared_arms`):
+        Bonferroni over the family (each arm at ``alpha / k``), ``1 + k`` trainings per seed."""
+        from workers.evidence.sequential import family_rule
+
+        rule = (self.evidence or EvidenceSpec()).rule()
+        return family_rule(rule, len(self.search.compared_arms()) if self.search is not None else 1)
 
     @model_validator(mode="after")
     def _grace_within_schedule(self) -> Spec:

@@ -5,6 +5,7 @@ checked, and each value a trial can get checked to give a valid spec.
 from __future__ import annotations
 
 import math
+import re
 from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import (
@@ -21,6 +22,11 @@ if TYPE_CHECKING:
     from workers.spec.model import Spec
 
 SpaceEntry = dict[str, list[Any]]
+
+#: what an arm of ``search.arms`` may be called (a tag value, a run key and a metric name's part).
+ARM_NAME = re.compile(r"[a-z][a-z0-9_]{0,39}")
+#: names the comparison's own arms and the report's labels already use.
+RESERVED_ARMS = frozenset({"baseline", "confirmatory", "best", "best_confirmed", "search", "arm"})
 
 
 class SearchSpec(BaseModel):
@@ -56,6 +62,14 @@ class SearchSpec(BaseModel):
         description=(
             "also train the spec's own loss section (e.g. the paper's defaults) on the same seeds, outside "
             "the searcher: a pre-registered arm judged against the baseline without selection"
+        ),
+    )
+    arms: dict[str, LossSpec] = Field(
+        default_factory=dict,
+        description=(
+            "name -> a loss section (its kind, then any option of loss, defaulting as there): more arms trained on the same seeds "
+            "and judged against the baseline beside the confirmatory one, the family-wise error controlled "
+            "across them (Bonferroni) and the arms ranked; needs baseline"
         ),
     )
     confirm_best: bool = Field(
@@ -101,6 +115,23 @@ class SearchSpec(BaseModel):
                 raise ValueError(f"{param}: unknown entry {kind!r}; use uniform, loguniform, choice or grid")
         return space
 
+    @field_validator("arms")
+    @classmethod
+    def _arm_names(cls, arms: dict[str, LossSpec]) -> dict[str, LossSpec]:
+        for name in arms:
+            if not ARM_NAME.fullmatch(name):
+                raise ValueError(
+                    f"{name!r}: an arm's name is lower-case letters, digits and _ (at most 40, a letter first)"
+                )
+            if name in RESERVED_ARMS:
+                raise ValueError(f"{name!r}: names another arm of the comparison; choose another name")
+            if "kind" not in arms[name].model_fields_set:
+                raise ValueError(
+                    f"{name}.kind: an arm names its kind (standard, harmonic, harmonicdet or pisa); its other "
+                    "options default as in loss"
+                )
+        return arms
+
     @field_validator("seeds")
     @classmethod
     def _unique_seeds(cls, seeds: list[int]) -> list[int]:
@@ -110,12 +141,18 @@ class SearchSpec(BaseModel):
 
     @model_validator(mode="after")
     def _empty_space_compares(self) -> SearchSpec:
-        if not self.space and not self.confirmatory:
+        if not self.space and not self.confirmatory and not self.arms:
             raise ValueError(
-                "space: must name at least one parameter (an empty space needs confirmatory: true, "
-                "to compare the spec's own loss with the baseline without a search)"
+                "space: must name at least one parameter (an empty space needs confirmatory: true or arms, "
+                "to compare losses with the baseline without a search)"
             )
+        if self.arms and not self.baseline:
+            raise ValueError("arms: each arm is judged against the baseline; set baseline: true")
         return self
+
+    def compared_arms(self) -> list[str]:
+        """The arms judged against the baseline, one family: ``confirmatory`` (when asked), then ``arms``."""
+        return [*(["confirmatory"] if self.confirmatory else []), *self.arms]
 
     @model_validator(mode="after")
     def _grid_needs_grid(self) -> SearchSpec:

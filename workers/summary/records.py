@@ -23,6 +23,7 @@ __all__ = [
     "BASELINE_ID",
     "CONFIRMATORY_ID",
     "BEST_CONFIRMED_ID",
+    "LISTED_ARM",
     "CONFIRM_SEEDS_TAG",
     "SUMMARY_ARTIFACT",
     "PRIMARY_OUTCOME_TAG",
@@ -90,6 +91,8 @@ NEAR_BEST = 0.005
 #: trial ids (and arms) of the two configurations trained outside the searcher.
 BASELINE_ID = "baseline"
 CONFIRMATORY_ID = "confirmatory"
+#: the arm tag of each arm of ``search.arms`` (its trial id is its name).
+LISTED_ARM = "arm"
 #: trial id (and arm) of the searched best configuration trained again on fresh seeds.
 BEST_CONFIRMED_ID = "best_confirmed"
 #: parent-run tag: the fresh seeds the best configuration was confirmed on (JSON list).
@@ -180,6 +183,13 @@ class SearchSummary:
             table (``comparison``, ``exploratory_comparison``, ``confirmatory_comparison``) -> the
             primary's :func:`workers.evidence.compare_metrics` entry on the test split at that
             threshold: a secondary result, not part of the primary's verdict.
+        arms: the arms of ``search.arms`` (trial id: the arm's name), in the order of their names.
+        arm_comparisons: arm name -> its table against the baseline (as ``confirmatory_comparison``).
+        family: the arms judged against the baseline as one family (``confirmatory`` and ``arms``):
+            ``arms`` (their names), ``k``, ``alpha`` (the family's level) and ``method``
+            (``bonferroni``: each arm's tables are at ``alpha / k``); empty without a fixed arm.
+        ranking: with ``arms``, every arm and the baseline ranked on the primary
+            (:func:`workers.evidence.arms.rank_arms`: best first, with the best set).
         complete: False when the search was interrupted (resume it with ``--resume``).
         wall_s: wall time of the whole search (this session).
     """
@@ -207,6 +217,10 @@ class SearchSummary:
     ap_vs_iou: dict[str, dict[float, float]] = field(default_factory=dict)
     score_thresh: float | None = None
     at_score_thresholds: dict[str, dict[str, dict[str, dict[str, Any]]]] = field(default_factory=dict)
+    arms: list[TrialRecord] = field(default_factory=list)
+    arm_comparisons: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
+    family: dict[str, Any] = field(default_factory=dict)
+    ranking: list[dict[str, Any]] = field(default_factory=list)
     complete: bool = True
     wall_s: float = float("nan")
 
@@ -231,6 +245,7 @@ class SearchSummary:
 
         data = dict(d)
         data["trials"] = [rec(t) for t in data.get("trials", [])]
+        data["arms"] = [rec(t) for t in data.get("arms", [])]
         data["baseline"] = rec(data.get("baseline"))
         data["confirmatory"] = rec(data.get("confirmatory"))
         data["best_confirmed"] = rec(data.get("best_confirmed"))
@@ -245,6 +260,7 @@ class SearchSummary:
             data.get(t, {}) for t in ("comparison", "confirmatory_comparison", "exploratory_comparison")
         ]
         tables += [t for by_table in data.get("at_score_thresholds", {}).values() for t in by_table.values()]
+        tables += list(data.get("arm_comparisons", {}).values())
         for table in tables:
             for comp in table.values():
                 comp["per_seed"] = {

@@ -16,13 +16,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from workers.evidence import aggregate_seeds, compare_metrics, plateau, sensitivity
-from workers.evidence.sequential import Rule
+from workers.evidence.arms import FAMILY_METHOD, family_adjust, rank_arms
+from workers.evidence.sequential import Rule, family_rule
 from workers.summary.records import (
     BASELINE_ID,
     BEST_CONFIRMED_ID,
     COMPARED_METRICS,
     CONFIRM_SEEDS_TAG,
     CONFIRMATORY_ID,
+    LISTED_ARM,
     MECHANISM_METRICS,
     NEAR_BEST,
     OBJECTIVE,
@@ -42,7 +44,7 @@ from workers.tracking import Tag
 if TYPE_CHECKING:
     from mlflow import MlflowClient
 
-__all__ = ["collect_summary", "log_summary", "epoch_history", "evidence_plan"]
+__all__ = ["collect_summary", "log_summary", "epoch_history", "evidence_plan", "family_names", "arm_label"]
 
 
 def collect_summary(
@@ -100,17 +102,22 @@ def collect_summary(
     confirm_seeds = [
         int(x) for x in json.loads(parent.data.tags.get(CONFIRM_SEEDS_TAG, "null") or "null") or []
     ]
-    seeds_of = {BASELINE_ID: fixed_seeds, CONFIRMATORY_ID: fixed_seeds, BEST_CONFIRMED_ID: confirm_seeds}
+    seeds_of = {BASELINE_ID: fixed_seeds, CONFIRMATORY_ID: fixed_seeds, BEST_CONFIRMED_ID: confirm_seeds,
+                LISTED_ARM: fixed_seeds}  # fmt: skip
     records: list[TrialRecord] = []
+    listed: list[TrialRecord] = []
     fixed: dict[str, TrialRecord] = {}
     for tid, runs in groups.items():
         arm = runs[0].data.tags.get(Tag.ARM)
         rec = _record(tid, runs, seeds_of.get(str(arm), seeds), epochs)
-        if rec.arm in seeds_of:
+        if rec.arm == LISTED_ARM:
+            listed.append(rec)
+        elif rec.arm in seeds_of:
             fixed[rec.arm] = rec
         else:
             records.append(rec)
     records.sort(key=lambda r: r.trial_id)
+    listed.sort(key=lambda r: r.trial_id)
     baseline, confirmatory = fixed.get(BASELINE_ID), fixed.get(CONFIRMATORY_ID)
     best_confirmed = fixed.get(BEST_CONFIRMED_ID)
     # a confirmation that did not complete leaves the verdict to the seeds that selected the best
@@ -122,7 +129,9 @@ def collect_summary(
     best = max(completed, key=lambda r: r.objective or -1.0, default=None)
     # Judge on the held-out test split when every arm compared has it on every seed.
     judged = [
-        (a, seeds_of.get(a.arm, seeds)) for a in (best, confirmatory, baseline, confirmed) if a is not None
+        (a, seeds_of.get(a.arm, seeds))
+        for a in (best, confirmatory, baseline, confirmed, *listed)
+        if a is not None
     ]
     if baseline is not None and confirmed is not None:
         judged.append((baseline, confirm_seeds))
@@ -132,6 +141,10 @@ def collect_summary(
     exploratory_comparison: dict[str, dict[str, Any]] = {}
     confirmatory_comparison: dict[str, dict[str, Any]] = {}
     primary, rule = evidence_plan(p)
+    # the arms judged against the baseline are one family: each at alpha / k (Bonferroni)
+    family = family_names(p)
+    arm_rule = family_rule(rule, len(family))
+    arm_comparisons: dict[str, dict[str, dict[str, Any]]] = {}
     # the best configuration ran on fixed seeds: its primary gets the fixed-n interval
     fixed_n = dataclasses.replace(rule, target_halfwidth=None, margin=rule.equivalence_margin)
     # table -> (treatment, the seeds it is paired with the baseline on, the rule of its primary)
@@ -160,9 +173,29 @@ def collect_summary(
         if confirmatory is not None and confirmatory.per_seed:
             confirmatory_comparison = compare_metrics(
                 _split_metrics(confirmatory, prefix), base_on(fixed_seeds), COMPARED_METRICS, n_boot=n_boot,
-                primary=primary, rule=rule,
+                primary=primary, rule=arm_rule,
             )  # fmt: skip
-            pairings["confirmatory_comparison"] = (confirmatory, fixed_seeds, rule)
+            family_adjust(confirmatory_comparison, len(family), rule.alpha)
+            pairings["confirmatory_comparison"] = (confirmatory, fixed_seeds, arm_rule)
+        for rec in listed:
+            if not rec.per_seed:
+                continue
+            table = compare_metrics(
+                _split_metrics(rec, prefix), base_on(fixed_seeds), COMPARED_METRICS, n_boot=n_boot,
+                primary=primary, rule=arm_rule, treatment_label=rec.trial_id,
+            )  # fmt: skip
+            if table:
+                family_adjust(table, len(family), rule.alpha)
+                arm_comparisons[rec.trial_id] = table
+                pairings[f"{LISTED_ARM}:{rec.trial_id}"] = (rec, fixed_seeds, arm_rule)
+    ranking: list[dict[str, Any]] = []
+    if baseline is not None and baseline.per_seed and arm_comparisons:
+        ranked = {BASELINE_ID: baseline, CONFIRMATORY_ID: confirmatory, **{r.trial_id: r for r in listed}}
+        ranking = rank_arms(
+            {a: {s: m for s, m in _split_metrics(r, prefix).items() if s in fixed_seeds}
+             for a, r in ranked.items() if r is not None},
+            {CONFIRMATORY_ID: confirmatory_comparison, **arm_comparisons}, primary=primary, alpha=rule.alpha,
+        )  # fmt: skip
     at_thresholds: dict[str, dict[str, dict[str, dict[str, Any]]]] = {}
     if on_test and baseline is not None:
         for thresh in _extra_score_thresholds(p):
@@ -176,6 +209,7 @@ def collect_summary(
     labelled: tuple[tuple[str, TrialRecord | None], ...] = (
         ("confirmatory (harmonic)", confirmatory),
         ("best (harmonic)", best),
+        *((f"{r.trial_id} ({arm_label(r.params)})", r) for r in listed),
         ("baseline (standard)", baseline),
     )
     for label, arm in labelled:
@@ -197,7 +231,8 @@ def collect_summary(
         compared = {BASELINE_ID: baseline if comparison or confirmatory_comparison else None,
                     CONFIRMATORY_ID: confirmatory if confirmatory_comparison else None,
                     "best": best if comparison else None,
-                    BEST_CONFIRMED_ID: confirmed if comparison else None}  # fmt: skip
+                    BEST_CONFIRMED_ID: confirmed if comparison else None,
+                    **{r.trial_id: r for r in listed if r.trial_id in arm_comparisons}}  # fmt: skip
         convergence = {arm: plateau(_history_of(c, rec, OBJECTIVE), OBJECTIVE)
                        for arm, rec in compared.items() if rec is not None and rec.child_runs}  # fmt: skip
     return SearchSummary(
@@ -224,6 +259,12 @@ def collect_summary(
         ap_vs_iou=curves,
         score_thresh=_score_thresh(p),
         at_score_thresholds={t: tables for t, tables in at_thresholds.items() if tables},
+        arms=listed,
+        arm_comparisons=arm_comparisons,
+        family=(
+            {"arms": family, "k": len(family), "alpha": rule.alpha, "method": FAMILY_METHOD} if family else {}
+        ),
+        ranking=ranking,
         complete=parent.data.tags.get(Tag.SEARCH_COMPLETE, "true") == "true",
     )
 
@@ -267,6 +308,28 @@ def _at_score_thresh(
         if comp:
             out[table] = comp
     return out
+
+
+def family_names(params: Mapping[str, str]) -> list[str]:
+    """The arms a run judges against the baseline, from its parent run's params: ``confirmatory``
+    (``search.confirmatory``), then the names of ``search.arms`` (each arm's ``kind`` is a param)."""
+    names = ["confirmatory"] if params.get("search.confirmatory") == "true" else []
+    prefix = "search.arms."
+    names += sorted(
+        {k[len(prefix) :].split(".")[0] for k in params if k.startswith(prefix) and k.endswith(".kind")}
+    )
+    return names
+
+
+def arm_label(params: Mapping[str, Any]) -> str:
+    """The loss of an arm's configuration in short (``pisa+box=giou``), from its ``loss.*`` overrides."""
+    from harmonic.config import LossConfig, LossConfigError
+
+    loss = {k.removeprefix("loss."): v for k, v in params.items() if k.startswith("loss.")}
+    try:
+        return LossConfig.from_any(loss).label
+    except (LossConfigError, TypeError, ValueError):
+        return str(loss.get("kind", "?"))
 
 
 def evidence_plan(params: Mapping[str, str]) -> tuple[str, Rule]:
@@ -425,6 +488,13 @@ _DIFF_LABELS = {"comparison": "diff", "confirmatory_comparison": "confirmatory_d
                 "exploratory_comparison": "exploratory_diff"}  # fmt: skip
 
 
+def _diff_label(table: str) -> str:
+    """The prefix of a comparison table's metrics in the parent run (``arm:giou`` -> ``arm_giou_diff``)."""
+    if table in _DIFF_LABELS:
+        return _DIFF_LABELS[table]
+    return f"{table.replace(':', '_')}_diff"
+
+
 def log_summary(
     c: MlflowClient,
     parent_run_id: str,
@@ -433,16 +503,17 @@ def log_summary(
 ) -> None:
     """Log a summary's evidence to the parent run: metrics, the best configuration, tags, artifacts.
 
-    Metrics (step 0), for each arm label ``best``, ``baseline``, ``confirmatory``, ``best_confirmed``:
-    ``<arm>_<m>`` (seed means) and ``<arm>_<m>_seed<s>``; for each comparison (``diff``: best vs
-    baseline, on the fresh seeds when the best was confirmed; ``confirmatory_diff``;
-    ``exploratory_diff``: with a confirmation, best vs baseline on the seeds that selected it):
+    Metrics (step 0), for each arm label ``best``, ``baseline``, ``confirmatory``, ``best_confirmed``
+    and ``arm_<name>`` (``search.arms``): ``<arm>_<m>`` (seed means) and ``<arm>_<m>_seed<s>``; for
+    each comparison (``diff``: best vs baseline, on the fresh seeds when the best was confirmed;
+    ``confirmatory_diff``; ``arm_<name>_diff``; ``exploratory_diff``: with a confirmation, best vs
+    baseline on the seeds that selected it):
     ``<c>_<m>``, ``<c>_<m>_ci95_low``/``_high``, ``<c>_<m>_p``, ``<c>_<m>_p_adjusted``, what the
     pairing bought (``<c>_<m>_sd_treatment``, ``_sd_baseline``, ``_sd_diff``, ``_correlation``), and of
     the primary metric ``<c>_primary_n``, ``_halfwidth`` and ``_mde`` (its outcome: the tag
     ``PRIMARY_OUTCOME_TAG.<c>``, e.g. ``AP: undecided``); at each extra score threshold, the
     primary's ``<c>_<m>_thr<t>`` with ``_ci95_low``/``_high`` and ``_p``; then
-    ``share_within_0.5AP``, ``n_trials_<status>``, ``search_cpu_s``, ``search_wall_s``; for each
+    ``rank_<arm>`` and ``best_set_<arm>`` (1 or 0) of the ranked arms, ``share_within_0.5AP``, ``n_trials_<status>``, ``search_cpu_s``, ``search_wall_s``; for each
     compared arm whose convergence is known, ``<arm>_AP_gain_last``, ``<arm>_AP_seed_sd_last`` and
     ``<arm>_plateaued`` (1 or 0, :func:`workers.evidence.plateau`). Params:
     ``best.<path>`` and ``best.trial_id`` (a tag when a resumed search finds another best). Tags:
@@ -458,6 +529,7 @@ def log_summary(
         ("baseline", summary.baseline),
         ("confirmatory", summary.confirmatory),
         (BEST_CONFIRMED_ID, summary.best_confirmed),
+        *((f"{LISTED_ARM}_{r.trial_id}", r) for r in summary.arms),
     )
     for label, rec in arms:
         if rec is None:
@@ -469,8 +541,9 @@ def log_summary(
             for seed, vals in rec.per_seed.items():
                 if m in vals:
                     metrics[f"{label}_{m}_seed{seed}"] = vals[m]
-    for table_name, label in _DIFF_LABELS.items():
-        table: dict[str, dict[str, Any]] = getattr(summary, table_name)
+    tables = {**{_DIFF_LABELS[t]: getattr(summary, t) for t in _DIFF_LABELS},
+              **{_diff_label(f"{LISTED_ARM}:{a}"): t for a, t in summary.arm_comparisons.items()}}  # fmt: skip
+    for label, table in tables.items():
         for m, comp in table.items():
             metrics[f"{label}_{m}"] = comp["mean_diff"]
             metrics[f"{label}_{m}_ci95_low"] = comp["ci95_low"]
@@ -489,11 +562,14 @@ def log_summary(
     for thresh, tables in summary.at_score_thresholds.items():
         for table_name, by_metric in tables.items():
             for m, comp in by_metric.items():
-                name = at_score_thresh(f"{_DIFF_LABELS[table_name]}_{m}", float(thresh))
+                name = at_score_thresh(f"{_diff_label(table_name)}_{m}", float(thresh))
                 metrics[name] = comp["mean_diff"]
                 metrics[f"{name}_ci95_low"] = comp["ci95_low"]
                 metrics[f"{name}_ci95_high"] = comp["ci95_high"]
                 metrics[f"{name}_p"] = comp["p_value"]
+    for row in summary.ranking:
+        metrics[f"rank_{row['arm']}"] = float(row["rank"])
+        metrics[f"best_set_{row['arm']}"] = 1.0 if row["in_best_set"] else 0.0
     for arm, conv in summary.convergence.items():
         if conv.get("plateaued") is not None:
             metrics[f"{arm}_{conv['metric']}_gain_last"] = conv["gain"]
