@@ -145,15 +145,20 @@ class EventHub:
         return sorted(out, key=lambda e: e[3])  # (kind, key, payload, time)
 
 
-def start_event_hub() -> Any:
-    """An :class:`EventHub` actor (no CPU reserved) on this node."""
+def start_on_this_node(cls: type, *args: Any) -> Any:
+    """An actor of ``cls`` (no CPU reserved, many calls at once) on this node, where its callers are."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     strategy = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
     return (
-        ray.remote(num_cpus=0, max_concurrency=1000)(EventHub).options(scheduling_strategy=strategy).remote()
+        ray.remote(num_cpus=0, max_concurrency=1000)(cls).options(scheduling_strategy=strategy).remote(*args)
     )
+
+
+def start_event_hub() -> Any:
+    """An :class:`EventHub` actor on this node."""
+    return start_on_this_node(EventHub)
 
 
 # --------------------------------------------------------------------------- scaling policy

@@ -373,9 +373,11 @@ def _train(spec: Spec, args: argparse.Namespace, ctx: Any, storage_path: str) ->
     if not search_summary.complete:
         print("hdet run: the search was interrupted; continue it with --resume", file=sys.stderr)
         return "KILLED", 1
+    listed = {r.trial_id: r for r in search_summary.arms}
     arms = (
         (BASELINE_ID, spec.search.baseline, search_summary.baseline),
         (CONFIRMATORY_ID, spec.search.confirmatory, search_summary.confirmatory),
+        *((name, True, listed.get(name)) for name in spec.search.arms),
     )
     failed = [
         f"{name}: "
@@ -385,7 +387,8 @@ def _train(spec: Spec, args: argparse.Namespace, ctx: Any, storage_path: str) ->
         if asked and (rec is None or rec.status != "completed")
     ]
     if failed:
-        # Without both sides of a comparison there is no evidence: the experiment failed.
+        # Without both sides of a comparison (or with an arm of the family missing) the experiment failed;
+        # the evidence of the arms that trained is in the parent run all the same.
         print(f"hdet run: the comparison has no result: {'; '.join(failed)}", file=sys.stderr)
         return "FAILED", 1
     return None

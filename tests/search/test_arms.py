@@ -304,3 +304,29 @@ def test_a_design_that_cannot_decide_is_warned_of_before_it_runs(
         "comparison of 4 arms against the baseline" in out
         and "warning: search.seeds: with 6 fixed seeds" in out
     )
+
+
+def test_an_arm_that_failed_leaves_the_others_judged_on_the_test_split(tmp_path: Path):
+    c = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    exp = c.create_experiment("failed-arm", artifact_location=(tmp_path / "artifacts").as_uri())
+    parent = c.create_run(exp).info.run_id
+    spec = _spec(arms={"giou": ARMS["giou"], "pisa": ARMS["pisa"]}, seeds=[0, 1, 2])
+    for key, value in flatten_params(spec.to_dict()).items():
+        c.log_param(parent, key, value)
+    for arm, status in (("baseline", "completed"), ("giou", "completed"), ("pisa", "failed")):
+        for seed in (0, 1, 2):
+            tags = {MLFLOW_PARENT_RUN_ID: parent, Tag.TRIAL_ID: arm, Tag.ARM: arm if arm == "baseline" else LISTED_ARM,
+                    Tag.SEED: str(seed), Tag.TRIAL_STATUS: status}  # fmt: skip
+            run = c.create_run(exp, tags=tags).info.run_id
+            c.log_metric(run, "AP", 0.2 + 0.01 * seed, step=1)
+            c.log_metric(run, "epoch", 1.0, step=1)
+            if status == "completed":  # the failed arm never reached its test evaluation
+                c.log_metric(run, "test_AP", 0.2 + 0.01 * seed + (0.02 if arm == "giou" else 0), step=1)
+            c.set_terminated(run, status="FINISHED" if status == "completed" else "FAILED")
+    s = collect_summary(c, exp, parent, n_boot=1, history=False)
+    assert s.judged_on == "test" and s.family["k"] == 2  # the family was planned with both arms
+    assert set(s.arm_comparisons) == {"giou"} and s.arm_comparisons["giou"]["AP"]["alpha"] == pytest.approx(
+        0.025
+    )
+    assert {r["arm"] for r in s.ranking} == {"baseline", "giou"}
+    assert [a.status for a in s.arms] == ["completed", "failed"]

@@ -243,6 +243,10 @@ def test_a_3_arm_comparison_ranks_its_arms_with_intervals_corrected_across_them(
     runs = sorted((r["trial_id"], r["arm"], r["seed"], r["status"]) for r in body["runs"])
     expected = [(a, "arm", s, "FINISHED") for a in ARMS for s in SEEDS]
     assert runs == sorted([*expected, *(("baseline", "baseline", s, "FINISHED") for s in SEEDS)])
+    # the 8 trainings started as the stack's Ray had room for them (its capacity and one more)
+    parent = body["parent"]["metrics"]
+    assert parent["slots_capacity"] >= 1 and parent["slots_expired"] == 0
+    assert 1 <= parent["slots_peak"] <= min(8, parent["slots_capacity"] + 1)
     summary = body["summary"]
     assert summary["family"] == {"arms": sorted(ARMS), "k": 3, "alpha": 0.05, "method": "bonferroni"}
     assert [a["trial_id"] for a in summary["arms"]] == sorted(ARMS) and summary["confirmatory"] is None

@@ -45,6 +45,7 @@ from workers import marks
 from workers.env import TRAIN_ENV_DEFAULTS
 from workers.search.rounds import confirm_seeds, first_round, rounds_rule, run_rounds, with_seeds
 from workers.search.seeds import TrialFailure, compute_metrics, run_key, short_reason, train_on_seeds
+from workers.search.slots import start_training_slots
 from workers.search.space import (
     TRIAL_CPUS,
     SearchSpaceError,
@@ -106,6 +107,7 @@ def _search_trial(
     storage_path: str,
     resumed: bool = False,
     hub: Any = None,
+    slots: Any = None,
 ) -> None:
     """The Tune function of one trial: one configuration on all seeds (:func:`train_on_seeds`)."""
     t_start = time.time()
@@ -119,7 +121,7 @@ def _search_trial(
     marks.mark("trial_fn", trial_id, t=t_start)
     train_on_seeds(
         spec, config, trial_id=trial_id, arm="search", ctx=ctx, storage_path=storage_path, report=tune.report,
-        t_start=t_start, replay=resumed, hub=hub,
+        t_start=t_start, replay=resumed, hub=hub, slots=slots,
     )  # fmt: skip
 
 
@@ -131,6 +133,7 @@ def _fixed_arm_task(
     hub: Any,
     arm: str,
     overrides: dict[str, Any] | None = None,
+    slots: Any = None,
 ) -> dict[str, Any]:
     """An arm outside the searcher (a Ray task), on the seeds of ``spec_data``, never stopped early:
     the baseline (the standard loss), the confirmatory arm (the spec's own loss section), an arm of
@@ -148,6 +151,7 @@ def _fixed_arm_task(
             storage_path=storage_path,
             replay=resumed,
             hub=hub,
+            slots=slots,
         )
     except TrialFailure as e:
         return {"status": "failed", "error": str(e)}
@@ -329,10 +333,17 @@ def run_search(
     spec_data = spec.to_dict()
     _start_train_coordinator()
     hub = start_event_hub()  # the trainers' reports reach their trials through it
+    slots = start_training_slots(spec)  # trainings start as the cluster's room admits them
     trainable = tune.with_resources(
         tune.with_parameters(
-            _search_trial, spec_data=spec_data, ctx=ctx, storage_path=storage_path, resumed=resume, hub=hub
-        ),
+            _search_trial,
+            spec_data=spec_data,
+            ctx=ctx,
+            storage_path=storage_path,
+            resumed=resume,
+            hub=hub,
+            slots=slots,
+        ),  # fmt: skip
         {"CPU": TRIAL_CPUS},
     )
     name = f"{spec.name}-search-{ctx.parent_run_id[:8]}"
@@ -377,7 +388,7 @@ def run_search(
         """Start each arm (default: the fixed arms the spec asks for) on ``seeds``: arm -> overrides."""
         data = with_seeds(spec_data, seeds)
         for arm, overrides in (fixed_arms if arms is None else arms).items():
-            arm_refs[arm] = task.remote(data, ctx, storage_path, resume, hub, arm, dict(overrides))
+            arm_refs[arm] = task.remote(data, ctx, storage_path, resume, hub, arm, dict(overrides), slots)
 
     def wait_arms() -> dict[str, str | None]:
         """arm -> why it failed (None: it completed)."""
@@ -421,6 +432,12 @@ def run_search(
             ray.cancel(ref, force=True)
         raise
 
+    if slots is not None:
+        from workers.tracking import log_metrics
+
+        stats = ray.get(slots.stats.remote())
+        log_metrics(c, ctx.parent_run_id, {f"slots_{k}": float(stats[k]) for k in ("capacity", "peak", "expired")},
+                    step=0)  # fmt: skip
     summary = collect_summary(c, ctx.experiment_id, ctx.parent_run_id, experiment=ctx.experiment)
     summary.complete = not interrupted
     summary.wall_s = time.time() - t0

@@ -110,6 +110,8 @@ class SeedGroup:
             replay them from MLflow instead of training them; False skips that query.
         hub: the search's :class:`~workers.controller_hooks.EventHub` (default: one of this
             process's own).
+        slots: the search's :class:`~workers.search.slots.TrainingSlots`: each seed takes a slot
+            before its trainer starts and gives it back when it ends (None: every seed starts at once).
 
     Raises:
         TrialFailure: a seed's spec is invalid (every seed's child run is then marked failed
@@ -129,6 +131,7 @@ class SeedGroup:
         t_start: float | None = None,
         replay: bool = True,
         hub: Any = None,
+        slots: Any = None,
     ):
         assert spec.search is not None
         self.t_start = time.time() if t_start is None else t_start
@@ -139,6 +142,8 @@ class SeedGroup:
             os.environ.setdefault(k, v)
         self.spec, self.trial_id, self.arm, self.ctx = spec, trial_id, arm, ctx
         self.storage_path, self.report, self.replay = storage_path, report, replay
+        self.slots = slots
+        self.holding: set[str] = set()  # run keys holding a slot (renewed while they train)
         self.seeds = list(spec.search.seeds)
         self.keys = {run_key(trial_id, seed): seed for seed in self.seeds}
         self.config_json = json.dumps(dict(overrides), sort_keys=True, default=str)
@@ -256,17 +261,45 @@ class SeedGroup:
             self.threads.append(
                 threading.Thread(target=self._fit, args=(seed, key), name=f"hdet-{key}", daemon=True)
             )
+        self.pending = {seed for seed in self.seeds if seed not in self.ended}
         for th in self.threads:
             th.start()
-        self.pending = {seed for seed in self.seeds if seed not in self.ended}
+        if self.slots is not None and self.threads:
+            threading.Thread(
+                target=self._renew_slots, name=f"hdet-slots-{self.trial_id}", daemon=True
+            ).start()
+
+    def _take_slot(self, seed: int, key: str) -> None:
+        """Wait for the search's slot of this seed (lowest seed first); raises when the trial stops."""
+        import ray
+
+        while not ray.get(self.slots.acquire.remote(key, seed, 5.0)):
+            if self._stopping.is_set():
+                self.slots.release.remote(key)
+                raise RuntimeError("the trial was stopped before this seed started")
+        with self._lock:
+            self.holding.add(key)
+
+    def _renew_slots(self) -> None:
+        """Renew the slots this group holds while any seed trains (:data:`workers.search.slots.LEASE_S`)."""
+        from workers.search.slots import LEASE_S
+
+        while self.pending and not self._stopping.is_set():
+            with self._lock:
+                keys = sorted(self.holding)
+            if keys:
+                self.slots.renew.remote(keys)
+            self._stopping.wait(LEASE_S / 4)
 
     def _fit(self, seed: int, key: str) -> None:
         """A seed's fit thread: build its trainer, fit it, and tell the hub how it ended."""
         from workers.controller_hooks import SeedReportCallback
         from workers.trainer import make_trainer
 
-        self.started[seed] = time.time()
         try:
+            if self.slots is not None:
+                self._take_slot(seed, key)
+            self.started[seed] = time.time()
             trainer = make_trainer(
                 self.seed_specs[seed], run_name=self.run_name(seed), storage_path=self.storage_path,
                 tracking=self.ctx, callbacks=[SeedReportCallback(self.hub, key)], run_key=key,
@@ -280,9 +313,17 @@ class SeedGroup:
             marks.mark("trainer_fit", key)
             trainer.fit()
         except BaseException as e:  # reported to the trial, which fails the configuration
+            self._give_back(key)
             self.hub.put.remote(tuple(SeedEvent("failed", key, short_reason(e), time.time())))
         else:
+            self._give_back(key)
             self.hub.put.remote(tuple(SeedEvent("done", key, None, time.time())))
+
+    def _give_back(self, key: str) -> None:
+        if self.slots is not None and key in self.holding:
+            with self._lock:
+                self.holding.discard(key)
+            self.slots.release.remote(key)
 
     def pump(self) -> None:
         """Take the trainers' events until every seed has ended or one has failed (``failure``)."""
@@ -397,9 +438,10 @@ def train_on_seeds(
     t_start: float | None = None,
     replay: bool = True,
     hub: Any = None,
+    slots: Any = None,
 ) -> dict[str, Any]:
     """Train one configuration on every seed of ``spec.search.seeds`` at once (:class:`SeedGroup`'s
-    arguments); report seed means.
+    arguments; with ``slots``, as the cluster's room admits them); report seed means.
 
     Returns:
         dict: ``history`` (per-seed history ``{seed: {epoch: metrics}}``) and the compute used
@@ -411,6 +453,6 @@ def train_on_seeds(
     """
     group = SeedGroup(
         spec, overrides, trial_id=trial_id, arm=arm, ctx=ctx, storage_path=storage_path, report=report,
-        t_start=t_start, replay=replay, hub=hub,
+        t_start=t_start, replay=replay, hub=hub, slots=slots,
     )  # fmt: skip
     return group.run()

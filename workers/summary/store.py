@@ -130,7 +130,7 @@ def collect_summary(
     # Judge on the held-out test split when every arm compared has it on every seed.
     judged = [
         (a, seeds_of.get(a.arm, seeds))
-        for a in (best, confirmatory, baseline, confirmed, *listed)
+        for a in (best, confirmatory, baseline, confirmed, *(r for r in listed if r.status == "completed"))
         if a is not None
     ]
     if baseline is not None and confirmed is not None:
