@@ -9,6 +9,7 @@ import math
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, NamedTuple
 
+from workers.report.cells import points, pval
 from workers.summary.store import arm_label
 
 if TYPE_CHECKING:
@@ -52,7 +53,7 @@ def comparison_tables(summary: SearchSummary) -> list[ComparisonTable]:
                             "confirmatory", "HarmonicDet (confirmatory)", "confirmatory",
                             summary.confirmatory_comparison, list(summary.seeds), "confirmatory_comparison")
         )  # fmt: skip
-    labels = {r.trial_id: arm_label(r.params) for r in summary.arms}
+    labels = arm_labels(summary)
     for name, table in summary.arm_comparisons.items():
         words = f"arm {name} ({labels.get(name, name)})"
         out.append(
@@ -80,6 +81,11 @@ def comparison_tables(summary: SearchSummary) -> list[ComparisonTable]:
     return out
 
 
+def arm_labels(summary: SearchSummary) -> dict[str, str]:
+    """Each arm of ``search.arms`` -> its loss in short (``standard+box=giou``)."""
+    return {r.trial_id: arm_label(r.params) for r in summary.arms}
+
+
 def ranking_table(summary: SearchSummary) -> tuple[list[str], list[list[str]], str]:
     """The arms ranked on the primary (``summary.ranking``): ``(head, rows, note)``, empty rows
     without ranked arms. Each arm against the baseline with its family-corrected interval and
@@ -95,7 +101,8 @@ def ranking_table(summary: SearchSummary) -> tuple[list[str], list[list[str]], s
         summary.objective,
     )
     scale = points_scale(primary)
-    labels = {r.trial_id: arm_label(r.params) for r in summary.arms}
+    digits, diff_digits = (1, 2) if scale != 1.0 else (3, 3)  # AP in points; aic as measured
+    labels = arm_labels(summary)
     labels.update({"baseline": "standard", "confirmatory": "the spec's loss"})
     fam = summary.family
     k, alpha = int(fam.get("k", 1)), float(fam.get("alpha", 0.05))
@@ -113,15 +120,16 @@ def ranking_table(summary: SearchSummary) -> tuple[list[str], list[list[str]], s
             r["arm"],
             labels.get(r["arm"], r["arm"]),
             str(r["n"]),
-            f"{_plain(r['mean'], scale)} ± {_plain(r['sd'], scale)}",
-            _sign(r.get("estimate"), scale) if against else "(baseline)",
-            f"[{_sign(r.get('ci_low'), scale)}, {_sign(r.get('ci_high'), scale)}]" if against else "",
-            f"{_f(r.get('p_adjusted')):.3g}" if against and math.isfinite(_f(r.get("p_adjusted"))) else "-",
+            f"{points(r['mean'], scale, digits)} ± {points(r['sd'], scale, digits)}",
+            points(r.get("estimate"), scale, diff_digits, sign=True) if against else "(baseline)",
+            f"[{points(r.get('ci_low'), scale, diff_digits, True)}, {points(r.get('ci_high'), scale, diff_digits, True)}]"
+            if against else "",
+            pval(_f(r.get("p_adjusted"))) if against else "-",
             str(r.get("outcome", "")) if against else "",
-            _plain(r.get("aic"), 1.0, 3),
-            _plain(r.get("spearman"), 1.0, 3),
-            _plain(r.get("AP50"), 100.0),
-            _plain(r.get("AP75"), 100.0),
+            points(r.get("aic"), 1.0, 3),
+            points(r.get("spearman"), 1.0, 3),
+            points(r.get("AP50")),
+            points(r.get("AP75")),
             "yes" if r["in_best_set"] else f"no (below {', '.join(r['beaten_by'])})",
         ])  # fmt: skip
     how = "; ".join(INTERVALS.get(m, m) for m in sorted(methods))
@@ -142,21 +150,6 @@ def _f(v: Any) -> float:
         return float(v)
     except (TypeError, ValueError):
         return math.nan
-
-
-def _sign(v: Any, scale: float) -> str:
-    """A difference in table units: AP points with 2 decimals, other metrics with 3."""
-    x = _f(v)
-    if not math.isfinite(x):
-        return "-"
-    return f"{scale * x:+.2f}" if scale != 1.0 else f"{x:+.3f}"
-
-
-def _plain(v: Any, scale: float, digits: int | None = None) -> str:
-    x = _f(v)
-    if not math.isfinite(x):
-        return "-"
-    return f"{scale * x:.{digits if digits is not None else (1 if scale != 1.0 else 3)}f}"
 
 
 def convergence_lines(summary: SearchSummary, table: ComparisonTable) -> list[str]:
