@@ -51,6 +51,11 @@ def _parser() -> argparse.ArgumentParser:
         default=RATE,
         help=f"requests a second, all clients together (default {RATE:g}); 0: closed loop, as fast as answered",
     )
+    p.add_argument(
+        "--max-active",
+        type=int,
+        help="the embedded service's HDET_MAX_ACTIVE: experiments in Ray at once (default: the service's)",
+    )
     return p
 
 
@@ -171,7 +176,7 @@ def run_load(
     return load, time.monotonic() - t0
 
 
-def _embedded() -> tuple[subprocess.Popen[bytes], str, str, Path]:
+def _embedded(max_active: int | None = None) -> tuple[subprocess.Popen[bytes], str, str, Path]:
     """``hdet serve`` on free ports in a temporary home; its jobs never get their entrypoint resource."""
     import httpx
 
@@ -181,6 +186,8 @@ def _embedded() -> tuple[subprocess.Popen[bytes], str, str, Path]:
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("HDET_", "RAY_", "MLFLOW_"))}
     env.update(HDET_HOME=str(home), HDET_API_PORT=str(port), HDET_ENTRYPOINT_RESOURCES=json.dumps(_NEVER))
+    if max_active is not None:
+        env["HDET_MAX_ACTIVE"] = str(max_active)
     log = open(home / "serve.log", "wb")  # noqa: SIM115 - the server writes to it until it stops
     proc = subprocess.Popen(
         [sys.executable, "-m", "workers.cli", "serve"], env=env, stdout=log, stderr=subprocess.STDOUT
@@ -200,9 +207,26 @@ def _embedded() -> tuple[subprocess.Popen[bytes], str, str, Path]:
     raise SystemExit(f"hdet bench api: the embedded stack was not ready in 300 s; see {home / 'serve.log'}")
 
 
+def _count(client: Any, status: str) -> int:
+    """How many records are in ``status`` (every page of the list)."""
+    n, cursor = 0, None
+    while True:
+        params: dict[str, Any] = {"status": status, "limit": 200}
+        if cursor:
+            params["cursor"] = cursor
+        page = client.get("/v1/experiments", params=params).json()
+        n += len(page["items"])
+        cursor = page.get("next_cursor")
+        if not cursor:
+            return n
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
     proc = None
+    if args.url and args.max_active is not None:
+        print("hdet bench api: --max-active sets the embedded service's; not with --url", file=sys.stderr)
+        return 2
     if args.url:
         url, token = args.url.rstrip("/"), args.token or os.environ.get("HDET_API_TOKEN", "").split(",")[0]
         if not token:
@@ -210,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     else:
         print("hdet bench api: starting an embedded stack (hdet serve) ...", flush=True)
-        proc, url, token, home = _embedded()
+        proc, url, token, home = _embedded(args.max_active)
     try:
         load, took = run_load(
             url, token, clients=args.clients, seconds=args.seconds, reads=args.reads, rate=args.rate
@@ -221,6 +245,10 @@ def main(argv: list[str] | None = None) -> int:
         import httpx
 
         with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {token}"}, timeout=60) as c:
+            queued = _count(c, "SUBMITTING")
+            print(
+                f"submissions in Ray at the end: {len(load.ids) - queued} of {len(load.ids)}, {queued} queued"
+            )
             for exp_id in load.ids:
                 c.post(f"/v1/experiments/{exp_id}/cancel")
         return 1 if load.errors else 0

@@ -1,5 +1,6 @@
-"""The FastAPI application: :func:`create_app` wires settings, store, Ray, MLflow and the reconciler,
-and guards every route but ``/healthz``, ``/readyz``, ``/docs`` and ``/openapi.json`` with a token.
+"""The FastAPI application: :func:`create_app` wires settings, store, Ray, MLflow and the background
+work (reconciler and submitter, :mod:`service.background`), and guards every route but
+``/healthz``, ``/readyz``, ``/docs`` and ``/openapi.json`` with a token.
 
 Tokens: ``HDET_API_TOKEN``, comma-separated during a rotation, each compared with
 ``hmac.compare_digest``; a missing or wrong one is 401 with ``WWW-Authenticate: Bearer``.
@@ -21,6 +22,7 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 
+from service.background import Background, InProcess, InThreads
 from service.db import Store
 from service.experiments import Experiments
 from service.jobs import RayJobs, RayUnavailable
@@ -84,8 +86,11 @@ class Service:
     jobs: RayJobs
     mlflow: MlflowView
     experiments: Experiments
+    #: the API process's own; they run where :attr:`background` says (a pass can be asked of it directly)
     reconciler: Reconciler
     submitter: Submitter
+    #: where the reconciler and the submitter run: a process of their own, or threads of this one
+    background: Background
     #: admits ``settings.submit_concurrency`` submissions at a time (a bulkhead): a submission is
     #: CPU (spec validation); with many at once, reads queue behind them
     submit_slots: asyncio.Semaphore
@@ -144,7 +149,12 @@ def build_service(settings: Settings) -> Service:
     mlflow = MlflowView(settings.resolved_tracking_uri(), settings.ui_url())
     reconciler = Reconciler(store, jobs, mlflow, service_id, interval_s=settings.reconcile_interval_s)
     experiments = Experiments(store, jobs, mlflow, settings, service_id)
-    submitter = Submitter(store, experiments, idle_s=settings.reconcile_interval_s)
+    submitter = Submitter(
+        store, experiments, idle_s=settings.reconcile_interval_s, max_active=settings.max_active
+    )
+    background: Background = (
+        InThreads(reconciler, submitter) if settings.background == "thread" else InProcess(settings)
+    )
     slots = asyncio.Semaphore(settings.submit_concurrency)
 
     def nodes() -> list[dict[str, float]] | None:
@@ -161,7 +171,7 @@ def build_service(settings: Settings) -> Service:
             return str(e)
 
     return Service(
-        settings, store, jobs, mlflow, experiments, reconciler, submitter, slots,
+        settings, store, jobs, mlflow, experiments, reconciler, submitter, background, slots,
         nodes=Fresh(nodes, NODES_MAX_AGE_S), mlflow_down=Fresh(mlflow_down, MLFLOW_MAX_AGE_S),
     )  # fmt: skip
 
@@ -175,13 +185,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         service = await run_in_threadpool(build_service, settings)
         app.state.service = service
-        service.reconciler.start()
-        service.submitter.start()
+        service.background.start()
         try:
             yield
         finally:
-            await run_in_threadpool(service.submitter.stop)
-            await run_in_threadpool(service.reconciler.stop)
+            await run_in_threadpool(service.background.stop)
             service.store.close()
             app.state.service = None
 
@@ -213,14 +221,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         summary="Whether the database, Ray and MLflow answer and the first reconciliation ran.",
     )
     def readyz(service: ServiceDep) -> JSONResponse:
+        passed, detail = service.background.readiness()
         components = {
             "database": _check(service.store.ping),
             "ray": _check(service.jobs.version),
             "mlflow": _check(service.mlflow.ping),
-            "reconciler": Component(
-                ok=service.reconciler.ready.is_set(),
-                detail="first pass done" if service.reconciler.ready.is_set() else "first pass not done yet",
-            ),
+            "reconciler": Component(ok=passed, detail=detail),
         }
         ready = all(c.ok for c in components.values())
         body = Readiness(ready=ready, components=components)

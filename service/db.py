@@ -245,11 +245,32 @@ class Store:
 
     # ------------------------------------------------------------------ queries
 
-    def active(self) -> list[ExperimentRow]:
-        """Records the reconciler follows, oldest first."""
-        with self._session() as s:
-            q = select(ExperimentRow).where(ExperimentRow.status.in_(list(ACTIVE)))
-            return list(s.scalars(q.order_by(ExperimentRow.created_at)))
+    def active(self) -> list[RecordFields]:
+        """Records the reconciler follows, oldest first, as plain rows of :data:`RECORD_COLUMNS`
+        (ORM objects cost a reconciler pass over 800 records 20-30 ms of the API process)."""
+        q = select(*RECORD_COLUMNS).where(ExperimentRow.status.in_(list(ACTIVE)))
+        with self.engine.connect() as conn:
+            return list(conn.execute(q.order_by(ExperimentRow.created_at)).all())
+
+    def count_active(self) -> int:
+        """How many records are in Ray (:data:`ACTIVE`)."""
+        q = select(func.count()).select_from(ExperimentRow).where(ExperimentRow.status.in_(list(ACTIVE)))
+        with self.engine.connect() as conn:
+            return int(conn.execute(q).scalar_one())
+
+    def set_queued(self, waiting_for: str) -> int:
+        """Say ``waiting_for`` on every ``SUBMITTING`` record that says something else (one
+        statement); how many changed."""
+        q = (
+            update(ExperimentRow)
+            .where(
+                ExperimentRow.status == Status.SUBMITTING,
+                or_(ExperimentRow.waiting_for.is_(None), ExperimentRow.waiting_for != waiting_for),
+            )
+            .values(updated_at=utcnow(), waiting_for=waiting_for)
+        )
+        with self.engine.begin() as conn:
+            return int(getattr(conn.execute(q), "rowcount", 0))
 
     def submitting(self, limit: int = 100) -> list[ExperimentRow]:
         """Records accepted and not yet submitted to Ray, oldest first."""

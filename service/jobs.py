@@ -200,7 +200,16 @@ class RayJobs:
         return str(self._call(f"logs of {submission_id}", lambda c: c.get_job_logs(submission_id)))
 
     def list(self) -> list[JobState]:
-        return [_state(j) for j in self._call("the job list", lambda c: c.list_jobs()) if j.submission_id]
+        """Every job of the cluster, read from Ray's JSON as it comes (Ray's ``list_jobs`` makes a
+        pydantic object of each job, entrypoint and all: most of a list of 800 jobs' time)."""
+
+        def fetch(c: Any) -> Any:
+            r = c._do_request("GET", "/api/jobs/")
+            if r.status_code != 200:
+                c._raise_error(r)  # a RuntimeError naming the status code, as list_jobs raises
+            return r.json()
+
+        return [_state_of(j) for j in self._call("the job list", fetch) if j.get("submission_id")]
 
     async def follow(self, submission_id: str) -> AsyncIterator[str]:
         """The job's log as it is written, from its start, until the job ends."""
@@ -222,6 +231,18 @@ def _refusal(text: str, e: Exception) -> str:
 
 def _first_line(text: str, e: Exception) -> str:
     return text.strip().splitlines()[0][:300] if text.strip() else type(e).__name__
+
+
+def _state_of(job: dict[str, Any]) -> JobState:
+    """:func:`_state` of a job as Ray's Jobs API sends it (JSON)."""
+    return JobState(
+        submission_id=str(job["submission_id"]),
+        status=str(job["status"]),
+        message=job.get("message"),
+        exit_code=job.get("driver_exit_code"),
+        metadata=dict(job.get("metadata") or {}),
+        job_id=job.get("job_id") or None,
+    )
 
 
 def _state(info: Any) -> JobState:

@@ -135,12 +135,12 @@ async def submit_experiment(
             raise Problem(
                 503, "MLflow is unavailable", down, kind="unavailable", headers={"Retry-After": "5"}
             )
-        sub = service.experiments.accept(spec, idempotency_key, service.submitter.waiting_for())
+        sub = service.experiments.accept(spec, idempotency_key, service.background.waiting_for())
         headers = {"Location": f"/v1/experiments/{sub.row.id}"}
         if sub.replayed:
             headers["Idempotent-Replayed"] = "true"
         else:
-            service.submitter.wake()
+            service.background.wake()
         return _send_record(service, sub.row, 202, headers)
 
     try:

@@ -100,7 +100,11 @@ class Experiment(BaseModel):
     updated_at: datetime
     started_at: datetime | None = None
     ended_at: datetime | None = None
-    status_checked_at: datetime | None = Field(default=None, description="when Ray was last asked")
+    status_checked_at: datetime | None = Field(
+        default=None,
+        description="when the reconciler last recorded its check of this record: at once when what Ray "
+        "or MLflow say of it changes, else at least every 30 s while it is active",
+    )
     ray: RayInfo
     mlflow: MlflowInfo
     progress: dict[str, Any] | None = Field(default=None, description="runs by status, epoch, best AP so far")

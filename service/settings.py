@@ -10,7 +10,7 @@ from __future__ import annotations
 import ipaddress
 import os
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -103,8 +103,20 @@ class Settings(BaseSettings):
         gt=0,
         description="how long a submission waits for its turn before a 503 with Retry-After",
     )
+    max_active: int = Field(
+        default=16,
+        ge=1,
+        description="experiments of this database kept in Ray at once (PENDING, RUNNING or CANCELLING); "
+        "later ones wait SUBMITTING in the service's queue, oldest first, so that a burst of submissions "
+        "is not a burst of Ray jobs",
+    )
     service_name: str | None = Field(
         default=None, description="hdet.service metadata of its jobs (default: an id kept in the database)"
+    )
+    background: Literal["process", "thread"] = Field(
+        default="process",
+        description="where the reconciler and the submitter run: a process of their own, which requests "
+        "never wait for (process), or threads of the API process (thread)",
     )
 
     @field_validator("cluster_node_types", mode="before")

@@ -79,6 +79,11 @@ def settings_for(stack: Stack, db: Path, **overrides: Any) -> Settings:
         "job_env": {"HDET_HOME": str(stack.home), "RAY_API_SERVER_ADDRESS": stack.ray_address},
         "reconcile_interval_s": 0.5,
         "home": str(stack.home),
+        # the reconciler and submitter as threads: a test's TestClient is ready at once (a process of
+        # their own, the default, is what `hdet serve` and ApiProcess run)
+        "background": "thread",
+        # the module-wide services keep many jobs PENDING (or CANCELLING) for good: no queue for them
+        "max_active": 10_000,
     }
     values.update(overrides)
     return Settings(**values)

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
-from svc_helpers import NEVER, TOKENS, Stack, auth, post_spec, settings_for, tiny_spec
+from svc_helpers import NEVER, TOKENS, Stack, auth, post_spec, settings_for, tiny_spec, wait_for
 
 from service.app import create_app
 from service.intake import MAX_BODY_BYTES
@@ -29,6 +29,7 @@ def client(stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[T
     db = tmp_path_factory.mktemp("guard") / "service.db"
     app = create_app(settings_for(stack, db, entrypoint_resources=NEVER))
     with TestClient(app) as c:
+        wait_for(lambda: c.get("/readyz").status_code == 200, 120, "the reconciler's first pass")
         yield c
 
 
@@ -67,7 +68,8 @@ def test_every_route_but_the_open_ones_needs_a_token(client: TestClient) -> None
 
 def test_the_open_routes_answer_without_a_token(client: TestClient) -> None:
     for path in ("/healthz", "/readyz", "/docs", "/openapi.json"):
-        assert client.get(path).status_code == 200, path
+        r = client.get(path)
+        assert r.status_code == 200, (path, r.text[:500])
 
 
 def test_both_tokens_of_a_rotation_are_accepted(client: TestClient) -> None:

@@ -21,6 +21,7 @@ import pytest
 from mlflow import MlflowClient
 from svc_helpers import ApiProcess, Stack, auth, tiny_spec, wait_for
 
+from workers.procfs import descendants, proc_stats
 from workers.tracking import Tag
 
 LONG_EPOCHS = 40
@@ -57,7 +58,14 @@ def lifecycle(
     seen["statuses_a"] = [a["status"]]
     wait_for(lambda: _get(c1, a["id"])["status"] == "RUNNING", 300, "job A to run")
     seen["before_kill"] = _get(c1, a["id"])
+    background = descendants(first.proc.pid)  # its reconciler's and submitter's process
+    seen["background"] = background
     first.kill()  # a crash, mid-run: no shutdown of anything
+    seen["background_left"] = wait_for(
+        lambda: "none" if not {p for p, f in proc_stats().items() if f[0] != "Z"} & background else None,
+        60,
+        "the crashed API's background process to end",
+    )
 
     second = ApiProcess(stack, db, tmp / "api-2.log")
     second.start()
@@ -151,6 +159,11 @@ def test_a_killed_api_restarted_on_the_same_database_loses_nothing(lifecycle: di
         ("RUNNING", "SUCCEEDED"),
     ]
     assert [e["seq"] for e in lifecycle["events_a"]] == [1, 2, 3, 4]
+
+
+def test_a_crashed_apis_background_process_ends_with_it(lifecycle: dict[str, Any]) -> None:
+    assert lifecycle["background"]  # the reconciler and the submitter ran in a process of their own
+    assert lifecycle["background_left"] == "none"
 
 
 def test_results_come_from_mlflow_with_ap_a_checkpoint_and_a_ui_link_that_answers(

@@ -8,12 +8,15 @@ resource no node has, so none of them trains."""
 from __future__ import annotations
 
 import json
+import os
 import shlex
+import signal
 import sys
 import threading
 import time
 import uuid
 from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +26,8 @@ from mlflow import MlflowClient
 from svc_helpers import NEVER, Stack, TcpForward, auth, post_spec, settings_for, tiny_spec, wait_for
 
 from service.app import Service, create_app
-from service.db import Store
+from service.background import InProcess
+from service.db import Store, aware
 from service.experiments import ACCEPTED, SERVICE_METADATA
 from service.intake import body_hash, canonical_json
 from service.jobs import RayJobs
@@ -340,12 +344,15 @@ def test_cancel_of_an_ended_experiment_is_409(stack: Stack, client: TestClient) 
 # ---------------------------------------------------------------------- Ray or MLflow down
 
 
+@pytest.mark.parametrize("background", ["thread", "process"])
 def test_while_ray_is_down_a_post_is_accepted_and_submitted_when_ray_is_back(
-    stack: Stack, client: TestClient, tmp_path: Path
+    stack: Stack, client: TestClient, tmp_path: Path, background: str
 ) -> None:
     db = tmp_path / "service.db"
     port = free_port()
-    settings = settings_for(stack, db, ray_address=f"http://127.0.0.1:{port}", ray_timeout_s=2)
+    settings = settings_for(
+        stack, db, ray_address=f"http://127.0.0.1:{port}", ray_timeout_s=2, background=background
+    )
     with TestClient(create_app(settings)) as down:
         service = _service(down)
         pending = _store_as_left(service.store, service.experiments.new_id(None), "before-ray-went-away")
@@ -422,6 +429,76 @@ def test_a_submission_that_waits_too_long_for_its_turn_is_503_and_nothing_is_sto
         r = post_spec(c, tiny_spec("while-busy"))
         assert r.status_code == 202
         assert c.post(f"/v1/experiments/{r.json()['id']}/cancel", headers=auth()).status_code == 202
+
+
+def test_at_most_max_active_records_are_in_ray_and_the_others_go_oldest_first(
+    stack: Stack, tmp_path: Path
+) -> None:
+    settings = settings_for(stack, tmp_path / "db", entrypoint_resources=NEVER, max_active=2)
+    with TestClient(create_app(settings)) as c:
+        service = _service(c)
+        ids = [post_spec(c, tiny_spec(f"queued-{i}")).json()["id"] for i in range(4)]
+        _submitted(c, *ids[:2])
+        service.submitter.run_once()
+        assert [_status(c, i) for i in ids] == ["PENDING", "PENDING", "SUBMITTING", "SUBMITTING"]
+        in_ray = {j.submission_id for j in service.jobs.list()}
+        assert set(ids[:2]) <= in_ray and not set(ids[2:]) & in_ray
+        queued = _record(c, ids[2])["waiting_for"]
+        assert queued == _record(c, ids[3])["waiting_for"] == service.submitter.queued_text()
+        assert "2 experiments are in Ray" in queued and "HDET_MAX_ACTIVE" in queued
+        # a queued record is cancelled at once: it never reaches Ray, and frees no place
+        assert c.post(f"/v1/experiments/{ids[3]}/cancel", headers=auth()).json()["status"] == "CANCELLED"
+        # the first ends (as the reconciler records a job's end): the oldest queued one takes its place
+        assert service.store.transition(ids[0], Status.PENDING, Status.FAILED, "ended in this test")
+        service.submitter.run_once()
+        assert [_status(c, i) for i in ids] == ["FAILED", "PENDING", "PENDING", "CANCELLED"]
+        assert _record(c, ids[2])["waiting_for"] != queued
+        assert ids[3] not in {j.submission_id for j in service.jobs.list()}
+        for exp_id in ids[1:3]:
+            c.post(f"/v1/experiments/{exp_id}/cancel", headers=auth())
+        service.jobs.stop(ids[0])
+
+
+# ---------------------------------------------------------------------- the background process
+
+
+def _alive(pid: int) -> bool:
+    stat = Path(f"/proc/{pid}/stat")
+    return stat.exists() and stat.read_text().rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def test_the_background_process_submits_and_reconciles_and_readyz_says_when_it_is_gone(
+    stack: Stack, tmp_path: Path
+) -> None:
+    settings = settings_for(stack, tmp_path / "db", entrypoint_resources=NEVER, background="process")
+    with TestClient(create_app(settings)) as c:
+        service = _service(c)
+        assert isinstance(service.background, InProcess)
+        pid = service.background.pid
+        assert pid is not None and pid != os.getpid() and _alive(pid)
+        wait_for(lambda: c.get("/readyz").status_code == 200, 120, "the background process's first pass")
+        assert c.get("/readyz").json()["components"]["reconciler"]["detail"] == "first pass done"
+        exp_id = post_spec(c, tiny_spec("in-background")).json()["id"]
+        _submitted(c, exp_id)
+        assert _record(c, exp_id)["status"] == "PENDING" and _record(c, exp_id)["ray"]["submit_s"] > 0
+        checked = wait_for(lambda: _record(c, exp_id)["ray"]["status"], 30, "a pass to record Ray's word")
+        assert checked == "PENDING"
+        assert service.reconciler.passes == 0  # this process's own never ran: the other one did
+        assert c.post(f"/v1/experiments/{exp_id}/cancel", headers=auth()).json()["status"] == "CANCELLING"
+        os.kill(pid, signal.SIGKILL)  # it died: the API says it is not ready
+        wait_for(lambda: c.get("/readyz").status_code == 503, 30, "/readyz to say the reconciler is gone")
+        assert "not running" in c.get("/readyz").json()["components"]["reconciler"]["detail"]
+    assert not _alive(pid)
+
+
+def test_the_background_process_ends_when_the_app_stops(stack: Stack, tmp_path: Path) -> None:
+    settings = settings_for(stack, tmp_path / "db", background="process")
+    with TestClient(create_app(settings)) as c:
+        service = _service(c)
+        assert isinstance(service.background, InProcess) and service.background.pid is not None
+        pid = service.background.pid
+        wait_for(lambda: c.get("/readyz").status_code == 200, 120, "the background process's first pass")
+    assert not _alive(pid)
 
 
 # ---------------------------------------------------------------------- reconciler
@@ -554,6 +631,47 @@ def test_a_job_of_this_service_without_a_record_or_with_an_ended_one_is_stopped_
         assert service.jobs.info(foreign).status in ("PENDING", "RUNNING")
     finally:
         service.jobs.stop(foreign)
+
+
+def test_a_pass_writes_a_record_only_when_rays_word_changed_or_its_check_time_is_old(
+    client: TestClient,
+) -> None:
+    """Every active record written every pass held SQLite's write lock against submissions."""
+    from service.reconciler import CHECKED_EVERY_S
+
+    service = _service(client)
+    exp_id = post_spec(client, tiny_spec("checked")).json()["id"]
+    _submitted(client, exp_id)
+    service.reconciler.run_once()
+    first = service.store.get(exp_id)
+    assert first is not None and first.ray_status == "PENDING" and first.status_checked_at is not None
+    service.reconciler.run_once()
+    again = service.store.get(exp_id)
+    assert again is not None and again.updated_at == first.updated_at  # Ray said the same: no write
+    assert _record(client, exp_id)["status_checked_at"] is not None
+    old = utcnow() - timedelta(seconds=CHECKED_EVERY_S + 1)
+    assert service.store.update_fields(exp_id, Status.PENDING, status_checked_at=old)
+    stale = service.store.get(exp_id)
+    assert stale is not None
+    service.reconciler.run_once()
+    fresh = service.store.get(exp_id)
+    assert fresh is not None and fresh.updated_at > stale.updated_at
+    assert aware(fresh.status_checked_at) > old + timedelta(seconds=CHECKED_EVERY_S)  # type: ignore[operator]
+    assert client.post(f"/v1/experiments/{exp_id}/cancel", headers=auth()).status_code == 202
+
+
+def test_the_job_list_says_what_rays_client_says_of_a_job(client: TestClient) -> None:
+    service = _service(client)
+    exp_id = post_spec(client, tiny_spec("listed")).json()["id"]
+    _submitted(client, exp_id)
+    try:
+        (listed,) = [j for j in service.jobs.list() if j.submission_id == exp_id]
+        assert listed == service.jobs.info(exp_id)  # Ray's client's own objects, made into a JobState
+        assert (
+            listed.status == "PENDING" and listed.metadata[SERVICE_METADATA] == service.experiments.service_id
+        )
+    finally:
+        client.post(f"/v1/experiments/{exp_id}/cancel", headers=auth())
 
 
 def test_a_lost_records_failure_is_an_object_saying_why(client: TestClient) -> None:

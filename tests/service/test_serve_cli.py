@@ -10,8 +10,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from svc_helpers import Stack
 
 from workers.cli import main as hdet_main
+from workers.procfs import command_line, descendants, proc_stats
 
 
 def _serve(home: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
@@ -55,3 +57,15 @@ def test_a_negative_cpu_count_is_refused_before_anything_starts(tmp_path: Path) 
     assert r.returncode == 2
     assert "argument --num-cpus: -1 is negative" in r.stderr
     assert not (tmp_path / "logs").exists()
+
+
+def test_the_reconciler_and_the_submitter_run_in_a_process_of_their_own(stack: Stack) -> None:
+    """Beside the API's process (uvicorn's requests), not as its threads."""
+    serve = stack.pids[0]  # hdet serve: the API
+    background = [
+        pid
+        for pid, f in proc_stats().items()
+        if int(f[1]) == serve and f[0] != "Z" and "multiprocessing.spawn" in command_line(pid, limit=None)
+    ]
+    assert len(background) == 1, [command_line(p) for p in descendants(serve)]
+    assert background[0] not in descendants(stack.pids[1])  # not one of the Ray head's
