@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from harmonic.catalog import DSSD_REFINEDET_MIN_IMAGE_SIZE, SSD_MIN_IMAGE_SIZE, valid_backbones
 from harmonic.detectors import ARCHS, build_detector
+from harmonic.step import optimizer_step, total_loss
 
 __all__ = ["loss_main", "bench_arch"]
 
@@ -88,11 +89,7 @@ def _step(
 ) -> float:
     now = CLOCKS[clock]
     t0 = now()
-    losses = model(images, targets)
-    loss = sum(losses.values())
-    opt.zero_grad(set_to_none=True)
-    loss.backward()  # type: ignore[union-attr]
-    opt.step()
+    optimizer_step(total_loss(model(images, targets)), opt)
     return (now() - t0) * 1000.0
 
 

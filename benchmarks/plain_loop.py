@@ -97,6 +97,7 @@ def train(spec_dict: dict[str, Any], threads: int, pace: str | None = None) -> d
     import torch
 
     from benchmarks.pace import Pacer
+    from harmonic.step import optimizer_step, total_loss
     from workers import recipe
     from workers.spec import Spec
 
@@ -121,10 +122,7 @@ def train(spec_dict: dict[str, Any], threads: int, pace: str | None = None) -> d
         sampler.set_epoch(epoch)
         t_step = time.perf_counter()
         for step, (imgs, targets) in enumerate(loader):
-            loss = sum(model(list(imgs), list(targets)).values())
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            optimizer_step(total_loss(model(list(imgs), list(targets))), opt)
             now = time.perf_counter()
             if epoch > 1:
                 images, seconds = images + len(imgs), seconds + now - t_step

@@ -51,6 +51,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from harmonic.step import optimizer_step
+
 TASKS: tuple[str, ...] = ("classify", "segment")
 
 __all__ = [
@@ -354,10 +356,7 @@ def pretrain_body(
             loss = F.binary_cross_entropy_with_logits(logits, labels)
             if dense is not None:
                 loss = loss + F.cross_entropy(dense, maps)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
+            optimizer_step(loss, optimizer, scheduler=scheduler)
             losses.append(float(loss.detach()))
         metrics = {"epoch": float(epoch), "train_loss": float(np.mean(losses)), "lr": float(lr)}
         metrics.update(_validate(net, val_ds, config.batch_size, image_size, num_classes, mean, std))

@@ -51,6 +51,7 @@ def train_one(spec: Any, seed: int, augment: str, split: str) -> list[dict[str, 
     import torch
 
     from harmonic.data import build_dataset
+    from harmonic.step import optimizer_step, total_loss
     from workers import recipe
 
     t = spec.train
@@ -73,14 +74,11 @@ def train_one(spec: Any, seed: int, augment: str, split: str) -> list[dict[str, 
         sampler.set_epoch(epoch)
         t0, losses = time.process_time(), []
         for images, targets in loader:
-            loss = sum(model(list(images), list(targets)).values())
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()  # type: ignore[union-attr]
-            if t.clip_grad_norm:
-                torch.nn.utils.clip_grad_norm_(params, t.clip_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            losses.append(float(loss.detach()))  # type: ignore[union-attr]
+            loss = total_loss(model(list(images), list(targets)))
+            optimizer_step(
+                loss, optimizer, scheduler=scheduler, clip_grad_norm=t.clip_grad_norm, params=params
+            )
+            losses.append(float(loss.detach()))
         cpu += time.process_time() - t0
         stats = _evaluate(model, eval_ds, ann_file)
         row = {"seed": seed, "epoch": epoch, "loss": statistics.fmean(losses), "cpu_s": cpu}

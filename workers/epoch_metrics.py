@@ -160,6 +160,8 @@ def train_epoch(
     ``hooks``: the worker's :mod:`workers.hooks` (the time a step hook holds the worker is not timed)."""
     import torch
 
+    from harmonic.step import optimizer_step, total_loss
+
     optimizer, scheduler, scaler = parts.optimizer, parts.scheduler, parts.scaler
     clip_grad_norm = spec.train.clip_grad_norm
     fp16 = scaler.is_enabled()
@@ -185,20 +187,10 @@ def train_epoch(
             if on_losses:
                 loss_dict = hooks.step_losses(global_step, loss_dict)
             losses = torch.stack([v.detach().float().reshape(()) for v in loss_dict.values()])
-            loss = sum(loss_dict.values())
-            optimizer.zero_grad(set_to_none=True)
-            scaled = scaler.scale(loss)
-            if fp16:
-                # A non-finite loss makes every gradient NaN (on every DDP rank, through the all-reduce),
-                # so that the scaler skips the step and lowers its scale, without waiting for the device.
-                scaled = scaled * torch.where(torch.isfinite(losses).all(), 1.0, float("nan"))
-            scaled.backward()
-            if clip_grad_norm is not None:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad_norm)
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
+            optimizer_step(
+                total_loss(loss_dict), optimizer, scheduler=scheduler, scaler=scaler,
+                clip_grad_norm=clip_grad_norm, params=model.parameters(), finite=losses,
+            )  # fmt: skip
             pending.add(global_step, losses, loss_dict, pop_diagnostics(model, to_cpu=False))
             if len(pending) >= read_every:
                 pending.read()
