@@ -211,6 +211,7 @@ def train_steps(
     import torch
 
     from harmonic.detectors import build_detector, pop_diagnostics
+    from harmonic.step import optimizer_step, total_loss
 
     name = _backbone(arch, backbone)
     t_start = time.perf_counter()
@@ -233,13 +234,9 @@ def train_steps(
             t0 = time.perf_counter()
         with torch.autocast(device.type, dtype=dtype):
             losses = model(images, targets)
-        loss: Tensor = sum(losses.values())  # type: ignore[assignment]
+        loss = total_loss(losses)
         nonfinite += int(not torch.isfinite(loss.detach()).item())
-        opt.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(opt)
-        scaler.update()
-        sched.step()
+        optimizer_step(loss, opt, scheduler=sched, scaler=scaler)
         diag = pop_diagnostics(model)
         if diag:
             ious.append(diag["iou"])
@@ -265,6 +262,7 @@ def _ddp_rank(rank: int, world: int, port: int, dtype_name: str, size: int, out:
     from torch import nn
 
     from harmonic.detectors import build_detector
+    from harmonic.step import optimizer_step, total_loss
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("nccl", rank=rank, world_size=world)
@@ -280,11 +278,8 @@ def _ddp_rank(rank: int, world: int, port: int, dtype_name: str, size: int, out:
         images, targets = make_batch(2, size, device, seed=rank)
         for _ in range(3):
             with torch.autocast("cuda", dtype=dtype):
-                loss: Tensor = sum(ddp(images, targets).values())  # type: ignore[assignment]
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
+                loss = total_loss(ddp(images, targets))
+            optimizer_step(loss, opt, scaler=scaler)
         total = loss.detach().float().reshape(1)
         dist.all_reduce(total)
         # the replicas must hold the same weights after the synchronised steps

@@ -44,13 +44,13 @@ from torchvision.models.detection import _utils as det_utils
 from torchvision.models.detection.anchor_utils import AnchorGenerator, DefaultBoxGenerator
 from torchvision.models.detection.ssd import SSD, SSDFeatureExtractorVGG, SSDHead
 from torchvision.models.detection.ssdlite import SSDLiteHead, _mobilenet_extractor, _normal_init
-from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 
 from harmonic.catalog import ARCHS, BACKBONES, check_detector, default_backbone, valid_backbones
 from harmonic.config import EvalProtocol, LossConfig
 from harmonic.loss_parts import check_loss_fits
 
 from .backbones import (
+    P6P7,
     freeze_vgg_stages,
     group_norm,
     is_group_norm_file,
@@ -131,7 +131,7 @@ def _build_one_stage(
     arch: str, num_classes: int, backbone: str, image_size: int, pretrained: Any, kwargs: dict[str, Any]
 ) -> nn.Module:
     layers = kwargs.pop("trainable_backbone_layers", None)
-    extra = LastLevelP6P7(256, 256)
+    extra = P6P7(256, 256)
     if backbone == "mobilenet_v3":
         body = mobilenet_fpn(pretrained, extra_blocks=extra, trainable_layers=layers)
         strides: tuple[int, ...] = (16, 32, 64, 128)
