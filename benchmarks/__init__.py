@@ -15,7 +15,7 @@ One module per command (``hdet bench X`` is :mod:`benchmarks.X`'s ``main``):
 
 It may import every package below it (``harmonic``, ``workers``, ``service``); none of them imports
 it (``tests/test_layers.py``). A benchmark acts inside a training worker only through the loop's
-hooks (:mod:`workers.hooks`, named in ``HDET_TRAIN_HOOKS``: ``benchmarks.pace:hook``,
+hooks (:mod:`workers.training.hooks`, named in ``HDET_TRAIN_HOOKS``: ``benchmarks.pace:hook``,
 ``benchmarks.timeline:hook``) and reads the search's start-up marks from the file
 :mod:`workers.marks` writes.
 """

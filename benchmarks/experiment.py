@@ -80,7 +80,7 @@ def _run(spec_dict: dict[str, Any], root: Path) -> tuple[float, dict[str, list[f
     from workers.search import run_search
     from workers.spec import Spec
     from workers.tracking import open_parent_run
-    from workers.weights import resolve_start_weights
+    from workers.training.weights import resolve_start_weights
 
     uri = f"sqlite:///{root / 'mlflow.db'}"
     spec = resolve_start_weights(Spec.parse(spec_dict), uri, say=lambda _: None)

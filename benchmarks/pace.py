@@ -5,7 +5,7 @@ around them (:class:`Freezer` stops the others' processes for a turn; :func:`pid
 The bench runs the sides a few steps at a time, in turns, on the same batches, so that a drift of
 the machine's speed hits every side alike.
 
-Off unless asked: a worker gets a :class:`Pacer` through its training hooks (:mod:`workers.hooks`,
+Off unless asked: a worker gets a :class:`Pacer` through its training hooks (:mod:`workers.training.hooks`,
 entry :data:`HOOK`) only when ``HDET_BENCH_PACE`` names a directory (the bench sets both for its own
 local Ray, whose processes inherit them). The two ends talk
 through two named pipes in that directory: ``ready`` (the side reports the turn it ended) and
@@ -37,7 +37,7 @@ __all__ = [
 ]
 
 ENV = "HDET_BENCH_PACE"
-#: the entry of ``HDET_TRAIN_HOOKS`` (:mod:`workers.hooks`) that gives a worker its :class:`Pacer`.
+#: the entry of ``HDET_TRAIN_HOOKS`` (:mod:`workers.training.hooks`) that gives a worker its :class:`Pacer`.
 HOOK = "benchmarks.pace:hook"
 
 
@@ -101,7 +101,7 @@ class Pacer:
 
 
 class _PacerHook:
-    """The training loop's hook (:mod:`workers.hooks`): the bench's turns, on the worker's side."""
+    """The training loop's hook (:mod:`workers.training.hooks`): the bench's turns, on the worker's side."""
 
     def __init__(self, pacer: Pacer):
         self.pacer = pacer

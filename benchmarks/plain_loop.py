@@ -16,7 +16,7 @@ __all__ = ["start_process", "process_result", "start_bare_actor", "train"]
 def start_process(spec_dict: dict[str, Any], threads: int, pace: Path) -> subprocess.Popen[str]:
     """Start the plain loop (no Ray) in a fresh Python process, as a Ray Train worker is one, so
     that neither side inherits the other's heap or threads. The model, data, sampler and optimizer
-    are a worker's (:mod:`workers.recipe`); the step has no AMP, clipping, schedule or diagnostics.
+    are a worker's (:mod:`workers.training.recipe`); the step has no AMP, clipping, schedule or diagnostics.
     Read its result with :func:`process_result`."""
     import json
 
@@ -98,8 +98,8 @@ def train(spec_dict: dict[str, Any], threads: int, pace: str | None = None) -> d
 
     from benchmarks.pace import Pacer
     from harmonic.step import optimizer_step, total_loss
-    from workers import recipe
     from workers.spec import Spec
+    from workers.training import recipe
 
     spec = Spec.parse(spec_dict)
     t = spec.train

@@ -68,7 +68,7 @@ def _bench_one_search(spec_dict: dict[str, Any], root: Path) -> Any:
     from workers.search import run_search
     from workers.spec import Spec
     from workers.tracking import open_parent_run
-    from workers.weights import resolve_start_weights
+    from workers.training.weights import resolve_start_weights
 
     uri = f"sqlite:///{root / 'mlflow.db'}"
     spec = resolve_start_weights(Spec.parse(spec_dict), uri, say=lambda _: None)
@@ -126,10 +126,10 @@ def search_main(argv: list[str]) -> int:
 
     from benchmarks import timeline
     from harmonic.data import build_dataset
-    from workers import hooks as train_hooks
     from workers.env import init_local_ray, shutdown_local_ray
     from workers.search import required_cpus
     from workers.spec import Spec
+    from workers.training import hooks as train_hooks
 
     alphas = [round(float(a), 3) for a in np.linspace(0.5, 2.5, args.side)]
     gammas = [round(float(g), 3) for g in np.linspace(0.2, 1.0, args.side)]

@@ -2,7 +2,7 @@
 (:mod:`workers.marks`, on when ``HDET_TIMELINE`` names it), read back as phases.
 
 The search marks its own steps; a training worker's marks come through its training hooks
-(:mod:`workers.hooks`, entry :data:`HOOK`). Marks, in the order a trial passes them:
+(:mod:`workers.training.hooks`, entry :data:`HOOK`). Marks, in the order a trial passes them:
 
 * ``trial_start`` (key: trial id): Tune has started the trial (its ``on_trial_start``: the trial's
   process is up, a new one or one Tune reuses).
@@ -25,14 +25,14 @@ from workers.marks import ENV, mark
 
 __all__ = ["ENV", "HOOK", "PHASES", "read", "phases", "hook"]
 
-#: the entry of ``HDET_TRAIN_HOOKS`` (:mod:`workers.hooks`) that marks a worker's phases.
+#: the entry of ``HDET_TRAIN_HOOKS`` (:mod:`workers.training.hooks`) that marks a worker's phases.
 HOOK = "benchmarks.timeline:hook"
 #: The marks in trial order; :func:`phases` reports the time between consecutive ones.
 PHASES = ("trial_start", "trial_fn", "trainer_fit", "worker_start", "data_ready", "model_ready", "first_step")
 
 
 class _Marks:
-    """The training loop's hook (:mod:`workers.hooks`): its phases as marks keyed by the run key."""
+    """The training loop's hook (:mod:`workers.training.hooks`): its phases as marks keyed by the run key."""
 
     def __init__(self, run_key: str):
         self.run_key = run_key

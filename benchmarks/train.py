@@ -1,5 +1,5 @@
 """``hdet bench train``: training images/s of one Ray Train worker (the real per-worker loop of
-:mod:`workers.worker_loop`: model preparation, diagnostics, loss bookkeeping, per-epoch report and
+:mod:`workers.training.worker_loop`: model preparation, diagnostics, loss bookkeeping, per-epoch report and
 checkpoint) / images/s of a plain PyTorch loop, on the same model, data, batch size, sampler and
 thread count, each side in a fresh process.
 
@@ -30,8 +30,8 @@ from typing import Any
 from benchmarks import pace
 from benchmarks.cpu_share import WORKER, CpuSampler
 from benchmarks.pace import RAY_TRAIN_PROCESSES, Baton, Freezer, Turn, niceness, pids_named
-from workers import hooks as train_hooks
 from workers.procfs import descendants
+from workers.training import hooks as train_hooks
 
 __all__ = ["train_main", "bench_spec"]
 
@@ -240,7 +240,7 @@ def _bench_round(
     from workers.env import init_local_ray, shutdown_local_ray
     from workers.spec import Spec
     from workers.tracking import open_parent_run
-    from workers.trainer import make_trainer
+    from workers.training.trainer import make_trainer
 
     root.mkdir(parents=True)
     batons = {name: Baton(root / f"pace-{name}", turn_steps) for name in ("plain", "actor", "worker")}

@@ -4,7 +4,7 @@
 
 The spec's ``pretrain`` section is run (or found in the cache, ``$HDET_HOME/pretrained``) first; then
 for every seed the spec's detector is trained with the spec's loss and recipe (optimizer, lr,
-warm-up and decay of ``workers.recipe``; the data order of a one-worker run: aspect-ratio grouping on
+warm-up and decay of ``workers.training.recipe``; the data order of a one-worker run: aspect-ratio grouping on
 a one-replica ``DistributedSampler``) in a plain loop on ``--threads`` CPU threads, and evaluated on
 the held-out split after every epoch with the spec's evaluation protocol (COCO AP of
 :func:`harmonic.eval.evaluate`). Printed per epoch: loss, AP, AP50, AP75 and the CPU seconds the
@@ -52,7 +52,7 @@ def train_one(spec: Any, seed: int, augment: str, split: str) -> list[dict[str, 
 
     from harmonic.data import build_dataset
     from harmonic.step import optimizer_step, total_loss
-    from workers import recipe
+    from workers.training import recipe
 
     t = spec.train
     cfg = recipe.dataset_config(spec)

@@ -16,6 +16,7 @@ from collections import Counter
 from typing import Any
 from urllib.parse import urlencode
 
+from workers.summary import collect_summary
 from workers.summary.records import BASELINE_ID, TEST_PREFIX
 from workers.tracking import CHILD_ROLE, PARENT_ROLE, Artifact, Tag, child_runs, close_running_runs
 
@@ -169,7 +170,7 @@ class MlflowView:
 
     def summary(self, parent: Any, name: str) -> Any:
         """The :class:`~workers.summary.SearchSummary` of a search's or comparison's parent run."""
-        return _collect_summary()(self.client, parent.info.experiment_id, parent.info.run_id, experiment=name)
+        return collect_summary(self.client, parent.info.experiment_id, parent.info.run_id, experiment=name)
 
     def _run(self, run: Any, *, checkpoint: bool) -> dict[str, Any]:
         tags, info = run.data.tags, run.info
@@ -215,9 +216,7 @@ class MlflowView:
                 if seed is not None:
                     per_seed[seed], runs[seed] = dict(run.data.metrics), run.info.run_id
             return {"arm": "run", "config": None, "per_seed": per_seed, "runs": runs}
-        summary = _collect_summary()(
-            self.client, parent.info.experiment_id, parent.info.run_id, experiment=name
-        )
+        summary = collect_summary(self.client, parent.info.experiment_id, parent.info.run_id, experiment=name)
         rec = summary.best or summary.confirmatory
         if rec is None and summary.ranking:  # arms only: the best-ranked of them
             top = next((r["arm"] for r in summary.ranking if r["arm"] != BASELINE_ID), None)
@@ -254,13 +253,3 @@ def _int(value: Any) -> int | None:
         return int(value)
     except (TypeError, ValueError):
         return None
-
-
-def _collect_summary() -> Any:
-    """``collect_summary`` from :mod:`workers.summary` (importable without Ray); from
-    :mod:`workers.search` in a tree from before the move."""
-    try:
-        from workers.summary import collect_summary
-    except ImportError:  # pragma: no cover - the tree before workers/summary/
-        from workers.search import collect_summary  # type: ignore[no-redef, attr-defined]
-    return collect_summary

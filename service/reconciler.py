@@ -5,7 +5,7 @@ the database it writes.
 Each pass: for every active record (``SUBMITTING`` ones are :mod:`service.submitter`'s) ask Ray
 (``get_job_info``) and MLflow (the parent run, its children: progress); for a job Ray runs, what its
 placement groups say (Ray's state API, once a pass): whether a training has its resources, and what
-the others wait for (``waiting_for``); apply :func:`service.verdict.decide` as a compare-and-set
+the others wait for (``waiting_for``); apply :func:`service.transitions.decide` as a compare-and-set
 transition, keep an ended job's last 256 KiB of log, and close the MLflow runs a dead job left
 ``RUNNING``; stop Ray jobs of this service that have no record or whose record ended (never a job
 someone else submitted). Ray unreachable changes no status.
@@ -31,7 +31,7 @@ from service.jobs import JobNotFound, JobState, RayJobs, RayUnavailable
 from service.mlflow_view import MlflowView
 from service.models import RecordFields, utcnow
 from service.states import TERMINAL, Status
-from service.verdict import EXIT_REFUSED, Verdict, decide
+from service.transitions import EXIT_REFUSED, Verdict, decide
 
 __all__ = ["Reconciler", "LOG_KEEP_BYTES", "log_tail"]
 

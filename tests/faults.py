@@ -1,5 +1,5 @@
 """Fault injection for the tests of recovery and failure, through the training loop's hooks
-(:mod:`workers.hooks`): a rank that exits its process once, a loss term made infinite at a step.
+(:mod:`workers.training.hooks`): a rank that exits its process once, a loss term made infinite at a step.
 
 The faults are a plan: a JSON file named by ``HDET_FAULTS`` that every worker reads when it starts
 (no file: no fault and no hook, so the loop makes no per-step call). :func:`installed` sets what a
@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from workers import hooks
+from workers.training import hooks
 
 __all__ = ["ENV", "HOOKS", "Plan", "installed", "planned", "crash", "nonfinite"]
 

@@ -48,6 +48,51 @@ def test_workers_do_not_import_the_service() -> None:
     assert not bad, "\n".join(bad)
 
 
+#: the contract the service shares with the workers: the spec, the MLflow schema, the evidence read
+#: back from MLflow, and the statistics and renderers over it.
+CONTRACT = ("workers/spec", "workers/summary", "workers/evidence", "workers/report", "workers/tracking.py")
+#: what runs trainings: the contract never imports it, nor Ray.
+RAY_SIDE = ("workers.training", "workers.search", "workers.run", "ray")
+
+
+def _offenders_in(paths: tuple[str, ...], forbidden: tuple[str, ...]) -> list[str]:
+    return [
+        line
+        for package in ("workers",)
+        for line in _offenders(package, forbidden)
+        if any(line.startswith(p + ("" if p.endswith(".py") else "/")) for p in paths)
+    ]
+
+
+def test_the_contract_imports_neither_ray_nor_the_trainings() -> None:
+    bad = _offenders_in(CONTRACT, RAY_SIDE)
+    named = {
+        path: names
+        for top in RAY_SIDE[:-1]
+        for path, names in _module_names("workers", top).items()
+        if any(path.startswith(p) for p in CONTRACT)
+    }
+    assert not bad and not named, "the contract stays below the Ray side:\n" + "\n".join(bad) + str(named)
+
+
+def test_a_training_never_imports_the_search_or_the_driver() -> None:
+    bad = _offenders_in(("workers/training",), ("workers.search", "workers.run", "workers.cli"))
+    named = {
+        path: names
+        for top in ("workers.search", "workers.run", "workers.cli")
+        for path, names in _module_names("workers", top).items()
+        if path.startswith("workers/training/")
+    }
+    assert not bad and not named, "\n".join(bad) + str(named)
+
+
+def test_the_service_imports_the_contract_and_no_training() -> None:
+    bad = _offenders(
+        "service", ("workers.training", "workers.search", "workers.run", "workers.pretrain", "ray.train")
+    )
+    assert not bad, "the service reaches trainings only through Ray's Jobs API:\n" + "\n".join(bad)
+
+
 #: the product packages: none of them imports the benchmarks.
 PRODUCT = ("harmonic", "workers", "service")
 #: where a product module names a benchmark module (by string, never importing it): the CLI routes

@@ -136,7 +136,7 @@ NO_STATE_API_ENV = "HDET_RAY_NO_STATE_API"
 REPORTER_INTERVAL_ENV = "REPORTER_UPDATE_INTERVAL_MS"
 
 # Marks a one-machine Ray: no autoscaler, so no Train run asks for resources through Ray's
-# autoscaling coordinator (see workers.controller_hooks.FixedScalingWithoutAutoscaler).
+# autoscaling coordinator (see workers.training.controller_hooks.FixedScalingWithoutAutoscaler).
 NO_AUTOSCALER_ENV = "HDET_RAY_NO_AUTOSCALER"
 
 

@@ -7,7 +7,7 @@ apart: the trial id, or a training run's MLflow run key (``<trial id>-seed<seed>
 
 The search marks ``trial_start`` (its Tune callback), ``trial_fn`` (the trial function is called)
 and ``trainer_fit`` (a seed's trainer starts); a training worker's phases come through its hooks
-(:mod:`workers.hooks`). The benchmark reads the file back (``benchmarks.timeline``): the marks are
+(:mod:`workers.training.hooks`). The benchmark reads the file back (``benchmarks.timeline``): the marks are
 made in Tune's driver and trial processes, which load no training hooks, so a writer this small
 is the whole seam between the search and the benchmark.
 """

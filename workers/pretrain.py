@@ -196,7 +196,7 @@ def pretrain_on_ray(
     The task reserves what one training worker of ``spec`` reserves
     (:func:`workers.resources.worker_bundle`, ``use_gpu: auto`` resolved as for the trainings), runs
     with the driver's ``$HDET_HOME`` and trains on the device Ray assigned it: a GPU asked for and not
-    usable is refused (:class:`~workers.errors.DeviceMismatchError`). Its file reaches the driver's
+    usable is refused (:class:`~workers.training.errors.DeviceMismatchError`). Its file reaches the driver's
     cache as the module docstring says.
 
     Args:
@@ -262,8 +262,8 @@ def _pretrain_task(
     import ray
     import torch
 
-    from workers.recipe import loading, worker_device_type
     from workers.spec import Spec
+    from workers.training.recipe import loading, worker_device_type
 
     spec = Spec.parse(spec_dict, check_paths=False)
     device = worker_device_type(use_gpu, ray.get_gpu_ids(), torch.cuda.is_available())

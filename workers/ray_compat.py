@@ -4,7 +4,7 @@ Ray moves these between releases: ``tests/workers/test_ray_compat.py`` names the
 Each accessor imports its module when called, never at import time (the Train controller imports
 this module: it must stay light). :data:`PRIVATE` lists them all (accessor name -> ``module:name``)
 and :data:`TORCH_TRAINER_INTERNALS` the private members of ``TorchTrainer`` that
-:class:`workers.trainer.HarmonicTrainer` overrides or calls.
+:class:`workers.training.trainer.HarmonicTrainer` overrides or calls.
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ The one entrypoint used by the service, by ``ray job submit`` and by the local C
 2. check the dataset (generate the synthetic one first): a broken dataset is refused with the
    check's report, unless ``dataset.skip_bad`` is set, in which case the skipped annotations are
    counted and logged;
-3. resolve the starting weights (:mod:`workers.weights`): find the ``pretrain`` section's backbone
+3. resolve the starting weights (:mod:`workers.training.weights`): find the ``pretrain`` section's backbone
    pretraining in the cache, else join or start Ray (step 4) and run it as a Ray task with one
    training worker's resources (:func:`workers.pretrain.pretrain_on_ray`); download ``runs:/``
    references, check that the files fit the detector; the spec every training and trial receives
@@ -120,7 +120,7 @@ def check_dataset(spec: Spec) -> dict[str, int]:
             is the check's report), or it cannot be used at all.
     """
     from harmonic.data import build_dataset
-    from workers.recipe import dataset_config
+    from workers.training.recipe import dataset_config
 
     cfg = dataset_config(spec)
     skipped = {}
@@ -190,7 +190,7 @@ def format_table(history: list[dict[str, Any]], best: dict[str, Any] | None = No
 def single_run(spec: Spec, ctx: Any, storage_path: str, *, resume: bool) -> dict[str, Any]:
     """Train ``spec`` once under the parent run ``ctx``; returns the run's summary (rank 0's return)."""
     from workers.tracking import client
-    from workers.trainer import make_trainer
+    from workers.training.trainer import make_trainer
 
     c = client(ctx.tracking_uri)
     parent = c.get_run(ctx.parent_run_id)
@@ -274,9 +274,9 @@ def _run_one(spec: Spec, args: argparse.Namespace) -> int:
 
     # Pretraining and runs:/ references before the parent run: bad weights leave nothing behind. A
     # pretraining not in the cache yet is a Ray task (workers.pretrain.pretrain_on_ray): Ray first.
-    from workers.errors import DeviceMismatchError
     from workers.pretrain import cached_pretraining, pretrain_on_ray
-    from workers.weights import resolve_start_weights
+    from workers.training.errors import DeviceMismatchError
+    from workers.training.weights import resolve_start_weights
 
     started = False
     try:
@@ -334,7 +334,7 @@ def _run_one(spec: Spec, args: argparse.Namespace) -> int:
     except Exception as e:
         from ray.train import TrainingFailedError
 
-        from workers.controller_hooks import is_deterministic_error
+        from workers.training.controller_hooks import is_deterministic_error
 
         if not (isinstance(e, TrainingFailedError) or is_deterministic_error(e)):
             c.set_terminated(ctx.parent_run_id, status="FAILED")

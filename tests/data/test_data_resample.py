@@ -9,7 +9,7 @@ import pytest
 
 from harmonic.data import build_dataset
 from harmonic.data.sampler import resample_indices
-from workers.recipe import train_loader
+from workers.training.recipe import train_loader
 
 
 def test_none_keeps_every_image_in_order() -> None:

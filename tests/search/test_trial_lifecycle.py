@@ -24,13 +24,17 @@ import ray
 from hdet_run import start_test_ray
 from mlflow import MlflowClient
 
-from workers.controller_hooks import DETERMINISTIC_ERRORS, deterministic_cause, is_deterministic_error
 from workers.env import NO_AUTOSCALER_ENV, NO_STATE_API_ENV
-from workers.errors import NonFiniteLossError
 from workers.search import TrialFailure
 from workers.search import train_on_seeds as run_configuration
 from workers.spec import Spec
 from workers.tracking import TrackingContext, open_parent_run
+from workers.training.controller_hooks import (
+    DETERMINISTIC_ERRORS,
+    deterministic_cause,
+    is_deterministic_error,
+)
+from workers.training.errors import NonFiniteLossError
 
 EPOCHS = 3
 
@@ -65,8 +69,8 @@ def test_controller_unpickles_without_torch_mlflow_or_the_training_module(
 ) -> None:
     import ray.cloudpickle
 
-    from workers.controller_hooks import SeedReportCallback, TorchBackendConfig
-    from workers.trainer import make_trainer
+    from workers.training.controller_hooks import SeedReportCallback, TorchBackendConfig
+    from workers.training.trainer import make_trainer
 
     monkeypatch.setenv(NO_STATE_API_ENV, "1")  # (no Ray here to ask for its dashboard)
     monkeypatch.setenv(NO_AUTOSCALER_ENV, "1")  # (the policy of a local Ray is pickled too)
@@ -83,8 +87,8 @@ def test_controller_unpickles_without_torch_mlflow_or_the_training_module(
     probe = (
         "import pickle, sys\n"
         f"pickle.loads(open({str(blob)!r}, 'rb').read())\n"
-        "heavy = ('torch', 'torchvision', 'mlflow', 'scipy', 'workers.trainer', 'workers.worker_loop',"
-        " 'workers.recipe', 'workers.epoch_metrics', 'workers.train_state', 'workers.search', 'harmonic')\n"
+        "heavy = ('torch', 'torchvision', 'mlflow', 'scipy', 'workers.training.trainer', 'workers.training.worker_loop',"
+        " 'workers.training.recipe', 'workers.training.epoch_metrics', 'workers.training.train_state', 'workers.search', 'harmonic')\n"
         "print(sorted({m for m in sys.modules for h in heavy if m == h or m.startswith(h + '.')}))\n"
     )
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
@@ -95,8 +99,8 @@ def test_controller_unpickles_without_torch_mlflow_or_the_training_module(
 def test_a_local_ray_s_runs_ask_no_autoscaler_for_resources(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, local: bool
 ) -> None:
-    from workers.controller_hooks import FixedScalingWithoutAutoscaler
-    from workers.trainer import make_trainer
+    from workers.training.controller_hooks import FixedScalingWithoutAutoscaler
+    from workers.training.trainer import make_trainer
 
     monkeypatch.setenv(NO_STATE_API_ENV, "1")
     monkeypatch.setenv(NO_AUTOSCALER_ENV, "1" if local else "0")

@@ -1,4 +1,4 @@
-"""The training loop's hooks (workers.hooks): loaded by name from HDET_TRAIN_HOOKS on every rank,
+"""The training loop's hooks (workers.training.hooks): loaded by name from HDET_TRAIN_HOOKS on every rank,
 dispatched by method, how the benchmarks' marks plug in (rank 0 only), and the tests' fault
 injection (tests/faults.py) through them."""
 
@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from benchmarks import timeline
-from workers import hooks
-from workers.errors import NonFiniteLossError
+from workers.training import hooks
+from workers.training.errors import NonFiniteLossError
 
 
 class _Held:
@@ -139,7 +139,7 @@ def test_a_crash_needs_a_marker_so_that_it_happens_once(tmp_path: Path) -> None:
 def test_the_fault_plan_reaches_a_process_started_in_the_block(tmp_path: Path) -> None:
     """What a Ray worker does: a fresh interpreter elsewhere loads the hooks by name."""
     plan = tmp_path / "faults.json"
-    code = "from workers import hooks; print(hooks.load('run', 1).on_losses)"
+    code = "from workers.training import hooks; print(hooks.load('run', 1).on_losses)"
     with faults.installed(plan), faults.planned(plan, nonfinite_step=0):
         out = subprocess.run(
             [sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, check=True
@@ -151,10 +151,10 @@ def test_the_fault_plan_reaches_a_process_started_in_the_block(tmp_path: Path) -
 
 def test_a_planned_non_finite_loss_ends_the_epoch_naming_step_and_term(tmp_path: Path) -> None:
     from harmonic.detectors import pop_diagnostics
-    from workers import recipe
-    from workers.epoch_metrics import train_epoch
     from workers.spec import Spec
-    from workers.train_state import TrainParts
+    from workers.training import recipe
+    from workers.training.epoch_metrics import train_epoch
+    from workers.training.train_state import TrainParts
 
     spec = Spec.parse(
         {

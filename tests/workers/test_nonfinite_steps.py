@@ -12,10 +12,10 @@ import pytest
 import torch
 from torch import nn
 
-from workers.epoch_metrics import FP16_SKIP_LIMIT, ShardTrainStats, train_epoch, train_metrics
-from workers.errors import NonFiniteLossError
 from workers.spec import Spec
-from workers.train_state import TrainParts
+from workers.training.epoch_metrics import FP16_SKIP_LIMIT, ShardTrainStats, train_epoch, train_metrics
+from workers.training.errors import NonFiniteLossError
+from workers.training.train_state import TrainParts
 
 BAD = float("inf")
 

@@ -17,7 +17,7 @@ from harmonic.detectors import build_detector, build_torchvision_detector
 from workers import pretrain as pretrain_mod
 from workers.pretrain import BACKBONE_FILE, META_FILE, ensure_pretrained, pretrain_key, pretrained_dir
 from workers.spec import Spec, SpecError
-from workers.weights import fetch_run_artifact, load_detector_state, resolve_start_weights
+from workers.training.weights import fetch_run_artifact, load_detector_state, resolve_start_weights
 
 TINY_PRETRAIN = {"images": 12, "val_images": 8, "epochs": 1, "batch_size": 6, "seed": 7}
 
@@ -412,8 +412,8 @@ def test_a_driver_that_cannot_see_the_tasks_file_stores_the_copy_it_returns(
 def test_the_pretraining_task_reserves_the_gpu_auto_resolves_to(
     fake_gpu_ray: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from workers.errors import DeviceMismatchError
     from workers.resources import NODE_TYPES_ENV
+    from workers.training.errors import DeviceMismatchError
 
     monkeypatch.delenv(NODE_TYPES_ENV, raising=False)
     spec = _spec(seed=10).with_overrides({"scaling.use_gpu": "auto"})

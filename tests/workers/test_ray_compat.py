@@ -21,9 +21,9 @@ def test_every_private_use_goes_through_ray_compat() -> None:
 
     root = Path(__file__).resolve().parents[2]
     for rel in (
-        "workers/trainer.py",
-        "workers/worker_loop.py",
-        "workers/controller_hooks.py",
+        "workers/training/trainer.py",
+        "workers/training/worker_loop.py",
+        "workers/training/controller_hooks.py",
     ):
         text = (root / rel).read_text()
         for private in ("._internal", "ray._private", "ray._common", "ray._raylet"):
@@ -54,7 +54,7 @@ def test_torch_trainer_still_has_the_members_harmonic_trainer_overrides() -> Non
     missing = [name for name in ray_compat.TORCH_TRAINER_INTERNALS if not hasattr(trainer, name)]
     assert not missing, (
         f"Ray {ray.__version__}: TorchTrainer has no {', '.join(missing)} "
-        "(workers.trainer.HarmonicTrainer overrides or uses them; see workers/ray_compat.py)"
+        "(workers.training.trainer.HarmonicTrainer overrides or uses them; see workers/ray_compat.py)"
     )
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from workers.spec import SpecError, parse_run_ref
-from workers.weights import fetch_run_artifact
+from workers.training.weights import fetch_run_artifact
 
 
 @pytest.mark.parametrize(

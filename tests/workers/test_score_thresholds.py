@@ -20,8 +20,6 @@ from mlflow import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
 from harmonic.analysis.suite import detection_metrics, score_cut
-from workers import recipe
-from workers.epoch_metrics import evaluate_shard, held_out_metrics
 from workers.report import render_markdown
 from workers.spec import Spec, SpecError
 from workers.summary import (
@@ -34,6 +32,8 @@ from workers.summary import (
     score_thresh_of,
 )
 from workers.tracking import Tag, flatten_params
+from workers.training import recipe
+from workers.training.epoch_metrics import evaluate_shard, held_out_metrics
 
 BASE: dict[str, Any] = {"name": "t", "dataset": {"format": "synthetic"}}
 

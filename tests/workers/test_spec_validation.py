@@ -390,7 +390,7 @@ def test_a_seeds_draw_of_the_training_images_is_checked() -> None:
 
 
 def test_memory_per_worker_becomes_rays_memory_resource() -> None:
-    from workers.trainer import worker_resources
+    from workers.training.trainer import worker_resources
 
     spec = Spec.parse({**BASE, "scaling": {"memory_per_worker_gb": 1.5, "cpus_per_worker": 2}})
     assert worker_resources(spec, use_gpu=False) == {"CPU": 2.0, "memory": 1.5 * 2**30}

@@ -13,10 +13,10 @@ import pytest
 import torch
 from torch.utils.data import Dataset
 
-from workers import recipe
-from workers.epoch_metrics import ShardTrainStats, train_epoch
 from workers.spec import Spec
-from workers.train_state import TrainParts
+from workers.training import recipe
+from workers.training.epoch_metrics import ShardTrainStats, train_epoch
+from workers.training.train_state import TrainParts
 
 # --------------------------------------------------------------------------- loading
 
@@ -90,7 +90,7 @@ def test_loaders_without_processes_are_built_as_before() -> None:
 
 # --------------------------------------------------------------------------- the training step
 
-_WATCHED = ("workers/epoch_metrics.py", "harmonic/analysis/training.py")
+_WATCHED = ("workers/training/epoch_metrics.py", "harmonic/analysis/training.py")
 _READS = ("item", "tolist", "cpu", "numpy", "__float__", "__int__", "__bool__", "__index__")
 
 

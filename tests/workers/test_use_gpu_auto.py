@@ -163,7 +163,7 @@ def test_each_trainer_reserves_what_auto_resolved_to_when_it_is_built(
     fake_gpu_ray: None, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     from workers.tracking import TrackingContext
-    from workers.trainer import make_trainer
+    from workers.training.trainer import make_trainer
 
     ctx = TrackingContext(f"sqlite:///{tmp_path / 'm.db'}", "e", "0", "")
     spec = _spec(gpus_per_worker=0.5)

@@ -14,10 +14,10 @@ import pytest
 import torch
 from hdet_run import start_test_ray
 
-from workers import recipe
-from workers.controller_hooks import is_deterministic_error
-from workers.errors import DeviceMismatchError
 from workers.spec import Spec, SpecError
+from workers.training import recipe
+from workers.training.controller_hooks import is_deterministic_error
+from workers.training.errors import DeviceMismatchError
 
 BASE: dict[str, Any] = {"name": "t", "dataset": {"format": "synthetic"}}
 
@@ -114,8 +114,8 @@ def test_the_gradient_scaler_is_for_fp16_only(dtype: torch.dtype | None, enabled
 def test_a_bf16_training_step_on_cpu_runs_the_head_in_bf16(tmp_path: Path) -> None:
     """``train_epoch`` with the spec's ``amp_dtype``: the head computes in bf16 and the loss is finite."""
     from harmonic.detectors import pop_diagnostics
-    from workers.epoch_metrics import train_epoch
-    from workers.train_state import TrainParts
+    from workers.training.epoch_metrics import train_epoch
+    from workers.training.train_state import TrainParts
 
     spec = Spec.parse(
         {

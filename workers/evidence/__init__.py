@@ -58,7 +58,7 @@ from workers.evidence.paired import (
     studentized_bootstrap_interval,
     wilcoxon_min_p,
 )
-from workers.evidence.seeds import (
+from workers.evidence.spread import (
     aggregate_seeds,
     sensitivity,
 )

@@ -316,8 +316,8 @@ def run_search(
     import ray
     from ray import tune
 
-    from workers.controller_hooks import start_event_hub
     from workers.tracking import client
+    from workers.training.controller_hooks import start_event_hub
 
     if spec.search is None:
         raise SearchSpaceError("search: the spec has no search section")

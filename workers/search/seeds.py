@@ -3,7 +3,7 @@ The seeds' trainers report each epoch through the search's event hub; the group 
 
 Seeds are a blocking factor, not a hyperparameter: one Tune trial trains its configuration on
 every seed of ``search.seeds``, one Ray Train trainer per seed, all started at once. Each trainer's
-per-epoch report reaches the trial through a :class:`~workers.controller_hooks.SeedReportCallback`
+per-epoch report reaches the trial through a :class:`~workers.training.controller_hooks.SeedReportCallback`
 and the search's event hub; once every seed has finished epoch ``k`` the trial reports the seed
 mean of epoch ``k``. So ASHA and TPE rank configurations by the seed-averaged AP, and ASHA stops
 all seeds of a configuration together (a sequential trial would report its first mean only near
@@ -80,7 +80,7 @@ _HUB: Any = None
 
 def _event_hub() -> Any:
     global _HUB
-    from workers.controller_hooks import start_event_hub
+    from workers.training.controller_hooks import start_event_hub
 
     if _HUB is None:
         _HUB = start_event_hub()
@@ -108,7 +108,7 @@ class SeedGroup:
         t_start: when the trial started (default: now); ``first_step_s`` counts from it.
         replay: look for seeds that finished before an interruption (a resumed search) and
             replay them from MLflow instead of training them; False skips that query.
-        hub: the search's :class:`~workers.controller_hooks.EventHub` (default: one of this
+        hub: the search's :class:`~workers.training.controller_hooks.EventHub` (default: one of this
             process's own).
         slots: the search's :class:`~workers.search.slots.TrainingSlots`: each seed takes a slot
             before its trainer starts and gives it back when it ends (None: every seed starts at once).
@@ -136,7 +136,9 @@ class SeedGroup:
         assert spec.search is not None
         self.t_start = time.time() if t_start is None else t_start
         self.hub = _event_hub() if hub is None else hub
-        from workers.trainer import resolve_use_gpu  # (after t_start: the import is part of the start)
+        from workers.training.trainer import (
+            resolve_use_gpu,
+        )  # (after t_start: the import is part of the start)
 
         for k, v in TRAIN_ENV_DEFAULTS.items():
             os.environ.setdefault(k, v)
@@ -209,7 +211,7 @@ class SeedGroup:
 
     def run_id_of(self, seed: int) -> str:
         """The seed's child run: its trainer's rank-0 worker creates it (``defer_run``)."""
-        from workers.run_tracking import prepare_child_run
+        from workers.training.run_tracking import prepare_child_run
 
         if seed in self.run_ids:
             return self.run_ids[seed]
@@ -293,8 +295,8 @@ class SeedGroup:
 
     def _fit(self, seed: int, key: str) -> None:
         """A seed's fit thread: build its trainer, fit it, and tell the hub how it ended."""
-        from workers.controller_hooks import SeedReportCallback
-        from workers.trainer import make_trainer
+        from workers.training.controller_hooks import SeedReportCallback
+        from workers.training.trainer import make_trainer
 
         try:
             if self.slots is not None:

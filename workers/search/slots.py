@@ -143,6 +143,6 @@ def start_training_slots(spec: Spec) -> Any:
     capacity = training_capacity(spec)
     if capacity is None:
         return None
-    from workers.controller_hooks import start_on_this_node
+    from workers.training.controller_hooks import start_on_this_node
 
     return start_on_this_node(TrainingSlots, max(capacity, 1) + 1)

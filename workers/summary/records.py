@@ -53,7 +53,7 @@ REPORTED_METRICS = (
     "images_per_s",
     *(f"ap_iou_{t}" for t in range(50, 100, 5)),
 )
-#: prefix of the held-out test split's metrics (the trainer's name for them: workers.epoch_metrics).
+#: prefix of the held-out test split's metrics (the trainer's name for them: workers.training.epoch_metrics).
 TEST_PREFIX = "test_"
 #: what names a test metric at one of ``eval.extra_score_thresholds`` (MLflow's names allow no ``@``).
 THRESH_SUFFIX = "_thr"

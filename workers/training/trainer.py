@@ -2,7 +2,7 @@
 construction from a spec (:func:`make_trainer`: workers, resources, storage, MLflow child run).
 
 ``fit()`` trains ``scaling.num_workers`` DDP workers (gloo on CPU, NCCL on GPU) with
-:func:`workers.worker_loop.train_loop_per_worker`, which evaluates every epoch, reports
+:func:`workers.training.worker_loop.train_loop_per_worker`, which evaluates every epoch, reports
 ``ray.train.report(metrics, checkpoint)`` once per epoch and logs to one MLflow child run. The same
 trainer is what a Tune trial fits (pass Tune's ``TuneReportCallback`` in ``callbacks``).
 """
@@ -17,10 +17,10 @@ from ray.train.torch import TorchTrainer
 
 from workers import ray_compat
 from workers.resources import resolve_use_gpu, worker_resources
-from workers.run_tracking import ChildRun, prepare_child_run
 from workers.spec import Spec
 from workers.tracking import TrackingContext, client, find_child_run, mark_run
-from workers.worker_loop import train_loop_per_worker
+from workers.training.run_tracking import ChildRun, prepare_child_run
+from workers.training.worker_loop import train_loop_per_worker
 
 __all__ = [
     "HarmonicTrainer",
@@ -38,11 +38,11 @@ class HarmonicTrainer(TorchTrainer):
 
     ``fit()`` is ``TorchTrainer.fit()`` with these changes:
 
-    * a worker that raised a :class:`~workers.errors.DeterministicTrainingError` (e.g.
-      :class:`~workers.errors.NonFiniteLossError`), or an invalid spec, dataset or loss option,
+    * a worker that raised a :class:`~workers.training.errors.DeterministicTrainingError` (e.g.
+      :class:`~workers.training.errors.NonFiniteLossError`), or an invalid spec, dataset or loss option,
       fails the run at once, whatever ``FailureConfig(max_failures)`` says, since a retry from the
       last checkpoint would only hit it again; the error is raised as itself. Other errors are
-      retried as configured (:class:`workers.controller_hooks.NoRetryOnDeterministic`).
+      retried as configured (:class:`workers.training.controller_hooks.NoRetryOnDeterministic`).
     * :meth:`abort` stops the run from another thread (a Tune trial that the scheduler stopped
       aborts its trainers this way; Ray Train itself only aborts on Ctrl-C in the main thread).
     * the controller is started without the Ray Data helpers when the run has no Ray datasets
@@ -63,7 +63,7 @@ class HarmonicTrainer(TorchTrainer):
         mlflow_run_id: str = "",
         **kwargs: Any,
     ) -> None:
-        from workers.controller_hooks import TorchBackendConfig
+        from workers.training.controller_hooks import TorchBackendConfig
 
         self.tracking = tracking
         self.child_run = child_run
@@ -82,7 +82,7 @@ class HarmonicTrainer(TorchTrainer):
         All of it is unpickled in the controller process before it can start the workers; a test
         checks that this imports neither torch nor MLflow nor the training modules.
         """
-        from workers.controller_hooks import NoRetryOnDeterministic
+        from workers.training.controller_hooks import NoRetryOnDeterministic
 
         return {
             "scaling_policy": self._scaling_policy(),
@@ -94,16 +94,16 @@ class HarmonicTrainer(TorchTrainer):
 
     def _scaling_policy(self) -> Any:
         """Ray Train's, but on a Ray without an autoscaler a fixed-size run's sends no resource
-        requests (:class:`workers.controller_hooks.FixedScalingWithoutAutoscaler`)."""
-        from workers.controller_hooks import FixedScalingWithoutAutoscaler
+        requests (:class:`workers.training.controller_hooks.FixedScalingWithoutAutoscaler`)."""
         from workers.env import ray_has_no_autoscaler
+        from workers.training.controller_hooks import FixedScalingWithoutAutoscaler
 
         if ray_has_no_autoscaler() and not self.scaling_config.elasticity_enabled:
             return FixedScalingWithoutAutoscaler(scaling_config=self.scaling_config)
         return ray_compat.create_scaling_policy()(self.scaling_config)
 
     def fit(self) -> Result:
-        from workers.controller_hooks import deterministic_cause
+        from workers.training.controller_hooks import deterministic_cause
 
         try:
             if self.running_in_local_mode:

@@ -1,6 +1,6 @@
 """The training function each Ray Train worker runs: its epoch loop, evaluation, reports,
 checkpoints and progress lines. Whatever else acts inside the loop (benchmarks, the tests' fault
-injection) does it through the worker's hooks (:mod:`workers.hooks`).
+injection) does it through the worker's hooks (:mod:`workers.training.hooks`).
 
 Per epoch, the metrics reported (and logged to MLflow at ``step = epoch``) are: ``epoch``,
 ``loss`` and ``loss_<term>`` for each loss term, ``lr``, the COCO suite (``AP``, ``AP50``,
@@ -18,9 +18,9 @@ the same for every arch. When the dataset has a held-out ``test`` split, the fin
 is also evaluated on it: ``test_AP``, ``test_AP50``, ... ``test_aic``, ``test_ap_iou_<t>`` (the
 numbers a comparison is judged on; ``val`` is what a search selects on), and the same suite at each
 of ``eval.extra_score_thresholds`` as ``test_<m>_thr<t>`` (e.g. ``test_AP_thr0.001``), from the same
-inference (:func:`workers.epoch_metrics.held_out_metrics`).
+inference (:func:`workers.training.epoch_metrics.held_out_metrics`).
 
-Fault tolerance: each epoch's checkpoint holds the train state (:mod:`workers.train_state`); a
+Fault tolerance: each epoch's checkpoint holds the train state (:mod:`workers.training.train_state`); a
 restarted worker resumes from it. MLflow never gets an epoch twice: a restarted worker skips the
 epochs the run already has and backfills those of its checkpoint that it lacks.
 """
@@ -39,13 +39,26 @@ import ray.train
 import ray.train.torch
 from ray.train import Checkpoint
 
-from workers import hooks as train_hooks
-from workers import ray_compat, recipe
-from workers.epoch_metrics import epoch_metrics, evaluate_shard, held_out_metrics, train_epoch
-from workers.run_tracking import ChildRun, TrackedRun, log_best_model, log_final_artifacts, start_tracking
+from workers import ray_compat
 from workers.spec import Spec
 from workers.tracking import log_metrics, logged_steps
-from workers.train_state import Progress, TrainParts, checkpoint_dir, load_train_state, save_train_state
+from workers.training import hooks as train_hooks
+from workers.training import recipe
+from workers.training.epoch_metrics import epoch_metrics, evaluate_shard, held_out_metrics, train_epoch
+from workers.training.run_tracking import (
+    ChildRun,
+    TrackedRun,
+    log_best_model,
+    log_final_artifacts,
+    start_tracking,
+)
+from workers.training.train_state import (
+    Progress,
+    TrainParts,
+    checkpoint_dir,
+    load_train_state,
+    save_train_state,
+)
 
 __all__ = ["train_loop_per_worker", "say"]
 
@@ -75,7 +88,7 @@ def _all_gather(obj: Any) -> list[Any]:
 def _device(use_gpu: Any) -> Any:
     """This worker's torch device: the GPU Ray assigned it, or the CPU; a mismatch between
     ``use_gpu`` (resolved by the driver; ``auto`` here means: whatever Ray assigned) and what the
-    worker has is refused (:func:`workers.recipe.worker_device_type`)."""
+    worker has is refused (:func:`workers.training.recipe.worker_device_type`)."""
     import torch
 
     gpu_ids = ray.get_gpu_ids()

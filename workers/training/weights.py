@@ -162,8 +162,8 @@ def _check_fits(spec: Spec) -> None:
     """Build the detector as a training worker will and load ``init_from``: errors name the field."""
     from harmonic.data import build_dataset
     from harmonic.detectors import build_torchvision_detector
-    from workers.recipe import dataset_config
     from workers.spec import SpecError
+    from workers.training.recipe import dataset_config
 
     det = spec.detector
     train_ds: Any = build_dataset(dataset_config(spec), "train")

@@ -1,4 +1,4 @@
-"""What a record becomes from what Ray and MLflow say (service.verdict.decide: no I/O), and the
+"""What a record becomes from what Ray and MLflow say (service.transitions.decide: no I/O), and the
 state machine's transitions."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import pytest
 from service.jobs import JobState
 from service.reconciler import log_tail
 from service.states import TERMINAL, Status, can_move
-from service.verdict import decide
+from service.transitions import decide
 
 
 def ray(status: str, exit_code: int | None = None, message: str | None = None) -> JobState:

@@ -11,7 +11,7 @@ class DeterministicTrainingError(RuntimeError):
     """An error that would happen again on a retry from the last checkpoint.
 
     Ray Train's ``FailureConfig(max_failures)`` retries worker errors; a run that fails with one of
-    these is stopped at once instead (see :class:`workers.trainer.HarmonicTrainer`).
+    these is stopped at once instead (see :class:`workers.training.trainer.HarmonicTrainer`).
     """
 
 

@@ -20,13 +20,13 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from harmonic.eval.detections import eval_mode, image_id, to_coco_results, to_pre_nms_records
-from workers.errors import NonFiniteLossError
-from workers.hooks import TrainHooks
 from workers.summary.records import TEST_PREFIX, at_score_thresh  # the metric names' one home (no torch)
+from workers.training.errors import NonFiniteLossError
+from workers.training.hooks import TrainHooks
 
 if TYPE_CHECKING:
     from workers.spec import Spec
-    from workers.train_state import TrainParts
+    from workers.training.train_state import TrainParts
 
 __all__ = [
     "TEST_PREFIX",
@@ -157,7 +157,7 @@ def train_epoch(
     enabled gradient scaler) the step is skipped instead, up to :data:`FP16_SKIP_LIMIT` in a row.
     ``amp_dtype``: the autocast dtype when ``use_amp`` (None: torch's default for the device).
     ``pop_diagnostics``: :func:`harmonic.detectors.pop_diagnostics` (called with ``to_cpu=False``).
-    ``hooks``: the worker's :mod:`workers.hooks` (the time a step hook holds the worker is not timed)."""
+    ``hooks``: the worker's :mod:`workers.training.hooks` (the time a step hook holds the worker is not timed)."""
     import torch
 
     from harmonic.step import optimizer_step, total_loss

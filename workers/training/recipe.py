@@ -14,7 +14,7 @@ import random
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from workers.errors import DeviceMismatchError
+from workers.training.errors import DeviceMismatchError
 
 if TYPE_CHECKING:
     import torch
@@ -315,7 +315,7 @@ def build_model(spec: Spec, num_classes: int) -> Any:
     """The spec's detector for ``num_classes`` foreground classes: loss, backbone (pretrained body if
     given), image size and evaluation protocol, then ``detector.init_from`` loaded strictly."""
     from harmonic.detectors import build_detector
-    from workers.weights import load_init_from
+    from workers.training.weights import load_init_from
 
     d = spec.detector
     model = build_detector(

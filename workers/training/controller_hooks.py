@@ -47,7 +47,7 @@ __all__ = [
 #: names; subclasses count too).
 DETERMINISTIC_ERRORS = frozenset(
     {
-        "workers.errors.DeterministicTrainingError",  # NonFiniteLossError and friends
+        "workers.training.errors.DeterministicTrainingError",  # NonFiniteLossError and friends
         "workers.spec.base.SpecError",
         "harmonic.data.check.DatasetError",
         "harmonic.config.LossConfigError",
@@ -204,7 +204,7 @@ def _backend_base() -> type:
 class TorchBackendConfig(_backend_config_base()):  # type: ignore[misc]
     """``ray.train.torch.TorchConfig`` (same fields, same process group), importable without torch.
 
-    :class:`workers.trainer.HarmonicTrainer` puts it in place of the ``TorchConfig`` that
+    :class:`workers.training.trainer.HarmonicTrainer` puts it in place of the ``TorchConfig`` that
     ``TorchTrainer`` made, so that the Train controller, which unpickles the backend config to set
     up the workers' process group, does not import torch for it.
     """
