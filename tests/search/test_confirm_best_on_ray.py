@@ -5,6 +5,7 @@ search never used, and best vs baseline is judged on those; the same-seed table 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,7 @@ from mlflow import MlflowClient
 
 from workers.search.rounds import confirm_seeds
 from workers.spec import Spec
-from workers.summary import CONFIRM_SEEDS_TAG
+from workers.summary import CONFIRM_SEEDS_TAG, CONFIRM_STOP_TAG
 
 SPEC: dict[str, Any] = {
     **TINY,
@@ -76,3 +77,47 @@ def test_the_best_configuration_is_judged_on_fresh_seeds(tmp_path: Path) -> None
     )
     assert "best configuration, exploratory (the same trainings that selected it) vs baseline" in out
     assert "convergence: baseline: convergence unknown (1 epoch: no earlier epoch to compare with)" in out
+
+
+ROUNDS: dict[str, Any] = {
+    **SPEC,
+    "name": "confirm-rounds",
+    # 1 fresh seed never gives a finite interval: the confirmation goes on, a seed a round, up to 3
+    "evidence": {"target_halfwidth": 0.001, "min_seeds": 2, "max_seeds": 3, "round_size": 1},
+    "tracking": {"experiment": "confirm-rounds-test"},
+}
+
+
+@pytest.mark.e2e
+def test_with_a_target_the_confirmation_goes_on_in_rounds_on_fresh_seeds(tmp_path: Path) -> None:
+    spec = tmp_path / "confirm-rounds.yaml"
+    spec.write_text(yaml.safe_dump(ROUNDS))
+    done = run_spec(tmp_path, spec)
+    out = done.stdout + done.stderr
+    assert done.returncode == 0, out[-4000:]
+    # AP may be 0 on every seed of so tiny a training: then the interval is 0 wide at 3 seeds
+    for n, why in ((1, "continue"), (2, "continue"), (3, "(max seeds|target reached)")):
+        assert re.search(
+            rf"confirm_best rounds: {n} fresh seeds, AP half-width \S+ \(target 0.001\): {why}\n", out
+        )
+    assert "fresh seeds [2]" in out and "fresh seeds [3]" in out
+
+    c = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    exp = c.get_experiment_by_name("confirm-rounds-test")
+    assert exp is not None
+    runs = c.search_runs([exp.experiment_id])
+    (parent,) = [r for r in runs if r.data.tags.get("hdet.role") == "parent"]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    arms = sorted((r.data.tags["hdet.arm"], r.data.tags["hdet.seed"]) for r in children)
+    # no confirmatory arm: the baseline trains the search's seed, then each fresh seed once
+    assert arms == [
+        ("baseline", "0"), ("baseline", "1"), ("baseline", "2"), ("baseline", "3"),
+        ("best_confirmed", "1"), ("best_confirmed", "2"), ("best_confirmed", "3"), ("search", "0"),
+    ]  # fmt: skip
+    assert json.loads(parent.data.tags[CONFIRM_SEEDS_TAG]) == [1, 2, 3]
+    assert parent.data.tags[CONFIRM_STOP_TAG] in ("max seeds", "target reached")
+    summary = json.loads(Path(c.download_artifacts(parent.info.run_id, "evidence/summary.json")).read_text())
+    verdict = summary["comparison"]["AP"]
+    # stopped by looking at the data: the anytime-valid interval, on the fresh seeds only
+    assert list(verdict["per_seed"]) == ["1", "2", "3"] and verdict["ci_method"] == "t-mixture-cs"
+    assert list(summary["exploratory_comparison"]["AP"]["per_seed"]) == ["0"]

@@ -77,14 +77,22 @@ def test_bad_sections_name_the_field(evidence: dict[str, Any], path: str, words:
 
 
 def test_rounds_need_both_arms_of_the_comparison():
-    search = {**BASE["search"], "space": {"alpha": {"uniform": [0.5, 2.5]}}, "confirmatory": False}
+    search = {
+        **BASE["search"], "space": {"alpha": {"uniform": [0.5, 2.5]}}, "confirmatory": False, "confirm_best": False,
+    }  # fmt: skip
     problems = _problems({"target_halfwidth": 1.0}, search=search)
     assert problems == [
         (
             "evidence.target_halfwidth",
-            "seeds in rounds compare the confirmatory arm (or search.arms) with the baseline; set "
-            "search.baseline and search.confirmatory to true, or list arms",
+            "seeds in rounds compare the confirmatory arm (or search.arms, or a search's best configuration "
+            "with confirm_best) with the baseline; set search.baseline and search.confirmatory to true, or "
+            "list arms",
         )
     ]
+    # a search whose best is confirmed on fresh seeds: the confirmation goes on in rounds
+    confirming = {**search, "confirm_best": True}
+    assert Spec.parse(
+        {**BASE, "search": confirming, "evidence": {"target_halfwidth": 1.0}}, check_paths=False
+    )
     # fixed seeds judge any comparison: the section alone is fine
     assert Spec.parse({**BASE, "search": search, "evidence": {"primary": "AP50"}}, check_paths=False)

@@ -9,6 +9,11 @@ The seeds are ``search.seeds`` followed by the integers after its largest, so a 
 known before it starts and a resumed run finds the same ones. After each round the parent run's
 ``SEEDS_RUN_TAG`` lists every seed started, so the summary pairs them all.
 
+A search's best configuration, confirmed on fresh seeds (``search.confirm_best``), goes on in rounds
+too (:func:`run_confirm_rounds`): best vs baseline on the fresh seeds only, at ``alpha`` (it is
+judged alone, not in the fixed arms' family), until its interval reaches the target or the fresh
+seeds reach ``max_seeds``; ``CONFIRM_SEEDS_TAG`` lists them.
+
 Ray and MLflow are imported inside the functions, like the rest of the search.
 """
 
@@ -23,14 +28,28 @@ import numpy as np
 from workers.evidence import points_scale
 from workers.evidence.sequential import Decision, Rule, should_stop
 from workers.spec import Spec
-from workers.summary import CONFIRMATORY_ID, ROUNDS_STOP_TAG, SEEDS_RUN_TAG
+from workers.summary import (
+    CONFIRM_SEEDS_TAG,
+    CONFIRM_STOP_TAG,
+    CONFIRMATORY_ID,
+    ROUNDS_STOP_TAG,
+    SEEDS_RUN_TAG,
+)
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
 
     from workers.tracking import TrackingContext
 
-__all__ = ["RoundsOutcome", "confirm_seeds", "first_round", "run_rounds", "seed_sequence"]
+__all__ = [
+    "RoundsOutcome",
+    "confirm_rule",
+    "confirm_seeds",
+    "first_round",
+    "run_confirm_rounds",
+    "run_rounds",
+    "seed_sequence",
+]
 
 
 class RoundsOutcome(NamedTuple):
@@ -67,6 +86,15 @@ def rounds_rule(spec: Spec) -> Rule | None:
     rounds, else None."""
     ev = spec.evidence
     return spec.evidence_rule() if ev is not None and ev.target_halfwidth is not None else None
+
+
+def confirm_rule(spec: Spec) -> Rule | None:
+    """The rule of the best configuration's confirmation when the spec asks for seeds in rounds: the
+    evidence section's own (one arm against the baseline, at ``alpha``), else None (fixed seeds)."""
+    if rounds_rule(spec) is None:
+        return None
+    assert spec.evidence is not None
+    return spec.evidence.rule()
 
 
 def first_round(spec: Spec) -> list[int]:
@@ -153,4 +181,71 @@ def run_rounds(
         if failures:
             reason = "; ".join(f"{arm}: {why}" for arm, why in failures.items())
             c.set_tag(ctx.parent_run_id, ROUNDS_STOP_TAG, f"failed: {reason}"[:4000])
+            return RoundsOutcome(decision, seeds, reason)
+
+
+def confirmed_diffs(c: MlflowClient, ctx: TrackingContext, primary: str) -> list[float]:
+    """The primary's paired differences of the confirmed best configuration against the baseline
+    (table units), over the fresh seeds both finished, in seed order."""
+    from workers.summary import collect_summary
+
+    summary = collect_summary(
+        c, ctx.experiment_id, ctx.parent_run_id, experiment=ctx.experiment, n_boot=1, history=False
+    )
+    confirmed = summary.best_confirmed
+    if confirmed is None or confirmed.status != "completed":  # the comparison is not the confirmation's
+        return []
+    per_seed = summary.comparison.get(primary, {}).get("per_seed", {})
+    return [points_scale(primary) * float(per_seed[s]["diff"]) for s in sorted(per_seed)]
+
+
+def run_confirm_rounds(
+    spec: Spec,
+    ctx: TrackingContext,
+    seeds: list[int],
+    train_round: Callable[[list[int]], dict[str, str | None]],
+) -> RoundsOutcome:
+    """The confirmation of the best configuration in rounds: look after each round (the first, on
+    ``seeds``, has run), train the next fresh seeds until :func:`confirm_rule` stops.
+
+    Args:
+        spec: the spec (its ``evidence`` section asks for rounds).
+        ctx: the experiment's tracking context.
+        seeds: the fresh seeds the first round trained (:func:`confirm_seeds`).
+        train_round: trains the best configuration (and the baseline where it lacks them) on new
+            fresh seeds; returns arm -> failure reason or None.
+
+    Returns:
+        RoundsOutcome: the last decision (its reason also the parent run's ``CONFIRM_STOP_TAG``), the
+        fresh seeds, and the failure that ended the rounds early.
+    """
+    from workers.tracking import client
+
+    rule = confirm_rule(spec)
+    assert rule is not None and spec.evidence is not None and spec.search is not None
+    c = client(ctx.tracking_uri)
+    primary, searched = spec.evidence.primary, len(spec.search.seeds)
+    seeds = list(seeds)
+    while True:
+        diffs = confirmed_diffs(c, ctx, primary)
+        if len(diffs) < len(seeds):
+            reason = f"{len(seeds) - len(diffs)} fresh seed(s) have no {primary} in both arms"
+            c.set_tag(ctx.parent_run_id, CONFIRM_STOP_TAG, f"stopped: {reason}")
+            return RoundsOutcome(None, seeds, reason)
+        decision = should_stop(np.asarray(diffs), rule)
+        print(
+            f"confirm_best rounds: {len(seeds)} fresh seeds, {primary} half-width {decision.halfwidth:.3g} "
+            f"(target {rule.target_halfwidth:g}): {decision.reason}",
+            flush=True,
+        )
+        if decision.stop or decision.next_n is None:
+            c.set_tag(ctx.parent_run_id, CONFIRM_STOP_TAG, decision.reason)
+            return RoundsOutcome(decision, seeds)
+        new = seed_sequence(spec, searched + decision.next_n)[searched + len(seeds) :]
+        seeds += new
+        c.set_tag(ctx.parent_run_id, CONFIRM_SEEDS_TAG, json.dumps(seeds))
+        failures = {arm: why for arm, why in train_round(new).items() if why}
+        if failures:
+            reason = "; ".join(f"{arm}: {why}" for arm, why in failures.items())
+            c.set_tag(ctx.parent_run_id, CONFIRM_STOP_TAG, f"failed: {reason}"[:4000])
             return RoundsOutcome(decision, seeds, reason)

@@ -43,7 +43,15 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 from workers import marks
 from workers.env import TRAIN_ENV_DEFAULTS
-from workers.search.rounds import confirm_seeds, first_round, rounds_rule, run_rounds, with_seeds
+from workers.search.rounds import (
+    confirm_rule,
+    confirm_seeds,
+    first_round,
+    rounds_rule,
+    run_confirm_rounds,
+    run_rounds,
+    with_seeds,
+)
 from workers.search.seeds import TrialFailure, compute_metrics, run_key, short_reason, train_on_seeds
 from workers.search.slots import start_training_slots
 from workers.search.space import (
@@ -259,28 +267,39 @@ def _confirm_best(
 ) -> None:
     """Train the best configuration (on ``val``) again on fresh seeds, and the baseline on those of
     them it has not trained (the rounds may have), so best vs baseline is judged on trainings that
-    played no part in picking it (the parent run's ``CONFIRM_SEEDS_TAG`` names the seeds)."""
+    played no part in picking it (the parent run's ``CONFIRM_SEEDS_TAG`` names the seeds); with seeds
+    in rounds, more fresh seeds until its interval reaches the target (:func:`run_confirm_rounds`)."""
     assert spec.search is not None
     found = collect_summary(c, ctx.experiment_id, ctx.parent_run_id, n_boot=1, history=False)
     best = found.best
     if best is None:
         print("confirm_best: no configuration completed the full schedule; nothing to confirm", flush=True)
         return
+
+    def train_confirmation(fresh: list[int]) -> dict[str, str | None]:
+        """The best configuration on ``fresh`` seeds, the baseline on those it lacks: arm -> failure."""
+        known = collect_summary(c, ctx.experiment_id, ctx.parent_run_id, n_boot=1, history=False).baseline
+        base_seeds = known.per_seed if known is not None else {}
+        missing = [s for s in fresh if base_seeds.get(s, {}).get("epoch", 0) < spec.train.epochs]
+        print(
+            f"confirm_best: trial {best.trial_id} on fresh seeds {fresh}, the baseline on {missing or 'them already'}",
+            flush=True,
+        )
+        start_arms(fresh, {BEST_CONFIRMED_ID: best.params})
+        if missing:
+            start_arms(missing, {BASELINE_ID: fixed_arm_overrides(spec, BASELINE_ID)})
+        started = {BEST_CONFIRMED_ID, *([BASELINE_ID] if missing else [])}
+        failures: dict[str, str | None] = {
+            arm: why for arm, why in wait_arms().items() if why and arm in started
+        }
+        for arm, why in failures.items():
+            print(f"confirm_best: {arm} failed: {why}", flush=True)
+        return failures
+
     fresh = confirm_seeds(spec)
     c.set_tag(ctx.parent_run_id, CONFIRM_SEEDS_TAG, json.dumps(fresh))
-    base_seeds = found.baseline.per_seed if found.baseline is not None else {}
-    missing = [s for s in fresh if base_seeds.get(s, {}).get("epoch", 0) < spec.train.epochs]
-    print(
-        f"confirm_best: trial {best.trial_id} on fresh seeds {fresh}, the baseline on {missing or 'them already'}",
-        flush=True,
-    )
-    start_arms(fresh, {BEST_CONFIRMED_ID: best.params})
-    if missing:
-        start_arms(missing, {BASELINE_ID: fixed_arm_overrides(spec, BASELINE_ID)})
-    started = {BEST_CONFIRMED_ID, *([BASELINE_ID] if missing else [])}
-    for arm, why in wait_arms().items():
-        if why and arm in started:
-            print(f"confirm_best: {arm} failed: {why}", flush=True)
+    if not train_confirmation(fresh) and confirm_rule(spec) is not None:
+        run_confirm_rounds(spec, ctx, fresh, train_confirmation)
 
 
 def run_search(
@@ -375,8 +394,9 @@ def run_search(
 
     arm_refs: dict[str, Any] = {}
     task = ray.remote(num_cpus=0, max_retries=0)(_fixed_arm_task)
-    in_rounds = rounds_rule(spec) is not None
-    first_seeds = first_round(spec)
+    # the fixed arms' seeds in rounds (a search's confirmation has its own, _confirm_best)
+    in_rounds = rounds_rule(spec) is not None and bool(spec.search.compared_arms())
+    first_seeds = first_round(spec) if in_rounds else list(spec.search.seeds)
     if in_rounds:
         c.set_tag(ctx.parent_run_id, SEEDS_RUN_TAG, json.dumps(first_seeds))
 

@@ -230,14 +230,17 @@ class Spec(BaseModel):
 
     @model_validator(mode="after")
     def _rounds_need_a_comparison(self) -> Spec:
-        """Seeds in rounds extend the baseline and the confirmatory arm of a search: both must be there.
+        """Seeds in rounds extend the baseline and the arms judged against it (the confirmatory arm,
+        ``search.arms``), or the confirmation of a search's best configuration: one must be there.
         (A spec without ``search`` is one training, as each seed's own spec is: nothing to extend.)"""
         ev = self.evidence
         if ev is not None and ev.target_halfwidth is not None and self.search is not None:
-            if not (self.search.baseline and self.search.compared_arms()):
+            confirming = bool(self.search.space) and self.search.confirm_best
+            if not (self.search.baseline and (self.search.compared_arms() or confirming)):
                 raise ValueError(
-                    "evidence.target_halfwidth: seeds in rounds compare the confirmatory arm (or search.arms) "
-                    "with the baseline; set search.baseline and search.confirmatory to true, or list arms"
+                    "evidence.target_halfwidth: seeds in rounds compare the confirmatory arm (or search.arms, "
+                    "or a search's best configuration with confirm_best) with the baseline; set "
+                    "search.baseline and search.confirmatory to true, or list arms"
                 )
             trainings = 1 + len(self.search.compared_arms())
             if ev.max_trainings is not None and ev.max_trainings < trainings * ev.min_seeds:

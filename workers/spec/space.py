@@ -77,7 +77,9 @@ class SearchSpec(BaseModel):
         description=(
             "with baseline and a non-empty space: after the search, train the best configuration and the "
             "baseline again on as many fresh seeds as search.seeds (the integers after its largest), and "
-            "judge best vs baseline on those; the same-seed table stays, labelled exploratory"
+            "judge best vs baseline on those; the same-seed table stays, labelled exploratory; with "
+            "evidence.target_halfwidth, more fresh seeds in rounds until that comparison's interval is so "
+            "narrow (at most evidence.max_seeds fresh seeds)"
         ),
     )
     grace_period: int = Field(

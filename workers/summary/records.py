@@ -25,6 +25,7 @@ __all__ = [
     "BEST_CONFIRMED_ID",
     "LISTED_ARM",
     "CONFIRM_SEEDS_TAG",
+    "CONFIRM_STOP_TAG",
     "SUMMARY_ARTIFACT",
     "PRIMARY_OUTCOME_TAG",
     "ROUNDS_STOP_TAG",
@@ -104,6 +105,8 @@ PRIMARY_OUTCOME_TAG = "hdet.primary_outcome"
 SEEDS_RUN_TAG = "hdet.seeds_run"
 #: parent-run tag: why the rounds stopped (target reached, max seeds, budget, or a failure).
 ROUNDS_STOP_TAG = "hdet.rounds_stop"
+#: parent-run tag: why the searched best's confirmation in rounds stopped (as ``ROUNDS_STOP_TAG``).
+CONFIRM_STOP_TAG = "hdet.confirm_stop"
 
 
 @dataclass

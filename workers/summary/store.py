@@ -147,6 +147,8 @@ def collect_summary(
     arm_comparisons: dict[str, dict[str, dict[str, Any]]] = {}
     # the best configuration ran on fixed seeds: its primary gets the fixed-n interval
     fixed_n = dataclasses.replace(rule, target_halfwidth=None, margin=rule.equivalence_margin)
+    # its confirmation on fresh seeds went on in rounds when the spec asks for them: anytime-valid
+    confirm_rule = rule if rule.target_halfwidth is not None else fixed_n
     # table -> (treatment, the seeds it is paired with the baseline on, the rule of its primary)
     pairings: dict[str, tuple[TrialRecord, list[int], Rule]] = {}
     if baseline is not None and baseline.per_seed:
@@ -165,11 +167,11 @@ def collect_summary(
             exploratory_comparison = comparison
             comparison = compare_metrics(
                 _split_metrics(confirmed, prefix), base_on(confirm_seeds), COMPARED_METRICS, n_boot=n_boot,
-                primary=primary, rule=fixed_n,
+                primary=primary, rule=confirm_rule,
             )  # fmt: skip
             if "comparison" in pairings:
                 pairings["exploratory_comparison"] = pairings.pop("comparison")
-            pairings["comparison"] = (confirmed, confirm_seeds, fixed_n)
+            pairings["comparison"] = (confirmed, confirm_seeds, confirm_rule)
         if confirmatory is not None and confirmatory.per_seed:
             confirmatory_comparison = compare_metrics(
                 _split_metrics(confirmatory, prefix), base_on(fixed_seeds), COMPARED_METRICS, n_boot=n_boot,
