@@ -21,13 +21,25 @@ TINY: dict[str, Any] = {
 }
 
 
-def run_spec(home: Path, spec: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    """``python -m workers.run SPEC ARGS`` with ``home`` as HDET_HOME, its MLflow store and storage."""
+def _command(home: Path, spec: Path, args: tuple[str, ...]) -> tuple[list[str], dict[str, str]]:
     env = {**os.environ, "HDET_HOME": str(home), "PYTHONUNBUFFERED": "1"}
     env.pop("RAY_ADDRESS", None)
     cmd = [sys.executable, "-m", "workers.run", str(spec), "--tracking-uri", f"sqlite:///{home / 'mlflow.db'}",
            "--storage-path", str(home / "storage"), *args]  # fmt: skip
+    return cmd, env
+
+
+def run_spec(home: Path, spec: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """``python -m workers.run SPEC ARGS`` with ``home`` as HDET_HOME, its MLflow store and storage."""
+    cmd, env = _command(home, spec, args)
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+
+
+def start_spec(home: Path, spec: Path, *args: str, log: Path | None = None) -> subprocess.Popen[str]:
+    """:func:`run_spec` started in the background: its output goes to ``log``, else to a pipe."""
+    cmd, env = _command(home, spec, args)
+    out: Any = log.open("w") if log is not None else subprocess.PIPE
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, text=True)
 
 
 def start_test_ray(num_cpus: int, **resources: Any) -> None:

@@ -5,11 +5,12 @@ the parent run records the seeds reached, why the rounds stopped, and the primar
 from __future__ import annotations
 
 import json
+import signal
 from pathlib import Path
 from typing import Any
 
 import yaml
-from hdet_run import TINY, run_spec
+from hdet_run import TINY, run_spec, start_spec
 from mlflow import MlflowClient
 
 from workers.search.rounds import first_round, seed_sequence
@@ -37,13 +38,27 @@ def test_the_seeds_of_the_rounds_follow_search_seeds():
     assert first_round(fixed) == [0, 1]  # no target: the fixed seeds, as without the section
 
 
-def test_a_comparison_runs_seeds_in_rounds_until_the_rule_stops(tmp_path: Path) -> None:
+def test_a_comparison_runs_seeds_in_rounds_until_the_rule_stops_resumed_after_a_stop(tmp_path: Path) -> None:
+    """Stopped (SIGINT) once the first round is judged, then ``--resume``: the same parent run goes on
+    with the next round's seed, and every arm has one child run per seed."""
     spec = tmp_path / "rounds.yaml"
     spec.write_text(yaml.safe_dump(ROUNDS))
-    done = run_spec(tmp_path, spec)
+    first = start_spec(tmp_path, spec)
+    assert first.stdout is not None
+    seen = []
+    for line in first.stdout:
+        seen.append(line)
+        if line.startswith("rounds: 2 seeds"):
+            first.send_signal(signal.SIGINT)
+            break
+    seen.append(first.communicate(timeout=300)[0])
+    assert first.returncode == 128 + signal.SIGINT, "".join(seen)[-4000:]
+    assert "continue with --resume" in "".join(seen)
+
+    done = run_spec(tmp_path, spec, "--resume")
     out = done.stdout + done.stderr
     assert done.returncode == 0, out[-4000:]
-    assert "rounds: 2 seeds" in out and "rounds: 3 seeds" in out
+    assert "rounds: 3 seeds" in out
 
     c = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
     exp = c.get_experiment_by_name("rounds-test")

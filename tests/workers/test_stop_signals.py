@@ -4,10 +4,8 @@ comparison end every run still running ``KILLED`` with the signal named, and exi
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -15,9 +13,8 @@ from typing import Any
 
 import pytest
 import yaml
+from hdet_run import start_spec
 from mlflow import MlflowClient
-
-ROOT = Path(__file__).resolve().parents[2]
 
 BASE: dict[str, Any] = {
     "dataset": {"format": "synthetic", "train": 16, "val": 4, "test": 4, "image_size": 48, "seed": 0},
@@ -33,12 +30,7 @@ BASE: dict[str, Any] = {
 def _start(home: Path, spec: dict[str, Any]) -> subprocess.Popen[str]:
     path = home / "spec.yaml"
     path.write_text(yaml.safe_dump(spec))
-    env = {**os.environ, "HDET_HOME": str(home), "PYTHONUNBUFFERED": "1"}
-    env.pop("RAY_ADDRESS", None)
-    cmd = [sys.executable, "-m", "workers.run", str(path), "--tracking-uri", f"sqlite:///{home / 'mlflow.db'}",
-           "--storage-path", str(home / "storage")]  # fmt: skip
-    log = (home / "run.log").open("w")
-    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
+    return start_spec(home, path, log=home / "run.log")
 
 
 def _runs(c: MlflowClient) -> list[Any]:
