@@ -27,6 +27,16 @@ SPEC: dict[str, Any] = {
 }
 
 
+def _parent_and_children(home: Path, experiment: str) -> tuple[MlflowClient, Any, list[Any]]:
+    """The MLflow client of ``home``'s store, the experiment's one parent run and its child runs."""
+    c = MlflowClient(tracking_uri=f"sqlite:///{home / 'mlflow.db'}")
+    exp = c.get_experiment_by_name(experiment)
+    assert exp is not None
+    runs = c.search_runs([exp.experiment_id])
+    (parent,) = [r for r in runs if r.data.tags.get("hdet.role") == "parent"]
+    return c, parent, [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+
+
 def test_the_fresh_seeds_follow_search_seeds_and_are_as_many():
     assert confirm_seeds(Spec.parse(SPEC, check_paths=False)) == [1]
     wide = Spec.parse({**SPEC, "search": {**SPEC["search"], "seeds": [3, 9, 4]}}, check_paths=False)
@@ -43,12 +53,7 @@ def test_the_best_configuration_is_judged_on_fresh_seeds(tmp_path: Path) -> None
     assert done.returncode == 0, out[-4000:]
     assert "confirm_best: trial" in out and "fresh seeds [1]" in out
 
-    c = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
-    exp = c.get_experiment_by_name("confirm-test")
-    assert exp is not None
-    runs = c.search_runs([exp.experiment_id])
-    (parent,) = [r for r in runs if r.data.tags.get("hdet.role") == "parent"]
-    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    c, parent, children = _parent_and_children(tmp_path, "confirm-test")
     arms = sorted((r.data.tags["hdet.arm"], r.data.tags["hdet.seed"], r.info.status) for r in children)
     assert arms == [
         ("baseline", "0", "FINISHED"),
@@ -102,12 +107,7 @@ def test_with_a_target_the_confirmation_goes_on_in_rounds_on_fresh_seeds(tmp_pat
         )
     assert "fresh seeds [2]" in out and "fresh seeds [3]" in out
 
-    c = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
-    exp = c.get_experiment_by_name("confirm-rounds-test")
-    assert exp is not None
-    runs = c.search_runs([exp.experiment_id])
-    (parent,) = [r for r in runs if r.data.tags.get("hdet.role") == "parent"]
-    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    c, parent, children = _parent_and_children(tmp_path, "confirm-rounds-test")
     arms = sorted((r.data.tags["hdet.arm"], r.data.tags["hdet.seed"]) for r in children)
     # no confirmatory arm: the baseline trains the search's seed, then each fresh seed once
     assert arms == [

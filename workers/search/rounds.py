@@ -175,13 +175,31 @@ def run_rounds(
             c.set_tag(ctx.parent_run_id, ROUNDS_STOP_TAG, decision.reason)
             return RoundsOutcome(decision, seeds)
         new = seed_sequence(spec, min(len(seeds) + rule.round_size, rule.seed_cap))[len(seeds) :]
-        seeds += new
-        c.set_tag(ctx.parent_run_id, SEEDS_RUN_TAG, json.dumps(seeds))
-        failures = {arm: why for arm, why in train_round(new).items() if why}
-        if failures:
-            reason = "; ".join(f"{arm}: {why}" for arm, why in failures.items())
-            c.set_tag(ctx.parent_run_id, ROUNDS_STOP_TAG, f"failed: {reason}"[:4000])
-            return RoundsOutcome(decision, seeds, reason)
+        failed = _train_round(c, ctx, decision, seeds, new, train_round, SEEDS_RUN_TAG, ROUNDS_STOP_TAG)
+        if failed is not None:
+            return failed
+
+
+def _train_round(
+    c: MlflowClient,
+    ctx: TrackingContext,
+    decision: Decision,
+    seeds: list[int],
+    new: list[int],
+    train_round: Callable[[list[int]], dict[str, str | None]],
+    seeds_tag: str,
+    stop_tag: str,
+) -> RoundsOutcome | None:
+    """Add ``new`` to ``seeds`` (listed in the parent run's ``seeds_tag`` before they start) and train
+    them; a failure ends the rounds, its reason in ``stop_tag``."""
+    seeds += new
+    c.set_tag(ctx.parent_run_id, seeds_tag, json.dumps(seeds))
+    failures = {arm: why for arm, why in train_round(new).items() if why}
+    if not failures:
+        return None
+    reason = "; ".join(f"{arm}: {why}" for arm, why in failures.items())
+    c.set_tag(ctx.parent_run_id, stop_tag, f"failed: {reason}"[:4000])
+    return RoundsOutcome(decision, seeds, reason)
 
 
 def confirmed_diffs(c: MlflowClient, ctx: TrackingContext, primary: str) -> list[float]:
@@ -242,10 +260,6 @@ def run_confirm_rounds(
             c.set_tag(ctx.parent_run_id, CONFIRM_STOP_TAG, decision.reason)
             return RoundsOutcome(decision, seeds)
         new = seed_sequence(spec, searched + decision.next_n)[searched + len(seeds) :]
-        seeds += new
-        c.set_tag(ctx.parent_run_id, CONFIRM_SEEDS_TAG, json.dumps(seeds))
-        failures = {arm: why for arm, why in train_round(new).items() if why}
-        if failures:
-            reason = "; ".join(f"{arm}: {why}" for arm, why in failures.items())
-            c.set_tag(ctx.parent_run_id, CONFIRM_STOP_TAG, f"failed: {reason}"[:4000])
-            return RoundsOutcome(decision, seeds, reason)
+        failed = _train_round(c, ctx, decision, seeds, new, train_round, CONFIRM_SEEDS_TAG, CONFIRM_STOP_TAG)
+        if failed is not None:
+            return failed
