@@ -82,19 +82,19 @@ def confirm_seeds(spec: Spec) -> list[int]:
 
 
 def rounds_rule(spec: Spec) -> Rule | None:
-    """The evidence rule of each arm (:meth:`Spec.evidence_rule`) when the spec asks for seeds in
-    rounds, else None."""
-    ev = spec.evidence
-    return spec.evidence_rule() if ev is not None and ev.target_halfwidth is not None else None
+    """The evidence rule of each fixed arm (:meth:`Spec.evidence_rule`) when the spec asks for seeds
+    in rounds and arms are judged against the baseline, else None."""
+    ev, search = spec.evidence, spec.search
+    if ev is None or ev.target_halfwidth is None or search is None or not search.compared_arms():
+        return None
+    return spec.evidence_rule()
 
 
 def confirm_rule(spec: Spec) -> Rule | None:
     """The rule of the best configuration's confirmation when the spec asks for seeds in rounds: the
     evidence section's own (one arm against the baseline, at ``alpha``), else None (fixed seeds)."""
-    if rounds_rule(spec) is None:
-        return None
-    assert spec.evidence is not None
-    return spec.evidence.rule()
+    ev = spec.evidence
+    return ev.rule() if ev is not None and ev.target_halfwidth is not None else None
 
 
 def first_round(spec: Spec) -> list[int]:

@@ -276,10 +276,11 @@ def _confirm_best(
         print("confirm_best: no configuration completed the full schedule; nothing to confirm", flush=True)
         return
 
+    # the seeds the baseline trained before the confirmation (each round's fresh seeds are new)
+    base_seeds = found.baseline.per_seed if found.baseline is not None else {}
+
     def train_confirmation(fresh: list[int]) -> dict[str, str | None]:
         """The best configuration on ``fresh`` seeds, the baseline on those it lacks: arm -> failure."""
-        known = collect_summary(c, ctx.experiment_id, ctx.parent_run_id, n_boot=1, history=False).baseline
-        base_seeds = known.per_seed if known is not None else {}
         missing = [s for s in fresh if base_seeds.get(s, {}).get("epoch", 0) < spec.train.epochs]
         print(
             f"confirm_best: trial {best.trial_id} on fresh seeds {fresh}, the baseline on {missing or 'them already'}",
@@ -395,8 +396,8 @@ def run_search(
     arm_refs: dict[str, Any] = {}
     task = ray.remote(num_cpus=0, max_retries=0)(_fixed_arm_task)
     # the fixed arms' seeds in rounds (a search's confirmation has its own, _confirm_best)
-    in_rounds = rounds_rule(spec) is not None and bool(spec.search.compared_arms())
-    first_seeds = first_round(spec) if in_rounds else list(spec.search.seeds)
+    in_rounds = rounds_rule(spec) is not None
+    first_seeds = first_round(spec)
     if in_rounds:
         c.set_tag(ctx.parent_run_id, SEEDS_RUN_TAG, json.dumps(first_seeds))
 
