@@ -55,7 +55,8 @@ def comparison_spec(
         "loss": {"kind": "standard"} if arms == ("baseline",) else demo["loss"],
         "eval": demo["eval"],
         "train": {**demo["train"], "epochs": args.epochs},
-        "scaling": {**demo["scaling"], "cpus_per_worker": args.cpus_per_training, "max_failures": 0},
+        "scaling": {**demo["scaling"], "cpus_per_worker": args.cpus_per_training, "max_failures": 0,
+                    "trainer": getattr(args, "trainer", "auto")},
         "search": {"space": {}, "seeds": seeds, "baseline": "baseline" in arms and "confirmatory" in arms,
                    "confirmatory": True},
         "tracking": {"experiment": name},
@@ -111,6 +112,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cpus-per-training", type=float, default=1.0)
     p.add_argument("--num-cpus", type=int, help="the local Ray's CPUs (default: this machine's cores)")
     p.add_argument("--runs", type=int, default=3, help="measurements (default 3)")
+    p.add_argument(
+        "--trainer",
+        choices=("auto", "pooled", "ray_train"),
+        default="auto",
+        help="scaling.trainer of every training (default auto: pooled on CPU)",
+    )
     p.add_argument("--json", help="write the numbers to this JSON file too")
     args = p.parse_args(argv)
     if args.seeds < 1 or args.runs < 1 or args.epochs < 1 or args.images < 1:
@@ -135,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
         d = parsed.dataset
         print(f"bench experiment: {args.seeds} seeds x 2 arms of {parsed.detector.arch} on {d.train} images of "
               f"{d.image_size} px, {args.epochs} epochs; local Ray of {cpus} CPUs, {args.cpus_per_training:g} per "
-              f"training: {at_once} at once", flush=True)  # fmt: skip
+              f"training: {at_once} at once; trainer {args.trainer}", flush=True)  # fmt: skip
         started = False
         import ray
 
@@ -177,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"side by side / alone, per training: {_spread([r['slowdown_side_by_side'] for r in runs])}")
     print(f"busy share of wall x {at_once}: {_spread([r['busy_share'] for r in runs])}")
     if args.json:
-        out = {"seeds": args.seeds, "images": args.images, "epochs": args.epochs, "cpus": cpus, "at_once": at_once,
+        out = {"trainer": args.trainer, "seeds": args.seeds, "images": args.images, "epochs": args.epochs, "cpus": cpus, "at_once": at_once,
                "runs": runs, "efficiency_median": statistics.median(eff), "host_cores": os.cpu_count()}  # fmt: skip
         Path(args.json).write_text(json.dumps(out, indent=2, default=lambda v: None if v != v else v))
     return 0 if all(math.isfinite(e) for e in eff) else 1

@@ -107,6 +107,8 @@ def environment(device: str | None = None) -> dict[str, Any]:
         "hostname": socket.gethostname(),
         "platform": platform.platform(),
         "cpu_count": os.cpu_count(),
+        "pid": os.getpid(),
+        "torch_threads": torch.get_num_threads(),
         "cuda": torch.version.cuda,
         "cuda_available": torch.cuda.is_available(),
     }
@@ -174,6 +176,10 @@ LOCAL_RAY_ENV = {
     # Trainings beyond the CPUs wait for others to end (a local Ray has the cores, local_ray_cpus):
     # only they free resources here, so a wait is no sign of a misconfigured cluster.
     "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": str(7 * 24 * 3600),
+    # A pooled training's process (workers.training.pooled) waits idle, torch imported, for the
+    # next one. Ray kills idle workers after 1 s once it has more processes than CPUs (the trials
+    # and helper actors count): keep them for a minute, the gap between trainings or rounds.
+    "RAY_idle_worker_killing_time_threshold_ms": "60000",
 }
 
 

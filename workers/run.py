@@ -190,7 +190,7 @@ def format_table(history: list[dict[str, Any]], best: dict[str, Any] | None = No
 def single_run(spec: Spec, ctx: Any, storage_path: str, *, resume: bool) -> dict[str, Any]:
     """Train ``spec`` once under the parent run ``ctx``; returns the run's summary (rank 0's return)."""
     from workers.tracking import client
-    from workers.training.trainer import make_trainer
+    from workers.training.pooled import make_training
 
     c = client(ctx.tracking_uri)
     parent = c.get_run(ctx.parent_run_id)
@@ -199,7 +199,7 @@ def single_run(spec: Spec, ctx: Any, storage_path: str, *, resume: bool) -> dict
         # A fresh name: Ray Train resumes a run whose name already has checkpoints in storage.
         run_name = f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}"
         c.set_tag(ctx.parent_run_id, "hdet.run_name", run_name)
-    trainer = make_trainer(spec, run_name=run_name, storage_path=storage_path, tracking=ctx)
+    trainer = make_training(spec, run_name=run_name, storage_path=storage_path, tracking=ctx)
     print(f"training {run_name}: MLflow run {trainer.mlflow_run_id} (parent {ctx.parent_run_id})", flush=True)
     result = trainer.fit()
     summary = dict(result.return_value or {})

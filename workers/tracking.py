@@ -90,6 +90,7 @@ class Tag:
     TRIAL_STATUS = "hdet.trial_status"
     STARTS = "hdet.starts"
     RESUMED_FROM_EPOCH = "hdet.resumed_from_epoch"
+    TRAINER = "hdet.trainer"  # how the training ran: pooled or ray_train (scaling.trainer)
     # Any run that ended FAILED says why.
     ERROR = "hdet.error"
     # Pretraining run.

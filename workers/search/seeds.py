@@ -2,7 +2,8 @@
 The seeds' trainers report each epoch through the search's event hub; the group reports seed means.
 
 Seeds are a blocking factor, not a hyperparameter: one Tune trial trains its configuration on
-every seed of ``search.seeds``, one Ray Train trainer per seed, all started at once. Each trainer's
+every seed of ``search.seeds``, one trainer per seed (Ray Train's, or a pooled task:
+:mod:`workers.training.pooled`), all started at once. Each trainer's
 per-epoch report reaches the trial through a :class:`~workers.training.controller_hooks.SeedReportCallback`
 and the search's event hub; once every seed has finished epoch ``k`` the trial reports the seed
 mean of epoch ``k``. So ASHA and TPE rank configurations by the seed-averaged AP, and ASHA stops
@@ -74,16 +75,23 @@ def _is_number(v: Any) -> bool:
     return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(float(v))
 
 
-#: This process's event hub, for train_on_seeds() called outside a search.
+#: This process's event hub, for train_on_seeds() called outside a search, and the Ray it is on.
 _HUB: Any = None
+_HUB_RAY: tuple[str, str] | None = None
 
 
 def _event_hub() -> Any:
-    global _HUB
+    """The hub of this process on the Ray it is connected to now (a handle from an earlier Ray,
+    shut down since, would bring this process down when it is passed to a task)."""
+    global _HUB, _HUB_RAY
+    import ray
+
     from workers.training.controller_hooks import start_event_hub
 
-    if _HUB is None:
-        _HUB = start_event_hub()
+    ctx = ray.get_runtime_context()
+    here = (str(ctx.gcs_address), str(ctx.get_node_id()))
+    if _HUB is None or _HUB_RAY != here:
+        _HUB, _HUB_RAY = start_event_hub(), here
     return _HUB
 
 
@@ -296,16 +304,16 @@ class SeedGroup:
     def _fit(self, seed: int, key: str) -> None:
         """A seed's fit thread: build its trainer, fit it, and tell the hub how it ended."""
         from workers.training.controller_hooks import SeedReportCallback
-        from workers.training.trainer import make_trainer
+        from workers.training.pooled import make_training
 
         try:
             if self.slots is not None:
                 self._take_slot(seed, key)
             self.started[seed] = time.time()
-            trainer = make_trainer(
+            trainer = make_training(
                 self.seed_specs[seed], run_name=self.run_name(seed), storage_path=self.storage_path,
-                tracking=self.ctx, callbacks=[SeedReportCallback(self.hub, key)], run_key=key,
-                tags={**self.tags(seed), Tag.TRIAL_STATUS: "running"}, defer_run=True,
+                tracking=self.ctx, callbacks=[SeedReportCallback(self.hub, key)], hub=self.hub,
+                run_key=key, tags={**self.tags(seed), Tag.TRIAL_STATUS: "running"}, defer_run=True,
             )  # fmt: skip
             with self._lock:
                 if self._stopping.is_set():

@@ -406,9 +406,22 @@ class ScalingSpec(BaseModel):
     max_failures: int = Field(
         default=2, ge=-1, description="worker failures a run recovers from (-1: forever)"
     )
+    trainer: Literal["auto", "pooled", "ray_train"] = Field(
+        default="auto",
+        description=(
+            "how a training runs: ray_train (a Ray Train controller and worker group, any num_workers), "
+            "pooled (one Ray task in a reused worker process with its imports done; num_workers 1), "
+            "auto: pooled for one worker on CPU with local storage, else ray_train"
+        ),
+    )
 
     @model_validator(mode="after")
     def _whole_gpus_or_one_shared(self) -> ScalingSpec:
+        if self.trainer == "pooled" and self.num_workers > 1:
+            raise ValueError(
+                f"trainer: pooled runs one worker per training; with num_workers: {self.num_workers} "
+                "set trainer: ray_train (or auto)"
+            )
         g = self.gpus_per_worker
         if self.use_gpu is False:  # reserved only with use_gpu
             return self

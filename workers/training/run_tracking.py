@@ -35,6 +35,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "ChildRun",
+    "ChildRunOwner",
     "TrackedRun",
     "prepare_child_run",
     "start_tracking",
@@ -50,6 +51,39 @@ class ChildRun(NamedTuple):
     key: str
     name: str
     tags: dict[str, str]
+
+
+class ChildRunOwner:
+    """The driver's side of a training's MLflow child run (both trainers have one): found by its
+    key when the rank-0 worker created it, and closed with the training's outcome."""
+
+    tracking: TrackingContext | None
+    child_run: ChildRun | None
+    mlflow_run_id: str
+
+    def child_run_id(self) -> str:
+        """The MLflow child run; found (or, if its worker never got to it, created) by its key
+        when the trainer left it to the worker. Finding it changes nothing on it."""
+        if not self.mlflow_run_id and self.tracking is not None and self.child_run is not None:
+            from workers.tracking import find_child_run
+
+            spec, key, name, tags = self.child_run
+            found = find_child_run(client(self.tracking.tracking_uri), self.tracking, key)
+            if found is not None:
+                self.mlflow_run_id = str(found.info.run_id)
+            else:
+                self.mlflow_run_id = prepare_child_run(
+                    self.tracking, spec, run_key=key, run_name=name, tags=tags
+                )
+        return self.mlflow_run_id
+
+    def close_mlflow_run(self, status: str, error: str | None = None) -> None:
+        """End the child run with ``status`` (FINISHED, FAILED, KILLED), recording ``error`` as a tag."""
+        from workers.tracking import mark_run
+
+        if self.tracking is None or not self.child_run_id():
+            return
+        mark_run(client(self.tracking.tracking_uri), self.mlflow_run_id, status, error)
 
 
 class TrackedRun(NamedTuple):

@@ -18,9 +18,9 @@ from ray.train.torch import TorchTrainer
 from workers import ray_compat
 from workers.resources import resolve_use_gpu, worker_resources
 from workers.spec import Spec
-from workers.tracking import TrackingContext, client, find_child_run, mark_run
-from workers.training.run_tracking import ChildRun, prepare_child_run
-from workers.training.worker_loop import train_loop_per_worker
+from workers.tracking import TrackingContext
+from workers.training.run_tracking import ChildRun, ChildRunOwner, prepare_child_run
+from workers.training.worker_loop import loop_config, train_loop_per_worker
 
 __all__ = [
     "HarmonicTrainer",
@@ -32,7 +32,7 @@ __all__ = [
 ]
 
 
-class HarmonicTrainer(TorchTrainer):
+class HarmonicTrainer(ChildRunOwner, TorchTrainer):
     """A ``TorchTrainer`` that closes its MLflow child run, does not retry deterministic errors,
     and can be aborted from another thread.
 
@@ -180,26 +180,6 @@ class HarmonicTrainer(TorchTrainer):
             callbacks = [cb for cb in callbacks if not isinstance(cb, datasets_cb)]
         return callbacks
 
-    def child_run_id(self) -> str:
-        """The MLflow child run; found (or, if its worker never got to it, created) by its key
-        when :func:`make_trainer` left it to the worker. Finding it changes nothing on it."""
-        if not self.mlflow_run_id and self.tracking is not None and self.child_run is not None:
-            spec, key, name, tags = self.child_run
-            found = find_child_run(client(self.tracking.tracking_uri), self.tracking, key)
-            if found is not None:
-                self.mlflow_run_id = str(found.info.run_id)
-            else:
-                self.mlflow_run_id = prepare_child_run(
-                    self.tracking, spec, run_key=key, run_name=name, tags=tags
-                )
-        return self.mlflow_run_id
-
-    def close_mlflow_run(self, status: str, error: str | None = None) -> None:
-        """End the child run with ``status`` (FINISHED, FAILED, KILLED), recording ``error`` as a tag."""
-        if self.tracking is None or not self.child_run_id():
-            return
-        mark_run(client(self.tracking.tracking_uri), self.mlflow_run_id, status, error)
-
 
 def make_trainer(
     spec: Spec,
@@ -245,16 +225,16 @@ def make_trainer(
 
     return HarmonicTrainer(
         train_loop_per_worker,
-        train_loop_config={
-            "spec": spec.to_dict(),
-            "run_id": run_id,
-            "run_name": run_name,
-            "run_key": key,
-            "run_tags": dict(tags or {}),
-            "tracking": tracking,
-            "resume_from": resume_from,
-            "use_gpu": use_gpu,
-        },
+        train_loop_config=loop_config(
+            spec,
+            run_id=run_id,
+            run_name=run_name,
+            run_key=key,
+            tags=tags,
+            tracking=tracking,
+            resume_from=resume_from,
+            use_gpu=use_gpu,
+        ),  # fmt: skip
         scaling_config=ScalingConfig(
             num_workers=s.num_workers,
             use_gpu=use_gpu,

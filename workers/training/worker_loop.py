@@ -32,6 +32,7 @@ import tempfile
 import time
 from concurrent.futures import Future
 from concurrent.futures import wait as futures_wait
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -60,7 +61,15 @@ from workers.training.train_state import (
     save_train_state,
 )
 
-__all__ = ["train_loop_per_worker", "say"]
+__all__ = [
+    "train_loop_per_worker",
+    "run_training",
+    "loop_config",
+    "say",
+    "Shard",
+    "RayTrainSession",
+    "worker_device",
+]
 
 
 class Shard(NamedTuple):
@@ -68,11 +77,6 @@ class Shard(NamedTuple):
 
     rank: int
     world: int
-
-
-def _shard() -> Shard:
-    ctx = ray.train.get_context()
-    return Shard(ctx.get_world_rank(), ctx.get_world_size())
 
 
 def _all_gather(obj: Any) -> list[Any]:
@@ -85,17 +89,42 @@ def _all_gather(obj: Any) -> list[Any]:
     return out
 
 
-def _device(use_gpu: Any) -> Any:
-    """This worker's torch device: the GPU Ray assigned it, or the CPU; a mismatch between
-    ``use_gpu`` (resolved by the driver; ``auto`` here means: whatever Ray assigned) and what the
-    worker has is refused (:func:`workers.training.recipe.worker_device_type`)."""
+def worker_device(use_gpu: Any, cuda_device: Any = None) -> Any:
+    """This worker's torch device: the GPU Ray assigned it (``cuda_device()``, default the first
+    visible one), or the CPU; a mismatch between ``use_gpu`` (resolved by the driver; ``auto`` here
+    means: whatever Ray assigned) and what the worker has is refused
+    (:func:`workers.training.recipe.worker_device_type`)."""
     import torch
 
     gpu_ids = ray.get_gpu_ids()
     wanted = bool(gpu_ids) if use_gpu == "auto" else bool(use_gpu)
     if recipe.worker_device_type(wanted, gpu_ids, torch.cuda.is_available()) == "cuda":
-        return ray.train.torch.get_device()
+        return cuda_device() if cuda_device is not None else torch.device("cuda", 0)
     return torch.device("cpu")
+
+
+class RayTrainSession:
+    """What the loop asks of the process that runs it, on a Ray Train worker: its rank, device,
+    DDP wrapping, the checkpoint to resume from, and each epoch's report and checkpoint.
+    (:class:`workers.training.pooled.PooledSession` is the same for a pooled training.)"""
+
+    def shard(self) -> Shard:
+        ctx = ray.train.get_context()
+        return Shard(ctx.get_world_rank(), ctx.get_world_size())
+
+    def device(self, use_gpu: Any) -> Any:
+        return worker_device(use_gpu, ray.train.torch.get_device)
+
+    def prepare_model(self, model: Any, device: Any) -> Any:
+        # DDP over the process group set up by the TorchTrainer (gloo/NCCL), on ``device``.
+        return ray.train.torch.prepare_model(model, move_to_device=device)
+
+    def resume_dir(self, resume_from: str | None) -> AbstractContextManager[str] | None:
+        return checkpoint_dir(ray.train.get_checkpoint(), resume_from)
+
+    def report(self, metrics: dict[str, Any], directory: str | None, epoch: int) -> None:
+        ckpt = Checkpoint.from_directory(directory) if directory is not None else None
+        ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=f"epoch_{epoch:04d}")
 
 
 def say(line: str) -> None:
@@ -134,19 +163,43 @@ def _summary(run_id: str, progress: Progress) -> dict[str, Any]:
     }
 
 
+def loop_config(
+    spec: Spec, *, run_id: str, run_name: str, run_key: str, tags: dict[str, str] | None, tracking: Any,
+    resume_from: str | None, use_gpu: bool,
+) -> dict[str, Any]:  # fmt: skip
+    """The config :func:`run_training` takes (its Args), for a training of ``spec``."""
+    return {
+        "spec": spec.to_dict(),
+        "run_id": run_id,
+        "run_name": run_name,
+        "run_key": run_key,
+        "run_tags": dict(tags or {}),
+        "tracking": tracking,
+        "resume_from": resume_from,
+        "use_gpu": use_gpu,
+    }
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
-    """The training function each Ray Train worker runs (see the module docstring).
+    """The training function each Ray Train worker runs: :func:`run_training` on Ray Train."""
+    return run_training(config, RayTrainSession())
+
+
+def run_training(config: dict[str, Any], session: Any) -> dict[str, Any] | None:
+    """One training's loop (see the module docstring), on a Ray Train worker or a pooled one.
 
     Args:
         config: ``spec`` (the resolved spec dict), ``run_id`` (MLflow child run; empty when the
             trainer left it to rank 0), ``run_name``, ``run_key``, ``run_tags``, ``tracking``,
             ``resume_from`` (a checkpoint directory used when Ray has none), ``use_gpu`` (the
             driver's resolved ``scaling.use_gpu``, checked against the worker's device).
+        session: where the loop runs: :class:`RayTrainSession` or
+            :class:`workers.training.pooled.PooledSession`.
 
     Returns:
         On rank 0, a summary: ``run_id``, ``best`` (metrics of the best epoch), ``history``.
     """
-    rank, world = _shard()
+    rank, world = session.shard()
     hooks = train_hooks.load(config.get("run_key") or config["run_name"], rank)
     hooks.phase("worker_start")
     ray_compat.quiet_train_report_log()  # our progress line says the same, readably
@@ -157,14 +210,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
     run_name: str = config["run_name"]
     recipe.seed_everything(t.seed + rank)
 
-    device = _device(config.get("use_gpu", spec.scaling.use_gpu))
+    device = session.device(config.get("use_gpu", spec.scaling.use_gpu))
     amp_dtype = recipe.amp_dtype(spec, device.type)
     data = recipe.build_datasets(spec)
     hooks.phase("data_ready")
 
     model = recipe.build_model(spec, data.num_classes)
-    # Ray wraps the model in DDP (gloo/NCCL process group set up by the TorchTrainer) and moves it.
-    model = ray.train.torch.prepare_model(model, move_to_device=device)
+    model = session.prepare_model(model, device)
     hooks.phase("model_ready")
     inner: Any = model.module if hasattr(model, "module") else model
 
@@ -191,7 +243,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
     parts = TrainParts(inner, optimizer, scheduler, scaler)
 
     progress = Progress()
-    resume = checkpoint_dir(ray.train.get_checkpoint(), config.get("resume_from"))
+    resume = session.resume_dir(config.get("resume_from"))
     if resume is not None:
         with resume as d:
             progress = load_train_state(Path(d), parts)
@@ -263,11 +315,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
                     {k: v for k, v in metrics.items() if isinstance(v, int | float | bool)}
                 )
             with tempfile.TemporaryDirectory() as tmp:
-                ckpt = None
                 if rank == 0:
                     save_train_state(Path(tmp), parts, progress, spec)
-                    ckpt = Checkpoint.from_directory(tmp)
-                ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=f"epoch_{epoch:04d}")
+                session.report(metrics, tmp if rank == 0 else None, epoch)
 
             if tracker is not None:
                 run = tracker.result()  # raises what the start-up raised
