@@ -273,12 +273,12 @@ class PooledTrainer(ChildRunOwner):
                 self.config, str(self.run_dir), self.hub, self.config["run_key"], threads
             )
             if self._aborted:  # abort_async() ran between the check and the submission
-                ray.cancel(self._ref)
+                self._end_task()
             try:
                 summary = ray.get(self._ref)
             except BaseException as e:
                 if self._aborted or isinstance(e, KeyboardInterrupt):
-                    self._end_task()  # a Ctrl-C here must not leave the task training on
+                    self._end_task()  # a Ctrl-C or an abort: the task must not train on
                     self.close_mlflow_run("KILLED")
                     raise
                 cause = _cause(e)
@@ -299,41 +299,32 @@ class PooledTrainer(ChildRunOwner):
             self.close_mlflow_run("FINISHED")
             return PooledResult(summary)
 
-    def _end_task(self, grace_s: float = 10.0) -> None:
-        """Cancel the task (a KeyboardInterrupt in it) and wait up to ``grace_s`` for it to end;
-        kill its process after that."""
+    def _end_task(self) -> None:
+        """Kill the task's process. Not a KeyboardInterrupt in it: one that lands inside an MLflow
+        write leaves that process, which the pool would reuse, holding the store's lock."""
         import ray
 
-        ref = self._ref
-        if ref is None:
-            return
-        ray.cancel(ref)
-        ready, _ = ray.wait([ref], timeout=grace_s)
-        if not ready:
-            ray.cancel(ref, force=True)
+        if self._ref is not None:
+            ray.cancel(self._ref, force=True)
 
     def abort_async(self) -> Any:
-        """Ask the training to stop (``fit()`` then raises in its thread; the child run is closed
-        as ``KILLED``). Returns an ``ObjectRef`` that is ready once the task has ended, or None when
-        it had not been submitted."""
-        import ray
-
+        """Ask the training to stop: its process is killed (:meth:`_end_task`), ``fit()`` then raises
+        in its thread and the child run is closed as ``KILLED``. Returns an ``ObjectRef`` that is
+        ready once the task has ended, or None when it had not been submitted."""
         self._aborted = True
         ref = self._ref
         if ref is None:
             return None
-        ray.cancel(ref)
+        self._end_task()
         return ref
 
     def abort(self, timeout_s: float = 10.0) -> None:
-        """:meth:`abort_async`, waiting up to ``timeout_s`` for the task to end (then killing it)."""
+        """:meth:`abort_async`, waiting up to ``timeout_s`` for the task to end."""
         import ray
 
         ref = self.abort_async()
         if ref is not None:
-            ready, _ = ray.wait([ref], timeout=timeout_s)
-            if not ready:
-                ray.cancel(ref, force=True)
+            ray.wait([ref], timeout=timeout_s)
 
 
 def make_training(
