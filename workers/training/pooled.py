@@ -355,7 +355,7 @@ def make_training(
         return make_trainer(
             spec, run_name=run_name, storage_path=storage_path, tracking=tracking, callbacks=callbacks,
             resume_from=resume_from, run_key=run_key, tags={**(tags or {}), Tag.TRAINER: "ray_train"},
-            defer_run=defer_run,
+            defer_run=defer_run, use_gpu=use_gpu if maybe_pooled else None,  # resolved once
         )  # fmt: skip
     tags = {**(tags or {}), Tag.TRAINER: "pooled"}
     from workers.training.worker_loop import loop_config

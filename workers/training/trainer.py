@@ -192,6 +192,7 @@ def make_trainer(
     run_key: str | None = None,
     tags: dict[str, str] | None = None,
     defer_run: bool = False,
+    use_gpu: bool | None = None,
 ) -> HarmonicTrainer:
     """Build the trainer of one training run of ``spec``, with its MLflow child run.
 
@@ -209,6 +210,7 @@ def make_trainer(
             does it in a thread beside its first training steps: this function then makes no
             MLflow call and the trainer's controller starts at once. ``mlflow_run_id`` is then
             empty; :meth:`HarmonicTrainer.child_run_id` finds the run.
+        use_gpu: ``scaling.use_gpu`` already resolved by the caller (None: resolved here).
 
     Returns:
         A :class:`HarmonicTrainer`; its ``mlflow_run_id`` is the child run (unless ``defer_run``).
@@ -217,7 +219,7 @@ def make_trainer(
         # Not resolved by the driver (hdet run does it): workers run in their own folders, so pin it here.
         spec = spec.with_resolved_paths()
     # auto: per training, from the nodes the cluster has or can start (workers.resources)
-    use_gpu = resolve_use_gpu(spec)
+    use_gpu = resolve_use_gpu(spec) if use_gpu is None else use_gpu
     s = spec.scaling
     resources = worker_resources(spec, use_gpu)
     key = run_key or run_name
