@@ -42,6 +42,18 @@ def start_spec(home: Path, spec: Path, *args: str, log: Path | None = None) -> s
     return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, text=True)
 
 
+def tiny_spec(name: str, root: Path, **sections: dict[str, Any]) -> Any:
+    """:data:`TINY` as a parsed spec named ``name``, its data under ``root``, each of ``sections``
+    merged into the section of that name (``search`` and others TINY lacks: set)."""
+    from workers.spec import Spec
+
+    data: dict[str, Any] = {k: dict(v) for k, v in TINY.items()}
+    data["dataset"]["root"] = str(root / "data")
+    for key, value in sections.items():
+        data[key] = {**data.get(key, {}), **value}
+    return Spec.parse({"name": name, "tracking": {"experiment": name}, **data})
+
+
 def start_test_ray(num_cpus: int, **resources: Any) -> None:
     """A new local Ray in this process with ``num_cpus`` and ``resources`` (``num_gpus``, custom
     ``resources``): never one already running on this machine, no dashboard."""

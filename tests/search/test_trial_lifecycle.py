@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 import ray
-from hdet_run import start_test_ray
+from hdet_run import start_test_ray, tiny_spec
 from mlflow import MlflowClient
 
 from workers.env import NO_AUTOSCALER_ENV, NO_STATE_API_ENV
@@ -40,25 +40,10 @@ EPOCHS = 3
 
 
 def _spec(root: Path, **train: Any) -> Spec:
-    return Spec.parse(
-        {
-            "name": "lifecycle",
-            "dataset": {
-                "format": "synthetic",
-                "root": str(root / "data"),
-                "train": 8,
-                "val": 4,
-                "image_size": 48,
-                "seed": 0,
-            },
-            "detector": {"arch": "retinanet", "backbone": "resnet18_fpn", "image_size": 48},
-            "loss": {"kind": "harmonicdet"},
-            "train": {"epochs": EPOCHS, "batch_size": 4, "lr": 0.01, **train},
-            "scaling": {"num_workers": 1, "use_gpu": False, "cpus_per_worker": 0.5, "max_failures": 0},
-            "search": {"space": {"alpha": {"uniform": [0.5, 2.5]}}, "seeds": [0, 1], "baseline": False},
-            "tracking": {"experiment": "lifecycle"},
-        }  # fmt: skip
-    )
+    return tiny_spec(
+        "lifecycle", root, train={"epochs": EPOCHS, **train},
+        search={"space": {"alpha": {"uniform": [0.5, 2.5]}}, "seeds": [0, 1], "baseline": False},
+    )  # fmt: skip
 
 
 # --------------------------------------------------------------------------- without Ray

@@ -35,7 +35,7 @@ from typing import Any, NamedTuple
 from workers.resources import resolve_use_gpu, worker_bundle
 from workers.spec import Spec
 from workers.tracking import Tag, TrackingContext
-from workers.training.run_tracking import ChildRun, ChildRunOwner, prepare_child_run
+from workers.training.run_tracking import ChildRun, ChildRunOwner
 
 __all__ = [
     "KEEP_CHECKPOINTS",
@@ -344,30 +344,22 @@ def make_training(
     so, else :func:`workers.training.trainer.make_trainer`'s Ray Train one (``callbacks``, for Ray
     Train, and ``hub``, for the pool, carry the per-epoch reports). The arguments are
     ``make_trainer``'s."""
-    if spec.dataset.format == "synthetic" and spec.dataset.root is None:
-        spec = spec.with_resolved_paths()  # workers run in folders of their own: pin it here
     mode, sc = spec.scaling.trainer, spec.scaling
     maybe_pooled = mode == "pooled" or (mode == "auto" and sc.num_workers == 1 and "://" not in storage_path)
     use_gpu = resolve_use_gpu(spec) if maybe_pooled else False
-    if not maybe_pooled or not uses_pool(spec, storage_path, use_gpu):
-        from workers.training.trainer import make_trainer
+    from workers.training.trainer import make_trainer, prepare_training
 
+    if not maybe_pooled or not uses_pool(spec, storage_path, use_gpu):
         return make_trainer(
             spec, run_name=run_name, storage_path=storage_path, tracking=tracking, callbacks=callbacks,
             resume_from=resume_from, run_key=run_key, tags={**(tags or {}), Tag.TRAINER: "ray_train"},
             defer_run=defer_run, use_gpu=use_gpu if maybe_pooled else None,  # resolved once
         )  # fmt: skip
-    tags = {**(tags or {}), Tag.TRAINER: "pooled"}
-    from workers.training.worker_loop import loop_config
-
-    key = run_key or run_name
-    run_id = "" if defer_run else prepare_child_run(tracking, spec, run_key=key, run_name=run_name, tags=tags)
-    config = loop_config(
-        spec, run_id=run_id, run_name=run_name, run_key=key, tags=tags, tracking=tracking,
-        resume_from=resume_from, use_gpu=use_gpu,
+    prep = prepare_training(
+        spec, run_name=run_name, tracking=tracking, use_gpu=use_gpu, resume_from=resume_from,
+        run_key=run_key, tags={**(tags or {}), Tag.TRAINER: "pooled"}, defer_run=defer_run,
     )  # fmt: skip
     return PooledTrainer(
-        spec, config, run_dir=Path(storage_path) / run_name, resources=worker_bundle(spec, use_gpu),
-        hub=hub, tracking=tracking, child_run=ChildRun(spec, key, run_name, dict(tags or {})),
-        mlflow_run_id=run_id,
+        prep.spec, prep.config, run_dir=Path(storage_path) / run_name,
+        resources=worker_bundle(prep.spec, use_gpu), hub=hub, tracking=tracking, child_run=prep.child_run, mlflow_run_id=prep.run_id,
     )  # fmt: skip

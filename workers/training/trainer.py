@@ -10,7 +10,7 @@ trainer is what a Tune trial fits (pass Tune's ``TuneReportCallback`` in ``callb
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, NamedTuple
 
 from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, Result, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
@@ -26,6 +26,7 @@ __all__ = [
     "HarmonicTrainer",
     "ChildRun",
     "make_trainer",
+    "prepare_training",
     "prepare_child_run",
     "resolve_use_gpu",
     "worker_resources",
@@ -181,6 +182,41 @@ class HarmonicTrainer(ChildRunOwner, TorchTrainer):
         return callbacks
 
 
+class PreparedTraining(NamedTuple):
+    """What either trainer of one training needs: the spec with its paths pinned, the worker
+    loop's config, the MLflow child run ("" while deferred) and what finds it again."""
+
+    spec: Spec
+    config: dict[str, Any]
+    run_id: str
+    child_run: ChildRun
+
+
+def prepare_training(
+    spec: Spec,
+    *,
+    run_name: str,
+    tracking: TrackingContext,
+    use_gpu: bool,
+    resume_from: str | None = None,
+    run_key: str | None = None,
+    tags: dict[str, str] | None = None,
+    defer_run: bool = False,
+) -> PreparedTraining:
+    """The part of building a trainer that does not depend on how it runs (Ray Train or the pool);
+    the arguments are :func:`make_trainer`'s."""
+    if spec.dataset.format == "synthetic" and spec.dataset.root is None:
+        # Not resolved by the driver (hdet run does it): workers run in their own folders, so pin it here.
+        spec = spec.with_resolved_paths()
+    key = run_key or run_name
+    run_id = "" if defer_run else prepare_child_run(tracking, spec, run_key=key, run_name=run_name, tags=tags)
+    config = loop_config(
+        spec, run_id=run_id, run_name=run_name, run_key=key, tags=tags, tracking=tracking,
+        resume_from=resume_from, use_gpu=use_gpu,
+    )  # fmt: skip
+    return PreparedTraining(spec, config, run_id, ChildRun(spec, key, run_name, dict(tags or {})))
+
+
 def make_trainer(
     spec: Spec,
     *,
@@ -215,32 +251,19 @@ def make_trainer(
     Returns:
         A :class:`HarmonicTrainer`; its ``mlflow_run_id`` is the child run (unless ``defer_run``).
     """
-    if spec.dataset.format == "synthetic" and spec.dataset.root is None:
-        # Not resolved by the driver (hdet run does it): workers run in their own folders, so pin it here.
-        spec = spec.with_resolved_paths()
-    # auto: per training, from the nodes the cluster has or can start (workers.resources)
     use_gpu = resolve_use_gpu(spec) if use_gpu is None else use_gpu
-    s = spec.scaling
-    resources = worker_resources(spec, use_gpu)
-    key = run_key or run_name
-    run_id = "" if defer_run else prepare_child_run(tracking, spec, run_key=key, run_name=run_name, tags=tags)
-
+    prep = prepare_training(
+        spec, run_name=run_name, tracking=tracking, resume_from=resume_from, run_key=run_key,
+        tags=tags, defer_run=defer_run, use_gpu=use_gpu,
+    )  # fmt: skip
+    s = prep.spec.scaling
     return HarmonicTrainer(
         train_loop_per_worker,
-        train_loop_config=loop_config(
-            spec,
-            run_id=run_id,
-            run_name=run_name,
-            run_key=key,
-            tags=tags,
-            tracking=tracking,
-            resume_from=resume_from,
-            use_gpu=use_gpu,
-        ),  # fmt: skip
+        train_loop_config=prep.config,
         scaling_config=ScalingConfig(
             num_workers=s.num_workers,
             use_gpu=use_gpu,
-            resources_per_worker=resources,
+            resources_per_worker=worker_resources(prep.spec, use_gpu),
             accelerator_type=s.accelerator_type,
         ),
         run_config=RunConfig(
@@ -253,6 +276,6 @@ def make_trainer(
             logging_config=LoggingConfig(log_level="WARNING"),
         ),
         tracking=tracking,
-        child_run=ChildRun(spec, key, run_name, dict(tags or {})),
-        mlflow_run_id=run_id,
+        child_run=prep.child_run,
+        mlflow_run_id=prep.run_id,
     )
