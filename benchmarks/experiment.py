@@ -76,8 +76,8 @@ def training_times(tracking_uri: str, parent_run_id: str) -> dict[str, list[floa
     return out
 
 
-def _run(spec_dict: dict[str, Any], root: Path) -> tuple[float, dict[str, list[float]], Any]:
-    """Run one comparison as ``hdet run`` does; its wall time, trainings' times and summary."""
+def _run(spec_dict: dict[str, Any], root: Path) -> tuple[float, dict[str, list[float]], Any, float]:
+    """Run one comparison as ``hdet run`` does; its wall time, trainings' times, summary and start."""
     from workers.search import run_search
     from workers.spec import Spec
     from workers.tracking import open_parent_run
@@ -89,7 +89,23 @@ def _run(spec_dict: dict[str, Any], root: Path) -> tuple[float, dict[str, list[f
     ctx = open_parent_run(spec, uri)
     summary = run_search(spec, ctx, str(root / "storage"), verbose=0, print_table=False)
     wall = time.time() - t0
-    return wall, training_times(uri, ctx.parent_run_id), summary
+    return wall, training_times(uri, ctx.parent_run_id), summary, t0
+
+
+def _where(row: dict[str, Any], wall: float, at_once: int) -> str:
+    """Where the comparison's wall x trainings at once went: its trainings' epochs, their fixed
+    costs (medians per training), the experiment's start and end, and the rest (gaps)."""
+    c = row["costs"]
+    if not c["fits"]:
+        return "    where the time went: no marks (the local Ray was started before this benchmark)"
+    cap = wall * at_once
+    edges = (c["start_s"] + c["end_s"]) * at_once
+    rest = cap - row["sum_inside_s"] - c["fixed_s"] - edges
+    per = ", ".join(f"{name} {s:.2f}" for name, s in c["per_training"].items())
+    return (f"    where wall x {at_once} ({cap:.0f} s) went: epochs {row['sum_inside_s'] / cap:.0%}; the trainings' "
+            f"fixed costs {c['fixed_s'] / cap:.0%} (s per training, medians of {c['fits']}: {per}); the "
+            f"experiment's start {c['start_s']:.1f} s and end {c['end_s']:.1f} s x {at_once}: {edges / cap:.0%}; "
+            f"the rest (gaps between trainings) {rest / cap:.0%}")  # fmt: skip
 
 
 def _spread(values: list[float]) -> str:
@@ -123,10 +139,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.seeds < 1 or args.runs < 1 or args.epochs < 1 or args.images < 1:
         p.error("--seeds, --runs, --epochs and --images must be at least 1")
 
+    from benchmarks import timeline
     from harmonic.data import build_dataset
     from workers.env import init_local_ray, local_ray_cpus, shutdown_local_ray
     from workers.pretrain import ensure_pretrained
     from workers.spec import Spec
+    from workers.training import hooks as train_hooks
 
     cpus = local_ray_cpus(args.num_cpus, reserved=0.0, least=args.cpus_per_training)
     at_once = min(int(cpus // args.cpus_per_training), 2 * args.seeds)
@@ -146,17 +164,21 @@ def main(argv: list[str] | None = None) -> int:
         started = False
         import ray
 
+        marks_file = root / "timeline.jsonl"
         if not ray.is_initialized():
-            init_local_ray(num_cpus=cpus)
+            # the trainings mark their phases (their processes inherit both variables from Ray)
+            os.environ[timeline.ENV] = str(marks_file)
+            with train_hooks.installed(timeline.HOOK):
+                init_local_ray(num_cpus=cpus)
             started = True
         try:
             for i in range(args.runs):
                 alone: dict[str, float] = {}
                 for arm in ("baseline", "confirmatory"):
                     one = comparison_spec(args, root, f"bench-alone-{arm}", [seeds[0]], (arm,))
-                    _, times, _ = _run(one, root)
+                    _, times, _, _ = _run(one, root)
                     alone[arm] = times["confirmatory"][0]  # (the baseline alone: see comparison_spec)
-                wall, times, summary = _run(full, root)
+                wall, times, summary, t0 = _run(full, root)
                 n = {arm: len(v) for arm, v in times.items()}
                 if n != {"baseline": args.seeds, "confirmatory": args.seeds} or not summary.complete:
                     raise SystemExit(f"hdet bench experiment: the comparison did not complete ({n})")
@@ -171,14 +193,17 @@ def main(argv: list[str] | None = None) -> int:
                     "busy_share": sum_inside / (wall * at_once),
                     "slowdown_side_by_side": sum_inside / sum_alone,
                 }
+                row["costs"] = timeline.training_costs(timeline.read(marks_file), t0, t0 + wall)
                 runs.append(row)
                 print(f"  run {i + 1}: wall {wall:.1f} s; a training alone: baseline {alone['baseline']:.1f} s, "
                       f"HarmonicDet {alone['confirmatory']:.1f} s; trainings alone {sum_alone:.0f} s -> efficiency "
                       f"{row['efficiency']:.3f}; side by side they took {row['slowdown_side_by_side']:.2f}x their "
                       f"time alone and were busy {row['busy_share']:.0%} of wall x {at_once}", flush=True)  # fmt: skip
+                print(_where(row, wall, at_once), flush=True)
         finally:
             if started:
                 shutdown_local_ray("hdet bench experiment")
+                os.environ.pop(timeline.ENV, None)
     eff = [r["efficiency"] for r in runs]
     print(f"efficiency, trainings alone / (wall x {at_once}): {_spread(eff)} (goal >= 0.9)")
     print(f"side by side / alone, per training: {_spread([r['slowdown_side_by_side'] for r in runs])}")

@@ -12,6 +12,12 @@ The search marks its own steps; a training worker's marks come through its train
 * ``worker_start`` (run key): rank 0's training function is called in its Ray Train worker.
 * ``data_ready``, ``model_ready``: datasets and the (DDP-wrapped) model are built.
 * ``first_step``: rank 0 starts its first training step (and every epoch's first step after it).
+* ``epochs_start``, ``epochs_done``, ``training_end``: the epochs begin; the last epoch's training
+  and evaluation ended; its checkpoint, MLflow logging and plots too (the function returns).
+* ``fit_end`` (run key): the seed's ``fit()`` returned in the search.
+
+:func:`training_costs` reads a comparison's marks (``hdet bench experiment``): where the time of
+its trainings' slots went besides their epochs.
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ from typing import Any
 
 from workers.marks import ENV, mark
 
-__all__ = ["ENV", "HOOK", "PHASES", "read", "phases", "hook"]
+__all__ = ["ENV", "HOOK", "PHASES", "read", "phases", "hook", "training_costs"]
 
 #: the entry of ``HDET_TRAIN_HOOKS`` (:mod:`workers.training.hooks`) that marks a worker's phases.
 HOOK = "benchmarks.timeline:hook"
@@ -80,3 +86,46 @@ def phases(marks: list[dict[str, Any]]) -> list[dict[str, float]]:
         row["total"] = t["first_step"] - t["trial_start"]
         out.append(row)
     return out
+
+
+#: A training's fixed costs: the marks that bound each, in order (``hdet bench experiment``).
+COSTS = (
+    ("task start", "trainer_fit", "worker_start"),
+    ("data and model", "worker_start", "model_ready"),
+    ("optimizer, resume, MLflow start", "model_ready", "epochs_start"),
+    ("checkpoint, MLflow, plots", "epochs_done", "training_end"),
+    ("return to the search", "training_end", "fit_end"),
+)
+
+
+def training_costs(marks: list[dict[str, Any]], t0: float, t1: float) -> dict[str, Any]:
+    """Where a comparison's time went besides its trainings' epochs, from the marks made between
+    ``t0`` and ``t1`` (its start and end).
+
+    Returns ``per_training``: for each of :data:`COSTS`, the median seconds over the trainings
+    that have both marks; ``fixed_s``: their sum over every training (seconds of a slot);
+    ``start_s``: ``t0`` to the first ``trainer_fit``; ``end_s``: the last ``fit_end`` to ``t1``;
+    ``fits``: the trainings seen.
+    """
+    import statistics
+
+    by_key: dict[str, dict[str, float]] = {}
+    for m in marks:
+        if t0 <= m["t"] <= t1:
+            by_key.setdefault(m["key"], {}).setdefault(m["label"], m["t"])
+    runs = {k: t for k, t in by_key.items() if "trainer_fit" in t and "fit_end" in t}
+    per: dict[str, float] = {}
+    fixed = 0.0
+    for name, a, b in COSTS:
+        spans = [t[b] - t[a] for t in runs.values() if a in t and b in t]
+        per[name] = statistics.median(spans) if spans else float("nan")
+        fixed += sum(spans)
+    starts = [t["trainer_fit"] for t in runs.values()]
+    ends = [t["fit_end"] for t in runs.values()]
+    return {
+        "per_training": per,
+        "fixed_s": fixed,
+        "start_s": (min(starts) - t0) if starts else float("nan"),
+        "end_s": (t1 - max(ends)) if ends else float("nan"),
+        "fits": len(runs),
+    }

@@ -6,7 +6,8 @@ processes inherit it); then :func:`mark` appends one JSON line ``{"t", "pid", "l
 apart: the trial id, or a training run's MLflow run key (``<trial id>-seed<seed>``).
 
 The search marks ``trial_start`` (its Tune callback), ``trial_fn`` (the trial function is called)
-and ``trainer_fit`` (a seed's trainer starts); a training worker's phases come through its hooks
+``trainer_fit`` (a seed's trainer starts) and ``fit_end`` (its ``fit()`` returned); a training worker's
+phases come through its hooks
 (:mod:`workers.training.hooks`). The benchmark reads the file back (``benchmarks.timeline``): the marks are
 made in Tune's driver and trial processes, which load no training hooks, so a writer this small
 is the whole seam between the search and the benchmark.

@@ -30,3 +30,27 @@ def test_timeline_phases_follow_a_trial_to_its_first_step(
     assert not marks.enabled()
     marks.mark("ignored", "t1")
     assert len(timeline.read(path)) == len(timeline.PHASES) + 2  # nothing added once unset
+
+
+def test_training_costs_are_the_marks_spans_within_the_window(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "timeline.jsonl"
+    monkeypatch.setenv(marks.ENV, str(path))
+    labels = ("trainer_fit", "worker_start", "data_ready", "model_ready", "epochs_start", "first_step",
+              "epochs_done", "training_end", "fit_end")  # fmt: skip
+    for start, key in ((10.0, "a-seed0"), (12.0, "a-seed1")):
+        # 1 s between marks but 20 s of epochs (epochs_start -> epochs_done)
+        at = start
+        for label in labels:
+            marks.mark(label, key, t=at)
+            at += 20.0 if label in ("epochs_start", "first_step") else 1.0
+    marks.mark("trainer_fit", "other-seed0", t=500.0)  # another comparison: outside the window
+    marks.mark("fit_end", "other-seed0", t=560.0)
+    costs = timeline.training_costs(timeline.read(path), 5.0, 60.0)
+    assert costs["fits"] == 2
+    expected = {name: 1.0 for name, _, _ in timeline.COSTS} | {"data and model": 2.0}
+    assert costs["per_training"] == pytest.approx(expected)
+    assert costs["fixed_s"] == pytest.approx(2 * 6.0)  # the 40 s of epochs are not a fixed cost
+    assert costs["start_s"] == pytest.approx(10.0 - 5.0)  # to the first trainer_fit
+    assert costs["end_s"] == pytest.approx(60.0 - 58.0)  # from the last fit_end

@@ -15,13 +15,15 @@ from typing import Any
 import faults
 import pytest
 import ray
-from hdet_run import start_test_ray
+from hdet_run import start_test_ray, tiny_spec
 from mlflow import MlflowClient
 
+from benchmarks import timeline
 from workers.resources import ACCELERATOR_MARKER, worker_bundle
 from workers.search import train_on_seeds
 from workers.spec import Spec, SpecError
 from workers.tracking import Tag, open_parent_run
+from workers.training import hooks as train_hooks
 from workers.training.pooled import (
     KEEP_CHECKPOINTS,
     POOL_ENV,
@@ -37,30 +39,10 @@ EPOCHS = 2
 
 
 def _spec(root: Path, **scaling: Any) -> Spec:
-    return Spec.parse(
-        {
-            "name": "pooled",
-            "dataset": {
-                "format": "synthetic",
-                "root": str(root / "data"),
-                "train": 8,
-                "val": 4,
-                "image_size": 48,
-            },
-            "detector": {"arch": "retinanet", "backbone": "resnet18_fpn", "image_size": 48},
-            "loss": {"kind": "harmonicdet"},
-            "train": {"epochs": EPOCHS, "batch_size": 4, "lr": 0.01},
-            "scaling": {
-                "num_workers": 1,
-                "use_gpu": False,
-                "cpus_per_worker": 1,
-                "max_failures": 1,
-                **scaling,
-            },
-            "search": {"space": {}, "seeds": [0, 1], "baseline": False, "confirmatory": True},
-            "tracking": {"experiment": "pooled"},
-        }  # fmt: skip
-    )
+    return tiny_spec(
+        "pooled", root, train={"epochs": EPOCHS}, scaling={"cpus_per_worker": 1, "max_failures": 1, **scaling},
+        search={"space": {}, "seeds": [0, 1], "baseline": False, "confirmatory": True},
+    )  # fmt: skip
 
 
 # --------------------------------------------------------------------------- without Ray
@@ -140,13 +122,15 @@ def test_the_task_reserves_what_a_ray_train_worker_would(tmp_path: Path) -> None
 def pooled_ray(
     request: pytest.FixtureRequest, scratch: Callable[[pytest.FixtureRequest, str], Path]
 ) -> Iterator[Path]:
-    """A local Ray of one CPU that keeps idle workers (as hdet run's does), with the fault hooks."""
+    """A local Ray of one CPU that keeps idle workers (as hdet run's does), with the fault hooks
+    and the timeline's marks (``home/timeline.jsonl``, the test process's marks too)."""
     home = scratch(request, "pooled")
     key = "RAY_idle_worker_killing_time_threshold_ms"
     saved = os.environ.get(key)
     os.environ[key] = "60000"
+    os.environ[timeline.ENV] = str(home / "timeline.jsonl")
     try:
-        with faults.installed(home / "faults.json"):
+        with faults.installed(home / "faults.json"), train_hooks.installed(timeline.HOOK):
             start_test_ray(1)
     finally:
         if saved is None:
@@ -154,6 +138,7 @@ def pooled_ray(
         else:
             os.environ[key] = saved
     yield home
+    os.environ.pop(timeline.ENV, None)
     ray.shutdown()
 
 
@@ -190,6 +175,18 @@ def test_seeds_train_one_after_another_in_one_process(pooled_ray: Path) -> None:
         assert [m.step for m in c.get_metric_history(run.info.run_id, "AP")] == list(range(1, EPOCHS + 1))
     # one CPU: the second seed waited for the first, then took its process (torch imported)
     assert _start_pid(c, runs["0"].info.run_id, 1) == _start_pid(c, runs["1"].info.run_id, 1)
+    # each training's marks, in order, from the search (trainer_fit, fit_end) and its task
+    order = ("trainer_fit", "worker_start", "data_ready", "model_ready", "epochs_start", "first_step",
+             "epochs_done", "training_end", "fit_end")  # fmt: skip
+    marks = timeline.read(home / "timeline.jsonl")
+    for run in runs.values():
+        mine = [m["label"] for m in marks if m["key"] == run.data.tags[Tag.RUN_KEY] and m["label"] in order]
+        assert [label for label in order if label in mine] == list(order)
+        firsts = [mine.index(label) for label in order]
+        assert firsts == sorted(firsts), mine
+    costs = timeline.training_costs(marks, 0.0, time.time())
+    assert costs["fits"] == 2 and costs["fixed_s"] > 0
+    assert all(s >= 0 for s in costs["per_training"].values()), costs
     # and the trainings' placement groups are gone (removed as they end: Ray frees them soon after)
     deadline = time.time() + 30
     while ray.available_resources().get("CPU", 0) < 1.0 and time.time() < deadline:

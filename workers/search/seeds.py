@@ -322,6 +322,7 @@ class SeedGroup:
                 self.trainers[seed] = trainer
             marks.mark("trainer_fit", key)
             trainer.fit()
+            marks.mark("fit_end", key)
         except BaseException as e:  # reported to the trial, which fails the configuration
             self._give_back(key)
             self.hub.put.remote(tuple(SeedEvent("failed", key, short_reason(e), time.time())))

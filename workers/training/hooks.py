@@ -4,8 +4,10 @@ it. The loop calls them and knows none of them.
 
 A hook is an object with any of these methods; the loop calls those it has:
 
-* ``phase(label)``: the worker reached ``label`` (``worker_start``, ``data_ready``, ``model_ready``,
-  ``first_step``: every epoch's first step, the reader keeps the first).
+* ``phase(label)``: the worker reached ``label`` (``worker_start``, ``data_ready``, ``model_ready``;
+  ``epochs_start``: before the first epoch; ``first_step``: every epoch's first step, the reader
+  keeps the first; ``epochs_done``: the last epoch's training and evaluation ended;
+  ``training_end``: its checkpoint, MLflow logging and plots too).
 * ``train_start()``: before the first epoch.
 * ``epoch_start(epoch)``: before epoch ``epoch``'s training pass (1-based; a resumed worker starts
   after its checkpoint's epoch).

@@ -265,6 +265,7 @@ def run_training(config: dict[str, Any], session: Any) -> dict[str, Any] | None:
         epoch_times: list[float] = []
         summary: dict[str, Any] = {}
         hooks.train_start()
+        hooks.phase("epochs_start")
         for epoch in range(progress.epoch + 1, t.epochs + 1):
             t0 = time.perf_counter()
             train.sampler.set_epoch(epoch)
@@ -314,6 +315,8 @@ def run_training(config: dict[str, Any], session: Any) -> dict[str, Any] | None:
                 progress.history.append(
                     {k: v for k, v in metrics.items() if isinstance(v, int | float | bool)}
                 )
+            if final:
+                hooks.phase("epochs_done")
             with tempfile.TemporaryDirectory() as tmp:
                 if rank == 0:
                     save_train_state(Path(tmp), parts, progress, spec)
@@ -334,6 +337,7 @@ def run_training(config: dict[str, Any], session: Any) -> dict[str, Any] | None:
             run = tracker.result()
             if not summary:  # resumed after the last epoch: nothing left to train
                 summary = _summary(run.run_id, progress)
+        hooks.phase("training_end")
     except BaseException:
         # Let rank 0's MLflow start-up finish before the error leaves this worker: written after
         # it, the trial's record of the failure would be overwritten.
