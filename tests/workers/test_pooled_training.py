@@ -215,3 +215,27 @@ def test_a_training_whose_process_dies_resumes_from_its_checkpoint(pooled_ray: P
     # every epoch logged once, the first from before the crash
     assert [m.step for m in c.get_metric_history(run.info.run_id, "AP")] == list(range(1, EPOCHS + 1))
     assert _start_pid(c, run.info.run_id, 1) != _start_pid(c, run.info.run_id, 2)
+
+
+def test_a_comparison_leaves_no_hub_or_slots_actor_behind(pooled_ray: Path) -> None:
+    import ray._private.state as ray_state
+
+    from workers.search import run_search
+
+    def alive() -> list[str]:
+        names = [a["ActorClassName"] for a in ray_state.actors().values() if a["State"] == "ALIVE"]
+        return [n for n in names if n.endswith(("EventHub", "TrainingSlots"))]
+
+    home = pooled_ray
+    spec = tiny_spec(
+        "pooled-actors", home, search={"space": {}, "seeds": [0], "baseline": True, "confirmatory": True}
+    )
+    before = alive()
+    ctx = open_parent_run(spec, f"sqlite:///{home / 'mlflow.db'}")
+    summary = run_search(spec, ctx, str(home / "storage"), verbose=0, print_table=False)
+    assert summary.complete
+    # a suite's or a benchmark's searches run in one process: each stops its own actors
+    deadline = time.time() + 30
+    while alive() != before and time.time() < deadline:
+        time.sleep(0.5)
+    assert alive() == before

@@ -333,14 +333,54 @@ def run_search(
     Raises:
         SearchSpaceError: the search section cannot be run.
     """
+    if spec.search is None:
+        raise SearchSpaceError("search: the spec has no search section")
+    from workers.training.controller_hooks import start_event_hub
+
+    hub = start_event_hub()  # the trainers' reports reach their trials through it
+    slots = start_training_slots(spec)  # trainings start as the cluster's room admits them
+    try:
+        return _run_search(
+            spec, ctx, storage_path, resume, retry_failed=retry_failed, verbose=verbose,
+            print_table=print_table, hub=hub, slots=slots,
+        )  # fmt: skip
+    finally:
+        # Tune keeps its trials' parameters (these handles among them) to the end of the process:
+        # without this, every search of a suite or a benchmark would leave both actors running.
+        _stop_actors(hub, slots)
+
+
+def _stop_actors(*actors: Any) -> None:
+    """Kill ``actors`` (None: skipped); a Ray already shut down has none left to kill."""
+    import ray
+
+    for actor in actors:
+        if actor is not None:
+            try:
+                ray.kill(actor, no_restart=True)
+            except Exception:  # Ray gone: nothing left to stop
+                pass
+
+
+def _run_search(
+    spec: Spec,
+    ctx: TrackingContext,
+    storage_path: str,
+    resume: bool,
+    *,
+    retry_failed: bool,
+    verbose: int,
+    print_table: bool,
+    hub: Any,
+    slots: Any,
+) -> SearchSummary:
+    """:func:`run_search` with its event hub and training slots started."""
     import ray
     from ray import tune
 
     from workers.tracking import client
-    from workers.training.controller_hooks import start_event_hub
 
-    if spec.search is None:
-        raise SearchSpaceError("search: the spec has no search section")
+    assert spec.search is not None  # (checked by run_search)
     for k, v in TRAIN_ENV_DEFAULTS.items():
         os.environ.setdefault(k, v)
     t0 = time.time()
@@ -352,8 +392,6 @@ def run_search(
     # The trials and the fixed arms get the spec as a plain dict (they parse it again).
     spec_data = spec.to_dict()
     _start_train_coordinator()
-    hub = start_event_hub()  # the trainers' reports reach their trials through it
-    slots = start_training_slots(spec)  # trainings start as the cluster's room admits them
     trainable = tune.with_resources(
         tune.with_parameters(
             _search_trial,
