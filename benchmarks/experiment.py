@@ -94,18 +94,19 @@ def _run(spec_dict: dict[str, Any], root: Path) -> tuple[float, dict[str, list[f
 
 def _where(row: dict[str, Any], wall: float, at_once: int) -> str:
     """Where the comparison's wall x trainings at once went: its trainings' epochs, their fixed
-    costs (medians per training), the experiment's start and end, and the rest (gaps)."""
+    costs inside their tasks (medians per training), the experiment's start and end, and the
+    slots' idle time between trainings (tasks starting, returning, the search between them)."""
     c = row["costs"]
     if not c["fits"]:
         return "    where the time went: no marks (the local Ray was started before this benchmark)"
     cap = wall * at_once
     edges = (c["start_s"] + c["end_s"]) * at_once
-    rest = cap - row["sum_inside_s"] - c["fixed_s"] - edges
+    between = cap - c["occupied_s"] - edges
     per = ", ".join(f"{name} {s:.2f}" for name, s in c["per_training"].items())
-    return (f"    where wall x {at_once} ({cap:.0f} s) went: epochs {row['sum_inside_s'] / cap:.0%}; the trainings' "
-            f"fixed costs {c['fixed_s'] / cap:.0%} (s per training, medians of {c['fits']}: {per}); the "
-            f"experiment's start {c['start_s']:.1f} s and end {c['end_s']:.1f} s x {at_once}: {edges / cap:.0%}; "
-            f"the rest (gaps between trainings) {rest / cap:.0%}")  # fmt: skip
+    return (f"    where wall x {at_once} ({cap:.0f} s) went: epochs {c['epochs_s'] / cap:.0%}; fixed costs in the "
+            f"trainings' tasks {c['fixed_s'] / cap:.0%} (medians of {c['fits']}, s: {per}); the experiment's start "
+            f"{c['start_s']:.1f} s and end {c['end_s']:.1f} s, x {at_once}: {edges / cap:.0%}; slots idle between "
+            f"trainings {between / cap:.0%}")  # fmt: skip
 
 
 def _spread(values: list[float]) -> str:

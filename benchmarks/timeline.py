@@ -88,24 +88,23 @@ def phases(marks: list[dict[str, Any]]) -> list[dict[str, float]]:
     return out
 
 
-#: A training's fixed costs: the marks that bound each, in order (``hdet bench experiment``).
+#: A training's fixed costs inside its task: the marks that bound each (``hdet bench experiment``).
 COSTS = (
-    ("task start", "trainer_fit", "worker_start"),
     ("data and model", "worker_start", "model_ready"),
     ("optimizer, resume, MLflow start", "model_ready", "epochs_start"),
     ("checkpoint, MLflow, plots", "epochs_done", "training_end"),
-    ("return to the search", "training_end", "fit_end"),
 )
 
 
 def training_costs(marks: list[dict[str, Any]], t0: float, t1: float) -> dict[str, Any]:
-    """Where a comparison's time went besides its trainings' epochs, from the marks made between
-    ``t0`` and ``t1`` (its start and end).
+    """Where a comparison's slots spent its time, from the marks made between ``t0`` and ``t1``
+    (its start and end): a training occupies a slot from ``worker_start`` (its task began) to
+    ``training_end`` (its function returned), the rest of a slot's time is idle.
 
-    Returns ``per_training``: for each of :data:`COSTS`, the median seconds over the trainings
-    that have both marks; ``fixed_s``: their sum over every training (seconds of a slot);
-    ``start_s``: ``t0`` to the first ``trainer_fit``; ``end_s``: the last ``fit_end`` to ``t1``;
-    ``fits``: the trainings seen.
+    Returns ``fits`` (trainings with both marks); ``occupied_s`` (their slot time, summed),
+    ``epochs_s`` (``epochs_start`` to ``epochs_done``, summed) and ``fixed_s`` (the rest of
+    ``occupied_s``); ``per_training``: for each of :data:`COSTS`, the median seconds;
+    ``start_s``: ``t0`` to the first ``worker_start``; ``end_s``: the last ``training_end`` to ``t1``.
     """
     import statistics
 
@@ -113,19 +112,22 @@ def training_costs(marks: list[dict[str, Any]], t0: float, t1: float) -> dict[st
     for m in marks:
         if t0 <= m["t"] <= t1:
             by_key.setdefault(m["key"], {}).setdefault(m["label"], m["t"])
-    runs = {k: t for k, t in by_key.items() if "trainer_fit" in t and "fit_end" in t}
-    per: dict[str, float] = {}
-    fixed = 0.0
+    runs = [t for t in by_key.values() if "worker_start" in t and "training_end" in t]
+    occupied = sum(t["training_end"] - t["worker_start"] for t in runs)
+    epochs = sum(
+        t["epochs_done"] - t["epochs_start"] for t in runs if "epochs_start" in t and "epochs_done" in t
+    )
+    per = {}
     for name, a, b in COSTS:
-        spans = [t[b] - t[a] for t in runs.values() if a in t and b in t]
+        spans = [t[b] - t[a] for t in runs if a in t and b in t]
         per[name] = statistics.median(spans) if spans else float("nan")
-        fixed += sum(spans)
-    starts = [t["trainer_fit"] for t in runs.values()]
-    ends = [t["fit_end"] for t in runs.values()]
+    nan = float("nan")
     return {
-        "per_training": per,
-        "fixed_s": fixed,
-        "start_s": (min(starts) - t0) if starts else float("nan"),
-        "end_s": (t1 - max(ends)) if ends else float("nan"),
         "fits": len(runs),
+        "occupied_s": occupied,
+        "epochs_s": epochs,
+        "fixed_s": occupied - epochs,
+        "per_training": per,
+        "start_s": min(t["worker_start"] for t in runs) - t0 if runs else nan,
+        "end_s": t1 - max(t["training_end"] for t in runs) if runs else nan,
     }

@@ -51,6 +51,8 @@ def test_training_costs_are_the_marks_spans_within_the_window(
     assert costs["fits"] == 2
     expected = {name: 1.0 for name, _, _ in timeline.COSTS} | {"data and model": 2.0}
     assert costs["per_training"] == pytest.approx(expected)
-    assert costs["fixed_s"] == pytest.approx(2 * 6.0)  # the 40 s of epochs are not a fixed cost
-    assert costs["start_s"] == pytest.approx(10.0 - 5.0)  # to the first trainer_fit
-    assert costs["end_s"] == pytest.approx(60.0 - 58.0)  # from the last fit_end
+    # a task: worker_start 11 -> training_end 55 (44 s), of which 40 s of epochs
+    assert costs["occupied_s"] == pytest.approx(2 * 44.0) and costs["epochs_s"] == pytest.approx(2 * 40.0)
+    assert costs["fixed_s"] == pytest.approx(2 * 4.0)
+    assert costs["start_s"] == pytest.approx(11.0 - 5.0)  # to the first task's start
+    assert costs["end_s"] == pytest.approx(60.0 - 57.0)  # from the last task's end
