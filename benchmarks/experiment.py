@@ -103,10 +103,10 @@ def _where(row: dict[str, Any], wall: float, at_once: int) -> str:
     edges = (c["start_s"] + c["end_s"]) * at_once
     between = cap - c["occupied_s"] - edges
     per = ", ".join(f"{name} {s:.2f}" for name, s in c["per_training"].items())
-    return (f"    where wall x {at_once} ({cap:.0f} s) went: epochs {c['epochs_s'] / cap:.0%}; fixed costs in the "
-            f"trainings' tasks {c['fixed_s'] / cap:.0%} (medians of {c['fits']}, s: {per}); the experiment's start "
-            f"{c['start_s']:.1f} s and end {c['end_s']:.1f} s, x {at_once}: {edges / cap:.0%}; slots idle between "
-            f"trainings {between / cap:.0%}")  # fmt: skip
+    return (f"    where wall x {at_once} ({cap:.0f} s) went: epochs {c['epochs_s'] / cap:.0%}; fixed "
+            f"costs in the trainings' tasks {c['fixed_s'] / cap:.0%} (medians of {c['fits']}, s: {per}); "
+            f"the experiment's start {c['start_s']:.1f} s and end {c['end_s']:.1f} s, x {at_once}: "
+            f"{edges / cap:.0%}; slots idle between trainings {between / cap:.0%}")  # fmt: skip
 
 
 def _spread(values: list[float]) -> str:

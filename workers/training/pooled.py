@@ -361,5 +361,6 @@ def make_training(
     )  # fmt: skip
     return PooledTrainer(
         prep.spec, prep.config, run_dir=Path(storage_path) / run_name,
-        resources=worker_bundle(prep.spec, use_gpu), hub=hub, tracking=tracking, child_run=prep.child_run, mlflow_run_id=prep.run_id,
+        resources=worker_bundle(prep.spec, use_gpu), hub=hub, tracking=tracking,
+        child_run=prep.child_run, mlflow_run_id=prep.run_id,
     )  # fmt: skip

@@ -251,6 +251,7 @@ def make_trainer(
     Returns:
         A :class:`HarmonicTrainer`; its ``mlflow_run_id`` is the child run (unless ``defer_run``).
     """
+    # auto: per training, from the nodes the cluster has or can start (workers.resources)
     use_gpu = resolve_use_gpu(spec) if use_gpu is None else use_gpu
     prep = prepare_training(
         spec, run_name=run_name, tracking=tracking, resume_from=resume_from, run_key=run_key,
