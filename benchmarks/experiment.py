@@ -92,14 +92,14 @@ def _run(spec_dict: dict[str, Any], root: Path) -> tuple[float, dict[str, list[f
     return wall, training_times(uri, ctx.parent_run_id), summary, t0
 
 
-def _where(row: dict[str, Any], wall: float, at_once: int) -> str:
+def _where(row: dict[str, Any], at_once: int) -> str:
     """Where the comparison's wall x trainings at once went: its trainings' epochs, their fixed
     costs inside their tasks (medians per training), the experiment's start and end, and the
     slots' idle time between trainings (tasks starting, returning, the search between them)."""
     c = row["costs"]
     if not c["fits"]:
         return "    where the time went: no marks (the local Ray was started before this benchmark)"
-    cap = wall * at_once
+    cap = row["wall_s"] * at_once
     edges = (c["start_s"] + c["end_s"]) * at_once
     between = cap - c["occupied_s"] - edges
     per = ", ".join(f"{name} {s:.2f}" for name, s in c["per_training"].items())
@@ -200,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
                       f"HarmonicDet {alone['confirmatory']:.1f} s; trainings alone {sum_alone:.0f} s -> efficiency "
                       f"{row['efficiency']:.3f}; side by side they took {row['slowdown_side_by_side']:.2f}x their "
                       f"time alone and were busy {row['busy_share']:.0%} of wall x {at_once}", flush=True)  # fmt: skip
-                print(_where(row, wall, at_once), flush=True)
+                print(_where(row, at_once), flush=True)
         finally:
             if started:
                 shutdown_local_ray("hdet bench experiment")

@@ -42,16 +42,21 @@ def start_spec(home: Path, spec: Path, *args: str, log: Path | None = None) -> s
     return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, text=True)
 
 
-def tiny_spec(name: str, root: Path, **sections: dict[str, Any]) -> Any:
-    """:data:`TINY` as a parsed spec named ``name``, its data under ``root``, each of ``sections``
-    merged into the section of that name (``search`` and others TINY lacks: set)."""
-    from workers.spec import Spec
-
+def tiny_spec_data(name: str, root: Path, **sections: dict[str, Any]) -> dict[str, Any]:
+    """:data:`TINY` as a spec named ``name``, its data under ``root``, each of ``sections`` merged
+    into the section of that name (``search`` and others TINY lacks: set)."""
     data: dict[str, Any] = {k: dict(v) for k, v in TINY.items()}
     data["dataset"]["root"] = str(root / "data")
     for key, value in sections.items():
         data[key] = {**data.get(key, {}), **value}
-    return Spec.parse({"name": name, "tracking": {"experiment": name}, **data})
+    return {"name": name, "tracking": {"experiment": name}, **data}
+
+
+def tiny_spec(name: str, root: Path, **sections: dict[str, Any]) -> Any:
+    """:func:`tiny_spec_data`, parsed."""
+    from workers.spec import Spec
+
+    return Spec.parse(tiny_spec_data(name, root, **sections))
 
 
 def start_test_ray(num_cpus: int, **resources: Any) -> None:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from hdet_run import TINY
+from hdet_run import tiny_spec_data
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "finetune.py"
 
@@ -26,11 +26,8 @@ def _script() -> object:
 def test_each_epoch_gives_a_row_with_loss_ap_and_cpu_time(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    data = {k: dict(v) for k, v in TINY.items()}
-    data["dataset"]["root"] = str(tmp_path / "data")
-    data["train"]["epochs"] = 2
     spec = tmp_path / "spec.yaml"
-    spec.write_text(yaml.safe_dump({"name": "probe", **data}))
+    spec.write_text(yaml.safe_dump(tiny_spec_data("probe", tmp_path, train={"epochs": 2})))
     out = tmp_path / "rows.json"
     assert _script().main([str(spec), "--seeds", "0", "--json", str(out)]) == 0  # type: ignore[attr-defined]
     rows = json.loads(out.read_text())

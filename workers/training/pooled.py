@@ -344,16 +344,14 @@ def make_training(
     so, else :func:`workers.training.trainer.make_trainer`'s Ray Train one (``callbacks``, for Ray
     Train, and ``hub``, for the pool, carry the per-epoch reports). The arguments are
     ``make_trainer``'s."""
-    mode, sc = spec.scaling.trainer, spec.scaling
-    maybe_pooled = mode == "pooled" or (mode == "auto" and sc.num_workers == 1 and "://" not in storage_path)
-    use_gpu = resolve_use_gpu(spec) if maybe_pooled else False
     from workers.training.trainer import make_trainer, prepare_training
 
-    if not maybe_pooled or not uses_pool(spec, storage_path, use_gpu):
+    use_gpu = resolve_use_gpu(spec)  # once, for either trainer
+    if not uses_pool(spec, storage_path, use_gpu):
         return make_trainer(
             spec, run_name=run_name, storage_path=storage_path, tracking=tracking, callbacks=callbacks,
             resume_from=resume_from, run_key=run_key, tags={**(tags or {}), Tag.TRAINER: "ray_train"},
-            defer_run=defer_run, use_gpu=use_gpu if maybe_pooled else None,  # resolved once
+            defer_run=defer_run, use_gpu=use_gpu,
         )  # fmt: skip
     prep = prepare_training(
         spec, run_name=run_name, tracking=tracking, use_gpu=use_gpu, resume_from=resume_from,
