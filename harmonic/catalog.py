@@ -9,6 +9,7 @@ __all__ = [
     "BACKBONES",
     "PLAIN_RESNETS",
     "RESNETS",
+    "check_anchor_scale",
     "check_detector",
     "default_backbone",
     "valid_backbones",
@@ -99,3 +100,14 @@ def check_detector(arch: str, backbone: str | None, image_size: int) -> str:
             f"stride 64), got {image_size}"
         )
     return name
+
+
+def check_anchor_scale(arch: str, anchor_scale: float | None) -> None:
+    """``ValueError`` naming ``anchor_scale`` when ``arch`` has no such setting or it is out of range
+    (RetinaNet's anchor side per level, in units of the level's stride)."""
+    if anchor_scale is None:
+        return
+    if arch != "retinanet":
+        raise ValueError(f"anchor_scale: only retinanet takes it (anchors per stride), not {arch}")
+    if isinstance(anchor_scale, bool) or not 1.0 <= float(anchor_scale) <= 16.0:
+        raise ValueError(f"anchor_scale: {anchor_scale!r} must be a number in [1, 16] (strides per side)")

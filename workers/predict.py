@@ -85,6 +85,7 @@ def load_checkpoint(path: str | Path, device: str = "cpu") -> LoadedModel:
         int(info["num_classes"]),
         backbone=info.get("backbone"),
         image_size=int(info["image_size"]),
+        anchor_scale=info.get("anchor_scale"),
     )
     state = torch.load(weights, map_location="cpu", weights_only=True)
     model.load_state_dict(state, strict=True)

@@ -17,8 +17,9 @@ Defaults (torchvision's recipe where it has one):
 * input size: ``image_size`` is the transform's ``min_size = max_size`` (``size`` for SSD), for
   training and inference alike;
 * anchors: torchvision's, tied to the levels' strides at every image size (the R-CNNs' 8x and
-  RetinaNet's 4x each level's stride; FCOS's "anchors" are its strides; RefineDet's are 4x each
-  map's stride); SSD's and DSSD's default boxes are relative to the image. Shrunk by
+  RetinaNet's 4x each level's stride, or ``anchor_scale`` x as mmdetection's ``octave_base_scale``;
+  FCOS's "anchors" are its strides; RefineDet's are 4x each map's stride); SSD's and DSSD's
+  default boxes are relative to the image. Shrunk by
   ``image_size / 800`` at 96 px they left small objects with no anchor of their size on a fine
   grid, and both detectors learned far less (docs/results.md, "Anchors"). The R-CNNs' proposal and
   RoI sample counts are scaled by the area ratio ``(image_size / 800)^2``, with floors of 100-200
@@ -45,7 +46,14 @@ from torchvision.models.detection.anchor_utils import AnchorGenerator, DefaultBo
 from torchvision.models.detection.ssd import SSD, SSDFeatureExtractorVGG, SSDHead
 from torchvision.models.detection.ssdlite import SSDLiteHead, _mobilenet_extractor, _normal_init
 
-from harmonic.catalog import ARCHS, BACKBONES, check_detector, default_backbone, valid_backbones
+from harmonic.catalog import (
+    ARCHS,
+    BACKBONES,
+    check_anchor_scale,
+    check_detector,
+    default_backbone,
+    valid_backbones,
+)
 from harmonic.config import EvalProtocol, LossConfig
 from harmonic.loss_parts import check_loss_fits
 
@@ -88,9 +96,13 @@ def _check(arch: str, num_classes: int, backbone: str | None, image_size: int) -
     return name
 
 
-def _retinanet_anchors(strides: tuple[int, ...]) -> AnchorGenerator:
-    # 3 scales per octave of 4x each level's stride (torchvision's 32 ... 512 at P3-P7)
-    sizes = tuple(tuple(int(4 * s * 2 ** (k / 3)) for k in range(3)) for s in strides)
+#: RetinaNet's anchor side at each level, in units of the level's stride (torchvision's 32 px at P3).
+RETINANET_ANCHOR_SCALE = 4.0
+
+
+def _retinanet_anchors(strides: tuple[int, ...], scale: float) -> AnchorGenerator:
+    # 3 sizes per octave from scale x each level's stride (torchvision's 32 ... 512 at P3-P7 at 4)
+    sizes = tuple(tuple(int(scale * s * 2 ** (k / 3)) for k in range(3)) for s in strides)
     return AnchorGenerator(sizes, ((0.5, 1.0, 2.0),) * len(strides))
 
 
@@ -128,7 +140,13 @@ def _build_rcnn(
 
 
 def _build_one_stage(
-    arch: str, num_classes: int, backbone: str, image_size: int, pretrained: Any, kwargs: dict[str, Any]
+    arch: str,
+    num_classes: int,
+    backbone: str,
+    image_size: int,
+    pretrained: Any,
+    kwargs: dict[str, Any],
+    anchor_scale: float | None,
 ) -> nn.Module:
     layers = kwargs.pop("trainable_backbone_layers", None)
     extra = P6P7(256, 256)
@@ -141,7 +159,8 @@ def _build_one_stage(
         )
         strides = (8, 16, 32, 64, 128)
     if arch == "retinanet":
-        kwargs.setdefault("anchor_generator", _retinanet_anchors(strides))
+        scale = RETINANET_ANCHOR_SCALE if anchor_scale is None else anchor_scale
+        kwargs.setdefault("anchor_generator", _retinanet_anchors(strides, scale))
         return RetinaNet(body, num_classes, min_size=image_size, max_size=image_size, **kwargs)
     # FCOS: one "anchor" per location whose size is the level's stride (its matching relies on it)
     kwargs.setdefault(
@@ -225,6 +244,7 @@ def build_torchvision_detector(
     image_size: int = 256,
     pretrained_backbone: str | os.PathLike[str] | None = None,
     eval_protocol: EvalProtocol | dict[str, Any] | None = None,
+    anchor_scale: float | None = None,
     **detector_kwargs: Any,
 ) -> nn.Module:
     """The plain torchvision detector (no loss adapter), built as :func:`build_detector` builds it.
@@ -237,6 +257,8 @@ def build_torchvision_detector(
         pretrained_backbone: local ImageNet ``state_dict`` file of the backbone body (never downloaded).
         eval_protocol: the evaluation protocol (:class:`~harmonic.config.EvalProtocol` or a dict of
             its options); None: its defaults (score >= 0.05, 100 detections, NMS 0.5).
+        anchor_scale: RetinaNet only: the anchors' side at each level in units of its stride (3 sizes
+            per octave from there); None: torchvision's 4 (:data:`RETINANET_ANCHOR_SCALE`).
         **detector_kwargs: passed to the torchvision model class.
 
     Returns:
@@ -244,13 +266,16 @@ def build_torchvision_detector(
         :class:`~.refinedet.RefineDet` in training mode.
     """
     name = _check(arch, num_classes, backbone, image_size)
+    check_anchor_scale(arch, anchor_scale)
     protocol = EvalProtocol.from_any(eval_protocol)  # validate before spending time on the model
     kwargs = dict(detector_kwargs)
     model: nn.Module
     if arch in ("faster_rcnn", "mask_rcnn"):
         model = _build_rcnn(arch, num_classes, name, image_size, pretrained_backbone, kwargs)
     elif arch in ("retinanet", "fcos"):
-        model = _build_one_stage(arch, num_classes, name, image_size, pretrained_backbone, kwargs)
+        model = _build_one_stage(
+            arch, num_classes, name, image_size, pretrained_backbone, kwargs, anchor_scale
+        )
     elif arch == "ssd":
         model = _build_ssd(num_classes, image_size, pretrained_backbone, kwargs)
     elif arch == "dssd":
@@ -310,6 +335,7 @@ def build_detector(
     image_size: int = 256,
     pretrained_backbone: str | os.PathLike[str] | None = None,
     eval_protocol: EvalProtocol | dict[str, Any] | None = None,
+    anchor_scale: float | None = None,
     **detector_kwargs: Any,
 ) -> nn.Module:
     """A torchvision detector trained with the configured loss.
@@ -328,6 +354,7 @@ def build_detector(
             from scratch (GroupNorm, every layer trainable).
         eval_protocol: the evaluation protocol applied in eval mode (score threshold, detections
             per image, NMS IoU); None: :class:`~harmonic.config.EvalProtocol`'s defaults.
+        anchor_scale: RetinaNet's anchor side per level in strides (None: torchvision's 4).
         **detector_kwargs: passed to the torchvision model class.
 
     Returns:
@@ -347,6 +374,7 @@ def build_detector(
         image_size=image_size,
         pretrained_backbone=pretrained_backbone,
         eval_protocol=eval_protocol,
+        anchor_scale=anchor_scale,
         **detector_kwargs,
     )
     return install_loss(model, cfg, arch=arch)

@@ -292,6 +292,8 @@ def test_every_problem_is_reported_at_once() -> None:
         ({"arch": "retinanet", "backbone": "resnet999"}, "known backbones"),
         ({"arch": "ssd", "image_size": 64}, "needs image_size >= 268"),
         ({"arch": "ssdlite", "backbone": "resnet18_fpn"}, "cannot be used with ssdlite"),
+        ({"arch": "faster_rcnn", "anchor_scale": 3}, "only retinanet takes it"),
+        ({"arch": "retinanet", "anchor_scale": 0.5}, "must be a number in [1, 16]"),
     ],
 )
 def test_a_detector_that_cannot_be_built_is_refused_by_the_spec(detector: dict[str, Any], words: str) -> None:

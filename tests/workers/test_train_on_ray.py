@@ -73,9 +73,10 @@ def _write_spec(path: Path, **overrides: Any) -> Path:
 
 @pytest.fixture(scope="module")
 def tiny_run(local_ray: None, home: Path, plan: Path) -> dict[str, Any]:
-    """configs/tiny.yaml through `hdet run`, with rank 1 killed once at the start of epoch 2."""
+    """configs/tiny.yaml through `hdet run`, with rank 1 killed once at the start of epoch 2, and
+    RetinaNet's anchors at 3 strides (its checkpoint must keep them)."""
     marker = home / "crashed.marker"
-    spec = _write_spec(home / "tiny.yaml")
+    spec = _write_spec(home / "tiny.yaml", **{"detector.anchor_scale": 3.0})
     uri = f"sqlite:///{home / 'mlflow.db'}"
     with faults.planned(plan, crash_rank=1, crash_after_epoch=1, crash_marker=str(marker)):
         rc = run_main([str(spec), "--tracking-uri", uri, "--storage-path", str(home / "storage")])
@@ -142,7 +143,7 @@ def test_child_run_has_plots_spec_and_best_checkpoint(tiny_run: dict[str, Any]) 
     assert {"spec.json", "checkpoint", "environment"} <= top
     info_path = c.download_artifacts(run_id, "checkpoint/model.json")
     info = json.loads(Path(info_path).read_text())
-    assert (info["arch"], info["image_size"]) == ("retinanet", 96)
+    assert (info["arch"], info["image_size"], info["anchor_scale"]) == ("retinanet", 96, 3.0)
     assert info["num_classes"] == len(info["categories"]) + 1 == 6  # 5 shapes + background
 
 

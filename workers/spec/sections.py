@@ -58,6 +58,13 @@ class DetectorSpec(BaseModel):
     )
     backbone: str | None = Field(default=None, description="e.g. resnet18_fpn; default: the arch's own")
     image_size: int = Field(default=256, ge=32, le=4096, description="shorter/target image side")
+    anchor_scale: float | None = Field(
+        default=None,
+        description=(
+            "retinanet: anchor side per level in units of its stride, 3 sizes per octave from there "
+            "(mmdetection's octave_base_scale); null: torchvision's 4 (32 px at stride 8)"
+        ),
+    )
     pretrained_backbone: str | None = Field(
         default=None,
         description=(
@@ -75,9 +82,10 @@ class DetectorSpec(BaseModel):
 
     @model_validator(mode="after")
     def _buildable(self) -> DetectorSpec:
-        from harmonic.catalog import check_detector
+        from harmonic.catalog import check_anchor_scale, check_detector
 
         check_detector(self.arch, self.backbone, self.image_size)
+        check_anchor_scale(self.arch, self.anchor_scale)
         return self
 
     @field_validator("pretrained_backbone", "init_from")

@@ -250,11 +250,15 @@ class PooledTrainer(ChildRunOwner):
 
         group = self._reserve()
         try:
-            return self._fit_in(group)
+            summary = self._fit_in(group)
         finally:
             remove_placement_group(group)
+        # after the group is gone: the next training's group is placed while this run is closed
+        self.close_mlflow_run("FINISHED")
+        return PooledResult(summary)
 
-    def _fit_in(self, group: Any) -> PooledResult:
+    def _fit_in(self, group: Any) -> Any:
+        """The task's summary once it trained to the end; a failure closes the run and raises."""
         import ray
 
         from workers.training.controller_hooks import deterministic_cause
@@ -296,8 +300,7 @@ class PooledTrainer(ChildRunOwner):
                     "from its last checkpoint"
                 )
                 continue
-            self.close_mlflow_run("FINISHED")
-            return PooledResult(summary)
+            return summary
 
     def _end_task(self) -> None:
         """Kill the task's process. Not a KeyboardInterrupt in it: one that lands inside an MLflow

@@ -326,6 +326,7 @@ def build_model(spec: Spec, num_classes: int) -> Any:
         image_size=d.image_size,
         pretrained_backbone=d.pretrained_backbone,
         eval_protocol=spec.eval.to_protocol(),
+        anchor_scale=d.anchor_scale,
     )
     load_init_from(model, spec)
     return model

@@ -175,6 +175,7 @@ def _check_fits(spec: Spec) -> None:
             backbone=det.backbone,
             image_size=det.image_size,
             pretrained_backbone=det.pretrained_backbone,
+            anchor_scale=det.anchor_scale,
         )
     except (OSError, ValueError) as e:
         msg = str(e).removeprefix("pretrained_backbone: ")
