@@ -146,7 +146,6 @@ def main(argv: list[str] | None = None) -> int:
     from workers.pretrain import ensure_pretrained
     from workers.spec import Spec
     from workers.training import hooks as train_hooks
-    from workers.training.pooled import warm_pool_for
 
     cpus = local_ray_cpus(args.num_cpus, reserved=0.0, least=args.cpus_per_training)
     at_once = min(int(cpus // args.cpus_per_training), 2 * args.seeds)
@@ -173,7 +172,6 @@ def main(argv: list[str] | None = None) -> int:
             with train_hooks.installed(timeline.HOOK):
                 init_local_ray(num_cpus=cpus)
             started = True
-            warm_pool_for(parsed, str(root / "storage"))  # as hdet run does
         try:
             for i in range(args.runs):
                 alone: dict[str, float] = {}
