@@ -1,5 +1,6 @@
 """Fault injection for the tests of recovery and failure, through the training loop's hooks
-(:mod:`workers.training.hooks`): a rank that exits its process once, a loss term made infinite at a step.
+(:mod:`workers.training.hooks`): a rank that exits its process once, a training that hangs once, a
+loss term made infinite at a step.
 
 The faults are a plan: a JSON file named by ``HDET_FAULTS`` that every worker reads when it starts
 (no file: no fault and no hook, so the loop makes no per-step call). :func:`installed` sets what a
@@ -24,11 +25,11 @@ from typing import Any
 
 from workers.training import hooks
 
-__all__ = ["ENV", "HOOKS", "Plan", "installed", "planned", "crash", "nonfinite"]
+__all__ = ["ENV", "HOOKS", "Plan", "installed", "planned", "crash", "hang", "nonfinite"]
 
 ENV = "HDET_FAULTS"
 #: the entries of ``HDET_TRAIN_HOOKS``: each factory reads the plan, and gives no hook without its fault.
-HOOKS = "faults:crash,faults:nonfinite"
+HOOKS = "faults:crash,faults:hang,faults:nonfinite"
 _HERE = Path(__file__).resolve().parent
 
 
@@ -43,17 +44,25 @@ class Plan:
     crash_marker: str | None = None
     #: on every rank, the first loss term (by name) is made infinite at this global step (0-based).
     nonfinite_step: int | None = None
+    #: the first training to start epoch ``hang_after_epoch + 1`` whose run key starts with none of
+    #: ``hang_skip`` waits there (until its process is killed); ``hang_marker`` records that it did.
+    hang_after_epoch: int | None = None
+    hang_marker: str | None = None
+    hang_skip: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.crash_rank is not None and not self.crash_marker:
             raise ValueError("crash_marker: required with crash_rank (the crash must happen only once)")
+        if self.hang_after_epoch is not None and not self.hang_marker:
+            raise ValueError("hang_marker: required with hang_after_epoch (the hang must happen only once)")
 
 
 def _plan() -> Plan | None:
     path = os.environ.get(ENV)
     if not path or not os.path.exists(path):
         return None
-    return Plan(**json.loads(Path(path).read_text()))
+    data = json.loads(Path(path).read_text())
+    return Plan(**{**data, "hang_skip": tuple(data.get("hang_skip") or ())})
 
 
 @contextlib.contextmanager
@@ -103,6 +112,23 @@ class _Crash:
         os._exit(1)
 
 
+class _Hang:
+    def __init__(self, key: str, epoch: int, marker: Path):
+        self.key, self.epoch, self.marker = key, epoch, marker
+
+    def epoch_start(self, epoch: int) -> None:
+        """Wait here for good if this is the hang epoch and no training has hung yet."""
+        if epoch != self.epoch:
+            return
+        try:
+            with self.marker.open("x") as f:  # only the first training to get here hangs
+                f.write(f"{self.key} hangs at the start of epoch {epoch}\n")
+        except FileExistsError:
+            return
+        while True:
+            time.sleep(1.0)
+
+
 class _NonFinite:
     def __init__(self, step: int):
         self.step = step
@@ -120,6 +146,16 @@ def crash(run_key: str, rank: int) -> _Crash | None:
     if plan is None or plan.crash_rank != rank or plan.crash_marker is None:
         return None
     return _Crash(rank, plan.crash_after_epoch + 1, Path(plan.crash_marker))
+
+
+def hang(run_key: str, rank: int) -> _Hang | None:
+    """The hook that makes a training wait for good once, if the plan says so."""
+    plan = _plan()
+    if plan is None or plan.hang_after_epoch is None or plan.hang_marker is None or rank != 0:
+        return None
+    if run_key.startswith(plan.hang_skip):
+        return None
+    return _Hang(run_key, plan.hang_after_epoch + 1, Path(plan.hang_marker))
 
 
 def nonfinite(run_key: str, rank: int) -> _NonFinite | None:

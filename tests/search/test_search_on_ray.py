@@ -5,8 +5,10 @@ cores):
 
 1. ``hdet run`` starts a search of 4 configurations (2 of them with a learning rate that makes
    the loss non-finite) plus the standard-loss baseline and the confirmatory arm (the spec's own
-   loss section), and is interrupted (SIGINT) once two trainings have finished;
-2. ``hdet run --resume`` finishes it;
+   loss section), and is interrupted (SIGINT) once two trainings have finished and a search trial's
+   training waits at the start of its last epoch (a fault: :mod:`faults`);
+2. ``hdet run --resume`` finishes it: that training resumes from its checkpoint, and its trial still
+   reports every epoch to Tune (the epochs before the checkpoint come from its child run);
 3. nothing either run started is left running; MLflow then holds one child run per trial (never a second one), the finished trials were not
    trained again, the failed ones carry their reason, and the summary on the parent run agrees
    with the child runs' own metrics, judged on the held-out test split; ``hdet report`` renders it.
@@ -24,6 +26,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import faults
 import pytest
 import yaml
 from mlflow import MlflowClient
@@ -83,19 +86,26 @@ def searched(
     (home / "spec.yaml").write_text(yaml.safe_dump(SPEC))
     c = MlflowClient(tracking_uri=_uri(home))
 
-    first = _hdet_run(home)
-    finished_before: dict[str, Any] = {}
-    deadline = time.time() + 400
-    while time.time() < deadline and first.poll() is None:
-        done = [r for r in _children(c) if r.info.status == "FINISHED"]
-        if len(done) >= 2:
-            finished_before = {r.info.run_id: r for r in done}
-            break
-        time.sleep(1.0)
-    assert first.poll() is None, "the search ended before it could be interrupted"
-    assert len(finished_before) >= 2
-    first.send_signal(signal.SIGINT)
-    rc_first = first.wait(timeout=180)
+    plan, hung = home / "faults.json", home / "hung"
+    with (
+        faults.installed(plan),
+        faults.planned(
+            plan, hang_after_epoch=EPOCHS - 1, hang_marker=str(hung), hang_skip=("baseline", "confirmatory")
+        ),
+    ):
+        first = _hdet_run(home)
+        finished_before: dict[str, Any] = {}
+        deadline = time.time() + 400
+        while time.time() < deadline and first.poll() is None:
+            done = [r for r in _children(c) if r.info.status == "FINISHED"]
+            if len(done) >= 2 and hung.exists():
+                finished_before = {r.info.run_id: r for r in done}
+                break
+            time.sleep(1.0)
+        assert first.poll() is None, "the search ended before it could be interrupted"
+        assert len(finished_before) >= 2 and hung.exists()
+        first.send_signal(signal.SIGINT)
+        rc_first = first.wait(timeout=180)
 
     second = _hdet_run(home, "--resume")
     rc_second = second.wait(timeout=600)
@@ -103,6 +113,7 @@ def searched(
     return {
         "left_running": left_running(home),
         "home": home,
+        "hung": hung.read_text().split()[0],  # the run key of the training that hung
         "client": c,
         "finished_before": finished_before,
         "rc": (rc_first, rc_second),
@@ -145,6 +156,26 @@ def test_finished_trials_were_not_trained_again(searched: dict[str, Any]):
         assert after.data.tags.get("hdet.starts") == "1"
         epochs = [m.step for m in c.get_metric_history(run_id, "epoch")]
         assert sorted(epochs) == list(range(1, EPOCHS + 1))
+
+
+def test_a_trial_resumed_from_its_checkpoint_reported_every_epoch_to_tune(searched: dict[str, Any]):
+    c = searched["client"]
+    run = next(r for r in _children(c) if r.data.tags["hdet.run_key"] == searched["hung"])
+    assert run.info.status == "FINISHED"
+    assert run.data.tags.get("hdet.resumed_from_epoch") == str(EPOCHS - 1), run.data.tags
+    ap = {int(m.step): m.value for m in c.get_metric_history(run.info.run_id, "AP")}
+    assert sorted(ap) == list(range(1, EPOCHS + 1))
+    trial_id = run.data.tags["hdet.trial_id"]
+    (result_file,) = (searched["home"] / "storage").glob(f"search-test-search-*/*{trial_id}*/result.json")
+    reported = {}
+    for line in result_file.read_text().splitlines():
+        row = json.loads(line)
+        if "epoch" in row and "AP" in row:
+            reported[int(row["epoch"])] = row["AP"]
+    # one seed: the trial's mean is that seed's AP, for the epoch before the checkpoint too
+    assert sorted(reported) == list(range(1, EPOCHS + 1)), reported
+    for epoch, value in ap.items():
+        assert reported[epoch] == pytest.approx(value)
 
 
 def test_failed_trials_carry_their_reason_and_the_search_went_on(searched: dict[str, Any]):

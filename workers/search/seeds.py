@@ -11,7 +11,8 @@ all seeds of a configuration together (a sequential trial would report its first
 its end, leaving ASHA nothing to stop). A seed whose training fails fails the configuration.
 
 A seed's training is an MLflow child run keyed by :func:`run_key`, so a retried or resumed trial
-finds it again; a seed that FINISHED before an interruption is replayed from MLflow.
+finds it again; a seed that FINISHED before an interruption is replayed from MLflow, and one that
+resumed from a checkpoint gets the epochs before it from its child run once it ends.
 """
 
 from __future__ import annotations
@@ -247,6 +248,8 @@ class SeedGroup:
             self.stop()
             self.record_compute(None)
             raise
+        if self.failure is None:
+            self.failure = self.unreported()
         if self.failure is not None:
             self.stop()  # the configuration failed: its other seeds would only waste compute
             self.record_compute(self.failure)
@@ -290,6 +293,15 @@ class SeedGroup:
         with self._lock:
             self.holding.add(key)
 
+    def _begin(self, key: str, trainer: Any) -> None:
+        """Wait until this prepared seed may reserve its resources; raises when the trial stops."""
+        import ray
+
+        while not ray.get(self.slots.begin.remote(key, 5.0)):
+            if self._stopping.is_set():
+                trainer.close_mlflow_run("KILLED")
+                raise RuntimeError("the trial was stopped before this seed started")
+
     def _renew_slots(self) -> None:
         """Renew the slots this group holds while any seed trains (:data:`workers.search.slots.LEASE_S`)."""
         from workers.search.slots import LEASE_S
@@ -304,7 +316,7 @@ class SeedGroup:
     def _fit(self, seed: int, key: str) -> None:
         """A seed's fit thread: build its trainer, fit it, and tell the hub how it ended."""
         from workers.training.controller_hooks import SeedReportCallback
-        from workers.training.pooled import make_training
+        from workers.training.pooled import PooledTrainer, make_training
 
         try:
             if self.slots is not None:
@@ -320,8 +332,14 @@ class SeedGroup:
                     trainer.close_mlflow_run("KILLED")
                     raise RuntimeError("the trial was stopped before this seed started")
                 self.trainers[seed] = trainer
+            if self.slots is not None:
+                self._begin(key, trainer)
             marks.mark("trainer_fit", key)
-            trainer.fit()
+            if isinstance(trainer, PooledTrainer):
+                # the slot goes back once the training's resources are, before its run is closed
+                trainer.fit(freed=lambda: self._give_back(key))
+            else:
+                trainer.fit()
             marks.mark("fit_end", key)
         except BaseException as e:  # reported to the trial, which fails the configuration
             self._give_back(key)
@@ -331,10 +349,11 @@ class SeedGroup:
             self.hub.put.remote(tuple(SeedEvent("done", key, None, time.time())))
 
     def _give_back(self, key: str) -> None:
-        if self.slots is not None and key in self.holding:
-            with self._lock:
-                self.holding.discard(key)
-            self.slots.release.remote(key)
+        with self._lock:
+            if self.slots is None or key not in self.holding:
+                return
+            self.holding.discard(key)
+        self.slots.release.remote(key)
 
     def pump(self) -> None:
         """Take the trainers' events until every seed has ended or one has failed (``failure``)."""
@@ -361,6 +380,34 @@ class SeedGroup:
                     if event.kind == "failed":
                         self.failure = f"seed {seed}: {event.payload}"
                         break
+                    self.fill_from_run(seed)
+                    self.report_complete_epochs()
+
+    def fill_from_run(self, seed: int) -> None:
+        """The epochs a seed's training did not report to this trial, from its child run: a training
+        resumed from a checkpoint reports only the epochs after it (its worker logged the earlier ones)."""
+        missing = [e for e in range(1, self.spec.train.epochs + 1) if e not in self.history[seed]]
+        if not missing:
+            return
+        from workers.tracking import client
+
+        logged = epoch_history(client(self.ctx.tracking_uri), self.run_id_of(seed))
+        self.history[seed].update({e: logged[e] for e in missing if e in logged})
+
+    def unreported(self) -> str | None:
+        """Why the trial could not report every epoch (None: it could): a seed whose epochs are
+        neither reported nor in its child run."""
+        lacking = {
+            sd: [e for e in range(1, self.spec.train.epochs + 1) if e not in h]
+            for sd, h in self.history.items()
+        }
+        lacking = {sd: eps for sd, eps in lacking.items() if eps}
+        if not lacking:
+            return None
+        return "; ".join(
+            f"seed {sd}: its training ended without epochs {eps} (neither reported nor in its child run)"
+            for sd, eps in sorted(lacking.items())
+        )
 
     def report_complete_epochs(self) -> None:
         """Report the seed means of every epoch all seeds have finished, in order (``report``)."""
