@@ -144,6 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     from harmonic.data import build_dataset
     from workers.env import init_local_ray, local_ray_cpus, shutdown_local_ray
     from workers.pretrain import ensure_pretrained
+    from workers.search.slots import warm_pool_for
     from workers.spec import Spec
     from workers.training import hooks as train_hooks
 
@@ -172,6 +173,7 @@ def main(argv: list[str] | None = None) -> int:
             with train_hooks.installed(timeline.HOOK):
                 init_local_ray(num_cpus=cpus)
             started = True
+            warm_pool_for(parsed, str(root / "storage"))  # as hdet run does
         try:
             for i in range(args.runs):
                 alone: dict[str, float] = {}

@@ -304,6 +304,10 @@ def _run_one(spec: Spec, args: argparse.Namespace) -> int:
     for warning in spec.design_warnings():
         print(f"hdet run: warning: {warning}", file=sys.stderr)
     started = _start_ray(spec, args) or started
+    if started:  # this process's own Ray: its trainings' processes start while the run is prepared
+        from workers.search.slots import warm_pool_for
+
+        warm_pool_for(spec, storage_path)
     ctx = open_parent_run(spec, tracking_uri, resume=args.resume, extra_tags=dict(args.tag))
     c = client(tracking_uri)
     if any(skipped.values()):

@@ -1,5 +1,6 @@
 """The slots that admit trainings as the cluster's room allows (workers.search.slots): lowest seed
-first, then arrival; a lease that is not renewed frees its slot; the actor on a real local Ray."""
+first, then arrival; only as many holders start as run at once; a lease that is not renewed frees
+its slot."""
 
 from __future__ import annotations
 
@@ -27,7 +28,9 @@ def test_slots_go_to_the_lowest_seed_first_and_no_more_than_the_capacity():
     # the first two asked before anyone waited; from now on rank rules: b-seed0 before b-seed1
     q.release("a-seed1")
     assert q.request("b-seed1", 1) is False and "b-seed0" in q.held
-    assert q.stats() == {"capacity": 2, "peak": 2, "granted": 3, "expired": 0, "held": 2, "waiting": 1}
+    assert q.stats() == {
+        "capacity": 2, "peak": 2, "granted": 3, "expired": 0, "held": 2, "running": 0, "waiting": 1
+    }  # fmt: skip
     q.release("a-seed0")
     assert q.request("b-seed1", 1) is True and q.peak == 2
 
@@ -54,3 +57,19 @@ def test_leaving_the_queue_gives_the_place_to_the_next():
     assert q.request("c", 1) is True
     with pytest.raises(ValueError, match="capacity"):
         SlotQueue(0)
+
+
+def test_of_the_holders_only_the_running_many_start_and_the_prepared_one_starts_when_one_ends():
+    clock = Clock()
+    q = SlotQueue(3, lease_s=60, clock=clock, running=2)
+    assert all(q.request(key, rank) for rank, key in enumerate("abc"))
+    assert q.start("a") and q.start("b")
+    assert q.start("c") is False  # prepared, waiting for a running training to end
+    assert q.start("a") is True  # asking again changes nothing
+    q.release("a")
+    assert q.start("c") is True and q.stats()["running"] == 2
+    assert q.start("d") is False  # holds no slot
+    clock.now = 61  # b and c stop renewing their leases: their places go back
+    assert q.request("d", 3) and q.start("d") and q.stats()["running"] == 1
+    with pytest.raises(ValueError, match="running"):
+        SlotQueue(2, running=3)

@@ -21,6 +21,7 @@ from mlflow import MlflowClient
 from benchmarks import timeline
 from workers.resources import ACCELERATOR_MARKER, worker_bundle
 from workers.search import train_on_seeds
+from workers.search.slots import warm_pool_for
 from workers.spec import Spec, SpecError
 from workers.tracking import Tag, open_parent_run
 from workers.training import hooks as train_hooks
@@ -32,6 +33,7 @@ from workers.training.pooled import (
     keep_checkpoint,
     latest_checkpoint,
     uses_pool,
+    warm_pool,
 )
 from workers.training.train_state import STATE_FILE
 
@@ -152,8 +154,15 @@ def _seed_runs(c: MlflowClient, experiment_id: str, trial_id: str) -> dict[str, 
     return {r.data.tags[Tag.SEED]: r for r in runs}
 
 
+@pytest.mark.unit
+def test_a_ray_train_spec_warms_no_pool(tmp_path: Path) -> None:
+    assert warm_pool_for(_spec(tmp_path, trainer="ray_train"), str(tmp_path / "storage")) == []
+
+
 def test_seeds_train_one_after_another_in_one_process(pooled_ray: Path) -> None:
     home = pooled_ray
+    # the pool's process started before the experiment, as hdet run starts it beside its preparations
+    (warmed,) = ray.get(warm_pool(1), timeout=120)
     spec = _spec(home)
     uri = f"sqlite:///{home / 'mlflow.db'}"
     ctx = open_parent_run(spec, uri)
@@ -173,8 +182,9 @@ def test_seeds_train_one_after_another_in_one_process(pooled_ray: Path) -> None:
     for run in runs.values():
         assert run.info.status == "FINISHED" and run.data.tags[Tag.TRAINER] == "pooled"
         assert [m.step for m in c.get_metric_history(run.info.run_id, "AP")] == list(range(1, EPOCHS + 1))
-    # one CPU: the second seed waited for the first, then took its process (torch imported)
-    assert _start_pid(c, runs["0"].info.run_id, 1) == _start_pid(c, runs["1"].info.run_id, 1)
+    # one CPU: the second seed waited for the first, then took its process (torch imported): the
+    # one the warm-up started
+    assert _start_pid(c, runs["0"].info.run_id, 1) == _start_pid(c, runs["1"].info.run_id, 1) == warmed
     # each training's marks, in order, from the search (trainer_fit, fit_end) and its task
     order = ("trainer_fit", "worker_start", "data_ready", "model_ready", "epochs_start", "first_step",
              "epochs_done", "training_end", "fit_end")  # fmt: skip

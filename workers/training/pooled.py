@@ -10,6 +10,8 @@ as a placement group of one bundle, which its task runs in: as many trainings ru
 cluster holds, the rest queue, and whatever watches placement groups (the REST service's RUNNING
 and ``waiting_for``) sees both kinds of training alike. Ray's worker pool hands the task a process
 of the same job whose imports are done (the tasks' ``runtime_env`` gives them a pool of their own).
+A local Ray that ``hdet run`` starts gets its pool's processes at once (:func:`warm_pool`, sized by
+:func:`workers.search.slots.warm_pool_for`), so the first trainings do not wait for a process.
 
 Everything else is the Ray Train path's: the MLflow child run (rank 0 creates it beside its first
 steps), the per-epoch reports to the search's event hub, errors that a retry would only repeat
@@ -28,6 +30,7 @@ import os
 import re
 import shutil
 import time
+from collections.abc import Callable
 from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -47,6 +50,7 @@ __all__ = [
     "latest_checkpoint",
     "make_training",
     "uses_pool",
+    "warm_pool",
 ]
 
 #: Set in a pooled training's process (its runtime_env): the pool's processes are its own.
@@ -161,6 +165,46 @@ def _train_task(config: dict[str, Any], run_dir: str, hub: Any, key: str, thread
         gc.collect()  # the model and loaders of this training, before the process waits for the next
 
 
+#: The name of the tasks that start the pool's processes (:func:`warm_pool`).
+WARM_TASK = "hdet-pool-warm"
+
+# Kept so that the warm-up tasks are not forgotten before they ran.
+_warming: list[Any] = []
+
+
+def _warm_task() -> int:
+    """Import what a training imports (torch, torchvision, the detectors, data, evaluation and
+    MLflow); the process then waits in the pool for a training. Returns its pid."""
+    import mlflow  # noqa: F401
+    import pycocotools.coco  # noqa: F401
+
+    import harmonic.data  # noqa: F401
+    import harmonic.detectors  # noqa: F401
+    import harmonic.eval  # noqa: F401
+    import workers.training.recipe  # noqa: F401
+    import workers.training.worker_loop  # noqa: F401
+
+    return os.getpid()
+
+
+def warm_pool(processes: int, cpus: float = 1.0) -> list[Any]:
+    """Start ``processes`` pooled training processes now, each importing the training stack (about
+    3 s of CPU and 6-9 s of wall on a cold machine) while the caller prepares its experiment, so
+    that its first trainings start in a ready process. Each holds ``cpus`` while it imports, as a
+    training would: a training that asks meanwhile waits, then takes the process.
+
+    Returns the tasks' ``ObjectRef`` (each the process's pid); nothing needs to wait for them.
+    """
+    import ray
+
+    task = ray.remote(_warm_task).options(
+        num_cpus=cpus, max_retries=0, name=WARM_TASK, runtime_env={"env_vars": {POOL_ENV: "1"}}
+    )
+    refs = [task.remote() for _ in range(max(processes, 0))]
+    _warming[:] = refs
+    return refs
+
+
 class PooledResult(NamedTuple):
     """What :meth:`PooledTrainer.fit` returns: rank 0's summary (as Ray Train's ``Result`` has it)."""
 
@@ -239,8 +283,9 @@ class PooledTrainer(ChildRunOwner):
             [dict(self.resources)], strategy="PACK", name=f"{TASK_PREFIX}{self.config['run_name']}"
         )
 
-    def fit(self) -> PooledResult:
+    def fit(self, freed: Callable[[], None] | None = None) -> PooledResult:
         """Train to the end (retrying failures as ``scaling.max_failures`` allows); closes the run.
+        ``freed`` is called once the training's resources are given back, before the run is closed.
 
         Raises:
             the training's error: a deterministic one at once, others once the retries are spent;
@@ -253,6 +298,8 @@ class PooledTrainer(ChildRunOwner):
             summary = self._fit_in(group)
         finally:
             remove_placement_group(group)
+            if freed is not None:
+                freed()
         # after the group is gone: the next training's group is placed while this run is closed
         self.close_mlflow_run("FINISHED")
         return PooledResult(summary)
