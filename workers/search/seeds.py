@@ -282,25 +282,28 @@ class SeedGroup:
                 target=self._renew_slots, name=f"hdet-slots-{self.trial_id}", daemon=True
             ).start()
 
-    def _take_slot(self, seed: int, key: str) -> None:
-        """Wait for the search's slot of this seed (lowest seed first); raises when the trial stops."""
+    def _granted(self, ask: Callable[[], Any]) -> bool:
+        """Ask the slots (``ask``: a call that waits up to 5 s) until they grant: False once the trial stops."""
         import ray
 
-        while not ray.get(self.slots.acquire.remote(key, seed, 5.0)):
+        while not ray.get(ask()):
             if self._stopping.is_set():
-                self.slots.release.remote(key)
-                raise RuntimeError("the trial was stopped before this seed started")
+                return False
+        return True
+
+    def _take_slot(self, seed: int, key: str) -> None:
+        """Wait for the search's slot of this seed (lowest seed first); raises when the trial stops."""
+        if not self._granted(lambda: self.slots.acquire.remote(key, seed, 5.0)):
+            self.slots.release.remote(key)
+            raise RuntimeError("the trial was stopped before this seed started")
         with self._lock:
             self.holding.add(key)
 
     def _begin(self, key: str, trainer: Any) -> None:
         """Wait until this prepared seed may reserve its resources; raises when the trial stops."""
-        import ray
-
-        while not ray.get(self.slots.begin.remote(key, 5.0)):
-            if self._stopping.is_set():
-                trainer.close_mlflow_run("KILLED")
-                raise RuntimeError("the trial was stopped before this seed started")
+        if not self._granted(lambda: self.slots.begin.remote(key, 5.0)):
+            trainer.close_mlflow_run("KILLED")
+            raise RuntimeError("the trial was stopped before this seed started")
 
     def _renew_slots(self) -> None:
         """Renew the slots this group holds while any seed trains (:data:`workers.search.slots.LEASE_S`)."""
@@ -383,10 +386,14 @@ class SeedGroup:
                     self.fill_from_run(seed)
                     self.report_complete_epochs()
 
+    def missing_epochs(self, seed: int) -> list[int]:
+        """The epochs of ``seed`` that this trial has no metrics of."""
+        return [e for e in range(1, self.spec.train.epochs + 1) if e not in self.history[seed]]
+
     def fill_from_run(self, seed: int) -> None:
         """The epochs a seed's training did not report to this trial, from its child run: a training
         resumed from a checkpoint reports only the epochs after it (its worker logged the earlier ones)."""
-        missing = [e for e in range(1, self.spec.train.epochs + 1) if e not in self.history[seed]]
+        missing = self.missing_epochs(seed)
         if not missing:
             return
         from workers.tracking import client
@@ -397,16 +404,12 @@ class SeedGroup:
     def unreported(self) -> str | None:
         """Why the trial could not report every epoch (None: it could): a seed whose epochs are
         neither reported nor in its child run."""
-        lacking = {
-            sd: [e for e in range(1, self.spec.train.epochs + 1) if e not in h]
-            for sd, h in self.history.items()
-        }
-        lacking = {sd: eps for sd, eps in lacking.items() if eps}
+        lacking = {sd: eps for sd in sorted(self.history) if (eps := self.missing_epochs(sd))}
         if not lacking:
             return None
         return "; ".join(
             f"seed {sd}: its training ended without epochs {eps} (neither reported nor in its child run)"
-            for sd, eps in sorted(lacking.items())
+            for sd, eps in lacking.items()
         )
 
     def report_complete_epochs(self) -> None:

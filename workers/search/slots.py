@@ -141,27 +141,23 @@ class TrainingSlots:
             self._changed = asyncio.Condition()
         return self._changed
 
-    async def acquire(self, key: str, rank: int, timeout_s: float = 5.0) -> bool:
+    async def _wait(self, granted: Callable[[], bool], timeout_s: float) -> bool:
+        """Whether ``granted()`` came true within ``timeout_s`` (asked again at every change)."""
         import asyncio
 
         cond = self._condition()
         async with cond:
             try:
-                await asyncio.wait_for(cond.wait_for(lambda: self._queue.request(key, rank)), timeout_s)
+                await asyncio.wait_for(cond.wait_for(granted), timeout_s)
             except TimeoutError:
                 return False
             return True
+
+    async def acquire(self, key: str, rank: int, timeout_s: float = 5.0) -> bool:
+        return await self._wait(lambda: self._queue.request(key, rank), timeout_s)
 
     async def begin(self, key: str, timeout_s: float = 5.0) -> bool:
-        import asyncio
-
-        cond = self._condition()
-        async with cond:
-            try:
-                await asyncio.wait_for(cond.wait_for(lambda: self._queue.start(key)), timeout_s)
-            except TimeoutError:
-                return False
-            return True
+        return await self._wait(lambda: self._queue.start(key), timeout_s)
 
     async def release(self, key: str) -> None:
         cond = self._condition()
